@@ -1,0 +1,343 @@
+//! The metadata replicated through Raft: membership, spaces, chunk leases and page homes.
+//!
+//! Every node applies the same committed commands in the same order, so every node holds
+//! the same `MetaState`. Commands are idempotent per `(origin, proposal_id)`: a proposer
+//! that retries after a leader change gets the first outcome back and never a second lease.
+
+use std::collections::BTreeMap;
+
+use crate::codec::{DecodeError, Reader, Writer};
+use crate::types::{NodeId, SpaceId, SpaceLayout, SPACE_NAME_MAX_BYTES};
+
+/// Most proposals a node keeps in flight; the state machine remembers outcomes for a
+/// window twice as large per origin, which covers every retry.
+pub const MAX_PROPOSALS_IN_FLIGHT: usize = 64;
+const OUTCOME_WINDOW: u64 = 2 * MAX_PROPOSALS_IN_FLIGHT as u64;
+/// Most spaces a cluster holds.
+pub const MAX_SPACES: usize = 1024;
+/// Largest number of chunks one lease may take.
+pub const MAX_CHUNKS_PER_LEASE: u32 = 1 << 16;
+
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Command {
+    CreateSpace {
+        name: String,
+        base_addr: u64,
+        size_bytes: u64,
+        chunk_size_bytes: u64,
+        root_size_bytes: u64,
+    },
+    /// Lease `count` contiguous free chunks of `space` to `node`.
+    LeaseChunks {
+        space: SpaceId,
+        node: NodeId,
+        count: u32,
+    },
+    /// `node` stopped answering: its leases stay (nothing is reused), its page copies
+    /// are void, and pages only it held are lost.
+    MarkDown { node: NodeId },
+}
+
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Proposal {
+    pub origin: NodeId,
+    pub proposal_id: u64,
+    pub command: Command,
+}
+
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Outcome {
+    SpaceCreated(SpaceLayout),
+    SpaceRejected(&'static str),
+    Leased {
+        space: SpaceId,
+        first_chunk: u64,
+        count: u32,
+    },
+    LeaseRejected(&'static str),
+    MarkedDown(NodeId),
+    /// A stale duplicate beyond the dedupe window: not executed again.
+    Stale,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct ChunkRecord {
+    /// The node that may carve allocations from this chunk.
+    pub lessee: NodeId,
+    /// The node that manages coherence of this chunk's pages (owner and copy set).
+    /// Today the lessee; kept separate so replication can move it.
+    pub home: NodeId,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum NodeStatus {
+    Up,
+    Down,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct MetaState {
+    pub nodes: BTreeMap<NodeId, NodeStatus>,
+    pub spaces: BTreeMap<SpaceId, SpaceLayout>,
+    pub space_ids_by_name: BTreeMap<String, SpaceId>,
+    pub chunks: BTreeMap<(SpaceId, u64), ChunkRecord>,
+    /// Per origin: outcomes of its recent proposals, for idempotent retries.
+    outcomes: BTreeMap<NodeId, BTreeMap<u64, Outcome>>,
+    pub applied_commands: u64,
+    #[cfg(feature = "mutants")]
+    pub mutant_double_lease: bool,
+}
+
+impl MetaState {
+    pub fn new(members: &[NodeId]) -> MetaState {
+        let mut state = MetaState::default();
+        for &node in members {
+            state.nodes.insert(node, NodeStatus::Up);
+        }
+        state
+    }
+
+    pub fn is_up(&self, node: NodeId) -> bool {
+        self.nodes.get(&node) == Some(&NodeStatus::Up)
+    }
+
+    pub fn chunk(&self, space: SpaceId, chunk: u64) -> Option<ChunkRecord> {
+        self.chunks.get(&(space, chunk)).copied()
+    }
+
+    pub fn space_by_name(&self, name: &str) -> Option<&SpaceLayout> {
+        self.space_ids_by_name
+            .get(name)
+            .and_then(|id| self.spaces.get(id))
+    }
+
+    /// The outcome of an already-applied proposal, if it is still remembered.
+    pub fn outcome_of(&self, origin: NodeId, proposal_id: u64) -> Option<&Outcome> {
+        self.outcomes.get(&origin)?.get(&proposal_id)
+    }
+
+    pub fn apply(&mut self, proposal: &Proposal) -> Outcome {
+        if let Some(previous) = self.outcome_of(proposal.origin, proposal.proposal_id) {
+            return previous.clone();
+        }
+        let window = self.outcomes.entry(proposal.origin).or_default();
+        if let Some((&newest, _)) = window.iter().next_back() {
+            if proposal.proposal_id + OUTCOME_WINDOW <= newest {
+                return Outcome::Stale;
+            }
+        }
+        let outcome = self.execute(proposal);
+        let window = self.outcomes.entry(proposal.origin).or_default();
+        window.insert(proposal.proposal_id, outcome.clone());
+        while window.len() as u64 > OUTCOME_WINDOW {
+            window.pop_first();
+        }
+        self.applied_commands += 1;
+        outcome
+    }
+
+    fn execute(&mut self, proposal: &Proposal) -> Outcome {
+        match &proposal.command {
+            Command::CreateSpace {
+                name,
+                base_addr,
+                size_bytes,
+                chunk_size_bytes,
+                root_size_bytes,
+            } => {
+                if let Some(existing) = self.space_by_name(name) {
+                    // Creating a space that exists is joining it, if the layout agrees.
+                    if existing.base_addr == *base_addr && existing.size_bytes == *size_bytes {
+                        return Outcome::SpaceCreated(existing.clone());
+                    }
+                    return Outcome::SpaceRejected(
+                        "a space with this name and another layout exists",
+                    );
+                }
+                if self.spaces.len() >= MAX_SPACES {
+                    return Outcome::SpaceRejected("too many spaces");
+                }
+                let id = self.spaces.keys().next_back().map_or(1, |last| last + 1);
+                let layout = SpaceLayout {
+                    id,
+                    name: name.clone(),
+                    base_addr: *base_addr,
+                    size_bytes: *size_bytes,
+                    chunk_size_bytes: *chunk_size_bytes,
+                    root_size_bytes: *root_size_bytes,
+                };
+                if let Err(why) = layout.validate() {
+                    return Outcome::SpaceRejected(why);
+                }
+                let overlaps = self.spaces.values().any(|other| {
+                    layout.base_addr < other.end_addr() && other.base_addr < layout.end_addr()
+                });
+                if overlaps {
+                    return Outcome::SpaceRejected("range overlaps another space");
+                }
+                if !self.is_up(proposal.origin) {
+                    return Outcome::SpaceRejected("creating node is down");
+                }
+                // Chunk 0 holds the root block; its home is the creator.
+                self.chunks.insert(
+                    (id, 0),
+                    ChunkRecord {
+                        lessee: proposal.origin,
+                        home: proposal.origin,
+                    },
+                );
+                self.space_ids_by_name.insert(name.clone(), id);
+                self.spaces.insert(id, layout.clone());
+                Outcome::SpaceCreated(layout)
+            }
+            Command::LeaseChunks { space, node, count } => {
+                let Some(layout) = self.spaces.get(space) else {
+                    return Outcome::LeaseRejected("unknown space");
+                };
+                if *count == 0 || *count > MAX_CHUNKS_PER_LEASE {
+                    return Outcome::LeaseRejected("bad chunk count");
+                }
+                if !self.is_up(*node) {
+                    return Outcome::LeaseRejected("node is down");
+                }
+                let chunk_count = layout.chunk_count();
+                let count = *count as u64;
+                let Some(first) = self.find_free_run(*space, chunk_count, count, *node) else {
+                    return Outcome::LeaseRejected("space exhausted");
+                };
+                for chunk in first..first + count {
+                    self.chunks.insert(
+                        (*space, chunk),
+                        ChunkRecord {
+                            lessee: *node,
+                            home: *node,
+                        },
+                    );
+                }
+                Outcome::Leased {
+                    space: *space,
+                    first_chunk: first,
+                    count: count as u32,
+                }
+            }
+            Command::MarkDown { node } => {
+                if let Some(status) = self.nodes.get_mut(node) {
+                    *status = NodeStatus::Down;
+                }
+                Outcome::MarkedDown(*node)
+            }
+        }
+    }
+
+    /// Lowest run of `count` unleased chunks. Deterministic, so every replica agrees.
+    fn find_free_run(
+        &self,
+        space: SpaceId,
+        chunk_count: u64,
+        count: u64,
+        node: NodeId,
+    ) -> Option<u64> {
+        let mut run_start = 0u64;
+        let mut run_len = 0u64;
+        for chunk in 0..chunk_count {
+            let free = match self.chunks.get(&(space, chunk)) {
+                None => true,
+                #[cfg(feature = "mutants")]
+                Some(record) if self.mutant_double_lease => record.lessee != node && chunk != 0,
+                Some(_) => false,
+            };
+            let _ = node;
+            if free {
+                if run_len == 0 {
+                    run_start = chunk;
+                }
+                run_len += 1;
+                if run_len == count {
+                    return Some(run_start);
+                }
+            } else {
+                run_len = 0;
+            }
+        }
+        None
+    }
+}
+
+const CMD_CREATE_SPACE: u8 = 1;
+const CMD_LEASE_CHUNKS: u8 = 2;
+const CMD_MARK_DOWN: u8 = 3;
+const ENTRY_VERSION: u8 = 1;
+
+impl Proposal {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(64);
+        w.u8(ENTRY_VERSION);
+        w.u64(self.origin);
+        w.u64(self.proposal_id);
+        match &self.command {
+            Command::CreateSpace {
+                name,
+                base_addr,
+                size_bytes,
+                chunk_size_bytes,
+                root_size_bytes,
+            } => {
+                w.u8(CMD_CREATE_SPACE);
+                w.blob(name.as_bytes());
+                w.u64(*base_addr);
+                w.u64(*size_bytes);
+                w.u64(*chunk_size_bytes);
+                w.u64(*root_size_bytes);
+            }
+            Command::LeaseChunks { space, node, count } => {
+                w.u8(CMD_LEASE_CHUNKS);
+                w.u32(*space);
+                w.u64(*node);
+                w.u32(*count);
+            }
+            Command::MarkDown { node } => {
+                w.u8(CMD_MARK_DOWN);
+                w.u64(*node);
+            }
+        }
+        w.bytes
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Proposal, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let version = r.u8()?;
+        if version != ENTRY_VERSION {
+            return Err(DecodeError::UnsupportedVersion(version));
+        }
+        let origin = r.u64()?;
+        let proposal_id = r.u64()?;
+        let command = match r.u8()? {
+            CMD_CREATE_SPACE => {
+                let name = r.blob(SPACE_NAME_MAX_BYTES)?;
+                let name = std::str::from_utf8(name)
+                    .map_err(|_| DecodeError::Invalid("space name is not UTF-8"))?
+                    .to_string();
+                Command::CreateSpace {
+                    name,
+                    base_addr: r.u64()?,
+                    size_bytes: r.u64()?,
+                    chunk_size_bytes: r.u64()?,
+                    root_size_bytes: r.u64()?,
+                }
+            }
+            CMD_LEASE_CHUNKS => Command::LeaseChunks {
+                space: r.u32()?,
+                node: r.u64()?,
+                count: r.u32()?,
+            },
+            CMD_MARK_DOWN => Command::MarkDown { node: r.u64()? },
+            other => return Err(DecodeError::UnknownKind(other)),
+        };
+        r.finish()?;
+        Ok(Proposal {
+            origin,
+            proposal_id,
+            command,
+        })
+    }
+}

@@ -1,0 +1,63 @@
+//! Planted bugs that the simulator's checkers must catch. Compiled only with the
+//! `mutants` feature (gallocy-sim turns it on) and inert unless one is selected in
+//! `Config::mutant`.
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Mutant {
+    /// The home grants write access without invalidating the readers.
+    GrantWriteWithoutInvalidate,
+    /// A reader acknowledges an invalidation before its application lost access.
+    AckInvalidateBeforeRevoke,
+    /// A node installs a grant older than an invalidation it already processed.
+    AcceptStaleGrant,
+    /// The home forgets to bump the page version on a write grant, so a stale copy
+    /// looks current and is upgraded in place.
+    SkipVersionBump,
+    /// The lease state machine hands out chunks already leased to another node.
+    DoubleLease,
+    /// A node carves an allocation from a chunk it has only proposed to lease.
+    ReplyBeforeCommit,
+}
+
+impl Mutant {
+    pub const ALL: [Mutant; 6] = [
+        Mutant::GrantWriteWithoutInvalidate,
+        Mutant::AckInvalidateBeforeRevoke,
+        Mutant::AcceptStaleGrant,
+        Mutant::SkipVersionBump,
+        Mutant::DoubleLease,
+        Mutant::ReplyBeforeCommit,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mutant::GrantWriteWithoutInvalidate => "grant-write-without-invalidate",
+            Mutant::AckInvalidateBeforeRevoke => "ack-invalidate-before-revoke",
+            Mutant::AcceptStaleGrant => "accept-stale-grant",
+            Mutant::SkipVersionBump => "skip-version-bump",
+            Mutant::DoubleLease => "double-lease",
+            Mutant::ReplyBeforeCommit => "reply-before-commit",
+        }
+    }
+
+    pub fn description(self) -> &'static str {
+        match self {
+            Mutant::GrantWriteWithoutInvalidate => {
+                "home grants write access without invalidating readers"
+            }
+            Mutant::AckInvalidateBeforeRevoke => {
+                "reader acks an invalidation before its application lost access"
+            }
+            Mutant::AcceptStaleGrant => "node installs a grant older than a processed invalidation",
+            Mutant::SkipVersionBump => "home does not bump the version on a write grant",
+            Mutant::DoubleLease => "lease state machine leases a chunk held by another node",
+            Mutant::ReplyBeforeCommit => {
+                "node allocates from a chunk lease before the Raft entry commits"
+            }
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Mutant> {
+        Mutant::ALL.into_iter().find(|m| m.name() == name)
+    }
+}

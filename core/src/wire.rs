@@ -1,0 +1,366 @@
+//! The peer wire format: every message between two `gallocyd`s, defined once and used
+//! by the simulator and the daemon alike.
+//!
+//! Frame: `magic u16 = 0x4759 ("GY") | version u8 | kind u8 | from u64 | to u64 | body`.
+//! All integers little-endian. Kinds 1..=31 are coherence and allocation, 32..=63 are
+//! reserved for replication of page contents, 64..=127 for distributed threads and
+//! locks; an unknown kind is an error, never a panic.
+
+use crate::codec::{DecodeError, Reader, Writer};
+use crate::types::{Access, NodeId, PageBytes, PageId, SpaceId, PAGE_SIZE_BYTES};
+
+pub const WIRE_MAGIC: u16 = 0x4759;
+pub const WIRE_VERSION: u8 = 1;
+/// Largest frame a peer may send (a page plus headers, or a batch of Raft entries).
+pub const MAX_FRAME_BYTES: usize = 1 << 20;
+/// Largest embedded Raft message.
+pub const MAX_RAFT_MESSAGE_BYTES: usize = MAX_FRAME_BYTES - 64;
+const HEADER_BYTES: usize = 2 + 1 + 1 + 8 + 8;
+
+/// Why a page request was refused.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum PageDenial {
+    /// The only copy of the page was on a node that is down.
+    Lost = 1,
+    /// The page is outside every leased chunk of its space.
+    NotMapped = 2,
+}
+
+/// Outcome of a free executed by the node owning the block.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum FreeOutcome {
+    Freed = 1,
+    /// Not the start of a live block: a double free or a wild pointer.
+    InvalidFree = 2,
+}
+
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum PeerMessage {
+    /// A Raft message, protobuf-encoded by the raft crate.
+    Raft(Vec<u8>),
+    /// Node → home: give me this page with at least `mode` access.
+    PageRequest {
+        page: PageId,
+        request_id: u64,
+        mode: Access,
+        /// The version of the bytes the requester still has in memory, if any.
+        have_version: Option<u64>,
+    },
+    /// Home → node: access granted. `bytes` is absent when the requester's
+    /// `have_version` equals `base_version` (its bytes are current).
+    PageGrant {
+        page: PageId,
+        request_id: u64,
+        seq: u64,
+        mode: Access,
+        version: u64,
+        base_version: u64,
+        bytes: Option<Box<PageBytes>>,
+    },
+    PageDenied {
+        page: PageId,
+        request_id: u64,
+        reason: PageDenial,
+    },
+    /// Home → reader: drop your copy.
+    Invalidate {
+        page: PageId,
+        seq: u64,
+    },
+    InvalidateAck {
+        page: PageId,
+        seq: u64,
+    },
+    /// Home → writer: stop writing, send the page; keep a read copy if `downgrade`.
+    Recall {
+        page: PageId,
+        seq: u64,
+        downgrade: bool,
+    },
+    /// `bytes` is absent when the node never received the write grant (so never
+    /// wrote): the home's copy is still the latest.
+    RecallAck {
+        page: PageId,
+        seq: u64,
+        version: u64,
+        bytes: Option<Box<PageBytes>>,
+    },
+    /// Any node → the node that carved the block: free it.
+    FreeRequest {
+        space: SpaceId,
+        addr: u64,
+        request_id: u64,
+    },
+    FreeReply {
+        request_id: u64,
+        outcome: FreeOutcome,
+    },
+}
+
+/// A message with its addressing.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Envelope {
+    pub from: NodeId,
+    pub to: NodeId,
+    pub message: PeerMessage,
+}
+
+const KIND_RAFT: u8 = 1;
+const KIND_PAGE_REQUEST: u8 = 2;
+const KIND_PAGE_GRANT: u8 = 3;
+const KIND_PAGE_DENIED: u8 = 4;
+const KIND_INVALIDATE: u8 = 5;
+const KIND_INVALIDATE_ACK: u8 = 6;
+const KIND_RECALL: u8 = 7;
+const KIND_RECALL_ACK: u8 = 8;
+const KIND_FREE_REQUEST: u8 = 9;
+const KIND_FREE_REPLY: u8 = 10;
+
+impl PeerMessage {
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            PeerMessage::Raft(_) => "raft",
+            PeerMessage::PageRequest { .. } => "page-request",
+            PeerMessage::PageGrant { .. } => "page-grant",
+            PeerMessage::PageDenied { .. } => "page-denied",
+            PeerMessage::Invalidate { .. } => "invalidate",
+            PeerMessage::InvalidateAck { .. } => "invalidate-ack",
+            PeerMessage::Recall { .. } => "recall",
+            PeerMessage::RecallAck { .. } => "recall-ack",
+            PeerMessage::FreeRequest { .. } => "free-request",
+            PeerMessage::FreeReply { .. } => "free-reply",
+        }
+    }
+}
+
+fn put_page(w: &mut Writer, page: PageId) {
+    w.u32(page.space);
+    w.u64(page.index);
+}
+
+fn get_page(r: &mut Reader<'_>) -> Result<PageId, DecodeError> {
+    Ok(PageId {
+        space: r.u32()?,
+        index: r.u64()?,
+    })
+}
+
+fn get_access(r: &mut Reader<'_>) -> Result<Access, DecodeError> {
+    match Access::from_u8(r.u8()?) {
+        Some(Access::None) | None => Err(DecodeError::Invalid("access mode")),
+        Some(mode) => Ok(mode),
+    }
+}
+
+fn get_page_bytes(r: &mut Reader<'_>) -> Result<Box<PageBytes>, DecodeError> {
+    let slice = r.take(PAGE_SIZE_BYTES)?;
+    let mut bytes = Box::new([0u8; PAGE_SIZE_BYTES]);
+    bytes.copy_from_slice(slice);
+    Ok(bytes)
+}
+
+fn put_opt_bytes(w: &mut Writer, bytes: &Option<Box<PageBytes>>) {
+    match bytes {
+        None => w.u8(0),
+        Some(bytes) => {
+            w.u8(1);
+            w.raw(&bytes[..]);
+        }
+    }
+}
+
+fn get_opt_bytes(r: &mut Reader<'_>) -> Result<Option<Box<PageBytes>>, DecodeError> {
+    match r.u8()? {
+        0 => Ok(None),
+        1 => Ok(Some(get_page_bytes(r)?)),
+        _ => Err(DecodeError::Invalid("page bytes tag")),
+    }
+}
+
+impl Envelope {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(HEADER_BYTES + 64);
+        w.u16(WIRE_MAGIC);
+        w.u8(WIRE_VERSION);
+        let kind = match &self.message {
+            PeerMessage::Raft(_) => KIND_RAFT,
+            PeerMessage::PageRequest { .. } => KIND_PAGE_REQUEST,
+            PeerMessage::PageGrant { .. } => KIND_PAGE_GRANT,
+            PeerMessage::PageDenied { .. } => KIND_PAGE_DENIED,
+            PeerMessage::Invalidate { .. } => KIND_INVALIDATE,
+            PeerMessage::InvalidateAck { .. } => KIND_INVALIDATE_ACK,
+            PeerMessage::Recall { .. } => KIND_RECALL,
+            PeerMessage::RecallAck { .. } => KIND_RECALL_ACK,
+            PeerMessage::FreeRequest { .. } => KIND_FREE_REQUEST,
+            PeerMessage::FreeReply { .. } => KIND_FREE_REPLY,
+        };
+        w.u8(kind);
+        w.u64(self.from);
+        w.u64(self.to);
+        match &self.message {
+            PeerMessage::Raft(bytes) => w.blob(bytes),
+            PeerMessage::PageRequest {
+                page,
+                request_id,
+                mode,
+                have_version,
+            } => {
+                put_page(&mut w, *page);
+                w.u64(*request_id);
+                w.u8(*mode as u8);
+                w.opt_u64(*have_version);
+            }
+            PeerMessage::PageGrant {
+                page,
+                request_id,
+                seq,
+                mode,
+                version,
+                base_version,
+                bytes,
+            } => {
+                put_page(&mut w, *page);
+                w.u64(*request_id);
+                w.u64(*seq);
+                w.u8(*mode as u8);
+                w.u64(*version);
+                w.u64(*base_version);
+                put_opt_bytes(&mut w, bytes);
+            }
+            PeerMessage::PageDenied {
+                page,
+                request_id,
+                reason,
+            } => {
+                put_page(&mut w, *page);
+                w.u64(*request_id);
+                w.u8(*reason as u8);
+            }
+            PeerMessage::Invalidate { page, seq } | PeerMessage::InvalidateAck { page, seq } => {
+                put_page(&mut w, *page);
+                w.u64(*seq);
+            }
+            PeerMessage::Recall {
+                page,
+                seq,
+                downgrade,
+            } => {
+                put_page(&mut w, *page);
+                w.u64(*seq);
+                w.bool(*downgrade);
+            }
+            PeerMessage::RecallAck {
+                page,
+                seq,
+                version,
+                bytes,
+            } => {
+                put_page(&mut w, *page);
+                w.u64(*seq);
+                w.u64(*version);
+                put_opt_bytes(&mut w, bytes);
+            }
+            PeerMessage::FreeRequest {
+                space,
+                addr,
+                request_id,
+            } => {
+                w.u32(*space);
+                w.u64(*addr);
+                w.u64(*request_id);
+            }
+            PeerMessage::FreeReply {
+                request_id,
+                outcome,
+            } => {
+                w.u64(*request_id);
+                w.u8(*outcome as u8);
+            }
+        }
+        debug_assert!(w.bytes.len() <= MAX_FRAME_BYTES);
+        w.bytes
+    }
+
+    /// Decodes one frame. Any malformed input is an error, never a panic.
+    pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
+        if bytes.len() > MAX_FRAME_BYTES {
+            return Err(DecodeError::Invalid("frame over size limit"));
+        }
+        let mut r = Reader::new(bytes);
+        if r.u16()? != WIRE_MAGIC {
+            return Err(DecodeError::BadMagic);
+        }
+        let version = r.u8()?;
+        if version != WIRE_VERSION {
+            return Err(DecodeError::UnsupportedVersion(version));
+        }
+        let kind = r.u8()?;
+        let from = r.u64()?;
+        let to = r.u64()?;
+        if from == 0 || to == 0 {
+            return Err(DecodeError::Invalid("node id 0"));
+        }
+        let message = match kind {
+            KIND_RAFT => PeerMessage::Raft(r.blob(MAX_RAFT_MESSAGE_BYTES)?.to_vec()),
+            KIND_PAGE_REQUEST => PeerMessage::PageRequest {
+                page: get_page(&mut r)?,
+                request_id: r.u64()?,
+                mode: get_access(&mut r)?,
+                have_version: r.opt_u64()?,
+            },
+            KIND_PAGE_GRANT => PeerMessage::PageGrant {
+                page: get_page(&mut r)?,
+                request_id: r.u64()?,
+                seq: r.u64()?,
+                mode: get_access(&mut r)?,
+                version: r.u64()?,
+                base_version: r.u64()?,
+                bytes: get_opt_bytes(&mut r)?,
+            },
+            KIND_PAGE_DENIED => PeerMessage::PageDenied {
+                page: get_page(&mut r)?,
+                request_id: r.u64()?,
+                reason: match r.u8()? {
+                    1 => PageDenial::Lost,
+                    2 => PageDenial::NotMapped,
+                    _ => return Err(DecodeError::Invalid("denial reason")),
+                },
+            },
+            KIND_INVALIDATE => PeerMessage::Invalidate {
+                page: get_page(&mut r)?,
+                seq: r.u64()?,
+            },
+            KIND_INVALIDATE_ACK => PeerMessage::InvalidateAck {
+                page: get_page(&mut r)?,
+                seq: r.u64()?,
+            },
+            KIND_RECALL => PeerMessage::Recall {
+                page: get_page(&mut r)?,
+                seq: r.u64()?,
+                downgrade: r.bool()?,
+            },
+            KIND_RECALL_ACK => PeerMessage::RecallAck {
+                page: get_page(&mut r)?,
+                seq: r.u64()?,
+                version: r.u64()?,
+                bytes: get_opt_bytes(&mut r)?,
+            },
+            KIND_FREE_REQUEST => PeerMessage::FreeRequest {
+                space: r.u32()?,
+                addr: r.u64()?,
+                request_id: r.u64()?,
+            },
+            KIND_FREE_REPLY => PeerMessage::FreeReply {
+                request_id: r.u64()?,
+                outcome: match r.u8()? {
+                    1 => FreeOutcome::Freed,
+                    2 => FreeOutcome::InvalidFree,
+                    _ => return Err(DecodeError::Invalid("free outcome")),
+                },
+            },
+            other => return Err(DecodeError::UnknownKind(other)),
+        };
+        r.finish()?;
+        Ok(Envelope { from, to, message })
+    }
+}
