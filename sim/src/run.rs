@@ -1,0 +1,457 @@
+//! One simulation run: the world on a turmoil network, a fault plan drawn from the seed,
+//! a workload phase with faults, then a healed phase that checks liveness.
+
+use std::cell::RefCell;
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use gallocy_core::node::Mutant;
+use gallocy_core::wire::MAX_FRAME_BYTES;
+use gallocy_core::{Config, NodeId};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::world::{Counters, Violation, World, WorldParams};
+
+const PEER_PORT: u16 = 7000;
+/// Simulated milliseconds per step; one node tick each.
+const TICK: Duration = Duration::from_millis(1);
+/// The workload phase ends after this long even if operations are still to be issued.
+const WORKLOAD_LIMIT_TICKS: u64 = 300_000;
+/// After the final heal, every pending operation of a live node must complete within this.
+pub const LIVENESS_BOUND_TICKS: u64 = 30_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FaultMode {
+    None,
+    Loss,
+    Partition,
+    Crash,
+    All,
+}
+
+impl FaultMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultMode::None => "none",
+            FaultMode::Loss => "loss",
+            FaultMode::Partition => "partition",
+            FaultMode::Crash => "crash",
+            FaultMode::All => "all",
+        }
+    }
+    fn network(self) -> bool {
+        matches!(self, FaultMode::Loss | FaultMode::All)
+    }
+    fn partitions(self) -> bool {
+        matches!(self, FaultMode::Partition | FaultMode::All)
+    }
+    fn crashes(self) -> bool {
+        matches!(self, FaultMode::Crash | FaultMode::All)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RunParams {
+    pub seed: u64,
+    pub nodes: usize,
+    pub ops: u64,
+    pub faults: FaultMode,
+    pub mutant: Option<Mutant>,
+}
+
+impl RunParams {
+    /// The command line that reproduces this run.
+    pub fn command(&self) -> String {
+        let mut command = format!(
+            "gallocy-sim run --seed {} --nodes {} --ops {} --faults {}",
+            self.seed,
+            self.nodes,
+            self.ops,
+            self.faults.name()
+        );
+        if let Some(mutant) = self.mutant {
+            command.push_str(&format!(" --mutant {}", mutant.name()));
+        }
+        command
+    }
+}
+
+/// The intensities drawn for one seed (swarm testing: each seed its own mix).
+#[derive(Clone, Debug, Default)]
+pub struct FaultPlan {
+    pub loss_rate: f64,
+    pub duplicate_rate: f64,
+    pub max_latency_ms: u64,
+    pub max_revoke_delay_ticks: u64,
+    /// Mean ticks between partitions (0: none).
+    pub partition_every_ticks: u64,
+    pub crash_ticks: Vec<u64>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FaultCounters {
+    pub partitions: u64,
+    pub one_way_partitions: u64,
+    pub crashes: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct RunReport {
+    pub params: RunParams,
+    pub plan: FaultPlan,
+    pub counters: Counters,
+    pub faults: FaultCounters,
+    pub sim_ticks: u64,
+    pub wall: Duration,
+    pub trace_hash: u64,
+    pub violation: Option<Violation>,
+    pub malformed_frames: u64,
+    pub rejected_messages: u64,
+    pub retries: u64,
+    pub leader_changes_seen: u64,
+}
+
+impl FaultPlan {
+    fn draw(params: &RunParams) -> FaultPlan {
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(params.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0xfa17);
+        let mut plan = FaultPlan {
+            max_latency_ms: 1,
+            max_revoke_delay_ticks: 0,
+            ..FaultPlan::default()
+        };
+        if params.faults.network() {
+            plan.loss_rate = rng.gen_range(0.0..0.08);
+            plan.duplicate_rate = rng.gen_range(0.0..0.05);
+            plan.max_latency_ms = rng.gen_range(2..40);
+            plan.max_revoke_delay_ticks = rng.gen_range(0..8);
+        } else {
+            plan.max_revoke_delay_ticks = rng.gen_range(0..3);
+        }
+        if params.faults.partitions() {
+            plan.partition_every_ticks = rng.gen_range(300..3000);
+        }
+        if params.faults.crashes() && params.nodes >= 3 {
+            let max_crashes = (params.nodes - 1) / 2;
+            let crashes = rng.gen_range(1..=max_crashes);
+            for _ in 0..crashes {
+                plan.crash_ticks.push(rng.gen_range(500..8000));
+            }
+            plan.crash_ticks.sort_unstable();
+        }
+        plan
+    }
+}
+
+fn host_name(index: usize) -> String {
+    format!("n{}", index + 1)
+}
+
+fn node_config(id: NodeId, members: Vec<NodeId>) -> Config {
+    Config::new(id, members)
+}
+
+struct Partition {
+    one_way: Option<(usize, usize)>,
+    side_a: Vec<usize>,
+    side_b: Vec<usize>,
+    heal_tick: u64,
+}
+
+pub fn run(params: RunParams) -> RunReport {
+    let wall_start = Instant::now();
+    let plan = FaultPlan::draw(&params);
+    let world = Rc::new(RefCell::new(World::new(
+        WorldParams {
+            seed: params.seed,
+            nodes: params.nodes,
+            ops: params.ops,
+            apps_per_node: 3,
+            max_revoke_delay_ticks: plan.max_revoke_delay_ticks,
+            mutant: params.mutant,
+        },
+        node_config,
+    )));
+    let network = Rc::new(RefCell::new((plan.loss_rate, plan.duplicate_rate)));
+
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(params.seed)
+        .tick_duration(TICK)
+        .min_message_latency(Duration::from_millis(1))
+        .max_message_latency(Duration::from_millis(plan.max_latency_ms.max(1)))
+        .udp_capacity(1 << 16)
+        .simulation_duration(Duration::from_secs(24 * 3600))
+        .build();
+
+    for index in 0..params.nodes {
+        let world = world.clone();
+        let network = network.clone();
+        let nodes = params.nodes;
+        sim.host(host_name(index), move || {
+            let world = world.clone();
+            let network = network.clone();
+            async move { host_loop(index, nodes, world, network).await }
+        });
+    }
+
+    let mut rng = ChaCha8Rng::seed_from_u64(params.seed ^ 0x5eed_fa17);
+    let mut faults = FaultCounters::default();
+    let mut partition: Option<Partition> = None;
+    let mut next_partition_tick = if plan.partition_every_ticks > 0 {
+        1000 + rng.gen_range(0..plan.partition_every_ticks)
+    } else {
+        u64::MAX
+    };
+    let mut crash_ticks = plan.crash_ticks.clone();
+    let mut crashed = vec![false; params.nodes];
+    let mut heal_tick: Option<u64> = None;
+    let mut leader_changes = 0u64;
+    let mut last_leader = 0;
+    let mut now: u64 = 0;
+
+    loop {
+        now += 1;
+        {
+            let mut w = world.borrow_mut();
+            w.step = now;
+            w.tick(now);
+            w.check_coherence();
+            if now % 64 == 0 {
+                w.check_allocators();
+            }
+            let leader = (0..params.nodes)
+                .filter_map(|i| w.node(i))
+                .find(|n| n.is_leader())
+                .map_or(0, |n| n.id());
+            if leader != 0 && leader != last_leader {
+                leader_changes += 1;
+                last_leader = leader;
+                w.trace.event(8, &[leader, now]);
+            }
+        }
+
+        // Fault injection during the workload phase.
+        if heal_tick.is_none() {
+            while crash_ticks.first().is_some_and(|&t| t <= now) {
+                crash_ticks.remove(0);
+                let alive: Vec<usize> = (0..params.nodes).filter(|&i| !crashed[i]).collect();
+                let victim = alive[rng.gen_range(0..alive.len())];
+                crashed[victim] = true;
+                faults.crashes += 1;
+                sim.crash(host_name(victim));
+                world.borrow_mut().crash(victim);
+            }
+            if let Some(active) = &partition {
+                if active.heal_tick <= now {
+                    repair(&sim, active);
+                    partition = None;
+                    next_partition_tick =
+                        now + rng.gen_range(1..=plan.partition_every_ticks.max(1));
+                }
+            } else if now >= next_partition_tick {
+                let active = draw_partition(&mut rng, params.nodes, now);
+                if active.one_way.is_some() {
+                    faults.one_way_partitions += 1;
+                } else {
+                    faults.partitions += 1;
+                }
+                apply_partition(&sim, &active);
+                world
+                    .borrow_mut()
+                    .trace
+                    .event(9, &[active.side_a.len() as u64, active.heal_tick]);
+                partition = Some(active);
+            }
+            let done = {
+                let w = world.borrow();
+                (w.counters.ops_issued >= params.ops && w.all_joined())
+                    || now >= WORKLOAD_LIMIT_TICKS
+            };
+            if done {
+                // The final heal: every fault stops, the workload stops issuing.
+                if let Some(active) = partition.take() {
+                    repair(&sim, &active);
+                }
+                *network.borrow_mut() = (0.0, 0.0);
+                let mut w = world.borrow_mut();
+                w.issuing = false;
+                w.trace.event(10, &[now]);
+                heal_tick = Some(now);
+            }
+        } else if let Some(healed) = heal_tick {
+            let pending = world.borrow().pending_ops();
+            if pending.is_empty() {
+                break;
+            }
+            if now - healed > LIVENESS_BOUND_TICKS {
+                let detail = format!(
+                    "{} operations still pending {} ms after the final heal (node, issued at): {:?}",
+                    pending.len(),
+                    LIVENESS_BOUND_TICKS,
+                    &pending[..pending.len().min(8)]
+                );
+                let mut w = world.borrow_mut();
+                if w.violation.is_none() {
+                    w.violation = Some(Violation {
+                        checker: "liveness",
+                        detail,
+                        step: now,
+                        tick: now,
+                    });
+                }
+                break;
+            }
+        }
+
+        if world.borrow().violation.is_some() {
+            break;
+        }
+        if let Err(error) = sim.step() {
+            let mut w = world.borrow_mut();
+            w.violation = Some(Violation {
+                checker: "simulator",
+                detail: format!("host failed: {error}"),
+                step: now,
+                tick: now,
+            });
+            break;
+        }
+        if world.borrow().violation.is_some() {
+            break;
+        }
+    }
+
+    let mut w = world.borrow_mut();
+    if w.violation.is_none() {
+        w.check_coherence();
+        w.check_allocators();
+    }
+    let (mut malformed, mut rejected, mut retries) = (0, 0, 0);
+    for index in 0..params.nodes {
+        if let Some(node) = w.node(index) {
+            let stats = node.stats();
+            malformed += stats.frames_malformed;
+            rejected += stats.messages_rejected;
+            retries += stats.retries;
+        }
+    }
+    RunReport {
+        params,
+        plan,
+        counters: w.counters,
+        faults,
+        sim_ticks: now,
+        wall: wall_start.elapsed(),
+        trace_hash: w.trace.finish(),
+        violation: w.violation.clone(),
+        malformed_frames: malformed,
+        rejected_messages: rejected,
+        retries,
+        leader_changes_seen: leader_changes,
+    }
+}
+
+fn draw_partition(rng: &mut ChaCha8Rng, nodes: usize, now: u64) -> Partition {
+    let heal_tick = now + rng.gen_range(50..2000);
+    if nodes >= 2 && rng.gen_bool(0.3) {
+        let from = rng.gen_range(0..nodes);
+        let mut to = rng.gen_range(0..nodes - 1);
+        if to >= from {
+            to += 1;
+        }
+        return Partition {
+            one_way: Some((from, to)),
+            side_a: vec![from],
+            side_b: vec![to],
+            heal_tick,
+        };
+    }
+    let mut side_a = Vec::new();
+    let mut side_b = Vec::new();
+    for index in 0..nodes {
+        if rng.gen_bool(0.4) {
+            side_a.push(index);
+        } else {
+            side_b.push(index);
+        }
+    }
+    if side_a.is_empty() {
+        side_a.push(side_b.pop().expect("nodes > 0"));
+    }
+    Partition {
+        one_way: None,
+        side_a,
+        side_b,
+        heal_tick,
+    }
+}
+
+fn apply_partition(sim: &turmoil::Sim<'_>, partition: &Partition) {
+    if let Some((from, to)) = partition.one_way {
+        sim.partition_oneway(host_name(from), host_name(to));
+        return;
+    }
+    for &a in &partition.side_a {
+        for &b in &partition.side_b {
+            sim.partition(host_name(a), host_name(b));
+        }
+    }
+}
+
+fn repair(sim: &turmoil::Sim<'_>, partition: &Partition) {
+    if let Some((from, to)) = partition.one_way {
+        sim.repair_oneway(host_name(from), host_name(to));
+        return;
+    }
+    for &a in &partition.side_a {
+        for &b in &partition.side_b {
+            sim.repair(host_name(a), host_name(b));
+        }
+    }
+}
+
+/// The software of one simulated host: move frames between turmoil's network and the
+/// node, applying loss and duplication on the way out.
+async fn host_loop(
+    index: usize,
+    nodes: usize,
+    world: Rc<RefCell<World>>,
+    network: Rc<RefCell<(f64, f64)>>,
+) -> turmoil::Result {
+    let socket = turmoil::net::UdpSocket::bind(("0.0.0.0", PEER_PORT)).await?;
+    let peers: Vec<IpAddr> = (0..nodes).map(|i| turmoil::lookup(host_name(i))).collect();
+    let mut buffer = vec![0u8; MAX_FRAME_BYTES];
+    loop {
+        while let Ok((len, _from)) = socket.try_recv_from(&mut buffer) {
+            world.borrow_mut().deliver(index, &buffer[..len]);
+        }
+        let outgoing = world.borrow_mut().take_outbox(index);
+        if !outgoing.is_empty() {
+            let (loss_rate, duplicate_rate) = *network.borrow();
+            let mut w = world.borrow_mut();
+            for (to, bytes) in outgoing {
+                let Some(&peer) = peers.get(to as usize - 1) else {
+                    continue;
+                };
+                if loss_rate > 0.0 && w.rng.gen_bool(loss_rate) {
+                    w.counters.frames_dropped += 1;
+                    continue;
+                }
+                let copies = if duplicate_rate > 0.0 && w.rng.gen_bool(duplicate_rate) {
+                    w.counters.frames_duplicated += 1;
+                    2
+                } else {
+                    1
+                };
+                for _ in 0..copies {
+                    if socket.try_send_to(&bytes, (peer, PEER_PORT)).is_err() {
+                        w.counters.frames_dropped += 1;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(TICK).await;
+    }
+}
