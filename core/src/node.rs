@@ -432,11 +432,14 @@ struct RemoteFree {
 }
 
 #[derive(Clone, Debug)]
+/// A fault (`access` Some) or a free (`access` None) on a chunk whose lease this node
+/// has not applied yet: the allocating node replies after its own apply, so a pointer
+/// can travel faster than the metadata.
 struct UnmappedFault {
     token: AppToken,
     space: SpaceId,
     addr: u64,
-    access: Access,
+    access: Option<Access>,
     deadline_tick: u64,
 }
 
@@ -476,6 +479,10 @@ pub struct Node {
     free_outcomes: BTreeMap<NodeId, BTreeMap<u64, FreeOutcome>>,
 
     pending_app_requests: usize,
+    /// True while a Raft `Ready` is being handled: proposals made then (from applied
+    /// entries) wait in `queued_proposals` until the Ready is advanced.
+    in_ready: bool,
+    queued_proposals: Vec<Vec<u8>>,
     loopback: VecDeque<Envelope>,
     actions: Vec<Action>,
     stats: Stats,
@@ -546,6 +553,8 @@ impl Node {
             remote_frees: BTreeMap::new(),
             free_outcomes: BTreeMap::new(),
             pending_app_requests: 0,
+            in_ready: false,
+            queued_proposals: Vec::new(),
             loopback: VecDeque::new(),
             actions: Vec::new(),
             stats: Stats::default(),
@@ -823,7 +832,19 @@ impl Node {
     // Raft.
 
     fn drive_raft(&mut self) {
+        if self.in_ready {
+            return;
+        }
+        self.in_ready = true;
+        self.drive_raft_rounds();
+        self.in_ready = false;
+    }
+
+    fn drive_raft_rounds(&mut self) {
         for _ in 0..MAX_READY_ROUNDS {
+            for data in std::mem::take(&mut self.queued_proposals) {
+                let _ = self.raft.propose(vec![], data);
+            }
             if !self.raft.has_ready() {
                 return;
             }
@@ -923,7 +944,11 @@ impl Node {
             command,
         };
         self.stats.proposals += 1;
-        let _ = self.raft.propose(vec![], proposal.encode());
+        if self.in_ready {
+            self.queued_proposals.push(proposal.encode());
+        } else {
+            let _ = self.raft.propose(vec![], proposal.encode());
+        }
         self.proposals.insert(
             proposal_id,
             PendingProposal {
@@ -1293,9 +1318,16 @@ impl Node {
                 .and_then(|l| l.chunk_of_addr(fault.addr))
                 .is_some_and(|chunk| self.meta.chunk(fault.space, chunk).is_some());
             if mapped {
-                self.fault(fault.token, fault.space, fault.addr, fault.access);
+                match fault.access {
+                    Some(access) => self.fault(fault.token, fault.space, fault.addr, access),
+                    None => self.free(fault.token, fault.space, fault.addr),
+                }
             } else if expire && fault.deadline_tick <= self.now_ticks {
-                self.reply_error(fault.token, AppError::NotMapped);
+                let error = match fault.access {
+                    Some(_) => AppError::NotMapped,
+                    None => AppError::InvalidFree,
+                };
+                self.reply_error(fault.token, error);
             } else {
                 self.unmapped.push_back(fault);
             }
@@ -1487,7 +1519,17 @@ impl Node {
             return;
         };
         let Some(record) = self.meta.chunk(space, chunk) else {
-            self.reply_error(token, AppError::InvalidFree);
+            if self.unmapped.len() >= MAX_WAITERS_PER_PAGE {
+                self.reply_error(token, AppError::Busy);
+                return;
+            }
+            self.unmapped.push_back(UnmappedFault {
+                token,
+                space,
+                addr,
+                access: None,
+                deadline_tick: self.now_ticks + self.config.metadata_wait_ticks,
+            });
             return;
         };
         if record.lessee == self.config.id {
@@ -1578,7 +1620,7 @@ impl Node {
                 token,
                 space,
                 addr,
-                access,
+                access: Some(access),
                 deadline_tick: self.now_ticks + self.config.metadata_wait_ticks,
             });
             return;

@@ -131,13 +131,13 @@ impl FaultPlan {
             plan.max_revoke_delay_ticks = rng.gen_range(0..3);
         }
         if params.faults.partitions() {
-            plan.partition_every_ticks = rng.gen_range(300..3000);
+            plan.partition_every_ticks = rng.gen_range(200..2000);
         }
         if params.faults.crashes() && params.nodes >= 3 {
             let max_crashes = (params.nodes - 1) / 2;
             let crashes = rng.gen_range(1..=max_crashes);
             for _ in 0..crashes {
-                plan.crash_ticks.push(rng.gen_range(500..8000));
+                plan.crash_ticks.push(rng.gen_range(400..5000));
             }
             plan.crash_ticks.sort_unstable();
         }
@@ -200,7 +200,7 @@ pub fn run(params: RunParams) -> RunReport {
     let mut faults = FaultCounters::default();
     let mut partition: Option<Partition> = None;
     let mut next_partition_tick = if plan.partition_every_ticks > 0 {
-        1000 + rng.gen_range(0..plan.partition_every_ticks)
+        300 + rng.gen_range(0..plan.partition_every_ticks)
     } else {
         u64::MAX
     };

@@ -123,7 +123,7 @@ pub struct World {
     /// Starts of live allocations, for picking at random (published pointers).
     published: Vec<u64>,
     /// Blocks whose free is in flight: the application gave them up when it asked.
-    freeing: BTreeMap<u64, (u64, NodeId)>,
+    freeing: BTreeMap<AppToken, (u64, u64, NodeId)>,
     /// Recently freed starts, for double frees (bounded).
     recently_freed: VecDeque<u64>,
     tokens: BTreeMap<AppToken, (usize, usize)>,
@@ -445,9 +445,7 @@ impl World {
             // Free a published block from any node: often another node's.
             let pick = self.rng.gen_range(0..self.published.len());
             let addr = self.published.swap_remove(pick);
-            if let Some(block) = self.live.remove(&addr) {
-                self.freeing.insert(addr, block);
-            }
+            let block = self.live.remove(&addr);
             self.request(
                 index,
                 app,
@@ -457,6 +455,9 @@ impl World {
                 },
                 AppRequest::Free { space, addr },
             );
+            if let Some((len, owner)) = block {
+                self.freeing.insert(self.next_token - 1, (addr, len, owner));
+            }
         } else if roll < 25 {
             // A double free or a wild free (inside a live block). Only of blocks this
             // node carved: a remote one could be reallocated while the bad free is in
@@ -466,7 +467,11 @@ impl World {
                 .recently_freed
                 .iter()
                 .copied()
-                .filter(|a| !self.live.contains_key(a) && self.owner_of(*a) == Some(node_id))
+                .filter(|a| {
+                    !self.live.contains_key(a)
+                        && !self.freeing.values().any(|f| f.0 == *a)
+                        && self.owner_of(*a) == Some(node_id)
+                })
                 .last();
             let wild = self.published.iter().copied().find(|a| {
                 self.live
@@ -606,7 +611,7 @@ impl World {
 
     fn finish_op(&mut self, index: usize, app: usize) {
         self.counters.ops_completed += 1;
-        let think = self.rng.gen_range(0..5);
+        let think = self.rng.gen_range(0..40);
         let state = &mut self.slots[index].apps[app];
         state.pending = None;
         state.next_op_tick = self.now_ticks + think;
@@ -652,7 +657,7 @@ impl World {
         }
         if let AppReply::Error(error) = reply {
             self.tokens.remove(&token);
-            self.on_error(index, pending.kind, error);
+            self.on_error(index, token, pending.kind, error);
             if self.slots[index].space.is_none() {
                 // Joining failed (not created yet): try again later.
                 let state = &mut self.slots[index].apps[app];
@@ -684,8 +689,8 @@ impl World {
             }
             (OpKind::Free { addr, expect_valid }, AppReply::Freed) => {
                 self.tokens.remove(&token);
-                match self.freeing.remove(&addr) {
-                    Some((_, owner)) if expect_valid => {
+                match self.freeing.remove(&token) {
+                    Some((_, _, owner)) if expect_valid => {
                         self.counters.frees += 1;
                         if self.recently_freed.len() >= 64 {
                             self.recently_freed.pop_front();
@@ -716,7 +721,7 @@ impl World {
         }
     }
 
-    fn on_error(&mut self, index: usize, kind: OpKind, error: AppError) {
+    fn on_error(&mut self, index: usize, token: AppToken, kind: OpKind, error: AppError) {
         match (kind, error) {
             (_, AppError::PageLost) => self.counters.page_lost += 1,
             (_, AppError::NodeDown(_)) => self.counters.node_down_errors += 1,
@@ -745,8 +750,8 @@ impl World {
             expect_valid: true,
         } = kind
         {
-            if let Some(block) = self.freeing.remove(&addr) {
-                self.live.insert(addr, block);
+            if let Some((_, len, owner)) = self.freeing.remove(&token) {
+                self.live.insert(addr, (len, owner));
                 self.published.push(addr);
             }
         }
