@@ -290,6 +290,10 @@ struct LocalPage {
     revoke: Option<(u64, RevokeReply)>,
     /// The last recall answered, to re-send on a duplicate recall.
     last_recall_ack: Option<(u64, u64, Option<Box<PageBytes>>)>,
+    /// False after a fence: the home may have taken the page away while this node
+    /// could not hear it, so the next access asks the home again before any
+    /// application may touch the page (cheap: no bytes move if they are current).
+    validated: bool,
     /// Home messages that arrived while a revocation ran; handled when it is done, so
     /// access changes reach the applications in the order the home sent them.
     deferred: Vec<PeerMessage>,
@@ -305,6 +309,7 @@ impl LocalPage {
             waiters: Vec::new(),
             revoke: None,
             last_recall_ack: None,
+            validated: true,
             deferred: Vec::new(),
         }
     }
@@ -617,7 +622,9 @@ impl Node {
     }
     /// What the applications of this node may do with `page` right now.
     pub fn app_access(&self, page: PageId) -> Access {
-        self.effective(self.held(page))
+        self.pages
+            .get(&page)
+            .map_or(Access::None, |p| self.page_access(p))
     }
     pub fn directory_view(&self, page: PageId) -> Option<DirectoryView> {
         self.directory.get(&page).map(|e| DirectoryView {
@@ -821,6 +828,14 @@ impl Node {
             Access::None
         } else {
             held
+        }
+    }
+
+    fn page_access(&self, page: &LocalPage) -> Access {
+        if page.validated {
+            self.effective(page.held)
+        } else {
+            Access::None
         }
     }
 
@@ -1103,12 +1118,16 @@ impl Node {
             return;
         }
         self.fenced = !in_contact;
-        let held: Vec<(PageId, Access)> = self.held_pages().collect();
-        for (page, access) in held {
-            let access = self.effective(access);
-            self.actions.push(Action::SetAccess { page, access });
-        }
-        if !self.fenced {
+        if self.fenced {
+            let held: Vec<PageId> = self.held_pages().map(|(page, _)| page).collect();
+            for page in held {
+                self.pages.get_mut(&page).expect("held").validated = false;
+                self.actions.push(Action::SetAccess {
+                    page,
+                    access: Access::None,
+                });
+            }
+        } else {
             let waiting: Vec<PageId> = self
                 .pages
                 .iter()
@@ -1631,8 +1650,8 @@ impl Node {
             return;
         }
         page.waiters.push((token, access));
-        let held = page.held;
-        if self.effective(held) >= access {
+        let page = &self.pages[&page_id];
+        if self.page_access(page) >= access {
             self.stats.faults_local += 1;
         } else {
             self.stats.faults_remote += 1;
@@ -1645,7 +1664,7 @@ impl Node {
         let Some(page) = self.pages.get(&page_id) else {
             return;
         };
-        let access = self.effective(page.held);
+        let access = self.page_access(page);
         if page.waiters.iter().any(|&(_, want)| want <= access) {
             let page = self.pages.get_mut(&page_id).expect("present");
             let (served, waiting): (Vec<_>, Vec<_>) = page
@@ -1672,13 +1691,16 @@ impl Node {
         {
             return;
         }
-        // Fenced pages the home still grants us need no request: unfencing restores them.
-        let mode = page
+        // After a fence, ask for at least what we held: a writer must not lose its writes.
+        let mut mode = page
             .waiters
             .iter()
             .map(|&(_, want)| want)
             .max()
             .expect("non-empty");
+        if !page.validated {
+            mode = mode.max(page.held);
+        }
         let Some(home) = self.home_of(page_id) else {
             self.fail_local_page(page_id, AppError::NotMapped);
             return;
@@ -1862,6 +1884,8 @@ impl Node {
         }
         page.seq_seen = page.seq_seen.max(seq);
         page.held = mode;
+        // A grant that lands while fenced is as suspect as any older one.
+        page.validated = !fenced_or_evicted;
         page.mem_version = Some(version);
         page.request = None;
         page.last_recall_ack = None;
@@ -2020,8 +2044,13 @@ impl Node {
         let token = self.next_revoke_token;
         self.next_revoke_token += 1;
         page.revoke = Some((token, RevokeReply::RecallAck { seq, with_bytes }));
+        let validated = page.validated;
         self.revokes.insert(token, page_id);
-        let access = self.effective(to);
+        let access = if validated {
+            self.effective(to)
+        } else {
+            Access::None
+        };
         self.actions.push(Action::Revoke {
             page: page_id,
             access,
@@ -2235,7 +2264,9 @@ impl Node {
             (Some(writer), _) => {
                 // Re-grant to a writer that never received its grant; it never wrote.
                 assert_eq!(writer, requester, "grant while another node writes");
-                let base = if skip_bump {
+                // A writer that has this version's grant may have written: keep its
+                // bytes. One that never received the grant starts from the master.
+                let base = if skip_bump || request.have_version == Some(entry.version) {
                     entry.version
                 } else {
                     entry.version - 1
@@ -2419,10 +2450,9 @@ impl Node {
             self.deny_queue(page_id);
             return;
         }
-        if txn.request.from == node {
-            self.home_next(page_id);
-            return;
-        }
+        // A transaction whose requester went down still finishes its phase: a writer
+        // may already have given up its copy, and its ack carries the latest bytes.
+        // `home_continue` then skips the grant.
         match txn.phase {
             Phase::Invalidate { seq, mut pending } => {
                 pending.remove(&node);

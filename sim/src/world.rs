@@ -137,6 +137,8 @@ pub struct World {
     pub issuing: bool,
     /// Print every reply (GALLOCY_SIM_DEBUG=1), for debugging a failing seed.
     pub debug: bool,
+    /// Print every message and access change of one page (GALLOCY_SIM_DEBUG_PAGE=N).
+    pub debug_page: Option<u64>,
     actions_buffer: Vec<Action>,
 }
 
@@ -178,6 +180,9 @@ impl World {
             violation: None,
             issuing: true,
             debug: std::env::var_os("GALLOCY_SIM_DEBUG").is_some(),
+            debug_page: std::env::var("GALLOCY_SIM_DEBUG_PAGE")
+                .ok()
+                .and_then(|v| v.parse().ok()),
             actions_buffer: Vec::new(),
         }
     }
@@ -225,6 +230,18 @@ impl World {
         self.counters.frames_delivered += 1;
         self.trace.event(2, &[index as u64, now]);
         self.trace.bytes(bytes);
+        if let Some(watch) = self.debug_page {
+            if let Ok(envelope) = gallocy_core::Envelope::decode(bytes) {
+                if debug_page_of(&envelope.message) == Some(watch) {
+                    eprintln!(
+                        "[t={now}] {} -> {}: {:?}",
+                        envelope.from,
+                        envelope.to,
+                        Brief(&envelope.message)
+                    );
+                }
+            }
+        }
         // Malformed frames are counted inside the node; the run goes on.
         let _ = node.handle_frame(now, bytes);
         self.pump(index);
@@ -265,6 +282,36 @@ impl World {
     }
 
     fn apply_action(&mut self, index: usize, action: Action) {
+        if let Some(watch) = self.debug_page {
+            match &action {
+                Action::Install {
+                    page,
+                    access,
+                    version,
+                    bytes,
+                } if page.index == watch => eprintln!(
+                    "[t={}] node {} install {access:?} v{version} bytes={}",
+                    self.now_ticks,
+                    index + 1,
+                    bytes.is_some()
+                ),
+                Action::SetAccess { page, access } if page.index == watch => {
+                    eprintln!(
+                        "[t={}] node {} set-access {access:?}",
+                        self.now_ticks,
+                        index + 1
+                    )
+                }
+                Action::Revoke { page, access, .. } if page.index == watch => {
+                    eprintln!(
+                        "[t={}] node {} revoke to {access:?}",
+                        self.now_ticks,
+                        index + 1
+                    )
+                }
+                _ => {}
+            }
+        }
         match action {
             Action::Send(envelope) => {
                 self.counters.frames_sent += 1;
@@ -621,7 +668,15 @@ impl World {
         let mut steps = 0;
         while let Some((index, token, reply)) = self.replies.pop_front() {
             steps += 1;
-            assert!(steps < MAX_SETTLE_STEPS, "reply cascade does not settle");
+            if steps > MAX_SETTLE_STEPS {
+                self.replies.clear();
+                self.violate(
+                    "liveness",
+                    "replies and faults cycle without progress (a grant the memory does not show)"
+                        .into(),
+                );
+                return;
+            }
             self.on_reply(index, token, reply);
         }
     }
@@ -944,5 +999,56 @@ impl World {
 
     pub fn node_count(&self) -> usize {
         self.slots.len()
+    }
+}
+
+fn debug_page_of(message: &gallocy_core::PeerMessage) -> Option<u64> {
+    use gallocy_core::PeerMessage as M;
+    match message {
+        M::PageRequest { page, .. }
+        | M::PageGrant { page, .. }
+        | M::PageDenied { page, .. }
+        | M::Invalidate { page, .. }
+        | M::InvalidateAck { page, .. }
+        | M::Recall { page, .. }
+        | M::RecallAck { page, .. } => Some(page.index),
+        _ => None,
+    }
+}
+
+/// A message without its page bytes, for debug output.
+struct Brief<'a>(&'a gallocy_core::PeerMessage);
+
+impl std::fmt::Debug for Brief<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use gallocy_core::PeerMessage as M;
+        match self.0 {
+            M::PageGrant {
+                request_id,
+                seq,
+                mode,
+                version,
+                base_version,
+                bytes,
+                ..
+            } => write!(
+                f,
+                "Grant req={request_id} seq={seq} {mode:?} v{version} base={base_version} bytes={}",
+                bytes.is_some()
+            ),
+            M::RecallAck {
+                seq,
+                version,
+                bytes,
+                ..
+            } => {
+                write!(
+                    f,
+                    "RecallAck seq={seq} v{version} bytes={}",
+                    bytes.is_some()
+                )
+            }
+            other => write!(f, "{other:?}"),
+        }
     }
 }
