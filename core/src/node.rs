@@ -667,7 +667,9 @@ impl Node {
         }
         self.update_fence();
         self.retry_due();
-        if self.is_leader && !self.evicted {
+        // An evicted node still votes and may lead: it keeps detecting failures so the
+        // cluster's metadata moves on.
+        if self.is_leader {
             self.detect_down_nodes();
         }
         self.run_loopback();
@@ -1204,14 +1206,18 @@ impl Node {
         for fault in unmapped {
             self.reply_error(fault.token, AppError::Evicted);
         }
-        let proposals: Vec<PendingProposal> =
-            std::mem::take(&mut self.proposals).into_values().collect();
-        for proposal in proposals {
+        // Failure-detector proposals stay: an evicted node may still lead.
+        let proposals: Vec<(u64, PendingProposal)> =
+            std::mem::take(&mut self.proposals).into_iter().collect();
+        for (id, proposal) in proposals {
             match proposal.purpose {
                 Purpose::CreateSpace { token } | Purpose::LeaseForApp { token } => {
                     self.reply_error(token, AppError::Evicted)
                 }
-                Purpose::LeaseForAllocator { .. } | Purpose::MarkDown => {}
+                Purpose::LeaseForAllocator { .. } => {}
+                Purpose::MarkDown => {
+                    self.proposals.insert(id, proposal);
+                }
             }
         }
         self.lease_in_flight.clear();

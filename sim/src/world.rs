@@ -977,6 +977,23 @@ impl World {
 
     /// Operations still waiting, on nodes that are alive: (node, issued tick).
     pub fn pending_ops(&self) -> Vec<(usize, u64)> {
+        if self.debug {
+            for (index, slot) in self.slots.iter().enumerate() {
+                for app in &slot.apps {
+                    if let (Some(op), Some(node)) = (app.pending, slot.node.as_ref()) {
+                        eprintln!(
+                            "pending on node {}: {:?} since {} (fenced {}, leader {:?}, term {})",
+                            index + 1,
+                            op.kind,
+                            op.issued_tick,
+                            node.is_fenced(),
+                            node.leader_id(),
+                            node.term()
+                        );
+                    }
+                }
+            }
+        }
         let mut pending = Vec::new();
         for (index, slot) in self.slots.iter().enumerate() {
             if slot.node.is_none() {
