@@ -16,7 +16,12 @@ use crate::world::{Counters, Violation, World, WorldParams};
 
 const PEER_PORT: u16 = 7000;
 /// Simulated milliseconds per step; one node tick each.
-const TICK: Duration = Duration::from_millis(1);
+/// Simulated time per turmoil step. Node time is in milliseconds (1 tick = 1 ms);
+/// a step advances it by this much. Two milliseconds halves turmoil's per-step cost,
+/// which dominates the simulator's wall time, while latencies stay finer than any
+/// protocol timeout.
+const STEP_MS: u64 = 2;
+const TICK: Duration = Duration::from_millis(STEP_MS);
 /// The workload phase ends after this long even if operations are still to be issued.
 const WORKLOAD_LIMIT_TICKS: u64 = 300_000;
 /// After the final heal, every pending operation of a live node must complete within this.
@@ -131,13 +136,13 @@ impl FaultPlan {
             plan.max_revoke_delay_ticks = rng.gen_range(0..3);
         }
         if params.faults.partitions() {
-            plan.partition_every_ticks = rng.gen_range(200..2000);
+            plan.partition_every_ticks = rng.gen_range(200..1500);
         }
         if params.faults.crashes() && params.nodes >= 3 {
             let max_crashes = (params.nodes - 1) / 2;
             let crashes = rng.gen_range(1..=max_crashes);
             for _ in 0..crashes {
-                plan.crash_ticks.push(rng.gen_range(400..5000));
+                plan.crash_ticks.push(rng.gen_range(300..4000));
             }
             plan.crash_ticks.sort_unstable();
         }
@@ -149,8 +154,14 @@ fn host_name(index: usize) -> String {
     format!("n{}", index + 1)
 }
 
+/// The daemon's defaults, with failure detection tightened to the simulator's time
+/// scale (the same ratios the validation in `Config` demands).
 fn node_config(id: NodeId, members: Vec<NodeId>) -> Config {
-    Config::new(id, members)
+    let mut config = Config::new(id, members);
+    config.retry_max_ticks = 400;
+    config.fence_after_ticks = 300;
+    config.down_after_ticks = 1500;
+    config
 }
 
 struct Partition {
@@ -168,7 +179,7 @@ pub fn run(params: RunParams) -> RunReport {
             seed: params.seed,
             nodes: params.nodes,
             ops: params.ops,
-            apps_per_node: 3,
+            apps_per_node: 8,
             max_revoke_delay_ticks: plan.max_revoke_delay_ticks,
             mutant: params.mutant,
         },
@@ -179,8 +190,8 @@ pub fn run(params: RunParams) -> RunReport {
     let mut sim = turmoil::Builder::new()
         .rng_seed(params.seed)
         .tick_duration(TICK)
-        .min_message_latency(Duration::from_millis(1))
-        .max_message_latency(Duration::from_millis(plan.max_latency_ms.max(1)))
+        .min_message_latency(TICK)
+        .max_message_latency(Duration::from_millis(plan.max_latency_ms.max(STEP_MS)))
         .udp_capacity(1 << 16)
         .simulation_duration(Duration::from_secs(24 * 3600))
         .build();
@@ -212,13 +223,13 @@ pub fn run(params: RunParams) -> RunReport {
     let mut now: u64 = 0;
 
     loop {
-        now += 1;
+        now += STEP_MS;
         {
             let mut w = world.borrow_mut();
-            w.step = now;
+            w.step = now / STEP_MS;
             w.tick(now);
             w.check_coherence();
-            if now % 64 == 0 {
+            if now % 128 == 0 {
                 w.check_allocators();
             }
             let leader = (0..params.nodes)
@@ -354,7 +365,7 @@ pub fn run(params: RunParams) -> RunReport {
 }
 
 fn draw_partition(rng: &mut ChaCha8Rng, nodes: usize, now: u64) -> Partition {
-    let heal_tick = now + rng.gen_range(50..2000);
+    let heal_tick = now + rng.gen_range(30..1500);
     if nodes >= 2 && rng.gen_bool(0.3) {
         let from = rng.gen_range(0..nodes);
         let mut to = rng.gen_range(0..nodes - 1);

@@ -658,7 +658,7 @@ impl World {
 
     fn finish_op(&mut self, index: usize, app: usize) {
         self.counters.ops_completed += 1;
-        let think = self.rng.gen_range(0..40);
+        let think = self.rng.gen_range(0..10);
         let state = &mut self.slots[index].apps[app];
         state.pending = None;
         state.next_op_tick = self.now_ticks + think;
