@@ -456,7 +456,9 @@ pub struct Node {
     next_raft_tick: u64,
     is_leader: bool,
     leader_id: NodeId,
-    last_leader_contact_tick: Option<u64>,
+    /// Newest `sent_tick` a leader acknowledged: the lease that lets this node's
+    /// applications touch pages.
+    lease_sent_tick: Option<u64>,
     last_heard_tick: BTreeMap<NodeId, u64>,
     down_proposed: BTreeSet<NodeId>,
     fenced: bool,
@@ -537,7 +539,7 @@ impl Node {
             next_raft_tick: 0,
             is_leader: false,
             leader_id: 0,
-            last_leader_contact_tick: None,
+            lease_sent_tick: None,
             last_heard_tick: BTreeMap::new(),
             down_proposed: BTreeSet::new(),
             fenced: true,
@@ -664,6 +666,10 @@ impl Node {
             self.next_raft_tick = self.now_ticks + self.config.raft_tick_interval_ticks;
             self.raft.tick();
             self.drive_raft();
+            if !self.is_leader && self.leader_id != 0 {
+                let sent_tick = self.now_ticks;
+                self.send(self.leader_id, PeerMessage::LeaseRequest { sent_tick });
+            }
         }
         self.update_fence();
         self.retry_due();
@@ -943,9 +949,6 @@ impl Node {
             self.stats.raft_errors += 1;
             return;
         }
-        if from == self.raft.raft.leader_id {
-            self.last_leader_contact_tick = Some(self.now_ticks);
-        }
         self.drive_raft();
     }
 
@@ -1113,7 +1116,7 @@ impl Node {
     fn update_fence(&mut self) {
         let in_contact = !self.evicted
             && (self.is_leader
-                || self.last_leader_contact_tick.is_some_and(|t| {
+                || self.lease_sent_tick.is_some_and(|t| {
                     self.now_ticks.saturating_sub(t) <= self.config.fence_after_ticks
                 }));
         if in_contact == !self.fenced {
@@ -1760,7 +1763,12 @@ impl Node {
             return;
         }
         self.last_heard_tick.insert(from, self.now_ticks);
-        if self.evicted && !matches!(message, PeerMessage::Raft(_)) {
+        if self.evicted
+            && !matches!(
+                message,
+                PeerMessage::Raft(_) | PeerMessage::LeaseRequest { .. }
+            )
+        {
             return;
         }
         match message {
@@ -1824,6 +1832,18 @@ impl Node {
                 request_id,
                 outcome,
             } => self.on_free_reply(from, request_id, outcome),
+            PeerMessage::LeaseRequest { sent_tick } => {
+                if self.is_leader {
+                    self.send(from, PeerMessage::LeaseGrant { sent_tick });
+                }
+            }
+            PeerMessage::LeaseGrant { sent_tick } => {
+                if sent_tick <= self.now_ticks {
+                    self.lease_sent_tick = Some(self.lease_sent_tick.unwrap_or(0).max(sent_tick));
+                } else {
+                    self.stats.messages_rejected += 1;
+                }
+            }
         }
     }
 

@@ -95,6 +95,16 @@ pub enum PeerMessage {
         request_id: u64,
         outcome: FreeOutcome,
     },
+    /// Node → leader: am I still part of the cluster? `sent_tick` is the sender's clock.
+    LeaseRequest {
+        sent_tick: u64,
+    },
+    /// Leader → node: I heard your request sent at `sent_tick` (your clock). A node may
+    /// let its applications touch pages only while such a grant is recent; the leader
+    /// declares a node down only after hearing nothing from it for much longer.
+    LeaseGrant {
+        sent_tick: u64,
+    },
 }
 
 /// A message with its addressing.
@@ -115,6 +125,8 @@ const KIND_RECALL: u8 = 7;
 const KIND_RECALL_ACK: u8 = 8;
 const KIND_FREE_REQUEST: u8 = 9;
 const KIND_FREE_REPLY: u8 = 10;
+const KIND_LEASE_REQUEST: u8 = 11;
+const KIND_LEASE_GRANT: u8 = 12;
 
 impl PeerMessage {
     pub fn kind_name(&self) -> &'static str {
@@ -129,6 +141,8 @@ impl PeerMessage {
             PeerMessage::RecallAck { .. } => "recall-ack",
             PeerMessage::FreeRequest { .. } => "free-request",
             PeerMessage::FreeReply { .. } => "free-reply",
+            PeerMessage::LeaseRequest { .. } => "lease-request",
+            PeerMessage::LeaseGrant { .. } => "lease-grant",
         }
     }
 }
@@ -193,6 +207,8 @@ impl Envelope {
             PeerMessage::RecallAck { .. } => KIND_RECALL_ACK,
             PeerMessage::FreeRequest { .. } => KIND_FREE_REQUEST,
             PeerMessage::FreeReply { .. } => KIND_FREE_REPLY,
+            PeerMessage::LeaseRequest { .. } => KIND_LEASE_REQUEST,
+            PeerMessage::LeaseGrant { .. } => KIND_LEASE_GRANT,
         };
         w.u8(kind);
         w.u64(self.from);
@@ -276,6 +292,9 @@ impl Envelope {
                 w.u64(*request_id);
                 w.u8(*outcome as u8);
             }
+            PeerMessage::LeaseRequest { sent_tick } | PeerMessage::LeaseGrant { sent_tick } => {
+                w.u64(*sent_tick)
+            }
         }
         debug_assert!(w.bytes.len() <= MAX_FRAME_BYTES);
         w.bytes
@@ -357,6 +376,12 @@ impl Envelope {
                     2 => FreeOutcome::InvalidFree,
                     _ => return Err(DecodeError::Invalid("free outcome")),
                 },
+            },
+            KIND_LEASE_REQUEST => PeerMessage::LeaseRequest {
+                sent_tick: r.u64()?,
+            },
+            KIND_LEASE_GRANT => PeerMessage::LeaseGrant {
+                sent_tick: r.u64()?,
             },
             other => return Err(DecodeError::UnknownKind(other)),
         };
