@@ -64,8 +64,11 @@ pub struct Config {
     /// First retry of an unanswered message; doubles up to `retry_max_ticks`.
     pub retry_base_ticks: u64,
     pub retry_max_ticks: u64,
-    /// A node that has not heard from a leader for this long masks all its pages.
+    /// A node whose newest lease request acknowledged by a leader is older than this
+    /// masks all its pages.
     pub fence_after_ticks: u64,
+    /// How often a follower asks the leader to renew its lease.
+    pub lease_interval_ticks: u64,
     /// The leader marks a node down after this long without hearing from it. Must
     /// exceed `fence_after_ticks` plus an election timeout plus the revocation delay.
     pub down_after_ticks: u64,
@@ -87,6 +90,7 @@ impl Config {
             retry_base_ticks: 50,
             retry_max_ticks: 800,
             fence_after_ticks: 500,
+            lease_interval_ticks: 50,
             down_after_ticks: 2500,
             metadata_wait_ticks: 2000,
             #[cfg(feature = "mutants")]
@@ -113,6 +117,13 @@ impl Config {
         }
         if self.retry_base_ticks == 0 || self.retry_max_ticks < self.retry_base_ticks {
             return Err("retry_max_ticks must be at least retry_base_ticks > 0".into());
+        }
+        if self.lease_interval_ticks == 0 || self.lease_interval_ticks * 3 > self.fence_after_ticks
+        {
+            return Err(
+                "lease_interval_ticks must be non-zero and at most a third of fence_after_ticks"
+                    .into(),
+            );
         }
         let election_ticks = (self.election_raft_ticks + 3 * self.members.len() + 1) as u64
             * self.raft_tick_interval_ticks;
@@ -459,6 +470,7 @@ pub struct Node {
     /// Newest `sent_tick` a leader acknowledged: the lease that lets this node's
     /// applications touch pages.
     lease_sent_tick: Option<u64>,
+    next_lease_request_tick: u64,
     last_heard_tick: BTreeMap<NodeId, u64>,
     down_proposed: BTreeSet<NodeId>,
     fenced: bool,
@@ -540,6 +552,7 @@ impl Node {
             is_leader: false,
             leader_id: 0,
             lease_sent_tick: None,
+            next_lease_request_tick: 0,
             last_heard_tick: BTreeMap::new(),
             down_proposed: BTreeSet::new(),
             fenced: true,
@@ -666,7 +679,11 @@ impl Node {
             self.next_raft_tick = self.now_ticks + self.config.raft_tick_interval_ticks;
             self.raft.tick();
             self.drive_raft();
-            if !self.is_leader && self.leader_id != 0 {
+            if !self.is_leader
+                && self.leader_id != 0
+                && self.now_ticks >= self.next_lease_request_tick
+            {
+                self.next_lease_request_tick = self.now_ticks + self.config.lease_interval_ticks;
                 let sent_tick = self.now_ticks;
                 self.send(self.leader_id, PeerMessage::LeaseRequest { sent_tick });
             }
@@ -1133,6 +1150,11 @@ impl Node {
                 });
             }
         } else {
+            // Metadata could not arrive while fenced: give waiting requests a full wait.
+            let deadline_tick = self.now_ticks + self.config.metadata_wait_ticks;
+            for fault in self.unmapped.iter_mut() {
+                fault.deadline_tick = fault.deadline_tick.max(deadline_tick);
+            }
             let waiting: Vec<PageId> = self
                 .pages
                 .iter()
@@ -1350,7 +1372,7 @@ impl Node {
                     Some(access) => self.fault(fault.token, fault.space, fault.addr, access),
                     None => self.free(fault.token, fault.space, fault.addr),
                 }
-            } else if expire && fault.deadline_tick <= self.now_ticks {
+            } else if expire && !self.fenced && fault.deadline_tick <= self.now_ticks {
                 let error = match fault.access {
                     Some(_) => AppError::NotMapped,
                     None => AppError::InvalidFree,

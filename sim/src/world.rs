@@ -124,6 +124,9 @@ pub struct World {
     published: Vec<u64>,
     /// Blocks whose free is in flight: the application gave them up when it asked.
     freeing: BTreeMap<AppToken, (u64, u64, NodeId)>,
+    /// Blocks whose free had an unknown outcome (the node was evicted, the owner went
+    /// down): neither live nor safe to free twice.
+    limbo: BTreeSet<u64>,
     /// Recently freed starts, for double frees (bounded).
     recently_freed: VecDeque<u64>,
     tokens: BTreeMap<AppToken, (usize, usize)>,
@@ -171,6 +174,7 @@ impl World {
             published: Vec::new(),
             recently_freed: VecDeque::new(),
             freeing: BTreeMap::new(),
+            limbo: BTreeSet::new(),
             tokens: BTreeMap::new(),
             next_token: 1,
             replies: VecDeque::new(),
@@ -516,6 +520,7 @@ impl World {
                 .copied()
                 .filter(|a| {
                     !self.live.contains_key(a)
+                        && !self.limbo.contains(a)
                         && !self.freeing.values().any(|f| f.0 == *a)
                         && self.owner_of(*a) == Some(node_id)
                 })
@@ -799,15 +804,21 @@ impl World {
                 format!("node {} failed {kind:?} with {error:?}", index + 1),
             ),
         }
-        // A free that failed for another reason leaves the block live.
+        // A free refused as Busy was never sent: the block is still live. After Evicted
+        // or NodeDown the outcome is unknown (the owner may have freed it), so the block
+        // is forgotten: never reused by the workload, never counted as live.
         if let OpKind::Free {
             addr,
             expect_valid: true,
         } = kind
         {
             if let Some((_, len, owner)) = self.freeing.remove(&token) {
-                self.live.insert(addr, (len, owner));
-                self.published.push(addr);
+                if error == AppError::Busy {
+                    self.live.insert(addr, (len, owner));
+                    self.published.push(addr);
+                } else {
+                    self.limbo.insert(addr);
+                }
             }
         }
     }
@@ -849,6 +860,7 @@ impl World {
                 }
             }
         }
+        self.limbo.remove(&addr);
         self.live.insert(addr, (got, node_id));
         self.published.push(addr);
     }
