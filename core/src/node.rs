@@ -1520,11 +1520,13 @@ impl Node {
                 node: self.config.id,
                 count: count as u32,
             };
+            // Marked before proposing: on a one-node cluster the entry commits and
+            // applies inside `propose`.
+            self.lease_in_flight.insert(space);
             match self.propose(command, Purpose::LeaseForAllocator { space }) {
-                Ok(()) => {
-                    self.lease_in_flight.insert(space);
-                }
+                Ok(()) => {}
                 Err(error) => {
+                    self.lease_in_flight.remove(&space);
                     self.pending_allocations
                         .get_mut(&space)
                         .expect("present")
