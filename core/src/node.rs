@@ -962,6 +962,15 @@ impl Node {
             self.stats.messages_rejected += 1;
             return;
         }
+        // raft-rs trusts its peers and panics on a heartbeat committing past our log;
+        // a correct leader never sends one. (Peers are not authenticated yet; other
+        // raft-rs assertions remain reachable by a forged message.)
+        if message.get_msg_type() == raft::eraftpb::MessageType::MsgHeartbeat
+            && message.commit > self.raft.raft.raft_log.last_index()
+        {
+            self.stats.messages_rejected += 1;
+            return;
+        }
         if self.raft.step(message).is_err() {
             self.stats.raft_errors += 1;
             return;

@@ -55,3 +55,70 @@ impl RunReport {
         out
     }
 }
+
+/// The outcome of a sweep over many seeds.
+pub struct SweepOutcome {
+    pub seeds: u64,
+    /// Failing seeds, with the line to print for each.
+    pub failures: Vec<(u64, String)>,
+    pub frames_delivered: u64,
+    pub wall: std::time::Duration,
+}
+
+/// Runs `template` for every seed in `seeds` on `jobs` threads. `on_done(finished,
+/// failures_so_far, failure_line)` is called after each seed.
+pub fn sweep(
+    seeds: std::ops::Range<u64>,
+    template: &RunParams,
+    jobs: usize,
+    on_done: &(dyn Fn(u64, usize, Option<&str>) + Sync),
+) -> SweepOutcome {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Mutex;
+    let started = std::time::Instant::now();
+    let next = AtomicU64::new(seeds.start);
+    let done = AtomicU64::new(0);
+    let frames = AtomicU64::new(0);
+    let failures: Mutex<Vec<(u64, String)>> = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.max(1) {
+            scope.spawn(|| loop {
+                let seed = next.fetch_add(1, Ordering::SeqCst);
+                if seed >= seeds.end {
+                    return;
+                }
+                let report = run(RunParams {
+                    seed,
+                    ..template.clone()
+                });
+                frames.fetch_add(report.counters.frames_delivered, Ordering::Relaxed);
+                let line = report.violation.as_ref().map(|v| {
+                    format!(
+                        "FAIL seed {seed}: {} at step {}: {}\n  reproduce: {}",
+                        v.checker,
+                        v.step,
+                        v.detail,
+                        report.params.command()
+                    )
+                });
+                let count = {
+                    let mut failures = failures.lock().expect("no poisoning");
+                    if let Some(line) = &line {
+                        failures.push((seed, line.clone()));
+                    }
+                    failures.len()
+                };
+                let finished = done.fetch_add(1, Ordering::SeqCst) + 1;
+                on_done(finished, count, line.as_deref());
+            });
+        }
+    });
+    let mut failures = failures.into_inner().expect("no poisoning");
+    failures.sort_by_key(|(seed, _)| *seed);
+    SweepOutcome {
+        seeds: seeds.end - seeds.start,
+        failures,
+        frames_delivered: frames.load(Ordering::Relaxed),
+        wall: started.elapsed(),
+    }
+}

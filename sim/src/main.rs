@@ -1,7 +1,5 @@
 use std::io::Write;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
@@ -128,71 +126,40 @@ fn main() -> ExitCode {
     }
 }
 
-fn sweep(
-    first: u64,
-    end: u64,
-    shape: &Shape,
-    mutant: Option<Mutant>,
-    jobs: Option<usize>,
-) -> ExitCode {
+fn sweep(first: u64, end: u64, shape: &Shape, mutant: Option<Mutant>, jobs: Option<usize>) -> ExitCode {
     let total = end - first;
     let jobs = jobs
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .clamp(1, 64);
-    let next = AtomicU64::new(first);
-    let done = AtomicUsize::new(0);
-    let failed: Mutex<Vec<(u64, String)>> = Mutex::new(Vec::new());
-    let messages = AtomicU64::new(0);
     let started = Instant::now();
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    std::thread::scope(|scope| {
-        for _ in 0..jobs {
-            scope.spawn(|| loop {
-                let seed = next.fetch_add(1, Ordering::SeqCst);
-                if seed >= end {
-                    return;
-                }
-                let report = run(RunParams {
-                    seed,
-                    nodes: shape.nodes as usize,
-                    ops: shape.ops,
-                    faults: shape.faults,
-                    mutant,
-                });
-                messages.fetch_add(report.counters.frames_delivered, Ordering::Relaxed);
-                if let Some(v) = &report.violation {
-                    let line = format!(
-                        "FAIL seed {seed}: {} at step {}: {}\n  reproduce: {}",
-                        v.checker,
-                        v.step,
-                        v.detail,
-                        report.params.command()
-                    );
-                    eprintln!("{}{line}", if tty { "\r\x1b[K" } else { "" });
-                    failed.lock().expect("no poisoning").push((seed, line));
-                }
-                let finished = done.fetch_add(1, Ordering::SeqCst) + 1;
-                let failures = failed.lock().expect("no poisoning").len();
-                progress(finished as u64, total, failures, started, tty);
-            });
+    let template = RunParams {
+        seed: first,
+        nodes: shape.nodes as usize,
+        ops: shape.ops,
+        faults: shape.faults,
+        mutant,
+    };
+    let outcome = gallocy_sim::sweep(first..end, &template, jobs, &|finished, failures, line| {
+        if let Some(line) = line {
+            eprintln!("{}{line}", if tty { "\r\x1b[K" } else { "" });
         }
+        progress(finished, total, failures, started, tty);
     });
-    let failed = failed.into_inner().expect("no poisoning");
-    let wall = started.elapsed().as_secs_f64();
     if tty {
         eprintln!();
     }
+    let wall = outcome.wall.as_secs_f64();
     println!(
         "sweep: {total} seeds ({first}..{end}), {} failed, {:.1} s wall, {:.0} messages/s",
-        failed.len(),
+        outcome.failures.len(),
         wall,
-        messages.load(Ordering::Relaxed) as f64 / wall.max(1e-9)
+        outcome.frames_delivered as f64 / wall.max(1e-9)
     );
-    if failed.is_empty() {
+    if outcome.failures.is_empty() {
         ExitCode::SUCCESS
     } else {
-        let mut seeds: Vec<u64> = failed.iter().map(|(s, _)| *s).collect();
-        seeds.sort_unstable();
+        let seeds: Vec<u64> = outcome.failures.iter().map(|(s, _)| *s).collect();
         println!("failing seeds: {seeds:?}");
         ExitCode::from(1)
     }
