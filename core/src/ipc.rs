@@ -1,0 +1,497 @@
+//! The application ⇄ daemon protocol: fixed-size 64-byte frames, versioned, defined
+//! once and used by the daemon and by the in-process runtime.
+//!
+//! Encoding and decoding touch only the caller's stack buffers: no allocation, no
+//! formatting, no panics, so the runtime can use them inside malloc and inside a
+//! SIGSEGV handler. This module depends on nothing but `core`.
+//!
+//! Frame: `magic u16 = 0x4741 ("GA") | version u8 | kind u8 | request_id u64 | payload`,
+//! little-endian, zero-padded to 64 bytes. An `Error` frame keeps this layout in every
+//! version, so a client can always read why it was refused.
+
+pub const IPC_MAGIC: u16 = 0x4741;
+pub const IPC_VERSION: u8 = 1;
+pub const IPC_FRAME_BYTES: usize = 64;
+/// Longest space name, in bytes (the rest of the field is zero).
+pub const IPC_NAME_BYTES: usize = 36;
+
+pub type Frame = [u8; IPC_FRAME_BYTES];
+
+/// What a connection is for, named in its `Hello`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Role {
+    /// The first connection of a process: joins (or creates) the space, receives the
+    /// memfd that backs it.
+    Main = 1,
+    /// Another connection of the same process (one per thread): requests only.
+    Thread = 2,
+    /// The process's service thread: receives revocations, answers when done.
+    Service = 3,
+    /// An administrative client (`gallocy status`): requests only, no space.
+    Admin = 4,
+}
+
+/// Why the daemon refused a request. Codes are stable across versions.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ErrorCode {
+    VersionMismatch = 1,
+    UnknownSpace = 2,
+    PermissionDenied = 3,
+    BadFrame = 4,
+    OutOfMemory = 5,
+    InvalidFree = 6,
+    NotMapped = 7,
+    PageLost = 8,
+    NodeDown = 9,
+    Evicted = 10,
+    Busy = 11,
+    InvalidArgument = 12,
+    SpaceRejected = 13,
+    UnknownSession = 14,
+    NotAttached = 15,
+    Internal = 16,
+}
+
+impl ErrorCode {
+    pub fn from_u32(code: u32) -> ErrorCode {
+        match code {
+            1 => ErrorCode::VersionMismatch,
+            2 => ErrorCode::UnknownSpace,
+            3 => ErrorCode::PermissionDenied,
+            4 => ErrorCode::BadFrame,
+            5 => ErrorCode::OutOfMemory,
+            6 => ErrorCode::InvalidFree,
+            7 => ErrorCode::NotMapped,
+            8 => ErrorCode::PageLost,
+            9 => ErrorCode::NodeDown,
+            10 => ErrorCode::Evicted,
+            11 => ErrorCode::Busy,
+            12 => ErrorCode::InvalidArgument,
+            13 => ErrorCode::SpaceRejected,
+            14 => ErrorCode::UnknownSession,
+            15 => ErrorCode::NotAttached,
+            _ => ErrorCode::Internal,
+        }
+    }
+
+    /// A static description, usable without allocation.
+    pub fn describe(self) -> &'static str {
+        match self {
+            ErrorCode::VersionMismatch => "protocol version mismatch between library and daemon",
+            ErrorCode::UnknownSpace => "unknown space",
+            ErrorCode::PermissionDenied => "permission denied by the daemon",
+            ErrorCode::BadFrame => "malformed request",
+            ErrorCode::OutOfMemory => "out of memory in the space",
+            ErrorCode::InvalidFree => "invalid free (double free or not an allocated block)",
+            ErrorCode::NotMapped => "address is not in any leased chunk of the space",
+            ErrorCode::PageLost => "page lost: its only copy was on a node that is down",
+            ErrorCode::NodeDown => "the node that owns the block is down",
+            ErrorCode::Evicted => "this node was declared down by the cluster",
+            ErrorCode::Busy => "daemon busy, retry",
+            ErrorCode::InvalidArgument => "invalid argument",
+            ErrorCode::SpaceRejected => "space layout rejected",
+            ErrorCode::UnknownSession => "unknown session",
+            ErrorCode::NotAttached => "not attached to a space",
+            ErrorCode::Internal => "internal daemon error",
+        }
+    }
+}
+
+/// Counters a process can ask for (`gallocy_stats`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct IpcStats {
+    pub faults_local: u64,
+    pub faults_remote: u64,
+    pub frames_sent: u64,
+    pub frames_received: u64,
+    pub allocations: u64,
+    pub pages_held: u32,
+    pub node_id: u32,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum IpcMessage {
+    // Application → daemon.
+    Hello {
+        role: Role,
+        /// For `Thread` and `Service`: the session the `Main` connection received.
+        session: u64,
+        pid: u32,
+        /// Create the space with the daemon's default layout if it does not exist.
+        create: bool,
+        name: [u8; IPC_NAME_BYTES],
+    },
+    Allocate {
+        size_bytes: u64,
+        align_bytes: u64,
+    },
+    Free {
+        addr: u64,
+    },
+    Fault {
+        addr: u64,
+        write: bool,
+    },
+    LeaseChunks {
+        count: u32,
+    },
+    Ping,
+    Stats,
+    RevokeDone {
+        token: u64,
+    },
+    Detach,
+    // Daemon → application.
+    Welcome {
+        session: u64,
+        space: u32,
+        node: u32,
+        base_addr: u64,
+        size_bytes: u64,
+        chunk_size_bytes: u64,
+        root_size_bytes: u64,
+    },
+    Allocated {
+        addr: u64,
+        size_bytes: u64,
+    },
+    Freed,
+    Granted {
+        page_addr: u64,
+        write: bool,
+    },
+    Leased {
+        addr: u64,
+        size_bytes: u64,
+    },
+    Pong,
+    StatsReply(IpcStats),
+    /// To the service thread: lower access to `[addr, addr+len)` to `access`
+    /// (0 none, 1 read), then answer `RevokeDone { token }`.
+    Revoke {
+        addr: u64,
+        len: u64,
+        access: u8,
+        token: u64,
+    },
+    Error {
+        code: ErrorCode,
+        /// Extra detail: the daemon's protocol version, a node id, ...
+        detail: u64,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum IpcDecodeError {
+    BadMagic,
+    /// A frame of another protocol version (its version byte).
+    Version(u8),
+    UnknownKind(u8),
+    Invalid,
+}
+
+const KIND_HELLO: u8 = 1;
+const KIND_ALLOCATE: u8 = 2;
+const KIND_FREE: u8 = 3;
+const KIND_FAULT: u8 = 4;
+const KIND_LEASE: u8 = 5;
+const KIND_PING: u8 = 6;
+const KIND_STATS: u8 = 7;
+const KIND_REVOKE_DONE: u8 = 8;
+const KIND_DETACH: u8 = 9;
+const KIND_WELCOME: u8 = 65;
+const KIND_ALLOCATED: u8 = 66;
+const KIND_FREED: u8 = 67;
+const KIND_GRANTED: u8 = 68;
+const KIND_LEASED: u8 = 69;
+const KIND_PONG: u8 = 70;
+const KIND_STATS_REPLY: u8 = 71;
+const KIND_REVOKE: u8 = 72;
+const KIND_ERROR: u8 = 0xff;
+
+struct Out<'a> {
+    frame: &'a mut Frame,
+    offset: usize,
+}
+
+impl Out<'_> {
+    fn bytes(&mut self, value: &[u8]) {
+        self.frame[self.offset..self.offset + value.len()].copy_from_slice(value);
+        self.offset += value.len();
+    }
+    fn u8(&mut self, value: u8) {
+        self.bytes(&[value]);
+    }
+    fn u32(&mut self, value: u32) {
+        self.bytes(&value.to_le_bytes());
+    }
+    fn u64(&mut self, value: u64) {
+        self.bytes(&value.to_le_bytes());
+    }
+}
+
+struct In<'a> {
+    frame: &'a Frame,
+    offset: usize,
+}
+
+impl In<'_> {
+    fn u8(&mut self) -> u8 {
+        let value = self.frame[self.offset];
+        self.offset += 1;
+        value
+    }
+    fn u32(&mut self) -> u32 {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(&self.frame[self.offset..self.offset + 4]);
+        self.offset += 4;
+        u32::from_le_bytes(b)
+    }
+    fn u64(&mut self) -> u64 {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&self.frame[self.offset..self.offset + 8]);
+        self.offset += 8;
+        u64::from_le_bytes(b)
+    }
+    fn bool(&mut self) -> Result<bool, IpcDecodeError> {
+        match self.u8() {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(IpcDecodeError::Invalid),
+        }
+    }
+}
+
+impl IpcMessage {
+    fn kind(&self) -> u8 {
+        match self {
+            IpcMessage::Hello { .. } => KIND_HELLO,
+            IpcMessage::Allocate { .. } => KIND_ALLOCATE,
+            IpcMessage::Free { .. } => KIND_FREE,
+            IpcMessage::Fault { .. } => KIND_FAULT,
+            IpcMessage::LeaseChunks { .. } => KIND_LEASE,
+            IpcMessage::Ping => KIND_PING,
+            IpcMessage::Stats => KIND_STATS,
+            IpcMessage::RevokeDone { .. } => KIND_REVOKE_DONE,
+            IpcMessage::Detach => KIND_DETACH,
+            IpcMessage::Welcome { .. } => KIND_WELCOME,
+            IpcMessage::Allocated { .. } => KIND_ALLOCATED,
+            IpcMessage::Freed => KIND_FREED,
+            IpcMessage::Granted { .. } => KIND_GRANTED,
+            IpcMessage::Leased { .. } => KIND_LEASED,
+            IpcMessage::Pong => KIND_PONG,
+            IpcMessage::StatsReply(_) => KIND_STATS_REPLY,
+            IpcMessage::Revoke { .. } => KIND_REVOKE,
+            IpcMessage::Error { .. } => KIND_ERROR,
+        }
+    }
+
+    /// Writes the frame for this message; `request_id` is echoed in the reply.
+    pub fn encode(&self, request_id: u64, frame: &mut Frame) {
+        *frame = [0u8; IPC_FRAME_BYTES];
+        let mut out = Out { frame, offset: 0 };
+        out.bytes(&IPC_MAGIC.to_le_bytes());
+        out.u8(IPC_VERSION);
+        out.u8(self.kind());
+        out.u64(request_id);
+        match *self {
+            IpcMessage::Hello {
+                role,
+                session,
+                pid,
+                create,
+                name,
+            } => {
+                out.u8(role as u8);
+                out.u8(create as u8);
+                out.u64(session);
+                out.u32(pid);
+                out.bytes(&name);
+            }
+            IpcMessage::Allocate {
+                size_bytes,
+                align_bytes,
+            } => {
+                out.u64(size_bytes);
+                out.u64(align_bytes);
+            }
+            IpcMessage::Free { addr } => out.u64(addr),
+            IpcMessage::Fault { addr, write } => {
+                out.u64(addr);
+                out.u8(write as u8);
+            }
+            IpcMessage::LeaseChunks { count } => out.u32(count),
+            IpcMessage::Ping | IpcMessage::Stats | IpcMessage::Detach => {}
+            IpcMessage::Freed | IpcMessage::Pong => {}
+            IpcMessage::RevokeDone { token } => out.u64(token),
+            IpcMessage::Welcome {
+                session,
+                space,
+                node,
+                base_addr,
+                size_bytes,
+                chunk_size_bytes,
+                root_size_bytes,
+            } => {
+                out.u64(session);
+                out.u32(space);
+                out.u32(node);
+                out.u64(base_addr);
+                out.u64(size_bytes);
+                out.u64(chunk_size_bytes);
+                out.u64(root_size_bytes);
+            }
+            IpcMessage::Allocated { addr, size_bytes }
+            | IpcMessage::Leased { addr, size_bytes } => {
+                out.u64(addr);
+                out.u64(size_bytes);
+            }
+            IpcMessage::Granted { page_addr, write } => {
+                out.u64(page_addr);
+                out.u8(write as u8);
+            }
+            IpcMessage::StatsReply(stats) => {
+                out.u64(stats.faults_local);
+                out.u64(stats.faults_remote);
+                out.u64(stats.frames_sent);
+                out.u64(stats.frames_received);
+                out.u64(stats.allocations);
+                out.u32(stats.pages_held);
+                out.u32(stats.node_id);
+            }
+            IpcMessage::Revoke {
+                addr,
+                len,
+                access,
+                token,
+            } => {
+                out.u64(addr);
+                out.u64(len);
+                out.u8(access);
+                out.u64(token);
+            }
+            IpcMessage::Error { code, detail } => {
+                out.u32(code as u32);
+                out.u64(detail);
+            }
+        }
+        debug_assert!(out.offset <= IPC_FRAME_BYTES);
+    }
+
+    /// Reads a frame: `(request_id, message)`.
+    pub fn decode(frame: &Frame) -> Result<(u64, IpcMessage), IpcDecodeError> {
+        let mut r = In { frame, offset: 0 };
+        let magic = u16::from_le_bytes([r.u8(), r.u8()]);
+        if magic != IPC_MAGIC {
+            return Err(IpcDecodeError::BadMagic);
+        }
+        let version = r.u8();
+        let kind = r.u8();
+        let request_id = r.u64();
+        if kind == KIND_ERROR {
+            // Stable in every version.
+            let code = ErrorCode::from_u32(r.u32());
+            let detail = r.u64();
+            return Ok((request_id, IpcMessage::Error { code, detail }));
+        }
+        if version != IPC_VERSION {
+            return Err(IpcDecodeError::Version(version));
+        }
+        let message = match kind {
+            KIND_HELLO => {
+                let role = match r.u8() {
+                    1 => Role::Main,
+                    2 => Role::Thread,
+                    3 => Role::Service,
+                    4 => Role::Admin,
+                    _ => return Err(IpcDecodeError::Invalid),
+                };
+                let create = r.bool()?;
+                let session = r.u64();
+                let pid = r.u32();
+                let mut name = [0u8; IPC_NAME_BYTES];
+                name.copy_from_slice(&frame[r.offset..r.offset + IPC_NAME_BYTES]);
+                IpcMessage::Hello {
+                    role,
+                    session,
+                    pid,
+                    create,
+                    name,
+                }
+            }
+            KIND_ALLOCATE => IpcMessage::Allocate {
+                size_bytes: r.u64(),
+                align_bytes: r.u64(),
+            },
+            KIND_FREE => IpcMessage::Free { addr: r.u64() },
+            KIND_FAULT => IpcMessage::Fault {
+                addr: r.u64(),
+                write: r.bool()?,
+            },
+            KIND_LEASE => IpcMessage::LeaseChunks { count: r.u32() },
+            KIND_PING => IpcMessage::Ping,
+            KIND_STATS => IpcMessage::Stats,
+            KIND_REVOKE_DONE => IpcMessage::RevokeDone { token: r.u64() },
+            KIND_DETACH => IpcMessage::Detach,
+            KIND_WELCOME => IpcMessage::Welcome {
+                session: r.u64(),
+                space: r.u32(),
+                node: r.u32(),
+                base_addr: r.u64(),
+                size_bytes: r.u64(),
+                chunk_size_bytes: r.u64(),
+                root_size_bytes: r.u64(),
+            },
+            KIND_ALLOCATED => IpcMessage::Allocated {
+                addr: r.u64(),
+                size_bytes: r.u64(),
+            },
+            KIND_FREED => IpcMessage::Freed,
+            KIND_GRANTED => IpcMessage::Granted {
+                page_addr: r.u64(),
+                write: r.bool()?,
+            },
+            KIND_LEASED => IpcMessage::Leased {
+                addr: r.u64(),
+                size_bytes: r.u64(),
+            },
+            KIND_PONG => IpcMessage::Pong,
+            KIND_STATS_REPLY => IpcMessage::StatsReply(IpcStats {
+                faults_local: r.u64(),
+                faults_remote: r.u64(),
+                frames_sent: r.u64(),
+                frames_received: r.u64(),
+                allocations: r.u64(),
+                pages_held: r.u32(),
+                node_id: r.u32(),
+            }),
+            KIND_REVOKE => IpcMessage::Revoke {
+                addr: r.u64(),
+                len: r.u64(),
+                access: match r.u8() {
+                    a @ (0 | 1) => a,
+                    _ => return Err(IpcDecodeError::Invalid),
+                },
+                token: r.u64(),
+            },
+            other => return Err(IpcDecodeError::UnknownKind(other)),
+        };
+        Ok((request_id, message))
+    }
+}
+
+/// A space name as the fixed field of `Hello`; None if it does not fit or is empty.
+pub fn name_field(name: &[u8]) -> Option<[u8; IPC_NAME_BYTES]> {
+    if name.is_empty() || name.len() > IPC_NAME_BYTES || name.contains(&0) {
+        return None;
+    }
+    let mut field = [0u8; IPC_NAME_BYTES];
+    field[..name.len()].copy_from_slice(name);
+    Some(field)
+}
+
+/// The name in a `Hello` field (up to the first zero byte).
+pub fn name_from_field(field: &[u8; IPC_NAME_BYTES]) -> &[u8] {
+    let len = field.iter().position(|&b| b == 0).unwrap_or(IPC_NAME_BYTES);
+    &field[..len]
+}
