@@ -140,6 +140,14 @@ pub enum IpcMessage {
     RevokeDone {
         token: u64,
     },
+    /// The thread that received `Granted` for this page has applied the protection:
+    /// the daemon may now send revocations for it (ordering across connections).
+    GrantApplied {
+        page_addr: u64,
+    },
+    /// Administrative: the daemon answers `StatusReply` followed by that many bytes of
+    /// JSON on the same connection.
+    Status,
     Detach,
     // Daemon → application.
     Welcome {
@@ -166,6 +174,9 @@ pub enum IpcMessage {
     },
     Pong,
     StatsReply(IpcStats),
+    StatusReply {
+        len_bytes: u32,
+    },
     /// To the service thread: lower access to `[addr, addr+len)` to `access`
     /// (0 none, 1 read), then answer `RevokeDone { token }`.
     Revoke {
@@ -199,6 +210,8 @@ const KIND_PING: u8 = 6;
 const KIND_STATS: u8 = 7;
 const KIND_REVOKE_DONE: u8 = 8;
 const KIND_DETACH: u8 = 9;
+const KIND_GRANT_APPLIED: u8 = 10;
+const KIND_STATUS: u8 = 11;
 const KIND_WELCOME: u8 = 65;
 const KIND_ALLOCATED: u8 = 66;
 const KIND_FREED: u8 = 67;
@@ -207,6 +220,7 @@ const KIND_LEASED: u8 = 69;
 const KIND_PONG: u8 = 70;
 const KIND_STATS_REPLY: u8 = 71;
 const KIND_REVOKE: u8 = 72;
+const KIND_STATUS_REPLY: u8 = 73;
 const KIND_ERROR: u8 = 0xff;
 
 struct Out<'a> {
@@ -274,6 +288,9 @@ impl IpcMessage {
             IpcMessage::Stats => KIND_STATS,
             IpcMessage::RevokeDone { .. } => KIND_REVOKE_DONE,
             IpcMessage::Detach => KIND_DETACH,
+            IpcMessage::GrantApplied { .. } => KIND_GRANT_APPLIED,
+            IpcMessage::Status => KIND_STATUS,
+            IpcMessage::StatusReply { .. } => KIND_STATUS_REPLY,
             IpcMessage::Welcome { .. } => KIND_WELCOME,
             IpcMessage::Allocated { .. } => KIND_ALLOCATED,
             IpcMessage::Freed => KIND_FREED,
@@ -321,7 +338,9 @@ impl IpcMessage {
                 out.u8(write as u8);
             }
             IpcMessage::LeaseChunks { count } => out.u32(count),
-            IpcMessage::Ping | IpcMessage::Stats | IpcMessage::Detach => {}
+            IpcMessage::Ping | IpcMessage::Stats | IpcMessage::Detach | IpcMessage::Status => {}
+            IpcMessage::GrantApplied { page_addr } => out.u64(page_addr),
+            IpcMessage::StatusReply { len_bytes } => out.u32(len_bytes),
             IpcMessage::Freed | IpcMessage::Pong => {}
             IpcMessage::RevokeDone { token } => out.u64(token),
             IpcMessage::Welcome {
@@ -433,6 +452,9 @@ impl IpcMessage {
             KIND_STATS => IpcMessage::Stats,
             KIND_REVOKE_DONE => IpcMessage::RevokeDone { token: r.u64() },
             KIND_DETACH => IpcMessage::Detach,
+            KIND_GRANT_APPLIED => IpcMessage::GrantApplied { page_addr: r.u64() },
+            KIND_STATUS => IpcMessage::Status,
+            KIND_STATUS_REPLY => IpcMessage::StatusReply { len_bytes: r.u32() },
             KIND_WELCOME => IpcMessage::Welcome {
                 session: r.u64(),
                 space: r.u32(),

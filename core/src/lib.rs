@@ -16,6 +16,8 @@ pub mod alloc;
 #[cfg(feature = "node")]
 pub mod codec;
 #[cfg(feature = "node")]
+pub mod dedupe;
+#[cfg(feature = "node")]
 pub mod meta;
 #[cfg(feature = "mutants")]
 pub mod mutants;

@@ -7,12 +7,11 @@
 use std::collections::BTreeMap;
 
 use crate::codec::{DecodeError, Reader, Writer};
+use crate::dedupe::{Dedupe, Seen};
 use crate::types::{NodeId, SpaceId, SpaceLayout, SPACE_NAME_MAX_BYTES};
 
-/// Most proposals a node keeps in flight; the state machine remembers outcomes for a
-/// window twice as large per origin, which covers every retry.
+/// Most proposals a node keeps in flight.
 pub const MAX_PROPOSALS_IN_FLIGHT: usize = 64;
-const OUTCOME_WINDOW: u64 = 2 * MAX_PROPOSALS_IN_FLIGHT as u64;
 /// Most spaces a cluster holds.
 pub const MAX_SPACES: usize = 1024;
 /// Largest number of chunks one lease may take.
@@ -42,6 +41,8 @@ pub enum Command {
 pub struct Proposal {
     pub origin: NodeId,
     pub proposal_id: u64,
+    /// The origin's oldest proposal still in flight (see `dedupe`).
+    pub oldest_in_flight: u64,
     pub command: Command,
 }
 
@@ -81,8 +82,8 @@ pub struct MetaState {
     pub spaces: BTreeMap<SpaceId, SpaceLayout>,
     pub space_ids_by_name: BTreeMap<String, SpaceId>,
     pub chunks: BTreeMap<(SpaceId, u64), ChunkRecord>,
-    /// Per origin: outcomes of its recent proposals, for idempotent retries.
-    outcomes: BTreeMap<NodeId, BTreeMap<u64, Outcome>>,
+    /// Outcomes of proposals still possibly retried, for exactly-once execution.
+    outcomes: Dedupe<Outcome>,
     pub applied_commands: u64,
     #[cfg(feature = "mutants")]
     pub mutant_double_lease: bool,
@@ -113,25 +114,22 @@ impl MetaState {
 
     /// The outcome of an already-applied proposal, if it is still remembered.
     pub fn outcome_of(&self, origin: NodeId, proposal_id: u64) -> Option<&Outcome> {
-        self.outcomes.get(&origin)?.get(&proposal_id)
+        self.outcomes.get(origin, proposal_id)
     }
 
     pub fn apply(&mut self, proposal: &Proposal) -> Outcome {
-        if let Some(previous) = self.outcome_of(proposal.origin, proposal.proposal_id) {
-            return previous.clone();
-        }
-        let window = self.outcomes.entry(proposal.origin).or_default();
-        if let Some((&newest, _)) = window.iter().next_back() {
-            if proposal.proposal_id + OUTCOME_WINDOW <= newest {
-                return Outcome::Stale;
-            }
+        match self.outcomes.check(
+            proposal.origin,
+            proposal.proposal_id,
+            proposal.oldest_in_flight,
+        ) {
+            Seen::Done(previous) => return previous,
+            Seen::Stale => return Outcome::Stale,
+            Seen::New => {}
         }
         let outcome = self.execute(proposal);
-        let window = self.outcomes.entry(proposal.origin).or_default();
-        window.insert(proposal.proposal_id, outcome.clone());
-        while window.len() as u64 > OUTCOME_WINDOW {
-            window.pop_first();
-        }
+        self.outcomes
+            .record(proposal.origin, proposal.proposal_id, outcome.clone());
         self.applied_commands += 1;
         outcome
     }
@@ -274,6 +272,7 @@ impl Proposal {
         w.u8(ENTRY_VERSION);
         w.u64(self.origin);
         w.u64(self.proposal_id);
+        w.u64(self.oldest_in_flight);
         match &self.command {
             Command::CreateSpace {
                 name,
@@ -311,6 +310,7 @@ impl Proposal {
         }
         let origin = r.u64()?;
         let proposal_id = r.u64()?;
+        let oldest_in_flight = r.u64()?;
         let command = match r.u8()? {
             CMD_CREATE_SPACE => {
                 let name = r.blob(SPACE_NAME_MAX_BYTES)?;
@@ -337,6 +337,7 @@ impl Proposal {
         Ok(Proposal {
             origin,
             proposal_id,
+            oldest_in_flight,
             command,
         })
     }

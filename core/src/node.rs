@@ -20,6 +20,7 @@ use raft::{RawNode, StateRole};
 
 use crate::alloc::ExtentAllocator;
 use crate::codec::DecodeError;
+use crate::dedupe::{Dedupe, Seen};
 use crate::meta::{Command, MetaState, Outcome, Proposal, MAX_PROPOSALS_IN_FLIGHT};
 use crate::types::{
     align_up, Access, NodeId, PageBytes, PageId, SpaceId, SpaceLayout, PAGE_SIZE_BYTES,
@@ -41,7 +42,6 @@ pub const MAX_WAITERS_PER_PAGE: usize = 1024;
 const MAX_QUEUED_PER_PAGE_PER_MEMBER: usize = 2;
 /// Most remote frees in flight from one node.
 pub const MAX_REMOTE_FREES_IN_FLIGHT: usize = 1024;
-const FREE_OUTCOME_WINDOW: u64 = 2 * MAX_REMOTE_FREES_IN_FLIGHT as u64;
 /// Bound on messages a node sends to itself while handling one input.
 const MAX_LOOPBACK_STEPS: usize = 1 << 16;
 /// Bound on Ready rounds per input (raft-rs needs at most a few).
@@ -495,7 +495,8 @@ pub struct Node {
     unmapped: VecDeque<UnmappedFault>,
 
     remote_frees: BTreeMap<u64, RemoteFree>,
-    free_outcomes: BTreeMap<NodeId, BTreeMap<u64, FreeOutcome>>,
+    free_outcomes: Dedupe<FreeOutcome>,
+    next_free_id: u64,
 
     pending_app_requests: usize,
     /// True while a Raft `Ready` is being handled: proposals made then (from applied
@@ -571,7 +572,8 @@ impl Node {
             busy: BTreeSet::new(),
             unmapped: VecDeque::new(),
             remote_frees: BTreeMap::new(),
-            free_outcomes: BTreeMap::new(),
+            free_outcomes: Dedupe::default(),
+            next_free_id: 1,
             pending_app_requests: 0,
             in_ready: false,
             queued_proposals: Vec::new(),
@@ -984,9 +986,11 @@ impl Node {
         }
         let proposal_id = self.next_proposal_id;
         self.next_proposal_id += 1;
+        let oldest_in_flight = self.proposals.keys().next().copied().unwrap_or(proposal_id);
         let proposal = Proposal {
             origin: self.config.id,
             proposal_id,
+            oldest_in_flight,
             command,
         };
         self.stats.proposals += 1;
@@ -1271,7 +1275,9 @@ impl Node {
             .collect();
         for id in due {
             let backoff = self.retry_backoff(self.proposals[&id].backoff_ticks);
+            let oldest_in_flight = *self.proposals.keys().next().expect("listed");
             let pending = self.proposals.get_mut(&id).expect("listed");
+            pending.proposal.oldest_in_flight = oldest_in_flight;
             pending.backoff_ticks = backoff;
             pending.next_retry_tick = now + backoff;
             let data = pending.proposal.encode();
@@ -1347,6 +1353,7 @@ impl Node {
             .collect();
         for id in due {
             let backoff = self.retry_backoff(self.remote_frees[&id].backoff_ticks);
+            let oldest_in_flight = *self.remote_frees.keys().next().expect("listed");
             let free = self.remote_frees.get_mut(&id).expect("listed");
             free.backoff_ticks = backoff;
             free.next_retry_tick = now + backoff;
@@ -1356,6 +1363,7 @@ impl Node {
                     space: free.space,
                     addr: free.addr,
                     request_id: id,
+                    oldest_in_flight,
                 },
             );
             self.stats.retries += 1;
@@ -1612,8 +1620,8 @@ impl Node {
             self.reply_error(token, AppError::Busy);
             return;
         }
-        let request_id = self.next_request_id;
-        self.next_request_id += 1;
+        let request_id = self.next_free_id;
+        self.next_free_id += 1;
         self.remote_frees.insert(
             request_id,
             RemoteFree {
@@ -1626,12 +1634,14 @@ impl Node {
             },
         );
         self.stats.remote_frees += 1;
+        let oldest_in_flight = *self.remote_frees.keys().next().expect("just inserted");
         self.send(
             record.lessee,
             PeerMessage::FreeRequest {
                 space,
                 addr,
                 request_id,
+                oldest_in_flight,
             },
         );
     }
@@ -1860,7 +1870,8 @@ impl Node {
                 space,
                 addr,
                 request_id,
-            } => self.on_free_request(from, space, addr, request_id),
+                oldest_in_flight,
+            } => self.on_free_request(from, space, addr, request_id, oldest_in_flight),
             PeerMessage::FreeReply {
                 request_id,
                 outcome,
@@ -2118,42 +2129,38 @@ impl Node {
         });
     }
 
-    fn on_free_request(&mut self, from: NodeId, space: SpaceId, addr: u64, request_id: u64) {
-        let window = self.free_outcomes.entry(from).or_default();
-        if let Some(&outcome) = window.get(&request_id) {
-            self.send(
-                from,
-                PeerMessage::FreeReply {
-                    request_id,
-                    outcome,
-                },
-            );
-            return;
-        }
-        if let Some((&newest, _)) = window.iter().next_back() {
-            if request_id + FREE_OUTCOME_WINDOW <= newest {
-                // Older than any request the sender can still have in flight.
+    fn on_free_request(
+        &mut self,
+        from: NodeId,
+        space: SpaceId,
+        addr: u64,
+        request_id: u64,
+        oldest_in_flight: u64,
+    ) {
+        let outcome = match self.free_outcomes.check(from, request_id, oldest_in_flight) {
+            Seen::Done(outcome) => outcome,
+            Seen::Stale => {
+                // Answered and acknowledged long ago: a late duplicate.
                 self.stats.messages_rejected += 1;
                 return;
             }
-        }
-        let owned = self
-            .meta
-            .spaces
-            .get(&space)
-            .and_then(|l| l.chunk_of_addr(addr))
-            .and_then(|chunk| self.meta.chunk(space, chunk))
-            .is_some_and(|r| r.lessee == self.config.id);
-        let outcome = if owned {
-            self.free_local(space, addr)
-        } else {
-            FreeOutcome::InvalidFree
+            Seen::New => {
+                let owned = self
+                    .meta
+                    .spaces
+                    .get(&space)
+                    .and_then(|l| l.chunk_of_addr(addr))
+                    .and_then(|chunk| self.meta.chunk(space, chunk))
+                    .is_some_and(|r| r.lessee == self.config.id);
+                let outcome = if owned {
+                    self.free_local(space, addr)
+                } else {
+                    FreeOutcome::InvalidFree
+                };
+                self.free_outcomes.record(from, request_id, outcome);
+                outcome
+            }
         };
-        let window = self.free_outcomes.entry(from).or_default();
-        window.insert(request_id, outcome);
-        while window.len() as u64 > FREE_OUTCOME_WINDOW {
-            window.pop_first();
-        }
         self.send(
             from,
             PeerMessage::FreeReply {

@@ -17,6 +17,38 @@ pub const MAX_FRAME_BYTES: usize = 1 << 20;
 pub const MAX_RAFT_MESSAGE_BYTES: usize = MAX_FRAME_BYTES - 64;
 const HEADER_BYTES: usize = 2 + 1 + 1 + 8 + 8;
 
+/// The first bytes on every peer connection: `b"GYHI" | version u8 | node id u64`.
+/// A daemon refuses a peer that speaks another version or is not a member.
+pub const PEER_HELLO_BYTES: usize = 13;
+const PEER_HELLO_MAGIC: [u8; 4] = *b"GYHI";
+
+pub fn encode_peer_hello(node: NodeId) -> [u8; PEER_HELLO_BYTES] {
+    let mut out = [0u8; PEER_HELLO_BYTES];
+    out[..4].copy_from_slice(&PEER_HELLO_MAGIC);
+    out[4] = WIRE_VERSION;
+    out[5..].copy_from_slice(&node.to_le_bytes());
+    out
+}
+
+/// The node id a peer announced.
+pub fn decode_peer_hello(bytes: &[u8]) -> Result<NodeId, DecodeError> {
+    if bytes.len() != PEER_HELLO_BYTES {
+        return Err(DecodeError::Truncated);
+    }
+    if bytes[..4] != PEER_HELLO_MAGIC {
+        return Err(DecodeError::BadMagic);
+    }
+    if bytes[4] != WIRE_VERSION {
+        return Err(DecodeError::UnsupportedVersion(bytes[4]));
+    }
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&bytes[5..]);
+    match u64::from_le_bytes(id) {
+        0 => Err(DecodeError::Invalid("node id 0")),
+        id => Ok(id),
+    }
+}
+
 /// Why a page request was refused.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum PageDenial {
@@ -90,6 +122,8 @@ pub enum PeerMessage {
         space: SpaceId,
         addr: u64,
         request_id: u64,
+        /// The sender's oldest free still in flight: everything below was answered.
+        oldest_in_flight: u64,
     },
     FreeReply {
         request_id: u64,
@@ -280,10 +314,12 @@ impl Envelope {
                 space,
                 addr,
                 request_id,
+                oldest_in_flight,
             } => {
                 w.u32(*space);
                 w.u64(*addr);
                 w.u64(*request_id);
+                w.u64(*oldest_in_flight);
             }
             PeerMessage::FreeReply {
                 request_id,
@@ -368,6 +404,7 @@ impl Envelope {
                 space: r.u32()?,
                 addr: r.u64()?,
                 request_id: r.u64()?,
+                oldest_in_flight: r.u64()?,
             },
             KIND_FREE_REPLY => PeerMessage::FreeReply {
                 request_id: r.u64()?,

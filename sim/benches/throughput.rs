@@ -53,7 +53,10 @@ fn turmoil_floor(sim_ms: u64) -> Duration {
 fn main() {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("gallocy-sim throughput ({cores} cores)");
-    println!("{:<34} {:>10} {:>12} {:>10} {:>14}", "workload", "messages", "sim seconds", "wall s", "messages/s");
+    println!(
+        "{:<34} {:>10} {:>12} {:>10} {:>14}",
+        "workload", "messages", "sim seconds", "wall s", "messages/s"
+    );
     let mut total_ticks = 0;
     let mut total_wall = Duration::ZERO;
     for faults in [FaultMode::None, FaultMode::Loss, FaultMode::All] {

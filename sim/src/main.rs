@@ -126,7 +126,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn sweep(first: u64, end: u64, shape: &Shape, mutant: Option<Mutant>, jobs: Option<usize>) -> ExitCode {
+fn sweep(
+    first: u64,
+    end: u64,
+    shape: &Shape,
+    mutant: Option<Mutant>,
+    jobs: Option<usize>,
+) -> ExitCode {
     let total = end - first;
     let jobs = jobs
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))

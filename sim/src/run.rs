@@ -17,7 +17,7 @@ use crate::world::{Counters, Violation, World, WorldParams};
 const PEER_PORT: u16 = 7000;
 /// Simulated milliseconds per step; one node tick each.
 /// Simulated time per turmoil step. Node time is in milliseconds (1 tick = 1 ms);
-/// a step advances it by this much. Two milliseconds halves turmoil's per-step cost,
+/// a step advances it by this much (nodes tick once per step, `now` jumping by 2). Two milliseconds halves turmoil's per-step cost,
 /// which dominates the simulator's wall time, while latencies stay finer than any
 /// protocol timeout.
 const STEP_MS: u64 = 2;
@@ -171,7 +171,44 @@ struct Partition {
     heal_tick: u64,
 }
 
+/// Runs one seed. A panic anywhere (a core assertion, the simulator) becomes a
+/// violation of the "panic" checker instead of ending a sweep.
 pub fn run(params: RunParams) -> RunReport {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_unguarded(params.clone())
+    }));
+    match outcome {
+        Ok(report) => report,
+        Err(panic) => {
+            let detail = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic".into());
+            RunReport {
+                plan: FaultPlan::draw(&params),
+                params,
+                counters: Counters::default(),
+                faults: FaultCounters::default(),
+                sim_ticks: 0,
+                wall: Duration::ZERO,
+                trace_hash: 0,
+                violation: Some(Violation {
+                    checker: "panic",
+                    detail,
+                    step: 0,
+                    tick: 0,
+                }),
+                malformed_frames: 0,
+                rejected_messages: 0,
+                retries: 0,
+                leader_changes_seen: 0,
+            }
+        }
+    }
+}
+
+fn run_unguarded(params: RunParams) -> RunReport {
     let wall_start = Instant::now();
     let plan = FaultPlan::draw(&params);
     let world = Rc::new(RefCell::new(World::new(
@@ -308,7 +345,7 @@ pub fn run(params: RunParams) -> RunReport {
                     w.violation = Some(Violation {
                         checker: "liveness",
                         detail,
-                        step: now,
+                        step: now / STEP_MS,
                         tick: now,
                     });
                 }
@@ -324,7 +361,7 @@ pub fn run(params: RunParams) -> RunReport {
             w.violation = Some(Violation {
                 checker: "simulator",
                 detail: format!("host failed: {error}"),
-                step: now,
+                step: now / STEP_MS,
                 tick: now,
             });
             break;

@@ -2,7 +2,7 @@
 //! simulated applications running random workloads, and the checkers.
 //!
 //! turmoil carries the frames between nodes (see `run.rs`); everything here is plain
-//! deterministic state, driven one simulated millisecond (one node tick) at a time.
+//! deterministic state, driven one turmoil step (2 ms of node time) at a time.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 

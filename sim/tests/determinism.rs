@@ -19,7 +19,10 @@ fn one_seed_twice_gives_the_same_trace_hash() {
         let second = run(params(42, faults));
         assert!(first.violation.is_none(), "{}", first.summary());
         assert_eq!(first.trace_hash, second.trace_hash, "{faults:?}");
-        assert_eq!(first.counters.frames_delivered, second.counters.frames_delivered);
+        assert_eq!(
+            first.counters.frames_delivered,
+            second.counters.frames_delivered
+        );
         assert_eq!(first.sim_ticks, second.sim_ticks);
         assert!(first.trace_hash != 0 && first.counters.frames_delivered > 100);
     }
@@ -27,7 +30,9 @@ fn one_seed_twice_gives_the_same_trace_hash() {
 
 #[test]
 fn different_seeds_give_different_traces() {
-    let hashes: Vec<u64> = (0..4).map(|seed| run(params(seed, FaultMode::All)).trace_hash).collect();
+    let hashes: Vec<u64> = (0..4)
+        .map(|seed| run(params(seed, FaultMode::All)).trace_hash)
+        .collect();
     for i in 0..hashes.len() {
         for j in i + 1..hashes.len() {
             assert_ne!(hashes[i], hashes[j], "seeds {i} and {j}");

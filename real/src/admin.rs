@@ -1,0 +1,56 @@
+//! The administrative client: asks a daemon for its status over its application
+//! socket (an `Admin` connection).
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use gallocy_core::ipc::{IpcMessage, Role, IPC_FRAME_BYTES, IPC_NAME_BYTES};
+
+fn roundtrip(stream: &mut UnixStream, message: IpcMessage) -> Result<IpcMessage, String> {
+    let mut frame = [0u8; IPC_FRAME_BYTES];
+    message.encode(1, &mut frame);
+    stream.write_all(&frame).map_err(|e| format!("send: {e}"))?;
+    stream
+        .read_exact(&mut frame)
+        .map_err(|e| format!("receive: {e}"))?;
+    match IpcMessage::decode(&frame) {
+        Ok((_, IpcMessage::Error { code, detail })) => {
+            Err(format!("daemon refused: {} ({detail})", code.describe()))
+        }
+        Ok((_, reply)) => Ok(reply),
+        Err(e) => Err(format!("bad reply: {e:?}")),
+    }
+}
+
+/// The daemon's status document (see `Daemon::status_json`).
+pub fn status(socket: &Path) -> Result<serde_json::Value, String> {
+    let mut stream = UnixStream::connect(socket).map_err(|e| {
+        format!(
+            "no daemon at {}: {e} (is gallocyd running?)",
+            socket.display()
+        )
+    })?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    roundtrip(
+        &mut stream,
+        IpcMessage::Hello {
+            role: Role::Admin,
+            session: 0,
+            pid: std::process::id(),
+            create: false,
+            name: [0u8; IPC_NAME_BYTES],
+        },
+    )?;
+    let IpcMessage::StatusReply { len_bytes } = roundtrip(&mut stream, IpcMessage::Status)? else {
+        return Err("unexpected reply to a status request".into());
+    };
+    let mut json = vec![0u8; len_bytes as usize];
+    stream
+        .read_exact(&mut json)
+        .map_err(|e| format!("receive status: {e}"))?;
+    serde_json::from_slice(&json).map_err(|e| format!("bad status document: {e}"))
+}

@@ -1,0 +1,219 @@
+//! gallocy: the command line for users.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use gallocy_real::cluster;
+use gallocy_real::config::SpaceDefaults;
+
+#[derive(Parser)]
+#[command(
+    name = "gallocy",
+    about = "gallocy: a distributed shared memory allocator"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start or stop a local cluster of daemons.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
+    /// Show members, leader, spaces, leases, pages and counters.
+    Status {
+        /// A local cluster's directory (every node).
+        #[arg(long, conflicts_with = "socket")]
+        dir: Option<PathBuf>,
+        /// One daemon's application socket.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// Start N daemons; node i's application socket is DIR/node<i>/app.sock.
+    Up {
+        #[arg(short = 'n', long, default_value_t = 3)]
+        nodes: u64,
+        #[arg(long)]
+        dir: PathBuf,
+        /// Daemon log filter.
+        #[arg(long, default_value = "info")]
+        log: String,
+    },
+    /// Stop the cluster in DIR; nothing is left running.
+    Down {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Cluster { action } => match action {
+            ClusterAction::Up { nodes, dir, log } => {
+                match cluster::up(nodes, &dir, SpaceDefaults::default(), &log) {
+                    Ok(()) => {
+                        println!("cluster of {nodes} nodes is up in {}", dir.display());
+                        for id in 1..=nodes {
+                            println!(
+                                "  node {id}: GALLOCY_SOCKET={}",
+                                cluster::app_socket(&dir, id).display()
+                            );
+                        }
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("gallocy: {e}");
+                        ExitCode::from(1)
+                    }
+                }
+            }
+            ClusterAction::Down { dir } => match cluster::down(&dir) {
+                Ok(stopped) => {
+                    println!("stopped {stopped} daemons in {}", dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("gallocy: {e}");
+                    ExitCode::from(1)
+                }
+            },
+        },
+        Command::Status { dir, socket, json } => status(dir.as_deref(), socket.as_deref(), json),
+    }
+}
+
+fn status(dir: Option<&Path>, socket: Option<&Path>, json: bool) -> ExitCode {
+    let sockets: Vec<(String, PathBuf)> = match (dir, socket) {
+        (_, Some(socket)) => vec![(socket.display().to_string(), socket.to_path_buf())],
+        (Some(dir), None) => {
+            let mut nodes: Vec<u64> = std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.strip_prefix("node")?.parse().ok())
+                .collect();
+            nodes.sort_unstable();
+            nodes
+                .into_iter()
+                .map(|id| (format!("node{id}"), cluster::app_socket(dir, id)))
+                .collect()
+        }
+        (None, None) => match std::env::var_os("GALLOCY_SOCKET") {
+            Some(socket) => vec![("GALLOCY_SOCKET".into(), PathBuf::from(socket))],
+            None => {
+                eprintln!("gallocy: give --dir DIR or --socket PATH (or set GALLOCY_SOCKET)");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let mut documents = Vec::new();
+    let mut failed = false;
+    for (name, path) in &sockets {
+        match gallocy_real::admin::status(path) {
+            Ok(doc) => documents.push(doc),
+            Err(e) => {
+                failed = true;
+                documents.push(serde_json::json!({"socket": name, "error": e}));
+            }
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&documents).expect("json")
+        );
+    } else {
+        print_tables(&documents);
+    }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn print_tables(documents: &[serde_json::Value]) {
+    println!(
+        "{:<6} {:<8} {:>6} {:<8} {:>6} {:>6} {:>7} {:>9} {:>9} {:>10} {:>10}",
+        "node",
+        "role",
+        "term",
+        "leader",
+        "read",
+        "write",
+        "homed",
+        "faults-l",
+        "faults-r",
+        "sent",
+        "received"
+    );
+    for doc in documents {
+        if let Some(error) = doc.get("error") {
+            println!(
+                "{:<6} unreachable: {}",
+                doc["socket"].as_str().unwrap_or("?"),
+                error.as_str().unwrap_or("?")
+            );
+            continue;
+        }
+        let role = if doc["evicted"].as_bool() == Some(true) {
+            "evicted"
+        } else if doc["is_leader"].as_bool() == Some(true) {
+            "leader"
+        } else if doc["fenced"].as_bool() == Some(true) {
+            "fenced"
+        } else {
+            "follower"
+        };
+        let c = &doc["counters"];
+        println!(
+            "{:<6} {:<8} {:>6} {:<8} {:>6} {:>6} {:>7} {:>9} {:>9} {:>10} {:>10}",
+            doc["node"],
+            role,
+            doc["term"],
+            doc["leader"].as_u64().map_or("-".into(), |l| l.to_string()),
+            doc["pages"]["read"],
+            doc["pages"]["write"],
+            doc["pages"]["homed"],
+            c["faults_local"],
+            c["faults_remote"],
+            c["frames_sent"],
+            c["frames_received"],
+        );
+    }
+    if let Some(doc) = documents.iter().find(|d| d.get("error").is_none()) {
+        println!();
+        println!("members:");
+        for member in doc["members"].as_array().into_iter().flatten() {
+            println!(
+                "  node {:<4} {:<6} connected={}",
+                member["id"],
+                member["status"].as_str().unwrap_or("?"),
+                member["connected"]
+            );
+        }
+        println!("spaces:");
+        for space in doc["spaces"].as_array().into_iter().flatten() {
+            println!(
+                "  {:<4} {:<20} base {:<18} size {:>12} chunk {:>9}  chunks per node {}",
+                space["id"],
+                space["name"].as_str().unwrap_or("?"),
+                space["base"].as_str().unwrap_or("?"),
+                space["size_bytes"],
+                space["chunk_size_bytes"],
+                space["chunks_per_node"]
+            );
+        }
+    }
+}

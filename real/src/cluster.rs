@@ -1,0 +1,203 @@
+//! `gallocy cluster up|down`: a local cluster of daemons on Unix sockets.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::config::{DaemonConfig, PeerAddr, PeerConfig, SpaceDefaults};
+
+/// Longest Unix socket path the kernel accepts (sun_path minus the terminator).
+const MAX_SOCKET_PATH_BYTES: usize = 107;
+const LEADER_TIMEOUT: Duration = Duration::from_secs(30);
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub fn node_dir(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("node{id}"))
+}
+
+pub fn app_socket(dir: &Path, id: u64) -> PathBuf {
+    node_dir(dir, id).join("app.sock")
+}
+
+/// The `gallocyd` next to the running executable, or `$GALLOCYD`.
+pub fn gallocyd_path() -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os("GALLOCYD") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("current executable: {e}"))?;
+    let dir = exe.parent().ok_or("executable has no directory")?;
+    for candidate in [dir.join("gallocyd"), dir.join("../gallocyd")] {
+        if candidate.exists() {
+            return Ok(candidate);
+        }
+    }
+    Err(format!(
+        "gallocyd not found next to {} (build it with cargo build --release, or set GALLOCYD)",
+        exe.display()
+    ))
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks for existence.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+fn is_gallocyd(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|cmd| String::from_utf8_lossy(&cmd).contains("gallocyd"))
+        .unwrap_or(false)
+}
+
+/// Starts `nodes` daemons under `dir` and returns once they agree on a leader.
+pub fn up(nodes: u64, dir: &Path, space: SpaceDefaults, log: &str) -> Result<(), String> {
+    if nodes == 0 || nodes > 64 {
+        return Err("a local cluster has 1 to 64 nodes".into());
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| format!("resolve {}: {e}", dir.display()))?;
+    for id in 1..=nodes {
+        let pid_file = node_dir(&dir, id).join("gallocyd.pid");
+        if let Ok(pid) = std::fs::read_to_string(&pid_file) {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                if pid_alive(pid) && is_gallocyd(pid) {
+                    return Err(format!(
+                        "a cluster is already running in {} (node {id}, pid {pid}); run gallocy cluster down --dir {}",
+                        dir.display(),
+                        dir.display()
+                    ));
+                }
+            }
+        }
+    }
+    let peers: Vec<PeerConfig> = (1..=nodes)
+        .map(|id| PeerConfig {
+            id,
+            addr: PeerAddr::Unix(node_dir(&dir, id).join("peer.sock")),
+        })
+        .collect();
+    for peer in &peers {
+        if let PeerAddr::Unix(path) = &peer.addr {
+            if path.as_os_str().len() > MAX_SOCKET_PATH_BYTES {
+                return Err(format!(
+                    "socket path {} is longer than {MAX_SOCKET_PATH_BYTES} bytes; use a shorter --dir",
+                    path.display()
+                ));
+            }
+        }
+    }
+    let gallocyd = gallocyd_path()?;
+    let mut started = Vec::new();
+    for id in 1..=nodes {
+        let home = node_dir(&dir, id);
+        std::fs::create_dir_all(&home).map_err(|e| format!("create {}: {e}", home.display()))?;
+        let config = DaemonConfig {
+            node_id: id,
+            listen: PeerAddr::Unix(home.join("peer.sock")),
+            peers: peers.clone(),
+            app_socket: home.join("app.sock"),
+            runtime_dir: home.clone(),
+            app_group: None,
+            space: space.clone(),
+            log: log.to_string(),
+        };
+        let config_path = home.join("gallocyd.toml");
+        std::fs::write(&config_path, config.to_toml())
+            .map_err(|e| format!("write {}: {e}", config_path.display()))?;
+        let log_file = std::fs::File::create(home.join("gallocyd.log"))
+            .map_err(|e| format!("create log: {e}"))?;
+        let mut command = Command::new(&gallocyd);
+        command
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log_file);
+        // Its own session: the daemon outlives this command and its terminal.
+        // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let child = command
+            .spawn()
+            .map_err(|e| format!("start {}: {e}", gallocyd.display()))?;
+        std::fs::write(home.join("gallocyd.pid"), child.id().to_string())
+            .map_err(|e| format!("write pid file: {e}"))?;
+        started.push((id, child));
+    }
+    let deadline = Instant::now() + LEADER_TIMEOUT;
+    loop {
+        for (id, child) in &mut started {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(node_dir(&dir, *id).join("gallocyd.log"))
+                    .unwrap_or_default();
+                let _ = down(&dir);
+                return Err(format!("gallocyd of node {id} exited ({status}):\n{log}"));
+            }
+        }
+        let leaders: Vec<Option<u64>> = (1..=nodes)
+            .map(|id| {
+                crate::admin::status(&app_socket(&dir, id))
+                    .ok()
+                    .and_then(|s| s["leader"].as_u64())
+            })
+            .collect();
+        if let Some(Some(leader)) = leaders.first() {
+            if leaders.iter().all(|l| *l == Some(*leader)) {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            let _ = down(&dir);
+            return Err(format!(
+                "the cluster found no leader within {} s",
+                LEADER_TIMEOUT.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Stops every daemon of the cluster in `dir` and removes its sockets and pid files.
+pub fn down(dir: &Path) -> Result<usize, String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("read {}: {e}", dir.display()))?;
+    let mut pids = Vec::new();
+    for entry in entries.flatten() {
+        let home = entry.path();
+        let pid_file = home.join("gallocyd.pid");
+        let Ok(text) = std::fs::read_to_string(&pid_file) else {
+            continue;
+        };
+        if let Ok(pid) = text.trim().parse::<i32>() {
+            if pid_alive(pid) && is_gallocyd(pid) {
+                // SAFETY: signalling a process we started (checked by name above).
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+                pids.push(pid);
+            }
+        }
+        let _ = std::fs::remove_file(&pid_file);
+    }
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    for &pid in &pids {
+        while pid_alive(pid) && is_gallocyd(pid) && Instant::now() < deadline {
+            // Reap it if it is our child (tests); ignore otherwise.
+            // SAFETY: waitpid with WNOHANG on a pid; harmless if not our child.
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if pid_alive(pid) && is_gallocyd(pid) {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        for name in ["app.sock", "peer.sock"] {
+            let _ = std::fs::remove_file(entry.path().join(name));
+        }
+    }
+    Ok(pids.len())
+}

@@ -1,0 +1,151 @@
+//! Daemon configuration: a TOML file, overridable by flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Where a daemon listens for, or reaches, its peers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerAddr {
+    /// A Unix socket path: daemons on one host (the local cluster).
+    Unix(PathBuf),
+    /// A TCP address: daemons on different hosts.
+    Tcp(SocketAddr),
+}
+
+impl PeerAddr {
+    /// `unix:/path` or `tcp:host:port` (a bare path is a Unix socket).
+    pub fn parse(text: &str) -> Result<PeerAddr, String> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            return Ok(PeerAddr::Unix(PathBuf::from(path)));
+        }
+        if let Some(addr) = text.strip_prefix("tcp:") {
+            return addr
+                .parse()
+                .map(PeerAddr::Tcp)
+                .map_err(|e| format!("bad TCP address {addr:?}: {e}"));
+        }
+        if text.starts_with('/') || text.starts_with('.') {
+            return Ok(PeerAddr::Unix(PathBuf::from(text)));
+        }
+        Err(format!(
+            "peer address {text:?} is neither unix:PATH nor tcp:HOST:PORT"
+        ))
+    }
+}
+
+impl std::fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+            PeerAddr::Tcp(addr) => write!(f, "tcp:{addr}"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerConfig {
+    pub id: u64,
+    pub addr: PeerAddr,
+}
+
+/// Layout of spaces created by `gallocy_attach` when they do not exist yet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpaceDefaults {
+    #[serde(default = "default_space_base")]
+    pub base_addr: u64,
+    #[serde(default = "default_space_size")]
+    pub size_bytes: u64,
+    #[serde(default = "default_chunk_size")]
+    pub chunk_size_bytes: u64,
+}
+
+impl Default for SpaceDefaults {
+    fn default() -> Self {
+        SpaceDefaults {
+            base_addr: default_space_base(),
+            size_bytes: default_space_size(),
+            chunk_size_bytes: default_chunk_size(),
+        }
+    }
+}
+
+/// 32 TiB: far from PIE executables (0x55..), the heap, and shared libraries (0x7f..).
+fn default_space_base() -> u64 {
+    0x2000_0000_0000
+}
+fn default_space_size() -> u64 {
+    4 << 30
+}
+fn default_chunk_size() -> u64 {
+    1 << 20
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    pub node_id: u64,
+    /// Where this daemon accepts peer connections.
+    pub listen: PeerAddr,
+    /// Every member, this node included (its own entry's address is ignored).
+    pub peers: Vec<PeerConfig>,
+    /// The socket applications connect to.
+    pub app_socket: PathBuf,
+    /// Runtime directory (pid file, logs).
+    pub runtime_dir: PathBuf,
+    /// Group allowed to connect besides the daemon's own user (by gid), if any.
+    #[serde(default)]
+    pub app_group: Option<u32>,
+    #[serde(default)]
+    pub space: SpaceDefaults,
+    /// Log filter (tracing's syntax), unless RUST_LOG is set.
+    #[serde(default = "default_log")]
+    pub log: String,
+}
+
+fn default_log() -> String {
+    "info".into()
+}
+
+impl DaemonConfig {
+    pub fn load(path: &Path) -> Result<DaemonConfig, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+        let config: DaemonConfig =
+            toml::from_str(&text).map_err(|e| format!("bad config {}: {e}", path.display()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("config serializes")
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.node_id == 0 {
+            return Err("node_id must be non-zero".into());
+        }
+        if !self.peers.iter().any(|p| p.id == self.node_id) {
+            return Err(format!(
+                "node {} is not in its own peers list",
+                self.node_id
+            ));
+        }
+        let mut ids: Vec<u64> = self.peers.iter().map(|p| p.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != self.peers.len() {
+            return Err("peer ids must be unique".into());
+        }
+        Ok(())
+    }
+
+    pub fn members(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.peers.iter().map(|p| p.id).collect();
+        ids.sort_unstable();
+        ids
+    }
+}

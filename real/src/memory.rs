@@ -1,0 +1,80 @@
+//! The memory that backs a space on this node: a memfd the daemon maps and hands to
+//! every attached process (SCM_RIGHTS), so page bytes never cross a socket.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use gallocy_core::{PageBytes, SpaceLayout, PAGE_SIZE_BYTES};
+use rustix::fs::{ftruncate, memfd_create, MemfdFlags};
+use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
+
+pub struct SpaceMemory {
+    fd: OwnedFd,
+    map: *mut u8,
+    size_bytes: u64,
+}
+
+impl SpaceMemory {
+    pub fn create(layout: &SpaceLayout) -> Result<SpaceMemory, String> {
+        let fd = memfd_create("gallocy-space", MemfdFlags::CLOEXEC)
+            .map_err(|e| format!("memfd_create: {e}"))?;
+        ftruncate(&fd, layout.size_bytes).map_err(|e| format!("ftruncate memfd: {e}"))?;
+        // SAFETY: a fresh shared mapping of a memfd we own, at an address the kernel
+        // picks; nothing else refers to that range.
+        let map = unsafe {
+            mmap(
+                std::ptr::null_mut(),
+                layout.size_bytes as usize,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED | MapFlags::NORESERVE,
+                &fd,
+                0,
+            )
+        }
+        .map_err(|e| format!("mmap of the space memfd: {e}"))?;
+        Ok(SpaceMemory {
+            fd,
+            map: map.cast(),
+            size_bytes: layout.size_bytes,
+        })
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    fn page_ptr(&self, page_index: u64) -> Option<*mut u8> {
+        let offset = page_index.checked_mul(PAGE_SIZE_BYTES as u64)?;
+        if offset + PAGE_SIZE_BYTES as u64 > self.size_bytes {
+            return None;
+        }
+        // SAFETY: offset is inside the mapping (checked above).
+        Some(unsafe { self.map.add(offset as usize) })
+    }
+
+    pub fn read_page(&self, page_index: u64) -> Option<Box<PageBytes>> {
+        let ptr = self.page_ptr(page_index)?;
+        let mut bytes = Box::new([0u8; PAGE_SIZE_BYTES]);
+        // SAFETY: ptr..ptr+4096 is inside our mapping; the applications may still be
+        // reading it, which is fine, and none may write it (their access was revoked
+        // before the core asks for bytes).
+        unsafe { std::ptr::copy_nonoverlapping(ptr, bytes.as_mut_ptr(), PAGE_SIZE_BYTES) };
+        Some(bytes)
+    }
+
+    pub fn write_page(&self, page_index: u64, bytes: &PageBytes) -> bool {
+        let Some(ptr) = self.page_ptr(page_index) else {
+            return false;
+        };
+        // SAFETY: inside our mapping; no application has access to a page the core is
+        // installing new contents into.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr, PAGE_SIZE_BYTES) };
+        true
+    }
+}
+
+impl Drop for SpaceMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the range mapped in `create`, which no reference outlives.
+        let _ = unsafe { munmap(self.map.cast(), self.size_bytes as usize) };
+    }
+}
