@@ -177,19 +177,24 @@ fn print_tables(documents: &[serde_json::Value]) {
             "follower"
         };
         let c = &doc["counters"];
+        let text = |v: &serde_json::Value| match v {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Null => "-".into(),
+            other => other.to_string(),
+        };
         println!(
             "{:<6} {:<8} {:>6} {:<8} {:>6} {:>6} {:>7} {:>9} {:>9} {:>10} {:>10}",
-            doc["node"],
+            text(&doc["node"]),
             role,
-            doc["term"],
-            doc["leader"].as_u64().map_or("-".into(), |l| l.to_string()),
-            doc["pages"]["read"],
-            doc["pages"]["write"],
-            doc["pages"]["homed"],
-            c["faults_local"],
-            c["faults_remote"],
-            c["frames_sent"],
-            c["frames_received"],
+            text(&doc["term"]),
+            text(&doc["leader"]),
+            text(&doc["pages"]["read"]),
+            text(&doc["pages"]["write"]),
+            text(&doc["pages"]["homed"]),
+            text(&c["faults_local"]),
+            text(&c["faults_remote"]),
+            text(&c["frames_sent"]),
+            text(&c["frames_received"]),
         );
     }
     if let Some(doc) = documents.iter().find(|d| d.get("error").is_none()) {
@@ -207,11 +212,11 @@ fn print_tables(documents: &[serde_json::Value]) {
         for space in doc["spaces"].as_array().into_iter().flatten() {
             println!(
                 "  {:<4} {:<20} base {:<18} size {:>12} chunk {:>9}  chunks per node {}",
-                space["id"],
+                space["id"].to_string(),
                 space["name"].as_str().unwrap_or("?"),
                 space["base"].as_str().unwrap_or("?"),
-                space["size_bytes"],
-                space["chunk_size_bytes"],
+                space["size_bytes"].to_string(),
+                space["chunk_size_bytes"].to_string(),
                 space["chunks_per_node"]
             );
         }

@@ -1,0 +1,65 @@
+/* gallocy: a distributed shared memory allocator. Explicit C API.
+ *
+ * Link with -lgallocy (target/release/libgallocy.so). The daemon's socket comes from
+ * $GALLOCY_SOCKET. Every function is safe to call from any thread after
+ * gallocy_attach() returned 0. None of them calls the system allocator.
+ */
+#ifndef GALLOCY_H
+#define GALLOCY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Exit status of a process whose daemon went away while it ran. */
+#define GALLOCY_EXIT_DAEMON_GONE 86
+/* Exit status of a process whose page fault could not be served (page lost, ...). */
+#define GALLOCY_EXIT_FAULT_FAILED 87
+
+/* Join (or create) the space named `space` on the daemon at $GALLOCY_SOCKET; map it at
+ * its fixed address. 0 or a negative errno; gallocy_last_error() says why. */
+int gallocy_attach(const char *space);
+/* Unmap the space and close the connection. 0 or a negative errno. */
+int gallocy_detach(void);
+
+void *gallocy_malloc(size_t size);
+void *gallocy_calloc(size_t n, size_t size);
+void *gallocy_realloc(void *ptr, size_t size);
+void gallocy_free(void *ptr);
+/* Usable size of a block returned by gallocy_malloc and friends. */
+size_t gallocy_usable_size(void *ptr);
+
+/* A zero-initialised root block, at the same address in every process of the space. */
+void *gallocy_root(void);
+/* At least 64 KiB. */
+size_t gallocy_root_size(void);
+
+/* One round trip to the daemon; 0 on success or a negative errno. */
+int gallocy_ping(void);
+
+struct gallocy_stats {
+    uint64_t faults_local;   /* faults this node served without the network */
+    uint64_t faults_remote;  /* faults that needed another node */
+    uint64_t frames_sent;
+    uint64_t frames_received;
+    uint64_t allocations;
+    uint32_t pages_held;     /* pages this node holds read or write */
+    uint32_t node_id;        /* the node this process is attached to */
+};
+/* The node's counters. 0 or a negative errno. */
+int gallocy_stats(struct gallocy_stats *out);
+
+/* A description of the last error of gallocy_attach (or of another call), valid until
+ * the next failing call. Never NULL. */
+const char *gallocy_last_error(void);
+/* A description of a negative errno returned by a gallocy call. Never NULL. */
+const char *gallocy_strerror(int error);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* GALLOCY_H */

@@ -1,0 +1,275 @@
+//! libgallocy: the explicit C API of gallocy (`preload/include/gallocy.h`) and the
+//! in-process runtime under it.
+//!
+//! Everything after `gallocy_attach` — the allocation calls, the fault handler, the
+//! IPC — runs on raw system calls and stack buffers: it never calls the system
+//! allocator, so it can later serve as the allocator itself (LD_PRELOAD).
+
+pub mod report;
+pub mod runtime;
+pub mod sys;
+
+use core::ffi::{c_char, c_int, c_void, CStr};
+
+use gallocy_core::ipc::{ErrorCode, IpcMessage, IpcStats};
+
+use crate::report::Message;
+use crate::runtime::{call, describe, errno_of, set_errno, set_last_error, CallError};
+
+/// Every block starts with this header: its usable size and a check word.
+const HEADER_BYTES: u64 = 16;
+const HEADER_MAGIC: u64 = 0x6761_6c6c_6f63_7921;
+
+fn header_check(block: u64, size: u64) -> u64 {
+    HEADER_MAGIC ^ block ^ size.rotate_left(17)
+}
+
+fn allocate(size: u64) -> *mut c_void {
+    let Some(request) = size.checked_add(HEADER_BYTES) else {
+        set_errno(libc::ENOMEM);
+        return core::ptr::null_mut();
+    };
+    match call(IpcMessage::Allocate {
+        size_bytes: request,
+        align_bytes: 16,
+    }) {
+        Ok(IpcMessage::Allocated { addr, size_bytes }) => {
+            let usable = size_bytes - HEADER_BYTES;
+            let header = addr as *mut u64;
+            // SAFETY: the daemon just carved [addr, addr+size_bytes) for us, inside the
+            // mapped space; touching it faults in the page through our handler.
+            unsafe {
+                header.write(usable);
+                header.add(1).write(header_check(addr, usable));
+            }
+            (addr + HEADER_BYTES) as *mut c_void
+        }
+        Ok(_) => {
+            set_errno(libc::EIO);
+            core::ptr::null_mut()
+        }
+        Err(error) => {
+            note_error(b"malloc", error);
+            set_errno(match error {
+                CallError::Refused(ErrorCode::OutOfMemory, _) => libc::ENOMEM,
+                other => errno_of(other),
+            });
+            core::ptr::null_mut()
+        }
+    }
+}
+
+fn note_error(what: &[u8], error: CallError) {
+    set_last_error(|m| {
+        m.str("gallocy_").text(what).str(": ");
+        describe(m, error);
+    });
+}
+
+/// The usable size recorded in a block's header, if `ptr` looks like one of ours.
+fn usable_size(ptr: *mut c_void) -> Option<u64> {
+    let addr = ptr as u64;
+    let base = runtime::base_addr();
+    if !runtime::is_attached() || addr < base + HEADER_BYTES || addr % 16 != 0 {
+        return None;
+    }
+    let block = addr - HEADER_BYTES;
+    let header = block as *const u64;
+    // SAFETY: inside the attached space (checked above); reading faults the page in.
+    let (size, check) = unsafe { (header.read(), header.add(1).read()) };
+    (check == header_check(block, size)).then_some(size)
+}
+
+#[no_mangle]
+pub extern "C" fn gallocy_attach(space: *const c_char) -> c_int {
+    if space.is_null() {
+        set_last_error(|m| {
+            m.str("gallocy_attach: space name is NULL");
+        });
+        return -libc::EINVAL;
+    }
+    // SAFETY: the caller passes a NUL-terminated string.
+    let name = unsafe { CStr::from_ptr(space) };
+    runtime::attach(name.to_bytes())
+}
+
+#[no_mangle]
+pub extern "C" fn gallocy_detach() -> c_int {
+    runtime::detach()
+}
+
+#[no_mangle]
+pub extern "C" fn gallocy_malloc(size: usize) -> *mut c_void {
+    allocate(size.max(1) as u64)
+}
+
+#[no_mangle]
+pub extern "C" fn gallocy_calloc(n: usize, size: usize) -> *mut c_void {
+    let Some(total) = n.checked_mul(size) else {
+        set_errno(libc::ENOMEM);
+        return core::ptr::null_mut();
+    };
+    let ptr = allocate(total.max(1) as u64);
+    if !ptr.is_null() {
+        // Reused blocks hold old data.
+        // SAFETY: the block has at least `total` usable bytes.
+        unsafe { core::ptr::write_bytes(ptr.cast::<u8>(), 0, total) };
+    }
+    ptr
+}
+
+#[no_mangle]
+pub extern "C" fn gallocy_free(ptr: *mut c_void) {
+    if ptr.is_null() {
+        return;
+    }
+    let saved = unsafe { *libc::__errno_location() };
+    let addr = ptr as u64;
+    match call(IpcMessage::Free {
+        addr: addr.wrapping_sub(HEADER_BYTES),
+    }) {
+        Ok(_) => {}
+        Err(error) => {
+            note_error(b"free", error);
+            let mut message = Message::new();
+            message.str("gallocy: free(").hex(addr).str("): ");
+            describe(&mut message, error);
+            message.emit();
+        }
+    }
+    set_errno(saved);
+}
+
+#[no_mangle]
+pub extern "C" fn gallocy_realloc(ptr: *mut c_void, size: usize) -> *mut c_void {
+    if ptr.is_null() {
+        return gallocy_malloc(size);
+    }
+    if size == 0 {
+        gallocy_free(ptr);
+        return core::ptr::null_mut();
+    }
+    let Some(old) = usable_size(ptr) else {
+        let mut message = Message::new();
+        message
+            .str("gallocy: realloc(")
+            .hex(ptr as u64)
+            .str("): not a gallocy block");
+        message.emit();
+        set_errno(libc::EINVAL);
+        return core::ptr::null_mut();
+    };
+    if size as u64 <= old {
+        return ptr;
+    }
+    let new = gallocy_malloc(size);
+    if new.is_null() {
+        return new;
+    }
+    // SAFETY: both blocks are live, disjoint, and at least `old` bytes long.
+    unsafe { core::ptr::copy_nonoverlapping(ptr.cast::<u8>(), new.cast::<u8>(), old as usize) };
+    gallocy_free(ptr);
+    new
+}
+
+#[no_mangle]
+pub extern "C" fn gallocy_usable_size(ptr: *mut c_void) -> usize {
+    usable_size(ptr).unwrap_or(0) as usize
+}
+
+#[no_mangle]
+pub extern "C" fn gallocy_root() -> *mut c_void {
+    if !runtime::is_attached() {
+        return core::ptr::null_mut();
+    }
+    runtime::base_addr() as *mut c_void
+}
+
+#[no_mangle]
+pub extern "C" fn gallocy_root_size() -> usize {
+    runtime::root_size() as usize
+}
+
+#[no_mangle]
+pub extern "C" fn gallocy_ping() -> c_int {
+    match call(IpcMessage::Ping) {
+        Ok(IpcMessage::Pong) => 0,
+        Ok(_) => -libc::EPROTO,
+        Err(error) => {
+            note_error(b"ping", error);
+            -errno_of(error)
+        }
+    }
+}
+
+/// Mirrors `struct gallocy_stats` in gallocy.h.
+#[repr(C)]
+pub struct GallocyStats {
+    pub faults_local: u64,
+    pub faults_remote: u64,
+    pub frames_sent: u64,
+    pub frames_received: u64,
+    pub allocations: u64,
+    pub pages_held: u32,
+    pub node_id: u32,
+}
+
+#[no_mangle]
+pub extern "C" fn gallocy_stats(out: *mut GallocyStats) -> c_int {
+    if out.is_null() {
+        return -libc::EINVAL;
+    }
+    match call(IpcMessage::Stats) {
+        Ok(IpcMessage::StatsReply(IpcStats {
+            faults_local,
+            faults_remote,
+            frames_sent,
+            frames_received,
+            allocations,
+            pages_held,
+            node_id,
+        })) => {
+            // SAFETY: the caller passes a valid struct gallocy_stats.
+            unsafe {
+                out.write(GallocyStats {
+                    faults_local,
+                    faults_remote,
+                    frames_sent,
+                    frames_received,
+                    allocations,
+                    pages_held,
+                    node_id,
+                })
+            };
+            0
+        }
+        Ok(_) => -libc::EPROTO,
+        Err(error) => -errno_of(error),
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn gallocy_last_error() -> *const c_char {
+    runtime::last_error_ptr()
+}
+
+#[no_mangle]
+pub extern "C" fn gallocy_strerror(error: c_int) -> *const c_char {
+    let text: &'static CStr = match -error {
+        0 => c"success",
+        libc::ENOENT => c"no such daemon socket or space",
+        libc::ECONNREFUSED => c"no daemon listening on the socket",
+        libc::EACCES => c"permission denied by the daemon",
+        libc::EPROTO => c"protocol version mismatch between library and daemon",
+        libc::EEXIST => c"the space's address range clashes with an existing mapping",
+        libc::ENOMEM => c"out of memory in the space",
+        libc::ENOTCONN => c"not attached to a space",
+        libc::EISCONN => c"already attached to a space",
+        libc::ENAMETOOLONG => c"name too long",
+        libc::EINVAL => c"invalid argument",
+        libc::EIO => c"page lost or node down",
+        libc::EAGAIN => c"daemon busy, retry",
+        _ => c"unknown gallocy error",
+    };
+    text.as_ptr()
+}

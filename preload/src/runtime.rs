@@ -1,0 +1,858 @@
+//! The in-process runtime: attachment, per-thread daemon connections, the SIGSEGV
+//! handler that serves faults on space pages, and the service thread that applies
+//! revocations. Nothing here allocates after `attach` returns: state lives in
+//! statics, frames on the stack, and all I/O is raw system calls.
+
+use core::cell::UnsafeCell;
+use core::ffi::CStr;
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
+
+use gallocy_core::ipc::{name_field, ErrorCode, IpcMessage, Role, IPC_FRAME_BYTES, IPC_VERSION};
+use rustix::io::Errno;
+
+use crate::report::Message;
+use crate::sys;
+
+pub const EXIT_DAEMON_GONE: i32 = 86;
+pub const EXIT_FAULT_FAILED: i32 = 87;
+const PAGE_BYTES: u64 = 4096;
+/// Per-thread connections; beyond, a thread uses a connection per call.
+const CONNECTION_SLOTS: usize = 256;
+const SOCKET_PATH_BYTES: usize = 108;
+
+/// A spin lock for the rare paths (attach, detach, last error). Never held across a
+/// blocking call that another thread's progress could depend on.
+struct SpinLock(AtomicBool);
+
+impl SpinLock {
+    const fn new() -> SpinLock {
+        SpinLock(AtomicBool::new(false))
+    }
+    fn lock(&self) -> SpinGuard<'_> {
+        while self
+            .0
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            core::hint::spin_loop();
+        }
+        SpinGuard(self)
+    }
+}
+
+struct SpinGuard<'a>(&'a SpinLock);
+
+impl Drop for SpinGuard<'_> {
+    fn drop(&mut self) {
+        self.0 .0.store(false, Ordering::Release);
+    }
+}
+
+struct Runtime {
+    attached: AtomicBool,
+    detaching: AtomicBool,
+    attach_lock: SpinLock,
+    session: AtomicU64,
+    base_addr: AtomicU64,
+    size_bytes: AtomicU64,
+    root_size_bytes: AtomicU64,
+    node: AtomicU32,
+    service_fd: AtomicI32,
+    next_request_id: AtomicU64,
+    /// `$GALLOCY_SOCKET` as given to attach, NUL-terminated. Written under
+    /// `attach_lock` before `attached` is set, read-only afterwards.
+    socket_path: UnsafeCell<[u8; SOCKET_PATH_BYTES]>,
+    /// The SIGSEGV action installed before ours, to chain faults outside the space.
+    previous_action: UnsafeCell<libc::sigaction>,
+    service_thread: UnsafeCell<libc::pthread_t>,
+    last_error_lock: SpinLock,
+    last_error: UnsafeCell<Message>,
+    slot_tid: [AtomicI32; CONNECTION_SLOTS],
+    slot_fd: [AtomicI32; CONNECTION_SLOTS],
+}
+
+// SAFETY: every UnsafeCell field is written only under a lock (attach_lock or
+// last_error_lock) or before `attached` is published with Release ordering.
+unsafe impl Sync for Runtime {}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const NO_TID: AtomicI32 = AtomicI32::new(0);
+#[allow(clippy::declare_interior_mutable_const)]
+const NO_FD: AtomicI32 = AtomicI32::new(-1);
+
+static RT: Runtime = Runtime {
+    attached: AtomicBool::new(false),
+    detaching: AtomicBool::new(false),
+    attach_lock: SpinLock::new(),
+    session: AtomicU64::new(0),
+    base_addr: AtomicU64::new(0),
+    size_bytes: AtomicU64::new(0),
+    root_size_bytes: AtomicU64::new(0),
+    node: AtomicU32::new(0),
+    service_fd: AtomicI32::new(-1),
+    next_request_id: AtomicU64::new(1),
+    socket_path: UnsafeCell::new([0u8; SOCKET_PATH_BYTES]),
+    // SAFETY: an all-zero sigaction is a valid value (SIG_DFL, empty mask).
+    previous_action: UnsafeCell::new(unsafe { core::mem::zeroed() }),
+    service_thread: UnsafeCell::new(0),
+    last_error_lock: SpinLock::new(),
+    last_error: UnsafeCell::new(Message::new()),
+    slot_tid: [NO_TID; CONNECTION_SLOTS],
+    slot_fd: [NO_FD; CONNECTION_SLOTS],
+};
+
+/// How a call to the daemon failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallError {
+    /// The daemon refused: its reason.
+    Refused(ErrorCode, u64),
+    /// Not attached.
+    NotAttached,
+    /// A system call failed (the daemon is reachable but something local broke).
+    Sys(Errno),
+}
+
+pub fn is_attached() -> bool {
+    RT.attached.load(Ordering::Acquire)
+}
+
+pub fn base_addr() -> u64 {
+    RT.base_addr.load(Ordering::Acquire)
+}
+
+pub fn root_size() -> u64 {
+    RT.root_size_bytes.load(Ordering::Acquire)
+}
+
+fn in_space(addr: u64) -> bool {
+    let base = RT.base_addr.load(Ordering::Acquire);
+    let size = RT.size_bytes.load(Ordering::Acquire);
+    is_attached() && addr >= base && addr - base < size
+}
+
+fn socket_path() -> &'static CStr {
+    // SAFETY: written once under attach_lock before `attached` is published, then
+    // only read; always NUL-terminated (the last byte is never written).
+    let bytes: &'static [u8; SOCKET_PATH_BYTES] = unsafe { &*RT.socket_path.get() };
+    CStr::from_bytes_until_nul(bytes).unwrap_or(c"?")
+}
+
+/// Records the last error (for `gallocy_last_error`).
+pub fn set_last_error(build: impl FnOnce(&mut Message)) {
+    let _guard = RT.last_error_lock.lock();
+    // SAFETY: exclusive access under last_error_lock.
+    let message = unsafe { &mut *RT.last_error.get() };
+    message.clear();
+    build(message);
+}
+
+pub fn last_error_ptr() -> *const core::ffi::c_char {
+    // The buffer lives forever and is always NUL-terminated; a concurrent writer may
+    // change its text, never its validity.
+    // SAFETY: reading the pointer of a static, not its contents.
+    unsafe { (*RT.last_error.get()).as_c_ptr() }
+}
+
+/// The daemon is gone: say so and end the process with a distinctive status.
+pub fn daemon_gone(context: &str) -> ! {
+    let mut message = Message::new();
+    message
+        .str("gallocy: the daemon at ")
+        .text(socket_path().to_bytes())
+        .str(" is gone (")
+        .str(context)
+        .str("); exiting with status ")
+        .dec(EXIT_DAEMON_GONE as i64);
+    message.emit();
+    sys::exit_now(EXIT_DAEMON_GONE)
+}
+
+// ---------------------------------------------------------------------------------
+// Connections.
+
+fn hello(
+    fd: i32,
+    role: Role,
+    session: u64,
+    name: [u8; gallocy_core::ipc::IPC_NAME_BYTES],
+) -> Result<u64, Errno> {
+    let request_id = RT.next_request_id.fetch_add(1, Ordering::Relaxed);
+    let mut frame = [0u8; IPC_FRAME_BYTES];
+    IpcMessage::Hello {
+        role,
+        session,
+        pid: sys::getpid() as u32,
+        create: true,
+        name,
+    }
+    .encode(request_id, &mut frame);
+    sys::write_all(fd, &frame)?;
+    Ok(request_id)
+}
+
+/// Opens a `Thread` or `Service` connection of this process's session.
+fn open_session_connection(role: Role) -> Result<i32, CallError> {
+    let fd = match sys::connect_unix(socket_path()) {
+        Ok(fd) => fd,
+        Err(_) => daemon_gone("cannot connect"),
+    };
+    let session = RT.session.load(Ordering::Acquire);
+    let name = [0u8; gallocy_core::ipc::IPC_NAME_BYTES];
+    if hello(fd, role, session, name).is_err() {
+        daemon_gone("hello failed");
+    }
+    match receive(fd) {
+        Ok((_, IpcMessage::Pong)) => Ok(fd),
+        Ok((_, IpcMessage::Error { code, detail })) => {
+            sys::close(fd);
+            Err(CallError::Refused(code, detail))
+        }
+        _ => {
+            sys::close(fd);
+            Err(CallError::Refused(ErrorCode::BadFrame, 0))
+        }
+    }
+}
+
+fn receive(fd: i32) -> Result<(u64, IpcMessage), CallError> {
+    let mut frame = [0u8; IPC_FRAME_BYTES];
+    match sys::read_exact(fd, &mut frame) {
+        Ok(true) => {}
+        Ok(false) => daemon_gone("connection closed"),
+        Err(Errno::CONNRESET) => daemon_gone("connection reset"),
+        Err(e) => return Err(CallError::Sys(e)),
+    }
+    match IpcMessage::decode(&frame) {
+        Ok(decoded) => Ok(decoded),
+        Err(gallocy_core::ipc::IpcDecodeError::Version(v)) => {
+            Err(CallError::Refused(ErrorCode::VersionMismatch, v as u64))
+        }
+        Err(_) => Err(CallError::Refused(ErrorCode::BadFrame, 0)),
+    }
+}
+
+enum Connection {
+    /// This thread's own connection, kept.
+    Slot(i32),
+    /// A connection for this call only (all slots taken by live threads).
+    Temporary(i32),
+}
+
+impl Connection {
+    fn fd(&self) -> i32 {
+        match *self {
+            Connection::Slot(fd) | Connection::Temporary(fd) => fd,
+        }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if let Connection::Temporary(fd) = *self {
+            sys::close(fd);
+        }
+    }
+}
+
+fn slot_start(tid: i32) -> usize {
+    (tid as u32 as usize).wrapping_mul(0x9E37_79B9) % CONNECTION_SLOTS
+}
+
+/// This thread's connection to the daemon, opened on first use.
+fn thread_connection() -> Result<Connection, CallError> {
+    if !is_attached() {
+        return Err(CallError::NotAttached);
+    }
+    let tid = sys::gettid();
+    let start = slot_start(tid);
+    for i in 0..CONNECTION_SLOTS {
+        let slot = (start + i) % CONNECTION_SLOTS;
+        if RT.slot_tid[slot].load(Ordering::Acquire) == tid {
+            let fd = RT.slot_fd[slot].load(Ordering::Acquire);
+            if fd >= 0 {
+                return Ok(Connection::Slot(fd));
+            }
+        }
+    }
+    let fd = open_session_connection(Role::Thread)?;
+    for i in 0..CONNECTION_SLOTS {
+        let slot = (start + i) % CONNECTION_SLOTS;
+        let owner = RT.slot_tid[slot].load(Ordering::Acquire);
+        // A slot is free if unused or its thread has exited (its connection is idle).
+        if owner != 0 && sys::thread_alive(owner) {
+            continue;
+        }
+        if RT.slot_tid[slot]
+            .compare_exchange(owner, tid, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            let old = RT.slot_fd[slot].swap(fd, Ordering::AcqRel);
+            sys::close(old);
+            return Ok(Connection::Slot(fd));
+        }
+    }
+    Ok(Connection::Temporary(fd))
+}
+
+fn register_connection(fd: i32) {
+    let tid = sys::gettid();
+    let start = slot_start(tid);
+    for i in 0..CONNECTION_SLOTS {
+        let slot = (start + i) % CONNECTION_SLOTS;
+        if RT.slot_tid[slot]
+            .compare_exchange(0, tid, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            let old = RT.slot_fd[slot].swap(fd, Ordering::AcqRel);
+            sys::close(old);
+            return;
+        }
+    }
+}
+
+/// One request, one reply, on this thread's connection.
+pub fn call(message: IpcMessage) -> Result<IpcMessage, CallError> {
+    let connection = thread_connection()?;
+    let request_id = RT.next_request_id.fetch_add(1, Ordering::Relaxed);
+    let mut frame = [0u8; IPC_FRAME_BYTES];
+    message.encode(request_id, &mut frame);
+    match sys::write_all(connection.fd(), &frame) {
+        Ok(()) => {}
+        Err(Errno::PIPE) | Err(Errno::CONNRESET) => daemon_gone("send failed"),
+        Err(e) => return Err(CallError::Sys(e)),
+    }
+    // Bounded: the daemon answers each request once, in order, on this connection.
+    loop {
+        let (reply_id, reply) = receive(connection.fd())?;
+        if reply_id != request_id {
+            continue;
+        }
+        return match reply {
+            IpcMessage::Error { code, detail } => Err(CallError::Refused(code, detail)),
+            reply => Ok(reply),
+        };
+    }
+}
+
+/// A message with no reply (GrantApplied).
+fn notify(message: IpcMessage) {
+    let Ok(connection) = thread_connection() else {
+        return;
+    };
+    let mut frame = [0u8; IPC_FRAME_BYTES];
+    message.encode(0, &mut frame);
+    if sys::write_all(connection.fd(), &frame).is_err() {
+        daemon_gone("send failed");
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Faults.
+
+/// Asks the daemon for access to the page holding `addr` and applies the grant.
+pub fn fault(addr: u64, write: bool) -> Result<(), CallError> {
+    match call(IpcMessage::Fault { addr, write })? {
+        IpcMessage::Granted { page_addr, write } => {
+            let access = if write { 2 } else { 1 };
+            sys::protect(page_addr, PAGE_BYTES, access).map_err(CallError::Sys)?;
+            // Only now may the daemon revoke this page from us: tell it.
+            notify(IpcMessage::GrantApplied { page_addr });
+            Ok(())
+        }
+        _ => Err(CallError::Refused(ErrorCode::BadFrame, 0)),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn is_write_fault(context: *mut libc::c_void) -> bool {
+    // SAFETY: the kernel passes a valid ucontext_t to an SA_SIGINFO handler.
+    let context = unsafe { &*(context as *const libc::ucontext_t) };
+    // Bit 1 of the page-fault error code: the access was a write.
+    context.uc_mcontext.gregs[libc::REG_ERR as usize] & 2 != 0
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn is_write_fault(_context: *mut libc::c_void) -> bool {
+    // Without the error code, ask for write: correct, if pessimistic.
+    true
+}
+
+extern "C" fn on_segv(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo_t for SIGSEGV.
+    let addr = unsafe { (*info).si_addr() } as u64;
+    if !in_space(addr) {
+        chain(signal, info, context);
+        return;
+    }
+    let saved_errno = errno();
+    let write = is_write_fault(context);
+    if let Err(error) = fault(addr, write) {
+        let mut message = Message::new();
+        message.str("gallocy: cannot serve a ");
+        message.str(if write { "write" } else { "read" });
+        message.str(" fault at ").hex(addr).str(": ");
+        describe(&mut message, error);
+        message
+            .str("; exiting with status ")
+            .dec(EXIT_FAULT_FAILED as i64);
+        message.emit();
+        sys::exit_now(EXIT_FAULT_FAILED);
+    }
+    set_errno(saved_errno);
+}
+
+/// A fault outside the space: whoever handled SIGSEGV before us, or the default
+/// action (the faulting instruction runs again and the process dies as it should).
+fn chain(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
+    // SAFETY: previous_action was written under attach_lock before `attached`.
+    let previous = unsafe { *RT.previous_action.get() };
+    let handler = previous.sa_sigaction;
+    if handler == libc::SIG_DFL || handler == libc::SIG_IGN {
+        // SAFETY: restoring the default action for SIGSEGV; async-signal-safe.
+        unsafe {
+            let mut default: libc::sigaction = core::mem::zeroed();
+            default.sa_sigaction = libc::SIG_DFL;
+            libc::sigaction(libc::SIGSEGV, &default, core::ptr::null_mut());
+        }
+        return;
+    }
+    if previous.sa_flags & libc::SA_SIGINFO != 0 {
+        // SAFETY: the previous handler was installed with SA_SIGINFO, so it has this type.
+        let function: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+            unsafe { core::mem::transmute(handler) };
+        function(signal, info, context);
+    } else {
+        // SAFETY: a plain handler takes the signal number.
+        let function: extern "C" fn(libc::c_int) = unsafe { core::mem::transmute(handler) };
+        function(signal);
+    }
+}
+
+fn errno() -> i32 {
+    // SAFETY: __errno_location returns this thread's errno slot.
+    unsafe { *libc::__errno_location() }
+}
+
+pub fn set_errno(value: i32) {
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = value };
+}
+
+pub fn describe(message: &mut Message, error: CallError) {
+    match error {
+        CallError::Refused(ErrorCode::VersionMismatch, theirs) => {
+            message
+                .str("protocol version mismatch: this library speaks version ")
+                .dec(IPC_VERSION as i64)
+                .str(", the daemon at ")
+                .text(socket_path().to_bytes())
+                .str(" speaks version ")
+                .dec(theirs as i64);
+        }
+        CallError::Refused(ErrorCode::NodeDown, node) => {
+            message
+                .str("the node ")
+                .dec(node as i64)
+                .str(" that owns it is down");
+        }
+        CallError::Refused(code, _) => {
+            message.str(code.describe());
+        }
+        CallError::NotAttached => {
+            message.str("not attached (call gallocy_attach first)");
+        }
+        CallError::Sys(errno) => {
+            message
+                .str("system call failed with errno ")
+                .dec(errno.raw_os_error() as i64);
+        }
+    }
+}
+
+/// The errno a failed call maps to.
+pub fn errno_of(error: CallError) -> i32 {
+    match error {
+        CallError::Refused(code, _) => match code {
+            ErrorCode::VersionMismatch => libc::EPROTO,
+            ErrorCode::UnknownSpace => libc::ENOENT,
+            ErrorCode::PermissionDenied => libc::EACCES,
+            ErrorCode::OutOfMemory => libc::ENOMEM,
+            ErrorCode::InvalidFree | ErrorCode::InvalidArgument | ErrorCode::BadFrame => {
+                libc::EINVAL
+            }
+            ErrorCode::NotMapped => libc::EFAULT,
+            ErrorCode::PageLost | ErrorCode::NodeDown | ErrorCode::Evicted => libc::EIO,
+            ErrorCode::Busy => libc::EAGAIN,
+            ErrorCode::SpaceRejected => libc::EINVAL,
+            ErrorCode::UnknownSession | ErrorCode::NotAttached => libc::ENOTCONN,
+            ErrorCode::Internal => libc::EIO,
+        },
+        CallError::NotAttached => libc::ENOTCONN,
+        CallError::Sys(errno) => errno.raw_os_error(),
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The service thread: applies revocations whatever the other threads are doing.
+
+extern "C" fn service_main(_arg: *mut libc::c_void) -> *mut libc::c_void {
+    let fd = RT.service_fd.load(Ordering::Acquire);
+    let mut frame = [0u8; IPC_FRAME_BYTES];
+    loop {
+        match sys::read_exact(fd, &mut frame) {
+            Ok(true) => {}
+            Ok(false) | Err(_) => {
+                if RT.detaching.load(Ordering::Acquire) {
+                    return core::ptr::null_mut();
+                }
+                daemon_gone("service connection closed");
+            }
+        }
+        let Ok((
+            _,
+            IpcMessage::Revoke {
+                addr,
+                len,
+                access,
+                token,
+            },
+        )) = IpcMessage::decode(&frame)
+        else {
+            continue;
+        };
+        if in_space(addr) {
+            // Failure would leave more access than the daemon believes: fatal.
+            if sys::protect(addr, len, access).is_err() {
+                let mut message = Message::new();
+                message.str("gallocy: cannot revoke access to ").hex(addr);
+                message.emit();
+                sys::exit_now(EXIT_FAULT_FAILED);
+            }
+        }
+        let mut reply = [0u8; IPC_FRAME_BYTES];
+        IpcMessage::RevokeDone { token }.encode(0, &mut reply);
+        if sys::write_all(fd, &reply).is_err() {
+            if RT.detaching.load(Ordering::Acquire) {
+                return core::ptr::null_mut();
+            }
+            daemon_gone("service connection closed");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Attach and detach.
+
+fn fail(error: i32, build: impl FnOnce(&mut Message)) -> i32 {
+    set_last_error(build);
+    -error
+}
+
+/// Attaches this process to `space` on the daemon at `$GALLOCY_SOCKET`.
+pub fn attach(space: &[u8]) -> i32 {
+    let _guard = RT.attach_lock.lock();
+    if is_attached() {
+        return fail(libc::EISCONN, |m| {
+            m.str("already attached to a space");
+        });
+    }
+    let Some(name) = name_field(space) else {
+        return fail(libc::ENAMETOOLONG, |m| {
+            m.str("space name must be 1 to 36 bytes without NUL");
+        });
+    };
+    // SAFETY: getenv returns a pointer into the environment or null; no allocation.
+    let path = unsafe { libc::getenv(c"GALLOCY_SOCKET".as_ptr()) };
+    if path.is_null() {
+        return fail(libc::ENOENT, |m| {
+            m.str("GALLOCY_SOCKET is not set: it must name the daemon's application socket");
+        });
+    }
+    // SAFETY: getenv's result is a NUL-terminated string.
+    let path = unsafe { CStr::from_ptr(path) };
+    let path_bytes = path.to_bytes_with_nul();
+    if path_bytes.len() > SOCKET_PATH_BYTES - 1 {
+        return fail(libc::ENAMETOOLONG, |m| {
+            m.str("GALLOCY_SOCKET is longer than a Unix socket path may be");
+        });
+    }
+    // SAFETY: exclusive under attach_lock; readers only read after `attached`.
+    unsafe {
+        let buffer = &mut *RT.socket_path.get();
+        *buffer = [0u8; SOCKET_PATH_BYTES];
+        buffer[..path_bytes.len()].copy_from_slice(path_bytes);
+    }
+    let main_fd = match sys::connect_unix(path) {
+        Ok(fd) => fd,
+        Err(e) => {
+            return fail(e.raw_os_error(), |m| {
+                m.str("no gallocy daemon at ")
+                    .text(path.to_bytes())
+                    .str(" (connect failed with errno ")
+                    .dec(e.raw_os_error() as i64)
+                    .str("; is gallocyd running?)");
+            })
+        }
+    };
+    if hello(main_fd, Role::Main, 0, name).is_err() {
+        sys::close(main_fd);
+        return fail(libc::ECONNRESET, |m| {
+            m.str("the daemon at ")
+                .text(path.to_bytes())
+                .str(" closed the connection");
+        });
+    }
+    let mut frame = [0u8; IPC_FRAME_BYTES];
+    let (complete, memfd) = match sys::recv_with_fd(main_fd, &mut frame) {
+        Ok(result) => result,
+        Err(e) => {
+            sys::close(main_fd);
+            return fail(e.raw_os_error(), |m| {
+                m.str("no answer from the daemon at ").text(path.to_bytes());
+            });
+        }
+    };
+    let decoded = if complete {
+        IpcMessage::decode(&frame)
+    } else {
+        Err(gallocy_core::ipc::IpcDecodeError::Invalid)
+    };
+    let welcome = match decoded {
+        Ok((_, welcome @ IpcMessage::Welcome { .. })) => welcome,
+        Ok((_, IpcMessage::Error { code, detail })) => {
+            sys::close(main_fd);
+            if let Some(fd) = memfd {
+                sys::close(fd);
+            }
+            let error = CallError::Refused(code, detail);
+            return fail(errno_of(error), |m| {
+                m.str("attach to ").text(space).str(" refused: ");
+                describe(m, error);
+            });
+        }
+        Err(gallocy_core::ipc::IpcDecodeError::Version(theirs)) => {
+            sys::close(main_fd);
+            let error = CallError::Refused(ErrorCode::VersionMismatch, theirs as u64);
+            return fail(libc::EPROTO, |m| describe(m, error));
+        }
+        _ => {
+            sys::close(main_fd);
+            return fail(libc::EPROTO, |m| {
+                m.str("unexpected answer from the daemon at ")
+                    .text(path.to_bytes());
+            });
+        }
+    };
+    let IpcMessage::Welcome {
+        session,
+        node,
+        base_addr,
+        size_bytes,
+        root_size_bytes,
+        ..
+    } = welcome
+    else {
+        unreachable!("matched above")
+    };
+    let Some(memfd) = memfd else {
+        sys::close(main_fd);
+        return fail(libc::EPROTO, |m| {
+            m.str("the daemon sent no memory for the space");
+        });
+    };
+    let mapped = sys::map_space(base_addr, size_bytes, memfd);
+    sys::close(memfd);
+    if let Err(e) = mapped {
+        sys::close(main_fd);
+        return fail(e.raw_os_error(), |m| {
+            m.str("cannot map space ")
+                .text(space)
+                .str(" at [")
+                .hex(base_addr)
+                .str(", ")
+                .hex(base_addr + size_bytes)
+                .str(")");
+            if e == Errno::EXIST {
+                describe_clash(m, base_addr, base_addr + size_bytes);
+            } else {
+                m.str(": errno ").dec(e.raw_os_error() as i64);
+            }
+        });
+    }
+    RT.session.store(session, Ordering::Release);
+    RT.base_addr.store(base_addr, Ordering::Release);
+    RT.size_bytes.store(size_bytes, Ordering::Release);
+    RT.root_size_bytes.store(root_size_bytes, Ordering::Release);
+    RT.node.store(node, Ordering::Release);
+    RT.detaching.store(false, Ordering::Release);
+    // Faults in the space come to us; others go where they went before.
+    // SAFETY: a fully initialised sigaction for a handler with the SA_SIGINFO signature;
+    // previous_action is written under attach_lock.
+    unsafe {
+        let mut action: libc::sigaction = core::mem::zeroed();
+        action.sa_sigaction = on_segv as *const () as usize;
+        action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGSEGV, &action, RT.previous_action.get());
+    }
+    // Publish now: the service connection below needs the session and socket path.
+    RT.attached.store(true, Ordering::Release);
+    register_connection(main_fd);
+    let service_fd = match open_session_connection(Role::Service) {
+        Ok(fd) => fd,
+        Err(error) => {
+            undo_attach();
+            return fail(errno_of(error), |m| {
+                m.str("cannot open the service connection: ");
+                describe(m, error);
+            });
+        }
+    };
+    RT.service_fd.store(service_fd, Ordering::Release);
+    // SAFETY: creating a thread running service_main, which only uses statics; the
+    // pthread_t is stored under attach_lock.
+    let created = unsafe {
+        libc::pthread_create(
+            RT.service_thread.get(),
+            core::ptr::null(),
+            service_main,
+            core::ptr::null_mut(),
+        )
+    };
+    if created != 0 {
+        undo_attach();
+        return fail(created, |m| {
+            m.str("cannot start the service thread");
+        });
+    }
+    0
+}
+
+/// Names the mappings that overlap `[start, end)`, from /proc/self/maps.
+fn describe_clash(message: &mut Message, start: u64, end: u64) {
+    message.str(": it overlaps an existing mapping");
+    let Ok(fd) = sys::open_read(c"/proc/self/maps") else {
+        return;
+    };
+    let mut buffer = [0u8; 4096];
+    let mut line = [0u8; 256];
+    let mut line_len = 0;
+    let mut reported = 0;
+    while let Ok(n) = sys::read_some(fd, &mut buffer) {
+        if n == 0 {
+            break;
+        }
+        for &byte in &buffer[..n] {
+            if byte != b'\n' {
+                if line_len < line.len() {
+                    line[line_len] = byte;
+                    line_len += 1;
+                }
+                continue;
+            }
+            if let Some((a, b)) = parse_range(&line[..line_len]) {
+                if a < end && start < b && reported < 3 {
+                    message.str(" [").hex(a).str(", ").hex(b).str(")");
+                    // The path, if any, is the last field.
+                    if let Some(slash) = line[..line_len]
+                        .iter()
+                        .position(|&c| c == b'/' || c == b'[')
+                    {
+                        message.str(" ").text(&line[slash..line_len]);
+                    }
+                    reported += 1;
+                }
+            }
+            line_len = 0;
+        }
+    }
+    sys::close(fd);
+}
+
+fn parse_range(line: &[u8]) -> Option<(u64, u64)> {
+    let dash = line.iter().position(|&c| c == b'-')?;
+    let space = line.iter().position(|&c| c == b' ')?;
+    Some((
+        parse_hex(&line[..dash])?,
+        parse_hex(&line[dash + 1..space])?,
+    ))
+}
+
+fn parse_hex(digits: &[u8]) -> Option<u64> {
+    let mut value: u64 = 0;
+    for &d in digits {
+        let nibble = match d {
+            b'0'..=b'9' => d - b'0',
+            b'a'..=b'f' => d - b'a' + 10,
+            _ => return None,
+        };
+        value = value.checked_mul(16)?.checked_add(nibble as u64)?;
+    }
+    Some(value)
+}
+
+/// Tears down what attach set up (under attach_lock).
+fn undo_attach() {
+    RT.detaching.store(true, Ordering::Release);
+    RT.attached.store(false, Ordering::Release);
+    // SAFETY: restoring the action saved by attach, under attach_lock.
+    unsafe {
+        libc::sigaction(
+            libc::SIGSEGV,
+            RT.previous_action.get(),
+            core::ptr::null_mut(),
+        );
+    }
+    for slot in 0..CONNECTION_SLOTS {
+        let fd = RT.slot_fd[slot].swap(-1, Ordering::AcqRel);
+        sys::close(fd);
+        RT.slot_tid[slot].store(0, Ordering::Release);
+    }
+    let base = RT.base_addr.swap(0, Ordering::AcqRel);
+    let size = RT.size_bytes.swap(0, Ordering::AcqRel);
+    if base != 0 {
+        sys::unmap(base, size);
+    }
+}
+
+pub fn detach() -> i32 {
+    let _guard = RT.attach_lock.lock();
+    if !is_attached() {
+        return -libc::ENOTCONN;
+    }
+    RT.detaching.store(true, Ordering::Release);
+    let service_fd = RT.service_fd.swap(-1, Ordering::AcqRel);
+    sys::shutdown(service_fd);
+    // SAFETY: joining the thread created in attach, once.
+    unsafe {
+        libc::pthread_join(*RT.service_thread.get(), core::ptr::null_mut());
+    }
+    sys::close(service_fd);
+    undo_attach();
+    0
+}
+
+pub fn node_id() -> u32 {
+    RT.node.load(Ordering::Acquire)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_maps_ranges() {
+        assert_eq!(
+            parse_range(b"7f00000000-7f00001000 r--p 00000000 00:00 0 /usr/lib/x"),
+            Some((0x7f00000000, 0x7f00001000))
+        );
+        assert_eq!(parse_range(b"garbage"), None);
+    }
+
+    #[test]
+    fn messages_format_numbers_without_allocating() {
+        let mut m = Message::new();
+        m.str("a ").hex(0x2a).str(" ").dec(-17).str(" ").hex(0);
+        assert_eq!(m.as_bytes(), b"a 0x2a -17 0x0");
+    }
+}
