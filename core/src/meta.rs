@@ -25,6 +25,9 @@ pub enum Command {
         size_bytes: u64,
         chunk_size_bytes: u64,
         root_size_bytes: u64,
+        /// Place the space at the lowest free range at or above `base_addr` instead of
+        /// exactly there; joining then needs only the size to agree.
+        flexible_base: bool,
     },
     /// Lease `count` contiguous free chunks of `space` to `node`.
     LeaseChunks {
@@ -142,10 +145,12 @@ impl MetaState {
                 size_bytes,
                 chunk_size_bytes,
                 root_size_bytes,
+                flexible_base,
             } => {
                 if let Some(existing) = self.space_by_name(name) {
                     // Creating a space that exists is joining it, if the layout agrees.
-                    if existing.base_addr == *base_addr && existing.size_bytes == *size_bytes {
+                    let base_agrees = *flexible_base || existing.base_addr == *base_addr;
+                    if base_agrees && existing.size_bytes == *size_bytes {
                         return Outcome::SpaceCreated(existing.clone());
                     }
                     return Outcome::SpaceRejected(
@@ -156,10 +161,15 @@ impl MetaState {
                     return Outcome::SpaceRejected("too many spaces");
                 }
                 let id = self.spaces.keys().next_back().map_or(1, |last| last + 1);
+                let base_addr = if *flexible_base {
+                    self.free_base(*base_addr, *size_bytes, *chunk_size_bytes)
+                } else {
+                    *base_addr
+                };
                 let layout = SpaceLayout {
                     id,
                     name: name.clone(),
-                    base_addr: *base_addr,
+                    base_addr,
                     size_bytes: *size_bytes,
                     chunk_size_bytes: *chunk_size_bytes,
                     root_size_bytes: *root_size_bytes,
@@ -227,6 +237,25 @@ impl MetaState {
         }
     }
 
+    /// The lowest chunk-aligned base at or above `hint` where `size` bytes overlap no
+    /// space (spaces are few; this scans them in address order).
+    fn free_base(&self, hint: u64, size: u64, chunk: u64) -> u64 {
+        let align = chunk.max(1 << 30);
+        let mut base = hint;
+        let mut ranges: Vec<(u64, u64)> = self
+            .spaces
+            .values()
+            .map(|s| (s.base_addr, s.end_addr()))
+            .collect();
+        ranges.sort_unstable();
+        for (start, end) in ranges {
+            if base < end && start < base.saturating_add(size) {
+                base = end.div_ceil(align).saturating_mul(align);
+            }
+        }
+        base
+    }
+
     /// Lowest run of `count` unleased chunks. Deterministic, so every replica agrees.
     fn find_free_run(
         &self,
@@ -280,6 +309,7 @@ impl Proposal {
                 size_bytes,
                 chunk_size_bytes,
                 root_size_bytes,
+                flexible_base,
             } => {
                 w.u8(CMD_CREATE_SPACE);
                 w.blob(name.as_bytes());
@@ -287,6 +317,7 @@ impl Proposal {
                 w.u64(*size_bytes);
                 w.u64(*chunk_size_bytes);
                 w.u64(*root_size_bytes);
+                w.bool(*flexible_base);
             }
             Command::LeaseChunks { space, node, count } => {
                 w.u8(CMD_LEASE_CHUNKS);
@@ -323,6 +354,7 @@ impl Proposal {
                     size_bytes: r.u64()?,
                     chunk_size_bytes: r.u64()?,
                     root_size_bytes: r.u64()?,
+                    flexible_base: r.bool()?,
                 }
             }
             CMD_LEASE_CHUNKS => Command::LeaseChunks {

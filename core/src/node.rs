@@ -144,6 +144,8 @@ pub enum AppRequest {
         base_addr: u64,
         size_bytes: u64,
         chunk_size_bytes: u64,
+        /// Place it at the lowest free range at or above `base_addr`.
+        flexible_base: bool,
     },
     LookupSpace {
         name: String,
@@ -1415,12 +1417,14 @@ impl Node {
                 base_addr,
                 size_bytes,
                 chunk_size_bytes,
+                flexible_base,
             } => {
                 let command = Command::CreateSpace {
                     name,
                     base_addr,
                     size_bytes,
                     chunk_size_bytes,
+                    flexible_base,
                     root_size_bytes: DEFAULT_ROOT_SIZE_BYTES.min(chunk_size_bytes),
                 };
                 if let Err(error) = self.propose(command, Purpose::CreateSpace { token }) {

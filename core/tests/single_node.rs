@@ -23,6 +23,7 @@ fn create_space(node: &mut Node) -> u32 {
             base_addr: 0x1000_0000_0000,
             size_bytes: 64 << 20,
             chunk_size_bytes: 64 << 10,
+            flexible_base: false,
         },
     );
     match replies(node).pop() {

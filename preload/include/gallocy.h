@@ -22,6 +22,8 @@ extern "C" {
 /* Join (or create) the space named `space` on the daemon at $GALLOCY_SOCKET; map it at
  * its fixed address. 0 or a negative errno; gallocy_last_error() says why. */
 int gallocy_attach(const char *space);
+/* Like gallocy_attach, but fails with -ENOENT if the space does not exist. */
+int gallocy_attach_existing(const char *space);
 /* Unmap the space and close the connection. 0 or a negative errno. */
 int gallocy_detach(void);
 

@@ -80,8 +80,7 @@ fn usable_size(ptr: *mut c_void) -> Option<u64> {
     (check == header_check(block, size)).then_some(size)
 }
 
-#[no_mangle]
-pub extern "C" fn gallocy_attach(space: *const c_char) -> c_int {
+fn attach(space: *const c_char, create: bool) -> c_int {
     if space.is_null() {
         set_last_error(|m| {
             m.str("gallocy_attach: space name is NULL");
@@ -90,7 +89,17 @@ pub extern "C" fn gallocy_attach(space: *const c_char) -> c_int {
     }
     // SAFETY: the caller passes a NUL-terminated string.
     let name = unsafe { CStr::from_ptr(space) };
-    runtime::attach(name.to_bytes())
+    runtime::attach(name.to_bytes(), create)
+}
+
+#[no_mangle]
+pub extern "C" fn gallocy_attach(space: *const c_char) -> c_int {
+    attach(space, true)
+}
+
+#[no_mangle]
+pub extern "C" fn gallocy_attach_existing(space: *const c_char) -> c_int {
+    attach(space, false)
 }
 
 #[no_mangle]

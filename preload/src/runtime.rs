@@ -174,6 +174,7 @@ fn hello(
     fd: i32,
     role: Role,
     session: u64,
+    create: bool,
     name: [u8; gallocy_core::ipc::IPC_NAME_BYTES],
 ) -> Result<u64, Errno> {
     let request_id = RT.next_request_id.fetch_add(1, Ordering::Relaxed);
@@ -182,7 +183,7 @@ fn hello(
         role,
         session,
         pid: sys::getpid() as u32,
-        create: true,
+        create,
         name,
     }
     .encode(request_id, &mut frame);
@@ -198,7 +199,7 @@ fn open_session_connection(role: Role) -> Result<i32, CallError> {
     };
     let session = RT.session.load(Ordering::Acquire);
     let name = [0u8; gallocy_core::ipc::IPC_NAME_BYTES];
-    if hello(fd, role, session, name).is_err() {
+    if hello(fd, role, session, false, name).is_err() {
         daemon_gone("hello failed");
     }
     match receive(fd) {
@@ -548,8 +549,9 @@ fn fail(error: i32, build: impl FnOnce(&mut Message)) -> i32 {
     -error
 }
 
-/// Attaches this process to `space` on the daemon at `$GALLOCY_SOCKET`.
-pub fn attach(space: &[u8]) -> i32 {
+/// Attaches this process to `space` on the daemon at `$GALLOCY_SOCKET`, creating the
+/// space with the daemon's default layout if `create` and it does not exist.
+pub fn attach(space: &[u8], create: bool) -> i32 {
     let _guard = RT.attach_lock.lock();
     if is_attached() {
         return fail(libc::EISCONN, |m| {
@@ -594,7 +596,7 @@ pub fn attach(space: &[u8]) -> i32 {
             })
         }
     };
-    if hello(main_fd, Role::Main, 0, name).is_err() {
+    if hello(main_fd, Role::Main, 0, create, name).is_err() {
         sys::close(main_fd);
         return fail(libc::ECONNRESET, |m| {
             m.str("the daemon at ")

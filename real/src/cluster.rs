@@ -49,7 +49,13 @@ fn is_gallocyd(pid: i32) -> bool {
 }
 
 /// Starts `nodes` daemons under `dir` and returns once they agree on a leader.
-pub fn up(nodes: u64, dir: &Path, space: SpaceDefaults, log: &str) -> Result<(), String> {
+pub fn up(
+    nodes: u64,
+    dir: &Path,
+    space: SpaceDefaults,
+    log: &str,
+    gallocyd: &Path,
+) -> Result<(), String> {
     if nodes == 0 || nodes > 64 {
         return Err("a local cluster has 1 to 64 nodes".into());
     }
@@ -87,7 +93,6 @@ pub fn up(nodes: u64, dir: &Path, space: SpaceDefaults, log: &str) -> Result<(),
             }
         }
     }
-    let gallocyd = gallocyd_path()?;
     let mut started = Vec::new();
     for id in 1..=nodes {
         let home = node_dir(&dir, id);
@@ -107,7 +112,7 @@ pub fn up(nodes: u64, dir: &Path, space: SpaceDefaults, log: &str) -> Result<(),
             .map_err(|e| format!("write {}: {e}", config_path.display()))?;
         let log_file = std::fs::File::create(home.join("gallocyd.log"))
             .map_err(|e| format!("create log: {e}"))?;
-        let mut command = Command::new(&gallocyd);
+        let mut command = Command::new(gallocyd);
         command
             .arg("--config")
             .arg(&config_path)

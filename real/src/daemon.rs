@@ -832,6 +832,7 @@ impl Daemon {
                         base_addr: self.config.space.base_addr,
                         size_bytes: self.config.space.size_bytes,
                         chunk_size_bytes: self.config.space.chunk_size_bytes,
+                        flexible_base: true,
                     }
                 } else {
                     AppRequest::LookupSpace { name }

@@ -458,6 +458,7 @@ impl World {
                         base_addr: SPACE_BASE_ADDR,
                         size_bytes: SPACE_SIZE_BYTES,
                         chunk_size_bytes: CHUNK_SIZE_BYTES,
+                        flexible_base: false,
                     },
                 );
             } else if app == 0 {

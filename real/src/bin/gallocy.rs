@@ -61,7 +61,10 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Cluster { action } => match action {
             ClusterAction::Up { nodes, dir, log } => {
-                match cluster::up(nodes, &dir, SpaceDefaults::default(), &log) {
+                let started = cluster::gallocyd_path().and_then(|gallocyd| {
+                    cluster::up(nodes, &dir, SpaceDefaults::default(), &log, &gallocyd)
+                });
+                match started {
                     Ok(()) => {
                         println!("cluster of {nodes} nodes is up in {}", dir.display());
                         for id in 1..=nodes {

@@ -1,0 +1,229 @@
+/* Programs for the end-to-end tests, one per subcommand. Each prints what it saw and
+ * exits 0 on success. Shared state goes through the root block:
+ *   root[0]  the published block        root[1]  a progress flag
+ *   root[2..2+N] blocks to be freed by another node
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+#include "gallocy.h"
+
+#define FREE_BLOCKS 16
+#define PATTERN_BYTES 3000
+
+static volatile uint64_t *root;
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+static int attach(const char *space) {
+    int rc = gallocy_attach(space);
+    if (rc != 0) {
+        fprintf(stderr, "attach failed: %d (%s): %s\n", rc, gallocy_strerror(rc), gallocy_last_error());
+        exit(10);
+    }
+    root = (volatile uint64_t *)gallocy_root();
+    return 0;
+}
+
+static int wait_for(volatile uint64_t *word, uint64_t value, double seconds) {
+    double deadline = now_s() + seconds;
+    while (*word != value) {
+        if (now_s() > deadline) return -1;
+        usleep(1000);
+    }
+    return 0;
+}
+
+/* Node 1: allocate, fill, publish; wait for node 2's answer; publish blocks for node 2 to free. */
+static int publish(void) {
+    attach("e2e");
+    unsigned char *block = gallocy_malloc(PATTERN_BYTES);
+    if (!block) { fprintf(stderr, "malloc: %s\n", gallocy_last_error()); return 11; }
+    for (int i = 0; i < PATTERN_BYTES; i++) block[i] = (unsigned char)(i * 7 + 1);
+    for (int i = 0; i < FREE_BLOCKS; i++) {
+        void *p = gallocy_malloc(64 + i * 100);
+        if (!p) return 12;
+        memset(p, 0xab, 64);
+        root[2 + i] = (uint64_t)p;
+    }
+    root[0] = (uint64_t)block;
+    printf("published %p\n", (void *)block);
+    fflush(stdout);
+    if (wait_for(&root[1], 2, 20)) { fprintf(stderr, "no answer from the consumer\n"); return 13; }
+    for (int i = 0; i < PATTERN_BYTES; i++) {
+        if (block[i] != (unsigned char)(255 - (unsigned char)(i * 7 + 1))) {
+            fprintf(stderr, "byte %d is %d, not the consumer's write\n", i, block[i]);
+            return 14;
+        }
+    }
+    printf("publisher saw the consumer's writes\n");
+    /* The consumer freed our blocks: allocating again must be able to reuse them. */
+    gallocy_free(block);
+    return 0;
+}
+
+/* Node 2: read the published block through the same address, write it, free node 1's blocks. */
+static int consume(void) {
+    attach("e2e");
+    if (wait_for(&root[0], root[0] ? root[0] : 1, 0) != 0) {}
+    double deadline = now_s() + 20;
+    while (root[0] == 0) {
+        if (now_s() > deadline) { fprintf(stderr, "nothing published\n"); return 20; }
+        usleep(1000);
+    }
+    unsigned char *block = (unsigned char *)root[0];
+    for (int i = 0; i < PATTERN_BYTES; i++) {
+        if (block[i] != (unsigned char)(i * 7 + 1)) {
+            fprintf(stderr, "byte %d is %d, expected %d\n", i, block[i], (unsigned char)(i * 7 + 1));
+            return 21;
+        }
+    }
+    printf("consumer read the pattern at %p\n", (void *)block);
+    for (int i = 0; i < PATTERN_BYTES; i++) block[i] = 255 - block[i];
+    for (int i = 0; i < FREE_BLOCKS; i++) {
+        gallocy_free((void *)root[2 + i]);
+        root[2 + i] = 0;
+    }
+    /* A second free of the same block is refused (and reported), never a corruption. */
+    root[1] = 2;
+    struct gallocy_stats s;
+    if (gallocy_stats(&s) == 0)
+        printf("consumer on node %u: %lu remote faults\n", s.node_id, (unsigned long)s.faults_remote);
+    return 0;
+}
+
+/* Alternate increments of a shared counter with another node; extra threads are busy
+ * or blocked meanwhile, so revocations must reach a process that is not idle. */
+struct pingpong { volatile uint64_t *counter; volatile int stop; };
+
+static void *spinner(void *arg) {
+    struct pingpong *pp = arg;
+    uint64_t sum = 0;
+    while (!pp->stop) sum += pp->counter[1]; /* reads the same page */
+    return (void *)(uintptr_t)sum;
+}
+
+static void *blocker(void *arg) {
+    int *fds = arg;
+    char c;
+    ssize_t n = read(fds[0], &c, 1); /* blocked in a system call until the end */
+    (void)n;
+    return NULL;
+}
+
+static int pingpong(int parity, long rounds) {
+    attach("pingpong");
+    volatile uint64_t *counter;
+    if (parity == 0) {
+        counter = gallocy_calloc(2, sizeof(uint64_t));
+        if (!counter) return 30;
+        root[0] = (uint64_t)counter;
+    } else {
+        double deadline = now_s() + 20;
+        while (root[0] == 0) {
+            if (now_s() > deadline) return 31;
+            usleep(1000);
+        }
+        counter = (volatile uint64_t *)root[0];
+    }
+    struct pingpong pp = { counter, 0 };
+    int fds[2];
+    if (pipe(fds)) return 32;
+    pthread_t spin, block;
+    pthread_create(&spin, NULL, spinner, &pp);
+    pthread_create(&block, NULL, blocker, fds);
+    double start = now_s();
+    double deadline = start + 60;
+    for (long i = 0; i < rounds; i++) {
+        uint64_t want = 2 * i + parity;
+        while (*counter != want) {
+            if (now_s() > deadline) { fprintf(stderr, "stuck at %lu waiting for %lu\n", (unsigned long)*counter, (unsigned long)want); return 33; }
+        }
+        *counter = want + 1;
+    }
+    double elapsed = now_s() - start;
+    pp.stop = 1;
+    if (write(fds[1], "x", 1) != 1) return 34;
+    pthread_join(spin, NULL);
+    pthread_join(block, NULL);
+    printf("pingpong parity %d: %ld rounds in %.3f s, %.0f page transfers/s\n", parity, rounds, elapsed,
+           2.0 * rounds / elapsed);
+    return 0;
+}
+
+/* A clear error when the space range clashes with an existing mapping. */
+static int clash(void) {
+    void *taken = mmap((void *)0x200000000000ULL, 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+    if (taken == MAP_FAILED) { perror("mmap"); return 40; }
+    int rc = gallocy_attach("clash");
+    printf("attach: %d (%s): %s\n", rc, gallocy_strerror(rc), gallocy_last_error());
+    return rc == -EEXIST ? 0 : 41;
+}
+
+/* Errors: no daemon, unknown space. */
+static int expect_error(const char *space, int expected) {
+    int rc = gallocy_attach_existing(space);
+    printf("attach: %d (%s): %s\n", rc, gallocy_strerror(rc), gallocy_last_error());
+    return rc == expected ? 0 : 50;
+}
+
+/* Attached, then the daemon dies: the next call must end the process with status 86. */
+static int orphan(void) {
+    attach("orphan");
+    printf("attached\n");
+    fflush(stdout);
+    for (;;) {
+        if (gallocy_ping() != 0) return 60;
+        usleep(5000);
+    }
+}
+
+/* Allocate on this node and publish, for a reader on another node (after a daemon was killed). */
+static int survive_writer(void) {
+    attach("survive");
+    char *block = gallocy_malloc(64);
+    if (!block) { fprintf(stderr, "malloc: %s\n", gallocy_last_error()); return 70; }
+    strcpy(block, "written after a daemon was killed");
+    root[5] = (uint64_t)block;
+    printf("published %p\n", (void *)block);
+    fflush(stdout);
+    return wait_for(&root[6], 1, 20) ? 71 : 0;
+}
+
+static int survive_reader(void) {
+    attach("survive");
+    double deadline = now_s() + 20;
+    while (root[5] == 0) {
+        if (now_s() > deadline) return 72;
+        usleep(1000);
+    }
+    const char *block = (const char *)root[5];
+    printf("read: %s\n", block);
+    int ok = strcmp(block, "written after a daemon was killed") == 0;
+    root[6] = 1;
+    return ok ? 0 : 73;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) return 2;
+    if (!strcmp(argv[1], "publish")) return publish();
+    if (!strcmp(argv[1], "consume")) return consume();
+    if (!strcmp(argv[1], "pingpong")) return pingpong(atoi(argv[2]), atol(argv[3]));
+    if (!strcmp(argv[1], "clash")) return clash();
+    if (!strcmp(argv[1], "expect-error")) return expect_error(argv[2], atoi(argv[3]));
+    if (!strcmp(argv[1], "orphan")) return orphan();
+    if (!strcmp(argv[1], "survive-writer")) return survive_writer();
+    if (!strcmp(argv[1], "survive-reader")) return survive_reader();
+    return 2;
+}

@@ -1,0 +1,171 @@
+//! Shared helpers of the multi-process tests: temporary local clusters that always
+//! stop, C programs built against libgallocy.so, processes with timeouts.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use gallocy_real::cluster;
+use gallocy_real::config::SpaceDefaults;
+
+/// target/<profile>, from this test executable's path (target/<profile>/deps/x).
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf()
+}
+
+/// libgallocy.so, built if this test run did not build it already.
+pub fn libgallocy() -> PathBuf {
+    let dir = profile_dir();
+    let lib = dir.join("libgallocy.so");
+    if !lib.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut command = Command::new(cargo);
+        command.args(["build", "-p", "gallocy-preload"]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            command.arg("--release");
+        }
+        let status = command
+            .status()
+            .expect("run cargo build -p gallocy-preload");
+        assert!(status.success(), "building libgallocy.so failed");
+    }
+    assert!(lib.exists(), "{} missing", lib.display());
+    lib
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh short directory (Unix socket paths are limited to 107 bytes).
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let dir = PathBuf::from(format!("/tmp/gy-{tag}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// Compiles C sources (from real/tests/c) into `out`, linked with libgallocy.
+pub fn build_c(out: &Path, sources: &[&str], extra: &[&str]) -> PathBuf {
+    let lib = libgallocy();
+    let lib_dir = lib.parent().unwrap();
+    let c_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/c");
+    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("../preload/include");
+    let mut command = Command::new("cc");
+    command
+        .args(["-O2", "-g", "-Wall", "-pthread", "-o"])
+        .arg(out);
+    for source in sources {
+        command.arg(c_dir.join(source));
+    }
+    command
+        .arg("-I")
+        .arg(&include)
+        .args(extra)
+        .arg("-L")
+        .arg(lib_dir)
+        .arg("-lgallocy")
+        .arg(format!("-Wl,-rpath,{}", lib_dir.display()));
+    let output = command.output().expect("run cc");
+    assert!(
+        output.status.success(),
+        "cc failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    out.to_path_buf()
+}
+
+/// The e2e.c program, built once per test process.
+pub fn e2e_program(dir: &Path) -> PathBuf {
+    build_c(&dir.join("e2e"), &["e2e.c"], &[])
+}
+
+/// A local cluster that is always stopped, whatever the test does.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub nodes: u64,
+}
+
+impl Cluster {
+    pub fn start(tag: &str, nodes: u64) -> Cluster {
+        let dir = temp_dir(tag);
+        let gallocyd = PathBuf::from(env!("CARGO_BIN_EXE_gallocyd"));
+        let space = SpaceDefaults {
+            size_bytes: 256 << 20,
+            ..SpaceDefaults::default()
+        };
+        cluster::up(nodes, &dir, space, "info", &gallocyd).expect("cluster up");
+        Cluster { dir, nodes }
+    }
+
+    pub fn socket(&self, node: u64) -> PathBuf {
+        cluster::app_socket(&self.dir, node)
+    }
+
+    pub fn daemon_pid(&self, node: u64) -> i32 {
+        std::fs::read_to_string(cluster::node_dir(&self.dir, node).join("gallocyd.pid"))
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("pid")
+    }
+
+    pub fn log(&self, node: u64) -> String {
+        std::fs::read_to_string(cluster::node_dir(&self.dir, node).join("gallocyd.log"))
+            .unwrap_or_default()
+    }
+
+    /// Runs `program args` attached to `node`.
+    pub fn command(&self, node: u64, program: &Path, args: &[&str]) -> Command {
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .env("GALLOCY_SOCKET", self.socket(node))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = cluster::down(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Waits for a child, killing it after `limit`.
+pub fn finish(mut child: Child, limit: Duration) -> Output {
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return child.wait_with_output().expect("output"),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            _ => {
+                let _ = child.kill();
+                let output = child.wait_with_output().expect("output");
+                panic!(
+                    "process timed out after {limit:?}\nstdout:\n{}\nstderr:\n{}",
+                    String::from_utf8_lossy(&output.stdout),
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+        }
+    }
+}
+
+pub fn describe(output: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}

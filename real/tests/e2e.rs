@@ -1,0 +1,268 @@
+//! End-to-end: real daemons on Unix sockets, C programs using libgallocy.so.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{describe, e2e_program, finish, temp_dir, Cluster};
+use gallocy_core::ipc::{
+    ErrorCode, IpcMessage, Role, IPC_FRAME_BYTES, IPC_NAME_BYTES, IPC_VERSION,
+};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+#[test]
+fn processes_on_two_nodes_share_blocks_and_free_each_others() {
+    let cluster = Cluster::start("share", 3);
+    let program = e2e_program(&cluster.dir);
+    let consumer = cluster.command(2, &program, &["consume"]).spawn().unwrap();
+    let publisher = cluster.command(1, &program, &["publish"]).spawn().unwrap();
+    let published = finish(publisher, LIMIT);
+    let consumed = finish(consumer, LIMIT);
+    assert!(
+        published.status.success(),
+        "publisher: {}",
+        describe(&published)
+    );
+    assert!(
+        consumed.status.success(),
+        "consumer: {}",
+        describe(&consumed)
+    );
+    let out = String::from_utf8_lossy(&consumed.stdout);
+    assert!(out.contains("consumer read the pattern"), "{out}");
+    // The daemons saw it: node 2 served remote faults, node 1 leased chunks.
+    let status = gallocy_real::admin::status(&cluster.socket(2)).unwrap();
+    assert!(
+        status["counters"]["faults_remote"].as_u64().unwrap() > 0,
+        "{status}"
+    );
+    assert!(
+        status["counters"]["remote_frees"].as_u64().unwrap() >= 16,
+        "{status}"
+    );
+    let space = &status["spaces"][0];
+    assert_eq!(space["name"], "e2e");
+    assert!(
+        space["chunks_per_node"]["1"].as_u64().unwrap() >= 1,
+        "{status}"
+    );
+}
+
+#[test]
+fn write_pingpong_with_busy_and_blocked_threads() {
+    let cluster = Cluster::start("pingpong", 2);
+    let program = e2e_program(&cluster.dir);
+    let even = cluster
+        .command(1, &program, &["pingpong", "0", "300"])
+        .spawn()
+        .unwrap();
+    let odd = cluster
+        .command(2, &program, &["pingpong", "1", "300"])
+        .spawn()
+        .unwrap();
+    let even = finish(even, LIMIT);
+    let odd = finish(odd, LIMIT);
+    assert!(even.status.success(), "{}", describe(&even));
+    assert!(odd.status.success(), "{}", describe(&odd));
+}
+
+#[test]
+fn runtime_path_never_calls_the_system_allocator() {
+    let cluster = Cluster::start("noalloc", 1);
+    let shim = cluster.dir.join("libcountalloc.so");
+    let status = Command::new("cc")
+        .args(["-O2", "-shared", "-fPIC", "-o"])
+        .arg(&shim)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/c/countalloc.c"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Linked ahead of libc, the shim's malloc interposes for the whole process.
+    let program = common::build_c(
+        &cluster.dir.join("noalloc"),
+        &["noalloc.c"],
+        &[
+            &format!("-L{}", cluster.dir.display()),
+            "-lcountalloc",
+            &format!("-Wl,-rpath,{}", cluster.dir.display()),
+        ],
+    );
+    let output = finish(cluster.command(1, &program, &[]).spawn().unwrap(), LIMIT);
+    assert!(output.status.success(), "{}", describe(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("calls on the runtime path: 0"));
+}
+
+#[test]
+fn errors_users_meet_are_clear() {
+    let cluster = Cluster::start("errors", 1);
+    let program = e2e_program(&cluster.dir);
+
+    // No daemon: the message names the socket tried.
+    let missing = cluster.dir.join("nobody.sock");
+    let output = Command::new(&program)
+        .args(["expect-error", "e2e", "-2"])
+        .env("GALLOCY_SOCKET", &missing)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", describe(&output));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("no gallocy daemon at") && text.contains("nobody.sock"),
+        "{text}"
+    );
+
+    // Unknown space.
+    let output = finish(
+        cluster
+            .command(1, &program, &["expect-error", "nope", "-2"])
+            .spawn()
+            .unwrap(),
+        LIMIT,
+    );
+    assert!(output.status.success(), "{}", describe(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("unknown space"));
+
+    // The space's range is taken: both ranges are named.
+    let output = finish(
+        cluster.command(1, &program, &["clash"]).spawn().unwrap(),
+        LIMIT,
+    );
+    assert!(output.status.success(), "{}", describe(&output));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("cannot map space clash at [0x200000000000"),
+        "{text}"
+    );
+    assert!(
+        text.contains("overlaps an existing mapping [0x200000000000, 0x200000001000)"),
+        "{text}"
+    );
+
+    // Another protocol version: the daemon says which one it speaks.
+    let mut stream = UnixStream::connect(cluster.socket(1)).unwrap();
+    let mut frame = [0u8; IPC_FRAME_BYTES];
+    IpcMessage::Hello {
+        role: Role::Admin,
+        session: 0,
+        pid: 0,
+        create: false,
+        name: [0u8; IPC_NAME_BYTES],
+    }
+    .encode(7, &mut frame);
+    frame[2] = IPC_VERSION + 1;
+    stream.write_all(&frame).unwrap();
+    stream.read_exact(&mut frame).unwrap();
+    assert_eq!(
+        IpcMessage::decode(&frame).unwrap().1,
+        IpcMessage::Error {
+            code: ErrorCode::VersionMismatch,
+            detail: IPC_VERSION as u64
+        }
+    );
+
+    // Another user: the socket is the daemon user's only.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let output = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&program)
+            .args(["expect-error", "e2e", "-13"])
+            .env("GALLOCY_SOCKET", cluster.socket(1))
+            .output();
+        if let Ok(output) = output {
+            assert!(output.status.success(), "{}", describe(&output));
+            assert!(String::from_utf8_lossy(&output.stdout).contains("errno 13"));
+        }
+    }
+}
+
+#[test]
+fn a_killed_daemon_loses_its_processes_not_the_cluster() {
+    let cluster = Cluster::start("kill", 3);
+    let program = e2e_program(&cluster.dir);
+    let mut orphan = cluster.command(1, &program, &["orphan"]).spawn().unwrap();
+    // Wait until it is attached.
+    let mut stdout = orphan.stdout.take().unwrap();
+    let mut first = [0u8; 9];
+    stdout.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"attached\n");
+    // SIGKILL node 1's daemon (the first leader, by its election timeout).
+    // SAFETY: signalling the daemon this test started.
+    unsafe { libc::kill(cluster.daemon_pid(1), libc::SIGKILL) };
+    let output = finish(orphan, LIMIT);
+    assert_eq!(output.status.code(), Some(86), "{}", describe(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("is gone"),
+        "{}",
+        describe(&output)
+    );
+    // The others elect a leader and keep serving: a new allocation needs a Raft commit.
+    let writer = cluster
+        .command(2, &program, &["survive-writer"])
+        .spawn()
+        .unwrap();
+    let reader = cluster
+        .command(3, &program, &["survive-reader"])
+        .spawn()
+        .unwrap();
+    let written = finish(writer, LIMIT);
+    let read = finish(reader, LIMIT);
+    assert!(written.status.success(), "writer: {}", describe(&written));
+    assert!(
+        read.status.success(),
+        "reader: {}\nlog 2:\n{}",
+        describe(&read),
+        cluster.log(2)
+    );
+}
+
+#[test]
+fn cluster_down_leaves_nothing_running() {
+    let dir = temp_dir("down");
+    let gallocyd = std::path::PathBuf::from(env!("CARGO_BIN_EXE_gallocyd"));
+    gallocy_real::cluster::up(3, &dir, Default::default(), "info", &gallocyd).unwrap();
+    let pids: Vec<i32> = (1..=3)
+        .map(|n| {
+            std::fs::read_to_string(dir.join(format!("node{n}/gallocyd.pid")))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    // The CLI's status over the whole cluster.
+    let output = Command::new(env!("CARGO_BIN_EXE_gallocy"))
+        .args(["status", "--json", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", describe(&output));
+    let documents: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let leaders: Vec<_> = documents
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["leader"].clone())
+        .collect();
+    assert!(
+        leaders.iter().all(|l| *l == leaders[0] && !l.is_null()),
+        "{leaders:?}"
+    );
+    assert_eq!(gallocy_real::cluster::down(&dir).unwrap(), 3);
+    for pid in pids {
+        // SAFETY: reaping and probing the daemons this test started.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        assert!(
+            unsafe { libc::kill(pid, 0) } != 0,
+            "daemon {pid} still running"
+        );
+    }
+    for n in 1..=3 {
+        assert!(!dir.join(format!("node{n}/app.sock")).exists());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
