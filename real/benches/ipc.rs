@@ -1,0 +1,228 @@
+//! Application ⇄ daemon latency against the machine's floor, measured in one run:
+//!
+//! 1. the floor: a blocking 64-byte Unix-socket ping-pong between two processes;
+//! 2. `gallocy_ping`: one application → daemon transaction (same frame size);
+//! 3. a read fault on a page whose latest copy is on another node;
+//! 4. write ping-pong: two processes on two nodes alternately writing one page.
+//!
+//! `cargo bench -p gallocy-real --bench ipc` (a 2-node local cluster is started and
+//! stopped by the benchmark). Child processes are this executable in another role.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gallocy::{gallocy_attach, gallocy_detach, gallocy_malloc, gallocy_ping, gallocy_root};
+
+const ROUNDS: usize = 20_000;
+const FAULT_PAGES: usize = 2_000;
+const PINGPONG_ROUNDS: u64 = 5_000;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p) as usize]
+}
+
+fn summarize(name: &str, mut samples: Vec<Duration>) -> (Duration, Duration) {
+    samples.sort_unstable();
+    let median = percentile(&samples, 0.5);
+    let p99 = percentile(&samples, 0.99);
+    println!(
+        "{name:<44} median {:>8.2} us   p99 {:>8.2} us   ({} samples)",
+        median.as_secs_f64() * 1e6,
+        p99.as_secs_f64() * 1e6,
+        samples.len()
+    );
+    (median, p99)
+}
+
+fn spawn_role(role: &str, socket: Option<&Path>, arg: &str) -> Child {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .env("GALLOCY_BENCH_ROLE", role)
+        .env("GALLOCY_BENCH_ARG", arg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    if let Some(socket) = socket {
+        command.env("GALLOCY_SOCKET", socket);
+    }
+    command.spawn().expect("spawn benchmark child")
+}
+
+fn attach(space: &str) {
+    let name = std::ffi::CString::new(space).unwrap();
+    let rc = gallocy_attach(name.as_ptr());
+    assert_eq!(rc, 0, "attach failed");
+}
+
+fn root() -> *mut u64 {
+    gallocy_root().cast()
+}
+
+fn wait_word(word: *const u64, value: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // SAFETY: a word of the root block, shared by the processes of the space.
+    while unsafe { word.read_volatile() } != value {
+        assert!(Instant::now() < deadline, "benchmark peer stuck");
+        // Two cores, two daemons: a waiter must not starve them.
+        std::thread::yield_now();
+    }
+}
+
+/// Child: echo 64-byte frames on a Unix socket (the floor's other process).
+fn echo(path: &str) {
+    let listener = UnixListener::bind(path).unwrap();
+    let (mut stream, _) = listener.accept().unwrap();
+    let mut frame = [0u8; 64];
+    while stream.read_exact(&mut frame).is_ok() {
+        if stream.write_all(&frame).is_err() {
+            break;
+        }
+    }
+}
+
+/// Child: dirty FAULT_PAGES pages on its node, publish them, wait for the reader.
+fn dirtier() {
+    attach("bench");
+    let pages = gallocy_malloc(FAULT_PAGES * 4096 + 4096) as u64;
+    let first = (pages + 4095) & !4095;
+    for i in 0..FAULT_PAGES as u64 {
+        // SAFETY: inside the block just allocated.
+        unsafe { ((first + i * 4096) as *mut u64).write_volatile(i + 1) };
+    }
+    let root = root();
+    // SAFETY: root block words.
+    unsafe {
+        root.add(1).write_volatile(first);
+        root.add(0).write_volatile(1);
+    }
+    wait_word(unsafe { root.add(2) }, 1);
+    gallocy_detach();
+}
+
+/// Child: the odd side of the write ping-pong.
+fn pingpong_odd() {
+    attach("bench");
+    let root = root();
+    wait_word(unsafe { root.add(3) }, 1);
+    let counter = unsafe { root.add(4).read_volatile() } as *mut u64;
+    for i in 0..PINGPONG_ROUNDS {
+        wait_word(counter, 2 * i + 1);
+        // SAFETY: the shared counter block.
+        unsafe { counter.write_volatile(2 * i + 2) };
+    }
+    gallocy_detach();
+}
+
+fn main() {
+    match std::env::var("GALLOCY_BENCH_ROLE").as_deref() {
+        Ok("echo") => return echo(&std::env::var("GALLOCY_BENCH_ARG").unwrap()),
+        Ok("dirtier") => return dirtier(),
+        Ok("pingpong") => return pingpong_odd(),
+        _ => {}
+    }
+    let dir = PathBuf::from(format!("/tmp/gy-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let gallocyd = PathBuf::from(env!("CARGO_BIN_EXE_gallocyd"));
+    gallocy_real::cluster::up(2, &dir, Default::default(), "warn", &gallocyd).expect("cluster up");
+    let result = std::panic::catch_unwind(|| run(&dir));
+    gallocy_detach();
+    let _ = gallocy_real::cluster::down(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    if result.is_err() {
+        std::process::exit(1);
+    }
+}
+
+fn run(dir: &Path) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("gallocy IPC benchmark ({cpus} cpus), 2-node local cluster on Unix sockets");
+
+    // 1. The floor.
+    let echo_path = dir.join("echo.sock");
+    let mut echo_child = spawn_role("echo", None, echo_path.to_str().unwrap());
+    let mut stream = loop {
+        match UnixStream::connect(&echo_path) {
+            Ok(stream) => break stream,
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    let mut frame = [7u8; 64];
+    let mut floor = Vec::with_capacity(ROUNDS);
+    for _ in 0..ROUNDS {
+        let start = Instant::now();
+        stream.write_all(&frame).unwrap();
+        stream.read_exact(&mut frame).unwrap();
+        floor.push(start.elapsed());
+    }
+    drop(stream);
+    let _ = echo_child.wait();
+    let (floor_median, floor_p99) = summarize("floor: Unix socket 64 B ping-pong", floor);
+
+    // 2. gallocy_ping.
+    std::env::set_var("GALLOCY_SOCKET", gallocy_real::cluster::app_socket(dir, 1));
+    attach("bench");
+    let mut pings = Vec::with_capacity(ROUNDS);
+    for _ in 0..ROUNDS {
+        let start = Instant::now();
+        assert_eq!(gallocy_ping(), 0);
+        pings.push(start.elapsed());
+    }
+    let (ping_median, ping_p99) = summarize("gallocy_ping (app -> daemon -> app)", pings);
+    println!(
+        "  ratio to the floor: median {:.2}x, p99 {:.2}x (target <= 1.3x)",
+        ping_median.as_secs_f64() / floor_median.as_secs_f64(),
+        ping_p99.as_secs_f64() / floor_p99.as_secs_f64()
+    );
+
+    // 3. Read faults on pages last written on node 2.
+    let node2 = gallocy_real::cluster::app_socket(dir, 2);
+    let mut dirtier = spawn_role("dirtier", Some(&node2), "");
+    let root = root();
+    wait_word(unsafe { root.add(0) }, 1);
+    let first = unsafe { root.add(1).read_volatile() };
+    let mut faults = Vec::with_capacity(FAULT_PAGES);
+    for i in 0..FAULT_PAGES as u64 {
+        let word = (first + i * 4096) as *const u64;
+        let start = Instant::now();
+        // SAFETY: a page of the block the other process published.
+        let value = unsafe { word.read_volatile() };
+        faults.push(start.elapsed());
+        assert_eq!(value, i + 1, "read fault returned stale data");
+    }
+    unsafe { root.add(2).write_volatile(1) };
+    let _ = dirtier.wait();
+    let (fault_median, fault_p99) = summarize("read fault, latest copy on another node", faults);
+    println!(
+        "  ratio to the floor: median {:.2}x, p99 {:.2}x (target <= 4x)",
+        fault_median.as_secs_f64() / floor_median.as_secs_f64(),
+        fault_p99.as_secs_f64() / floor_p99.as_secs_f64()
+    );
+
+    // 4. Write ping-pong between node 1 (this process) and node 2.
+    let counter = gallocy_malloc(64) as *mut u64;
+    unsafe {
+        counter.write_volatile(0);
+        root.add(4).write_volatile(counter as u64);
+        root.add(3).write_volatile(1);
+    }
+    let mut odd = spawn_role("pingpong", Some(&node2), "");
+    let start = Instant::now();
+    for i in 0..PINGPONG_ROUNDS {
+        wait_word(counter, 2 * i);
+        unsafe { counter.write_volatile(2 * i + 1) };
+    }
+    wait_word(counter, 2 * PINGPONG_ROUNDS);
+    let elapsed = start.elapsed();
+    let _ = odd.wait();
+    println!(
+        "{:<44} {} rounds in {:.3} s: {:.0} page transfers/s ({:.1} us per transfer)",
+        "write ping-pong, two nodes, one page",
+        PINGPONG_ROUNDS,
+        elapsed.as_secs_f64(),
+        2.0 * PINGPONG_ROUNDS as f64 / elapsed.as_secs_f64(),
+        elapsed.as_secs_f64() * 1e6 / (2.0 * PINGPONG_ROUNDS as f64)
+    );
+}
