@@ -1,0 +1,122 @@
+//! Peer transport: TCP between daemons, and a peer that sends garbage.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{describe, e2e_program, finish, temp_dir, Cluster};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Daemons(Vec<Child>);
+
+impl Drop for Daemons {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            // SAFETY: signalling a daemon this test started.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+}
+
+#[test]
+fn two_daemons_over_tcp_share_a_block() {
+    let dir = temp_dir("tcp");
+    let ports = [free_port(), free_port()];
+    let peers: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| format!("{}=tcp:127.0.0.1:{port}", i + 1))
+        .collect();
+    let mut daemons = Daemons(Vec::new());
+    for (i, port) in ports.iter().enumerate() {
+        let home = dir.join(format!("node{}", i + 1));
+        std::fs::create_dir_all(&home).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_gallocyd"))
+            .arg("--node-id")
+            .arg((i + 1).to_string())
+            .arg("--listen")
+            .arg(format!("tcp:127.0.0.1:{port}"))
+            .args(peers.iter().flat_map(|p| ["--peer", p.as_str()]))
+            .arg("--runtime-dir")
+            .arg(&home)
+            .arg("--log")
+            .arg("warn")
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(home.join("gallocyd.log")).unwrap())
+            .spawn()
+            .unwrap();
+        daemons.0.push(child);
+    }
+    let sockets: Vec<_> = (1..=2).map(|i| dir.join(format!("node{i}/app.sock"))).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let leaders: Vec<_> = sockets
+            .iter()
+            .map(|s| gallocy_real::admin::status(s).ok().and_then(|d| d["leader"].as_u64()))
+            .collect();
+        if leaders[0].is_some() && leaders[0] == leaders[1] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no leader over TCP");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let program = e2e_program(&dir);
+    let consumer = Command::new(&program)
+        .arg("consume")
+        .env("GALLOCY_SOCKET", &sockets[1])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let publisher = Command::new(&program)
+        .arg("publish")
+        .env("GALLOCY_SOCKET", &sockets[0])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let published = finish(publisher, Duration::from_secs(60));
+    let consumed = finish(consumer, Duration::from_secs(60));
+    assert!(published.status.success(), "{}", describe(&published));
+    assert!(consumed.status.success(), "{}", describe(&consumed));
+    drop(daemons);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_peer_sending_garbage_is_disconnected_and_the_daemon_keeps_serving() {
+    let cluster = Cluster::start("garbage", 2);
+    let peer_socket = gallocy_real::cluster::node_dir(&cluster.dir, 1).join("peer.sock");
+    // A valid hello from member 2, then a frame that does not decode.
+    let mut stream = UnixStream::connect(&peer_socket).unwrap();
+    stream.write_all(&gallocy_core::wire::encode_peer_hello(2)).unwrap();
+    stream.write_all(&8u32.to_le_bytes()).unwrap();
+    stream.write_all(b"garbage!").unwrap();
+    // A hello from a stranger and an oversized frame on other connections.
+    let mut stranger = UnixStream::connect(&peer_socket).unwrap();
+    stranger.write_all(&gallocy_core::wire::encode_peer_hello(99)).unwrap();
+    let mut huge = UnixStream::connect(&peer_socket).unwrap();
+    huge.write_all(&gallocy_core::wire::encode_peer_hello(2)).unwrap();
+    huge.write_all(&u32::MAX.to_le_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let status = gallocy_real::admin::status(&cluster.socket(1)).unwrap();
+    assert!(status["counters"]["frames_malformed"].as_u64().unwrap() >= 1, "{status}");
+    let log = cluster.log(1);
+    assert!(log.contains("disconnecting peer"), "{log}");
+    // Still serving: processes on both nodes share memory.
+    let program = e2e_program(&cluster.dir);
+    let consumer = cluster.command(2, &program, &["consume"]).spawn().unwrap();
+    let publisher = cluster.command(1, &program, &["publish"]).spawn().unwrap();
+    let published = finish(publisher, Duration::from_secs(60));
+    let consumed = finish(consumer, Duration::from_secs(60));
+    assert!(published.status.success(), "{}", describe(&published));
+    assert!(consumed.status.success(), "{}", describe(&consumed));
+}
