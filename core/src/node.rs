@@ -1151,7 +1151,7 @@ impl Node {
                 || self.lease_sent_tick.is_some_and(|t| {
                     self.now_ticks.saturating_sub(t) <= self.config.fence_after_ticks
                 }));
-        if in_contact == !self.fenced {
+        if in_contact != self.fenced {
             return;
         }
         self.fenced = !in_contact;
@@ -1896,7 +1896,7 @@ impl Node {
     }
 
     /// A message from `from` about `page` is only meaningful if `from` is its home.
-    fn from_home(&self, from: NodeId, page: PageId) -> bool {
+    fn sent_by_home(&self, from: NodeId, page: PageId) -> bool {
         self.home_of(page) == Some(from)
     }
 
@@ -1914,7 +1914,7 @@ impl Node {
     ) {
         let accept_stale = self.mutant(Mutant::AcceptStaleGrant);
         let fenced_or_evicted = self.fenced || self.evicted;
-        if !self.from_home(from, page_id) {
+        if !self.sent_by_home(from, page_id) {
             self.stats.messages_rejected += 1;
             return;
         }
@@ -1979,7 +1979,7 @@ impl Node {
     }
 
     fn on_denied(&mut self, from: NodeId, page_id: PageId, request_id: u64, reason: PageDenial) {
-        let matches = self.from_home(from, page_id)
+        let matches = self.sent_by_home(from, page_id)
             && self.pages.get(&page_id).is_some_and(|p| {
                 p.request
                     .as_ref()
@@ -1997,7 +1997,7 @@ impl Node {
     }
 
     fn on_invalidate(&mut self, from: NodeId, page_id: PageId, seq: u64) {
-        if !self.from_home(from, page_id) {
+        if !self.sent_by_home(from, page_id) {
             self.stats.messages_rejected += 1;
             return;
         }
@@ -2047,7 +2047,7 @@ impl Node {
     }
 
     fn on_recall(&mut self, from: NodeId, page_id: PageId, seq: u64, downgrade: bool) {
-        if !self.from_home(from, page_id) {
+        if !self.sent_by_home(from, page_id) {
             self.stats.messages_rejected += 1;
             return;
         }

@@ -117,17 +117,17 @@ impl SpaceLayout {
         {
             return Err("chunk size must be a power of two between 4 KiB and 1 GiB");
         }
-        if self.base_addr % self.chunk_size_bytes != 0 || self.base_addr == 0 {
+        if !self.base_addr.is_multiple_of(self.chunk_size_bytes) || self.base_addr == 0 {
             return Err("space base must be non-zero and chunk-aligned");
         }
-        if self.size_bytes == 0 || self.size_bytes % self.chunk_size_bytes != 0 {
+        if self.size_bytes == 0 || !self.size_bytes.is_multiple_of(self.chunk_size_bytes) {
             return Err("space size must be a non-zero multiple of the chunk size");
         }
         if self.base_addr.checked_add(self.size_bytes).is_none() || self.end_addr() > (1u64 << 47) {
             return Err("space must end below the 47-bit user address limit");
         }
         if self.root_size_bytes == 0
-            || self.root_size_bytes % PAGE_SIZE_BYTES as u64 != 0
+            || !self.root_size_bytes.is_multiple_of(PAGE_SIZE_BYTES as u64)
             || self.root_size_bytes > self.chunk_size_bytes
         {
             return Err("root size must be a non-zero page multiple no larger than a chunk");

@@ -70,7 +70,7 @@ fn note_error(what: &[u8], error: CallError) {
 fn usable_size(ptr: *mut c_void) -> Option<u64> {
     let addr = ptr as u64;
     let base = runtime::base_addr();
-    if !runtime::is_attached() || addr < base + HEADER_BYTES || addr % 16 != 0 {
+    if !runtime::is_attached() || addr < base + HEADER_BYTES || !addr.is_multiple_of(16) {
         return None;
     }
     let block = addr - HEADER_BYTES;
@@ -223,8 +223,10 @@ pub struct GallocyStats {
     pub node_id: u32,
 }
 
+/// # Safety
+/// `out` must be null or point to a writable `struct gallocy_stats`.
 #[no_mangle]
-pub extern "C" fn gallocy_stats(out: *mut GallocyStats) -> c_int {
+pub unsafe extern "C" fn gallocy_stats(out: *mut GallocyStats) -> c_int {
     if out.is_null() {
         return -libc::EINVAL;
     }

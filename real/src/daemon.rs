@@ -964,23 +964,16 @@ impl Daemon {
     }
 
     fn welcome(&mut self, token: Token, request_id: u64, pid: i32, layout: SpaceLayout) {
-        if !self.spaces.contains_key(&layout.id) {
-            match SpaceMemory::create(&layout) {
-                Ok(memory) => {
-                    self.spaces.insert(layout.id, memory);
-                }
-                Err(e) => {
-                    warn!("cannot back space {}: {e}", layout.name);
-                    return self.reply(
-                        token,
-                        request_id,
-                        IpcMessage::Error {
-                            code: ErrorCode::Internal,
-                            detail: 0,
-                        },
-                    );
-                }
-            }
+        if self.space_memory(layout.id).is_none() {
+            warn!("cannot back space {}", layout.name);
+            return self.reply(
+                token,
+                request_id,
+                IpcMessage::Error {
+                    code: ErrorCode::Internal,
+                    detail: 0,
+                },
+            );
         }
         let session = self.next_session;
         self.next_session += 1;

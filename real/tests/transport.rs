@@ -11,7 +11,11 @@ use std::time::{Duration, Instant};
 use common::{describe, e2e_program, finish, temp_dir, Cluster};
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Daemons(Vec<Child>);
@@ -55,12 +59,18 @@ fn two_daemons_over_tcp_share_a_block() {
             .unwrap();
         daemons.0.push(child);
     }
-    let sockets: Vec<_> = (1..=2).map(|i| dir.join(format!("node{i}/app.sock"))).collect();
+    let sockets: Vec<_> = (1..=2)
+        .map(|i| dir.join(format!("node{i}/app.sock")))
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let leaders: Vec<_> = sockets
             .iter()
-            .map(|s| gallocy_real::admin::status(s).ok().and_then(|d| d["leader"].as_u64()))
+            .map(|s| {
+                gallocy_real::admin::status(s)
+                    .ok()
+                    .and_then(|d| d["leader"].as_u64())
+            })
             .collect();
         if leaders[0].is_some() && leaders[0] == leaders[1] {
             break;
@@ -97,18 +107,26 @@ fn a_peer_sending_garbage_is_disconnected_and_the_daemon_keeps_serving() {
     let peer_socket = gallocy_real::cluster::node_dir(&cluster.dir, 1).join("peer.sock");
     // A valid hello from member 2, then a frame that does not decode.
     let mut stream = UnixStream::connect(&peer_socket).unwrap();
-    stream.write_all(&gallocy_core::wire::encode_peer_hello(2)).unwrap();
+    stream
+        .write_all(&gallocy_core::wire::encode_peer_hello(2))
+        .unwrap();
     stream.write_all(&8u32.to_le_bytes()).unwrap();
     stream.write_all(b"garbage!").unwrap();
     // A hello from a stranger and an oversized frame on other connections.
     let mut stranger = UnixStream::connect(&peer_socket).unwrap();
-    stranger.write_all(&gallocy_core::wire::encode_peer_hello(99)).unwrap();
+    stranger
+        .write_all(&gallocy_core::wire::encode_peer_hello(99))
+        .unwrap();
     let mut huge = UnixStream::connect(&peer_socket).unwrap();
-    huge.write_all(&gallocy_core::wire::encode_peer_hello(2)).unwrap();
+    huge.write_all(&gallocy_core::wire::encode_peer_hello(2))
+        .unwrap();
     huge.write_all(&u32::MAX.to_le_bytes()).unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let status = gallocy_real::admin::status(&cluster.socket(1)).unwrap();
-    assert!(status["counters"]["frames_malformed"].as_u64().unwrap() >= 1, "{status}");
+    assert!(
+        status["counters"]["frames_malformed"].as_u64().unwrap() >= 1,
+        "{status}"
+    );
     let log = cluster.log(1);
     assert!(log.contains("disconnecting peer"), "{log}");
     // Still serving: processes on both nodes share memory.

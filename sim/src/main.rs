@@ -184,7 +184,7 @@ fn progress(finished: u64, total: u64, failures: usize, started: Instant, tty: b
     let mut err = std::io::stderr().lock();
     if tty {
         let _ = write!(err, "\r\x1b[K{line}");
-    } else if finished == total || finished % (total / 10).max(1) == 0 {
+    } else if finished == total || finished.is_multiple_of((total / 10).max(1)) {
         let _ = writeln!(err, "{line}");
     }
     let _ = err.flush();

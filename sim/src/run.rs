@@ -266,7 +266,7 @@ fn run_unguarded(params: RunParams) -> RunReport {
             w.step = now / STEP_MS;
             w.tick(now);
             w.check_coherence();
-            if now % 128 == 0 {
+            if now.is_multiple_of(128) {
                 w.check_allocators();
             }
             let leader = (0..params.nodes)

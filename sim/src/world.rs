@@ -161,7 +161,7 @@ impl World {
             });
         }
         World {
-            rng: ChaCha8Rng::seed_from_u64(params.seed ^ 0x6761_6c6c_6f63_79),
+            rng: ChaCha8Rng::seed_from_u64(params.seed ^ 0x0067_616c_6c6f_6379),
             outbox: vec![Vec::new(); params.nodes],
             params,
             now_ticks: 0,
@@ -515,17 +515,12 @@ impl World {
             // node carved: a remote one could be reallocated while the bad free is in
             // flight, which is a bug of the application, not of gallocy.
             let node_id = index as NodeId + 1;
-            let double = self
-                .recently_freed
-                .iter()
-                .copied()
-                .filter(|a| {
-                    !self.live.contains_key(a)
-                        && !self.limbo.contains(a)
-                        && !self.freeing.values().any(|f| f.0 == *a)
-                        && self.owner_of(*a) == Some(node_id)
-                })
-                .last();
+            let double = self.recently_freed.iter().rev().copied().find(|a| {
+                !self.live.contains_key(a)
+                    && !self.limbo.contains(a)
+                    && !self.freeing.values().any(|f| f.0 == *a)
+                    && self.owner_of(*a) == Some(node_id)
+            });
             let wild = self.published.iter().copied().find(|a| {
                 self.live
                     .get(a)
@@ -826,7 +821,7 @@ impl World {
 
     fn check_allocation(&mut self, index: usize, addr: u64, asked: u64, got: u64) {
         let node_id = index as NodeId + 1;
-        if got < asked || addr % 16 != 0 {
+        if got < asked || !addr.is_multiple_of(16) {
             self.violate(
                 "allocation safety",
                 format!("block {addr:#x} has {got} bytes for {asked} asked, or is misaligned"),
