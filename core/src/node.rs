@@ -1419,6 +1419,14 @@ impl Node {
                 chunk_size_bytes,
                 flexible_base,
             } => {
+                // Checked here too: a command the log cannot carry would never commit.
+                if name.is_empty() || name.len() > crate::types::SPACE_NAME_MAX_BYTES {
+                    self.reply_error(
+                        token,
+                        AppError::SpaceRejected("space name must be 1 to 64 bytes"),
+                    );
+                    return;
+                }
                 let command = Command::CreateSpace {
                     name,
                     base_addr,
