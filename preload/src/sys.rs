@@ -194,3 +194,29 @@ pub fn exit_now(code: i32) -> ! {
     // SAFETY: _exit is async-signal-safe and never returns.
     unsafe { libc::_exit(code) }
 }
+
+/// `bytes` of private zeroed memory aligned to `align` (a power of two), or None.
+/// Used for chunks when no daemon serves this process (fallback mode).
+pub fn map_private_chunks(bytes: u64, align: u64) -> Option<u64> {
+    let span = bytes.checked_add(align)?;
+    // SAFETY: a fresh anonymous mapping at an address the kernel picks.
+    let raw = unsafe {
+        rustix::mm::mmap_anonymous(
+            core::ptr::null_mut(),
+            span as usize,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::NORESERVE,
+        )
+    }
+    .ok()? as u64;
+    let start = (raw + align - 1) & !(align - 1);
+    // Trim the unaligned head and the tail.
+    if start > raw {
+        unmap(raw, start - raw);
+    }
+    let end = start + bytes;
+    if raw + span > end {
+        unmap(end, raw + span - end);
+    }
+    Some(start)
+}

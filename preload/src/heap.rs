@@ -1,0 +1,613 @@
+//! The in-process allocator: chunks leased in bulk (from the daemon, or from a private
+//! mapping in fallback mode) carved locally into size classes, with one heap per
+//! thread. Steady-state malloc and free do no IPC and no system call.
+//!
+//! Layout: a chunk (1 MiB) is either split into 16 spans of 64 KiB (small classes), or
+//! is one span (big classes), or starts a run of chunks holding one large block. Every
+//! span starts with a 64-byte header *in the space*, so a free from any thread, process
+//! or node finds the block's class and owner from the pointer alone.
+//!
+//! Frees: a block freed by the thread heap that owns its span goes on that heap's
+//! local list. Any other free (another thread, process or node) pushes the block onto
+//! the span's `remote` list with a compare-and-swap on the header; the owner collects
+//! these lists when its local list runs dry. Across nodes this is coherent because the
+//! space is sequentially consistent: the CAS runs on a page the freeing node holds
+//! exclusively at that instant.
+
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+pub const CHUNK_BYTES: u64 = 1 << 20;
+pub const SPAN_BYTES: u64 = 64 << 10;
+const HEADER_BYTES: u64 = 64;
+const MAGIC: u32 = 0x6761_6c79;
+const KIND_SMALL: u32 = 1;
+const KIND_BIG: u32 = 2;
+const KIND_LARGE: u32 = 3;
+/// Largest block of a small class (spans of 64 KiB).
+const SMALL_MAX_BYTES: u64 = 8 << 10;
+/// Largest block of a big class (one span per chunk); larger blocks get chunk runs.
+pub const BIG_MAX_BYTES: u64 = 256 << 10;
+/// Thread heaps; beyond, threads share the last one under a lock.
+pub const MAX_HEAPS: usize = 256;
+/// Freed large runs kept for reuse.
+const MAX_FREE_RUNS: usize = 256;
+/// Blocks carved from a span at once when a free list runs dry.
+const CARVE_BATCH: usize = 32;
+
+/// Where chunks come from: the daemon (leases) or a private mapping (fallback).
+pub trait ChunkSource {
+    /// `count` contiguous, chunk-aligned, zeroed chunks; their start address.
+    fn lease(&self, count: u64) -> Option<u64>;
+}
+
+#[repr(C)]
+struct SpanHeader {
+    magic: u32,
+    kind: u32,
+    class: u32,
+    run_chunks: u32,
+    /// The owning thread heap: (process token << 16) | heap index.
+    owner: AtomicU64,
+    block_bytes: u64,
+    /// First block.
+    data_start: u64,
+    /// Next uncarved byte (owner only).
+    bump: u64,
+    /// Blocks freed by others: a Treiber stack threaded through the blocks.
+    remote: AtomicU64,
+    /// The owner's next span of the same class (owner only).
+    next: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<SpanHeader>() <= HEADER_BYTES as usize);
+
+/// Class sizes: 16-byte steps to 128, then four steps per doubling up to 256 KiB.
+const fn class_sizes() -> [u64; CLASSES] {
+    let mut sizes = [0u64; CLASSES];
+    let mut i = 0;
+    while i < 8 {
+        sizes[i] = 16 * (i as u64 + 1);
+        i += 1;
+    }
+    let mut base = 128u64;
+    while i < CLASSES {
+        let mut step = 1;
+        while step <= 4 && i < CLASSES {
+            sizes[i] = base + base / 4 * step;
+            i += 1;
+            step += 1;
+        }
+        base *= 2;
+    }
+    sizes
+}
+
+/// 8 + 4 per doubling from 128 to 256 KiB (11 doublings).
+pub const CLASSES: usize = 8 + 4 * 11;
+pub static CLASS_BYTES: [u64; CLASSES] = class_sizes();
+
+const _: () = assert!(class_sizes()[CLASSES - 1] == BIG_MAX_BYTES);
+
+/// The class serving `size`, if it is not a large block.
+pub fn class_of(size: u64) -> Option<usize> {
+    if size <= 128 {
+        return Some((size.max(1) as usize - 1) / 16);
+    }
+    if size > BIG_MAX_BYTES {
+        return None;
+    }
+    // Binary search: the first class at least `size`.
+    let (mut lo, mut hi) = (8usize, CLASSES - 1);
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if CLASS_BYTES[mid] >= size {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    Some(lo)
+}
+
+struct ThreadHeap {
+    in_use: AtomicBool,
+    /// Local free lists, threaded through the blocks.
+    free: [UnsafeCell<u64>; CLASSES],
+    /// Spans this heap owns, per class (through `SpanHeader::next`).
+    spans: [UnsafeCell<u64>; CLASSES],
+    /// The span blocks are being carved from, per class.
+    carving: [UnsafeCell<u64>; CLASSES],
+    /// For the shared last heap only.
+    lock: AtomicBool,
+}
+
+// SAFETY: a heap's cells are touched only by the thread holding it (`in_use`), or under
+// its `lock` for the shared heap.
+unsafe impl Sync for ThreadHeap {}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const ZERO_CELL: UnsafeCell<u64> = UnsafeCell::new(0);
+#[allow(clippy::declare_interior_mutable_const)]
+const EMPTY_HEAP: ThreadHeap = ThreadHeap {
+    in_use: AtomicBool::new(false),
+    free: [ZERO_CELL; CLASSES],
+    spans: [ZERO_CELL; CLASSES],
+    carving: [ZERO_CELL; CLASSES],
+    lock: AtomicBool::new(false),
+};
+
+/// Chunks leased but not yet split into spans, and freed large runs (process-wide).
+struct Pool {
+    lock: AtomicBool,
+    /// Next unused span in the current small-span chunk, and its end.
+    span_cursor: UnsafeCell<u64>,
+    span_end: UnsafeCell<u64>,
+    free_runs: UnsafeCell<[(u64, u64); MAX_FREE_RUNS]>,
+}
+
+// SAFETY: cells touched only under `lock`.
+unsafe impl Sync for Pool {}
+
+pub struct Heap {
+    heaps: [ThreadHeap; MAX_HEAPS],
+    pool: Pool,
+    /// Distinguishes this process's heaps from every other process's (node, session).
+    process_token: AtomicU64,
+    pub leased_bytes: AtomicU64,
+    pub large_blocks: AtomicU32,
+}
+
+impl Heap {
+    pub const fn new() -> Heap {
+        Heap {
+            heaps: [EMPTY_HEAP; MAX_HEAPS],
+            pool: Pool {
+                lock: AtomicBool::new(false),
+                span_cursor: UnsafeCell::new(0),
+                span_end: UnsafeCell::new(0),
+                free_runs: UnsafeCell::new([(0, 0); MAX_FREE_RUNS]),
+            },
+            process_token: AtomicU64::new(0),
+            leased_bytes: AtomicU64::new(0),
+            large_blocks: AtomicU32::new(0),
+        }
+    }
+
+    /// Sets the token that makes owners unique across processes; call before use.
+    pub fn set_process_token(&self, token: u64) {
+        self.process_token.store(token & 0xffff_ffff_ffff, Ordering::Release);
+    }
+
+    fn owner_id(&self, heap: usize) -> u64 {
+        (self.process_token.load(Ordering::Relaxed) << 16) | heap as u64
+    }
+
+    /// Claims a free thread heap; `MAX_HEAPS - 1` (shared) when all are taken.
+    pub fn claim(&self) -> usize {
+        for (index, heap) in self.heaps.iter().enumerate().take(MAX_HEAPS - 1) {
+            if !heap.in_use.load(Ordering::Relaxed)
+                && heap
+                    .in_use
+                    .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            {
+                return index;
+            }
+        }
+        MAX_HEAPS - 1
+    }
+
+    /// Gives a heap back (its thread exited); the next thread to claim it inherits its
+    /// spans and free lists.
+    pub fn release(&self, index: usize) {
+        if index < MAX_HEAPS - 1 {
+            self.heaps[index].in_use.store(false, Ordering::Release);
+        }
+    }
+
+    fn lock(flag: &AtomicBool) {
+        while flag
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            core::hint::spin_loop();
+        }
+    }
+
+    fn unlock(flag: &AtomicBool) {
+        flag.store(false, Ordering::Release);
+    }
+
+    /// Allocates `size` bytes with heap `index`. None when no chunk can be had.
+    pub fn alloc(&self, index: usize, size: u64, source: &dyn ChunkSource) -> Option<u64> {
+        let Some(class) = class_of(size) else {
+            return self.alloc_large(size, source);
+        };
+        let shared = index == MAX_HEAPS - 1;
+        let heap = &self.heaps[index];
+        if shared {
+            Heap::lock(&heap.lock);
+        }
+        // SAFETY: this thread holds heap `index` (or its lock).
+        let result = unsafe { self.alloc_in(index, class, source) };
+        if shared {
+            Heap::unlock(&heap.lock);
+        }
+        result
+    }
+
+    /// # Safety
+    /// The caller holds heap `index`.
+    unsafe fn alloc_in(&self, index: usize, class: usize, source: &dyn ChunkSource) -> Option<u64> {
+        let heap = &self.heaps[index];
+        let free = heap.free[class].get();
+        if *free == 0 && !self.refill(index, class, source) {
+            return None;
+        }
+        let block = *free;
+        // The first word of a free block links to the next.
+        *free = (block as *const u64).read();
+        Some(block)
+    }
+
+    /// # Safety
+    /// The caller holds heap `index`.
+    unsafe fn refill(&self, index: usize, class: usize, source: &dyn ChunkSource) -> bool {
+        let heap = &self.heaps[index];
+        // 1. Blocks others freed into our spans.
+        let mut span = *heap.spans[class].get();
+        let mut scanned = 0;
+        while span != 0 && scanned < 4096 {
+            let header = &*(span as *const SpanHeader);
+            if header.remote.load(Ordering::Relaxed) != 0 {
+                let list = header.remote.swap(0, Ordering::Acquire);
+                if list != 0 {
+                    // Append our (empty) local list: the remote list becomes it.
+                    *heap.free[class].get() = list;
+                    return true;
+                }
+            }
+            span = header.next;
+            scanned += 1;
+        }
+        // 2. Carve a batch from the span being carved, or a new span.
+        let block_bytes = CLASS_BYTES[class];
+        let mut carving = *heap.carving[class].get();
+        if carving != 0 {
+            let header = &*(carving as *const SpanHeader);
+            if header.bump + block_bytes > span_end(header) {
+                carving = 0;
+            }
+        }
+        if carving == 0 {
+            let Some(new_span) = self.new_span(class, source) else {
+                return false;
+            };
+            let header = &mut *(new_span as *mut SpanHeader);
+            header.owner.store(self.owner_id(index), Ordering::Release);
+            header.next = *heap.spans[class].get();
+            *heap.spans[class].get() = new_span;
+            *heap.carving[class].get() = new_span;
+            carving = new_span;
+        }
+        let header = &mut *(carving as *mut SpanHeader);
+        let end = span_end(header);
+        let mut list = 0u64;
+        let mut carved = 0;
+        // Carve in address order, link in reverse so the list pops ascending.
+        let mut blocks = [0u64; CARVE_BATCH];
+        while carved < CARVE_BATCH && header.bump + block_bytes <= end {
+            blocks[carved] = header.bump;
+            header.bump += block_bytes;
+            carved += 1;
+        }
+        for &block in blocks[..carved].iter().rev() {
+            (block as *mut u64).write(list);
+            list = block;
+        }
+        *heap.free[class].get() = list;
+        carved > 0
+    }
+
+    fn new_span(&self, class: usize, source: &dyn ChunkSource) -> Option<u64> {
+        let block_bytes = CLASS_BYTES[class];
+        if block_bytes > SMALL_MAX_BYTES {
+            // A whole chunk for one big-class span.
+            let chunk = self.lease(1, source)?;
+            // SAFETY: a fresh chunk of ours.
+            unsafe { init_header(chunk, KIND_BIG, class, 1, block_bytes, CHUNK_BYTES) };
+            return Some(chunk);
+        }
+        Heap::lock(&self.pool.lock);
+        // SAFETY: pool cells under the pool lock.
+        let span = unsafe {
+            let cursor = &mut *self.pool.span_cursor.get();
+            let end = &mut *self.pool.span_end.get();
+            if *cursor >= *end {
+                Heap::unlock(&self.pool.lock);
+                let chunk = self.lease(1, source)?;
+                Heap::lock(&self.pool.lock);
+                *cursor = chunk;
+                *end = chunk + CHUNK_BYTES;
+            }
+            let span = *cursor;
+            *cursor += SPAN_BYTES;
+            span
+        };
+        Heap::unlock(&self.pool.lock);
+        // SAFETY: a fresh span of ours.
+        unsafe { init_header(span, KIND_SMALL, class, 0, block_bytes, SPAN_BYTES) };
+        Some(span)
+    }
+
+    fn lease(&self, count: u64, source: &dyn ChunkSource) -> Option<u64> {
+        let start = source.lease(count)?;
+        debug_assert!(start % CHUNK_BYTES == 0, "chunks must be chunk-aligned");
+        self.leased_bytes
+            .fetch_add(count * CHUNK_BYTES, Ordering::Relaxed);
+        Some(start)
+    }
+
+    fn alloc_large(&self, size: u64, source: &dyn ChunkSource) -> Option<u64> {
+        let count = size.checked_add(HEADER_BYTES)?.div_ceil(CHUNK_BYTES);
+        // Reuse the smallest freed run that fits.
+        Heap::lock(&self.pool.lock);
+        let mut reused = None;
+        // SAFETY: under the pool lock.
+        unsafe {
+            let runs = &mut *self.pool.free_runs.get();
+            let mut best: Option<usize> = None;
+            for (i, &(start, chunks)) in runs.iter().enumerate() {
+                if start != 0 && chunks >= count && best.is_none_or(|b| runs[b].1 > chunks) {
+                    best = Some(i);
+                }
+            }
+            if let Some(i) = best {
+                reused = Some(runs[i]);
+                runs[i] = (0, 0);
+            }
+        }
+        Heap::unlock(&self.pool.lock);
+        let (start, chunks) = match reused {
+            Some(run) => run,
+            None => (self.lease(count, source)?, count),
+        };
+        // SAFETY: a run of ours.
+        unsafe { init_header(start, KIND_LARGE, 0, chunks as u32, size, chunks * CHUNK_BYTES) };
+        self.large_blocks.fetch_add(1, Ordering::Relaxed);
+        Some(start + HEADER_BYTES)
+    }
+
+    /// Frees a block of this heap's allocator. `index` is the calling thread's heap.
+    ///
+    /// # Safety
+    /// `ptr` was returned by `alloc` (of any heap, process or node) and is not freed yet.
+    pub unsafe fn free(&self, index: usize, ptr: u64) {
+        let Some((header, block)) = locate(ptr) else {
+            return;
+        };
+        if header.kind == KIND_LARGE {
+            self.free_large(header);
+            return;
+        }
+        let class = header.class as usize;
+        let shared = index == MAX_HEAPS - 1;
+        if header.owner.load(Ordering::Relaxed) == self.owner_id(index) {
+            let heap = &self.heaps[index];
+            if shared {
+                Heap::lock(&heap.lock);
+            }
+            let free = heap.free[class].get();
+            (block as *mut u64).write(*free);
+            *free = block;
+            if shared {
+                Heap::unlock(&heap.lock);
+            }
+            return;
+        }
+        // Another thread's, process's or node's span: its remote list.
+        let mut head = header.remote.load(Ordering::Relaxed);
+        loop {
+            (block as *mut u64).write(head);
+            match header
+                .remote
+                .compare_exchange_weak(head, block, Ordering::Release, Ordering::Relaxed)
+            {
+                Ok(_) => return,
+                Err(current) => head = current,
+            }
+        }
+    }
+
+    fn free_large(&self, header: &SpanHeader) {
+        let start = header as *const SpanHeader as u64;
+        let chunks = header.run_chunks as u64;
+        self.large_blocks.fetch_sub(1, Ordering::Relaxed);
+        Heap::lock(&self.pool.lock);
+        // SAFETY: under the pool lock.
+        unsafe {
+            let runs = &mut *self.pool.free_runs.get();
+            if let Some(slot) = runs.iter_mut().find(|r| r.0 == 0) {
+                *slot = (start, chunks);
+            }
+            // A full table leaks the run (still leased to this node, never reused).
+        }
+        Heap::unlock(&self.pool.lock);
+    }
+}
+
+impl Default for Heap {
+    fn default() -> Self {
+        Heap::new()
+    }
+}
+
+fn span_end(header: &SpanHeader) -> u64 {
+    let start = header as *const SpanHeader as u64;
+    match header.kind {
+        KIND_SMALL => start + SPAN_BYTES,
+        _ => start + CHUNK_BYTES,
+    }
+}
+
+/// # Safety
+/// `[at, at+bytes)` is memory of ours with no live blocks.
+unsafe fn init_header(at: u64, kind: u32, class: usize, run_chunks: u32, block_bytes: u64, bytes: u64) {
+    let header = at as *mut SpanHeader;
+    header.write(SpanHeader {
+        magic: MAGIC,
+        kind,
+        class: class as u32,
+        run_chunks,
+        owner: AtomicU64::new(0),
+        block_bytes,
+        data_start: at + HEADER_BYTES,
+        bump: at + HEADER_BYTES,
+        remote: AtomicU64::new(0),
+        next: 0,
+    });
+    let _ = bytes;
+}
+
+/// The header of the span holding `ptr`, and the start of `ptr`'s block (interior
+/// pointers from aligned allocations map to their block).
+///
+/// # Safety
+/// `ptr` is inside a chunk carved by this allocator.
+unsafe fn locate(ptr: u64) -> Option<(&'static SpanHeader, u64)> {
+    let chunk = ptr & !(CHUNK_BYTES - 1);
+    let first = &*(chunk as *const SpanHeader);
+    if first.magic != MAGIC {
+        return None;
+    }
+    let header = match first.kind {
+        KIND_SMALL => &*((ptr & !(SPAN_BYTES - 1)) as *const SpanHeader),
+        KIND_BIG | KIND_LARGE => first,
+        _ => return None,
+    };
+    if header.magic != MAGIC || ptr < header.data_start {
+        return None;
+    }
+    if header.kind == KIND_LARGE {
+        return Some((header, header.data_start));
+    }
+    let offset = (ptr - header.data_start) / header.block_bytes * header.block_bytes;
+    Some((header, header.data_start + offset))
+}
+
+/// Usable bytes of the block holding `ptr` from its start, if it is one of ours.
+///
+/// # Safety
+/// As `locate`.
+pub unsafe fn usable_size(ptr: u64) -> Option<u64> {
+    let (header, block) = locate(ptr)?;
+    Some(header.block_bytes - (ptr - block))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Chunks from a private anonymous mapping (what fallback mode uses).
+    struct Private;
+
+    impl ChunkSource for Private {
+        fn lease(&self, count: u64) -> Option<u64> {
+            crate::sys::map_private_chunks(count * CHUNK_BYTES, CHUNK_BYTES)
+        }
+    }
+
+    #[test]
+    fn classes_cover_every_size_in_order() {
+        for size in 1..=BIG_MAX_BYTES {
+            let class = class_of(size).unwrap();
+            assert!(CLASS_BYTES[class] >= size);
+            if class > 0 {
+                assert!(CLASS_BYTES[class - 1] < size, "size {size} class {class}");
+            }
+        }
+        assert_eq!(class_of(BIG_MAX_BYTES + 1), None);
+        assert!(CLASS_BYTES.iter().all(|s| s % 16 == 0));
+    }
+
+    #[test]
+    fn blocks_are_distinct_aligned_and_reused() {
+        let heap = Box::new(Heap::new());
+        heap.set_process_token(1);
+        let index = heap.claim();
+        let mut blocks = Vec::new();
+        for i in 0..5000u64 {
+            let size = 1 + (i * 37) % 3000;
+            let block = heap.alloc(index, size, &Private).unwrap();
+            assert_eq!(block % 16, 0);
+            // SAFETY: a live block of `size` bytes.
+            unsafe {
+                assert!(usable_size(block).unwrap() >= size);
+                core::ptr::write_bytes(block as *mut u8, (i % 251) as u8, size as usize);
+            }
+            blocks.push((block, size, (i % 251) as u8));
+        }
+        blocks.sort_unstable();
+        for pair in blocks.windows(2) {
+            assert!(pair[0].0 + pair[0].1 <= pair[1].0, "blocks overlap");
+        }
+        for &(block, size, fill) in &blocks {
+            // SAFETY: live blocks written above.
+            let bytes = unsafe { core::slice::from_raw_parts(block as *const u8, size as usize) };
+            assert!(bytes.iter().all(|&b| b == fill));
+        }
+        let leased = heap.leased_bytes.load(Ordering::Relaxed);
+        for &(block, _, _) in &blocks {
+            // SAFETY: each freed once.
+            unsafe { heap.free(index, block) };
+        }
+        for i in 0..5000u64 {
+            heap.alloc(index, 1 + (i * 37) % 3000, &Private).unwrap();
+        }
+        assert_eq!(heap.leased_bytes.load(Ordering::Relaxed), leased, "freed blocks were not reused");
+    }
+
+    #[test]
+    fn other_threads_frees_come_back_to_the_owner() {
+        let heap: &'static Heap = Box::leak(Box::new(Heap::new()));
+        heap.set_process_token(2);
+        let owner = heap.claim();
+        let blocks: Vec<u64> = (0..1000).map(|_| heap.alloc(owner, 48, &Private).unwrap()).collect();
+        let leased = heap.leased_bytes.load(Ordering::Relaxed);
+        std::thread::scope(|scope| {
+            for part in blocks.chunks(250) {
+                scope.spawn(move || {
+                    let mine = heap.claim();
+                    for &block in part {
+                        // SAFETY: freed once, by one thread.
+                        unsafe { heap.free(mine, block) };
+                    }
+                    heap.release(mine);
+                });
+            }
+        });
+        let again: Vec<u64> = (0..1000).map(|_| heap.alloc(owner, 48, &Private).unwrap()).collect();
+        assert_eq!(heap.leased_bytes.load(Ordering::Relaxed), leased);
+        let mut sorted = again.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 1000, "a block was handed out twice");
+    }
+
+    #[test]
+    fn large_blocks_get_runs_and_are_reused() {
+        let heap = Box::new(Heap::new());
+        heap.set_process_token(3);
+        let index = heap.claim();
+        let a = heap.alloc(index, 3 << 20, &Private).unwrap();
+        // SAFETY: a live large block.
+        unsafe {
+            assert!(usable_size(a).unwrap() >= 3 << 20);
+            core::ptr::write_bytes(a as *mut u8, 1, 3 << 20);
+            heap.free(index, a);
+        }
+        let b = heap.alloc(index, 2 << 20, &Private).unwrap();
+        assert_eq!(a, b, "the freed run is reused");
+    }
+}
