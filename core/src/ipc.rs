@@ -14,6 +14,8 @@ pub const IPC_VERSION: u8 = 1;
 pub const IPC_FRAME_BYTES: usize = 64;
 /// Longest space name, in bytes (the rest of the field is zero).
 pub const IPC_NAME_BYTES: usize = 36;
+/// Most pages one `Fault` may ask for (a 16 MiB range).
+pub const MAX_FAULT_PAGES: u32 = 4096;
 
 pub type Frame = [u8; IPC_FRAME_BYTES];
 
@@ -128,9 +130,12 @@ pub enum IpcMessage {
     Free {
         addr: u64,
     },
+    /// `pages` consecutive pages from the one holding `addr` (1 for a plain fault;
+    /// more to take a freshly leased range in one round trip).
     Fault {
         addr: u64,
         write: bool,
+        pages: u32,
     },
     LeaseChunks {
         count: u32,
@@ -144,6 +149,7 @@ pub enum IpcMessage {
     /// the daemon may now send revocations for it (ordering across connections).
     GrantApplied {
         page_addr: u64,
+        pages: u32,
     },
     /// Administrative: the daemon answers `StatusReply` followed by that many bytes of
     /// JSON on the same connection.
@@ -167,6 +173,7 @@ pub enum IpcMessage {
     Granted {
         page_addr: u64,
         write: bool,
+        pages: u32,
     },
     Leased {
         addr: u64,
@@ -333,13 +340,17 @@ impl IpcMessage {
                 out.u64(align_bytes);
             }
             IpcMessage::Free { addr } => out.u64(addr),
-            IpcMessage::Fault { addr, write } => {
+            IpcMessage::Fault { addr, write, pages } => {
                 out.u64(addr);
                 out.u8(write as u8);
+                out.u32(pages);
             }
             IpcMessage::LeaseChunks { count } => out.u32(count),
             IpcMessage::Ping | IpcMessage::Stats | IpcMessage::Detach | IpcMessage::Status => {}
-            IpcMessage::GrantApplied { page_addr } => out.u64(page_addr),
+            IpcMessage::GrantApplied { page_addr, pages } => {
+                out.u64(page_addr);
+                out.u32(pages);
+            }
             IpcMessage::StatusReply { len_bytes } => out.u32(len_bytes),
             IpcMessage::Freed | IpcMessage::Pong => {}
             IpcMessage::RevokeDone { token } => out.u64(token),
@@ -365,9 +376,14 @@ impl IpcMessage {
                 out.u64(addr);
                 out.u64(size_bytes);
             }
-            IpcMessage::Granted { page_addr, write } => {
+            IpcMessage::Granted {
+                page_addr,
+                write,
+                pages,
+            } => {
                 out.u64(page_addr);
                 out.u8(write as u8);
+                out.u32(pages);
             }
             IpcMessage::StatsReply(stats) => {
                 out.u64(stats.faults_local);
@@ -446,13 +462,17 @@ impl IpcMessage {
             KIND_FAULT => IpcMessage::Fault {
                 addr: r.u64(),
                 write: r.bool()?,
+                pages: r.u32(),
             },
             KIND_LEASE => IpcMessage::LeaseChunks { count: r.u32() },
             KIND_PING => IpcMessage::Ping,
             KIND_STATS => IpcMessage::Stats,
             KIND_REVOKE_DONE => IpcMessage::RevokeDone { token: r.u64() },
             KIND_DETACH => IpcMessage::Detach,
-            KIND_GRANT_APPLIED => IpcMessage::GrantApplied { page_addr: r.u64() },
+            KIND_GRANT_APPLIED => IpcMessage::GrantApplied {
+                page_addr: r.u64(),
+                pages: r.u32(),
+            },
             KIND_STATUS => IpcMessage::Status,
             KIND_STATUS_REPLY => IpcMessage::StatusReply { len_bytes: r.u32() },
             KIND_WELCOME => IpcMessage::Welcome {
@@ -472,6 +492,7 @@ impl IpcMessage {
             KIND_GRANTED => IpcMessage::Granted {
                 page_addr: r.u64(),
                 write: r.bool()?,
+                pages: r.u32(),
             },
             KIND_LEASED => IpcMessage::Leased {
                 addr: r.u64(),

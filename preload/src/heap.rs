@@ -176,7 +176,8 @@ impl Heap {
 
     /// Sets the token that makes owners unique across processes; call before use.
     pub fn set_process_token(&self, token: u64) {
-        self.process_token.store(token & 0xffff_ffff_ffff, Ordering::Release);
+        self.process_token
+            .store(token & 0xffff_ffff_ffff, Ordering::Release);
     }
 
     fn owner_id(&self, heap: usize) -> u64 {
@@ -374,7 +375,16 @@ impl Heap {
             None => (self.lease(count, source)?, count),
         };
         // SAFETY: a run of ours.
-        unsafe { init_header(start, KIND_LARGE, 0, chunks as u32, size, chunks * CHUNK_BYTES) };
+        unsafe {
+            init_header(
+                start,
+                KIND_LARGE,
+                0,
+                chunks as u32,
+                size,
+                chunks * CHUNK_BYTES,
+            )
+        };
         self.large_blocks.fetch_add(1, Ordering::Relaxed);
         Some(start + HEADER_BYTES)
     }
@@ -410,10 +420,12 @@ impl Heap {
         let mut head = header.remote.load(Ordering::Relaxed);
         loop {
             (block as *mut u64).write(head);
-            match header
-                .remote
-                .compare_exchange_weak(head, block, Ordering::Release, Ordering::Relaxed)
-            {
+            match header.remote.compare_exchange_weak(
+                head,
+                block,
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => return,
                 Err(current) => head = current,
             }
@@ -453,7 +465,14 @@ fn span_end(header: &SpanHeader) -> u64 {
 
 /// # Safety
 /// `[at, at+bytes)` is memory of ours with no live blocks.
-unsafe fn init_header(at: u64, kind: u32, class: usize, run_chunks: u32, block_bytes: u64, bytes: u64) {
+unsafe fn init_header(
+    at: u64,
+    kind: u32,
+    class: usize,
+    run_chunks: u32,
+    block_bytes: u64,
+    bytes: u64,
+) {
     let header = at as *mut SpanHeader;
     header.write(SpanHeader {
         magic: MAGIC,
@@ -565,7 +584,11 @@ mod tests {
         for i in 0..5000u64 {
             heap.alloc(index, 1 + (i * 37) % 3000, &Private).unwrap();
         }
-        assert_eq!(heap.leased_bytes.load(Ordering::Relaxed), leased, "freed blocks were not reused");
+        assert_eq!(
+            heap.leased_bytes.load(Ordering::Relaxed),
+            leased,
+            "freed blocks were not reused"
+        );
     }
 
     #[test]
@@ -573,7 +596,9 @@ mod tests {
         let heap: &'static Heap = Box::leak(Box::new(Heap::new()));
         heap.set_process_token(2);
         let owner = heap.claim();
-        let blocks: Vec<u64> = (0..1000).map(|_| heap.alloc(owner, 48, &Private).unwrap()).collect();
+        let blocks: Vec<u64> = (0..1000)
+            .map(|_| heap.alloc(owner, 48, &Private).unwrap())
+            .collect();
         let leased = heap.leased_bytes.load(Ordering::Relaxed);
         std::thread::scope(|scope| {
             for part in blocks.chunks(250) {
@@ -587,7 +612,9 @@ mod tests {
                 });
             }
         });
-        let again: Vec<u64> = (0..1000).map(|_| heap.alloc(owner, 48, &Private).unwrap()).collect();
+        let again: Vec<u64> = (0..1000)
+            .map(|_| heap.alloc(owner, 48, &Private).unwrap())
+            .collect();
         assert_eq!(heap.leased_bytes.load(Ordering::Relaxed), leased);
         let mut sorted = again.clone();
         sorted.sort_unstable();

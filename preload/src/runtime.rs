@@ -352,13 +352,24 @@ fn notify(message: IpcMessage) {
 
 /// Asks the daemon for access to the page holding `addr` and applies the grant.
 pub fn fault(addr: u64, write: bool) -> Result<(), CallError> {
-    match call(IpcMessage::Fault { addr, write })? {
-        IpcMessage::Granted { page_addr, write } => {
+    fault_range(addr, 1, write)
+}
+
+/// Takes `pages` pages from the one holding `addr` in one round trip (at most
+/// `MAX_FAULT_PAGES`): a freshly leased chunk, or the buffer of a system call.
+pub fn fault_range(addr: u64, pages: u32, write: bool) -> Result<(), CallError> {
+    match call(IpcMessage::Fault { addr, write, pages })? {
+        IpcMessage::Granted {
+            page_addr,
+            write,
+            pages,
+        } => {
             let access = if write { 2 } else { 1 };
-            sys::protect(page_addr, PAGE_BYTES, access).map_err(CallError::Sys)?;
-            // Only now may the daemon revoke this page from us: tell it.
-            notify(IpcMessage::GrantApplied { page_addr });
-            Ok(())
+            let applied = sys::protect(page_addr, pages as u64 * PAGE_BYTES, access);
+            // Only now may the daemon revoke these pages from us: tell it (also when
+            // mprotect failed, so revocations are not held forever).
+            notify(IpcMessage::GrantApplied { page_addr, pages });
+            applied.map_err(CallError::Sys)
         }
         _ => Err(CallError::Refused(ErrorCode::BadFrame, 0)),
     }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use gallocy_core::ipc::{
     name_from_field, ErrorCode, Frame, IpcDecodeError, IpcMessage, IpcStats, Role, IPC_FRAME_BYTES,
-    IPC_VERSION,
+    IPC_VERSION, MAX_FAULT_PAGES,
 };
 use gallocy_core::wire::{decode_peer_hello, encode_peer_hello, MAX_FRAME_BYTES, PEER_HELLO_BYTES};
 use gallocy_core::{
@@ -152,8 +152,25 @@ enum Pending {
     Request {
         conn: Token,
         request_id: u64,
-        session: u64,
     },
+    /// One page of a (possibly multi-page) fault.
+    FaultPart {
+        group: u64,
+        page_index: u64,
+    },
+}
+
+/// A `Fault` of one or more pages, answered once every page is granted.
+struct FaultGroup {
+    conn: Token,
+    request_id: u64,
+    session: u64,
+    first_page_addr: u64,
+    pages: u32,
+    write: bool,
+    remaining: u32,
+    granted: Vec<u64>,
+    error: Option<IpcMessage>,
 }
 
 struct RevokeWait {
@@ -188,6 +205,8 @@ pub struct Daemon {
     pending: BTreeMap<AppToken, Pending>,
     next_app_token: u64,
     revokes: BTreeMap<u64, RevokeWait>,
+    fault_groups: BTreeMap<u64, FaultGroup>,
+    next_fault_group: u64,
     /// Service-thread revocation token → (session, page, access, node token or 0).
     service_tokens: BTreeMap<u64, (u64, u64, Access, u64)>,
     next_service_token: u64,
@@ -295,6 +314,8 @@ impl Daemon {
             pending: BTreeMap::new(),
             next_app_token: 1,
             revokes: BTreeMap::new(),
+            fault_groups: BTreeMap::new(),
+            next_fault_group: 1,
             service_tokens: BTreeMap::new(),
             next_service_token: 1,
             counters: Counters::default(),
@@ -908,10 +929,18 @@ impl Daemon {
             ) => {
                 self.on_revoke_done(service_token);
             }
-            (Some(_), IpcMessage::GrantApplied { page_addr }) => {
+            (Some(_), IpcMessage::GrantApplied { page_addr, pages }) => {
                 if let Some(session) = self.session_of(token) {
-                    self.on_grant_applied(session, page_addr);
+                    for i in 0..pages.min(MAX_FAULT_PAGES) as u64 {
+                        self.on_grant_applied(session, page_addr + i * PAGE_SIZE_BYTES as u64);
+                    }
                 }
+            }
+            (
+                Some(Role::Main | Role::Thread | Role::Service),
+                IpcMessage::Fault { addr, write, pages },
+            ) => {
+                self.fault_range(token, request_id, addr, write, pages);
             }
             (Some(Role::Main | Role::Thread | Role::Service), request) => {
                 let Some(session) = self.session_of(token) else {
@@ -928,16 +957,6 @@ impl Daemon {
                         align_bytes,
                     },
                     IpcMessage::Free { addr } => AppRequest::Free { space, addr },
-                    IpcMessage::Fault { addr, write } => {
-                        if self.sessions[&session].service.is_none() {
-                            return self.reply(token, request_id, error(ErrorCode::NotAttached));
-                        }
-                        AppRequest::Fault {
-                            space,
-                            addr,
-                            access: if write { Access::Write } else { Access::Read },
-                        }
-                    }
                     IpcMessage::LeaseChunks { count } => AppRequest::LeaseChunks { space, count },
                     IpcMessage::Detach => {
                         self.reply(token, request_id, IpcMessage::Pong);
@@ -953,13 +972,128 @@ impl Daemon {
                     Pending::Request {
                         conn: token,
                         request_id,
-                        session,
                     },
                 );
                 self.node.handle_request(self.now_ms, app_token, request);
                 self.process_actions();
             }
             _ => self.reply(token, request_id, error(ErrorCode::NotAttached)),
+        }
+    }
+
+    fn fault_range(&mut self, token: Token, request_id: u64, addr: u64, write: bool, pages: u32) {
+        let error = |code| IpcMessage::Error { code, detail: 0 };
+        let Some(session) = self.session_of(token) else {
+            return self.reply(token, request_id, error(ErrorCode::NotAttached));
+        };
+        let state = &self.sessions[&session];
+        if state.service.is_none() {
+            return self.reply(token, request_id, error(ErrorCode::NotAttached));
+        }
+        let space = state.space;
+        let Some(layout) = self.node.meta().spaces.get(&space) else {
+            return self.reply(token, request_id, error(ErrorCode::UnknownSpace));
+        };
+        let Some(first) = layout.page_of(addr) else {
+            return self.reply(token, request_id, error(ErrorCode::InvalidArgument));
+        };
+        if pages == 0 || pages > MAX_FAULT_PAGES || first.index + pages as u64 > layout.page_count()
+        {
+            return self.reply(token, request_id, error(ErrorCode::InvalidArgument));
+        }
+        let first_page_addr = layout.page_addr(first.index);
+        let group = self.next_fault_group;
+        self.next_fault_group += 1;
+        self.fault_groups.insert(
+            group,
+            FaultGroup {
+                conn: token,
+                request_id,
+                session,
+                first_page_addr,
+                pages,
+                write,
+                remaining: pages,
+                granted: Vec::new(),
+                error: None,
+            },
+        );
+        let access = if write { Access::Write } else { Access::Read };
+        for i in 0..pages as u64 {
+            let app_token = self.next_app_token;
+            self.next_app_token += 1;
+            self.pending.insert(
+                app_token,
+                Pending::FaultPart {
+                    group,
+                    page_index: first.index + i,
+                },
+            );
+            let addr = first_page_addr + i * PAGE_SIZE_BYTES as u64;
+            self.node.handle_request(
+                self.now_ms,
+                app_token,
+                AppRequest::Fault {
+                    space,
+                    addr,
+                    access,
+                },
+            );
+        }
+        self.process_actions();
+    }
+
+    fn fault_part_done(&mut self, group_id: u64, page_index: u64, reply: AppReply) {
+        let Some(group) = self.fault_groups.get_mut(&group_id) else {
+            return;
+        };
+        group.remaining -= 1;
+        match reply {
+            AppReply::Granted { access, .. } if access != Access::None => {
+                if let Some(state) = self.sessions.get_mut(&group.session) {
+                    let granted = state.granted.entry(page_index).or_insert(Access::None);
+                    *granted = (*granted).max(access);
+                    *state.granting.entry(page_index).or_insert(0) += 1;
+                    group.granted.push(page_index);
+                }
+            }
+            AppReply::Error(e) => {
+                group.error.get_or_insert(error_message(e));
+            }
+            _ => {
+                group.error.get_or_insert(IpcMessage::Error {
+                    code: ErrorCode::Internal,
+                    detail: 0,
+                });
+            }
+        }
+        if group.remaining > 0 {
+            return;
+        }
+        let group = self.fault_groups.remove(&group_id).expect("present");
+        match group.error {
+            Some(error) => {
+                // The process will not apply these grants: release their hold on
+                // revocations.
+                let space = self.sessions.get(&group.session).map(|s| s.space);
+                if let Some(layout) = space.and_then(|s| self.node.meta().spaces.get(&s)) {
+                    let addrs: Vec<u64> =
+                        group.granted.iter().map(|&i| layout.page_addr(i)).collect();
+                    for addr in addrs {
+                        self.on_grant_applied(group.session, addr);
+                    }
+                }
+                self.reply(group.conn, group.request_id, error);
+            }
+            None => self.reply(
+                group.conn,
+                group.request_id,
+                IpcMessage::Granted {
+                    page_addr: group.first_page_addr,
+                    write: group.write,
+                    pages: group.pages,
+                },
+            ),
         }
     }
 
@@ -1128,6 +1262,9 @@ impl Daemon {
             return;
         };
         match pending {
+            Pending::FaultPart { group, page_index } => {
+                self.fault_part_done(group, page_index, reply)
+            }
             Pending::Join {
                 conn,
                 request_id,
@@ -1144,11 +1281,7 @@ impl Daemon {
                     },
                 ),
             },
-            Pending::Request {
-                conn,
-                request_id,
-                session,
-            } => {
+            Pending::Request { conn, request_id } => {
                 let message = match reply {
                     AppReply::Allocated { addr, size_bytes } => {
                         IpcMessage::Allocated { addr, size_bytes }
@@ -1157,29 +1290,10 @@ impl Daemon {
                     AppReply::Leased { addr, size_bytes } => {
                         IpcMessage::Leased { addr, size_bytes }
                     }
-                    AppReply::Granted { page, access } => {
-                        let Some(state) = self.sessions.get_mut(&session) else {
-                            return;
-                        };
-                        if access == Access::None {
-                            return self.reply(
-                                conn,
-                                request_id,
-                                IpcMessage::Error {
-                                    code: ErrorCode::Internal,
-                                    detail: 0,
-                                },
-                            );
-                        }
-                        let granted = state.granted.entry(page.index).or_insert(Access::None);
-                        *granted = (*granted).max(access);
-                        *state.granting.entry(page.index).or_insert(0) += 1;
-                        let layout = &self.node.meta().spaces[&page.space];
-                        IpcMessage::Granted {
-                            page_addr: layout.page_addr(page.index),
-                            write: access == Access::Write,
-                        }
-                    }
+                    AppReply::Granted { .. } => IpcMessage::Error {
+                        code: ErrorCode::Internal,
+                        detail: 0,
+                    },
                     AppReply::Error(e) => error_message(e),
                     AppReply::Space(_) => IpcMessage::Error {
                         code: ErrorCode::Internal,
