@@ -56,6 +56,7 @@ struct Runtime {
     base_addr: AtomicU64,
     size_bytes: AtomicU64,
     root_size_bytes: AtomicU64,
+    chunk_size_bytes: AtomicU64,
     node: AtomicU32,
     service_fd: AtomicI32,
     next_request_id: AtomicU64,
@@ -88,6 +89,7 @@ static RT: Runtime = Runtime {
     base_addr: AtomicU64::new(0),
     size_bytes: AtomicU64::new(0),
     root_size_bytes: AtomicU64::new(0),
+    chunk_size_bytes: AtomicU64::new(0),
     node: AtomicU32::new(0),
     service_fd: AtomicI32::new(-1),
     next_request_id: AtomicU64::new(1),
@@ -124,7 +126,34 @@ pub fn root_size() -> u64 {
     RT.root_size_bytes.load(Ordering::Acquire)
 }
 
-fn in_space(addr: u64) -> bool {
+pub fn chunk_size() -> u64 {
+    RT.chunk_size_bytes.load(Ordering::Acquire)
+}
+
+pub fn session() -> u64 {
+    RT.session.load(Ordering::Acquire)
+}
+
+pub fn space_size() -> u64 {
+    RT.size_bytes.load(Ordering::Acquire)
+}
+
+/// In a forked child: the parent's connections and service thread are not ours.
+/// Forget them without touching the daemon (the parent still uses them); the child
+/// is no longer attached.
+pub fn forget_after_fork() {
+    RT.attached.store(false, Ordering::Release);
+    RT.detaching.store(true, Ordering::Release);
+    for slot in 0..CONNECTION_SLOTS {
+        let fd = RT.slot_fd[slot].swap(-1, Ordering::AcqRel);
+        sys::close(fd);
+        RT.slot_tid[slot].store(0, Ordering::Release);
+    }
+    let service = RT.service_fd.swap(-1, Ordering::AcqRel);
+    sys::close(service);
+}
+
+pub fn in_space(addr: u64) -> bool {
     let base = RT.base_addr.load(Ordering::Acquire);
     let size = RT.size_bytes.load(Ordering::Acquire);
     is_attached() && addr >= base && addr - base < size
@@ -662,6 +691,7 @@ pub fn attach(space: &[u8], create: bool) -> i32 {
         base_addr,
         size_bytes,
         root_size_bytes,
+        chunk_size_bytes,
         ..
     } = welcome
     else {
@@ -696,6 +726,8 @@ pub fn attach(space: &[u8], create: bool) -> i32 {
     RT.base_addr.store(base_addr, Ordering::Release);
     RT.size_bytes.store(size_bytes, Ordering::Release);
     RT.root_size_bytes.store(root_size_bytes, Ordering::Release);
+    RT.chunk_size_bytes
+        .store(chunk_size_bytes, Ordering::Release);
     RT.node.store(node, Ordering::Release);
     RT.detaching.store(false, Ordering::Release);
     // Faults in the space come to us; others go where they went before.
@@ -782,7 +814,7 @@ fn describe_clash(message: &mut Message, start: u64, end: u64) {
     sys::close(fd);
 }
 
-fn parse_range(line: &[u8]) -> Option<(u64, u64)> {
+pub fn parse_range(line: &[u8]) -> Option<(u64, u64)> {
     let dash = line.iter().position(|&c| c == b'-')?;
     let space = line.iter().position(|&c| c == b' ')?;
     Some((

@@ -220,3 +220,37 @@ pub fn map_private_chunks(bytes: u64, align: u64) -> Option<u64> {
     }
     Some(start)
 }
+
+/// Replaces `[addr, addr+len)` with private zeroed memory, read-write or inaccessible.
+pub fn map_private_fixed(addr: u64, len: u64, accessible: bool) {
+    let prot = if accessible {
+        rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE
+    } else {
+        rustix::mm::ProtFlags::empty()
+    };
+    // SAFETY: only used on the space's own range in a forked child, which no Rust
+    // reference points into.
+    let _ = unsafe {
+        rustix::mm::mmap_anonymous(
+            addr as *mut core::ffi::c_void,
+            len as usize,
+            prot,
+            rustix::mm::MapFlags::PRIVATE
+                | rustix::mm::MapFlags::FIXED
+                | rustix::mm::MapFlags::NORESERVE,
+        )
+    };
+}
+
+/// `write_all` for a pipe or file (not a socket).
+pub fn write_all_fd(raw: i32, mut bytes: &[u8]) -> Result<(), Errno> {
+    while !bytes.is_empty() {
+        match rustix::io::write(fd(raw), bytes) {
+            Ok(0) => return Err(Errno::PIPE),
+            Ok(n) => bytes = &bytes[n..],
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,363 @@
+//! libgallocy_preload.so: run an unmodified program with its whole heap in a gallocy
+//! space. Loaded with LD_PRELOAD (`gallocy run` does it), it attaches to the daemon at
+//! `$GALLOCY_SOCKET` (space `$GALLOCY_SPACE`, default `default`) from a constructor,
+//! and serves the malloc family from the in-process heap (`gallocy::heap`) on chunks
+//! leased from the daemon.
+//!
+//! Re-entry: nothing here calls the system allocator, `dlsym`, or allocating libc
+//! functions. Before attach completes (ld.so, libc start-up, the attach itself), blocks
+//! come from a static bootstrap arena; freeing them later is a no-op.
+
+mod arena;
+mod fork;
+mod syscalls;
+
+use core::cell::Cell;
+use core::ffi::{c_int, c_void, CStr};
+use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+
+use gallocy::heap::{self, ChunkSource, Heap, CHUNK_BYTES, MAX_HEAPS};
+use gallocy::report::Message;
+use gallocy::runtime::{self, set_errno};
+use gallocy::sys;
+use gallocy_core::ipc::{IpcMessage, MAX_FAULT_PAGES};
+
+/// Not yet initialised: the bootstrap arena serves.
+const MODE_BOOT: u8 = 0;
+/// Attached to a daemon: chunks are leased in the space.
+const MODE_ATTACHED: u8 = 2;
+/// A private heap: GALLOCY_FALLBACK=local, or a forked child.
+const MODE_LOCAL: u8 = 3;
+
+pub const EXIT_NO_DAEMON: i32 = 85;
+
+static MODE: AtomicU8 = AtomicU8::new(MODE_BOOT);
+static HEAP: Heap = Heap::new();
+/// The pthread key whose destructor gives a thread's heap back.
+static HEAP_KEY: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+thread_local! {
+    /// This thread's heap index (usize::MAX: none yet). Const-initialised: no
+    /// allocation, no destructor.
+    static HEAP_INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+/// Chunks leased from the daemon, taken for writing in one round trip per 16 MiB.
+struct DaemonChunks;
+
+impl ChunkSource for DaemonChunks {
+    fn lease(&self, count: u64) -> Option<u64> {
+        let Ok(IpcMessage::Leased { addr, size_bytes }) = runtime::call(IpcMessage::LeaseChunks {
+            count: count as u32,
+        }) else {
+            return None;
+        };
+        let pages = size_bytes / 4096;
+        let mut done = 0;
+        while done < pages {
+            let batch = (pages - done).min(MAX_FAULT_PAGES as u64);
+            runtime::fault_range(addr + done * 4096, batch as u32, true).ok()?;
+            done += batch;
+        }
+        Some(addr)
+    }
+}
+
+/// Private chunks, when no daemon serves this process.
+struct LocalChunks;
+
+impl ChunkSource for LocalChunks {
+    fn lease(&self, count: u64) -> Option<u64> {
+        let start = sys::map_private_chunks(count * CHUNK_BYTES, CHUNK_BYTES)?;
+        fork::register_local_region(start, count * CHUNK_BYTES);
+        Some(start)
+    }
+}
+
+fn source() -> &'static dyn ChunkSource {
+    if MODE.load(Ordering::Acquire) == MODE_ATTACHED {
+        &DaemonChunks
+    } else {
+        &LocalChunks
+    }
+}
+
+extern "C" fn release_heap(value: *mut c_void) {
+    let index = value as usize;
+    if index > 0 {
+        HEAP.release(index - 1);
+    }
+    HEAP_INDEX.with(|cell| cell.set(usize::MAX));
+}
+
+fn heap_index() -> usize {
+    HEAP_INDEX.with(|cell| {
+        let index = cell.get();
+        if index != usize::MAX {
+            return index;
+        }
+        let index = HEAP.claim();
+        cell.set(index);
+        let key = HEAP_KEY.load(Ordering::Acquire);
+        if key != usize::MAX && index != MAX_HEAPS - 1 {
+            // SAFETY: a key created at init; low key numbers never allocate.
+            unsafe {
+                libc::pthread_setspecific(key as libc::pthread_key_t, (index + 1) as *const c_void)
+            };
+        }
+        index
+    })
+}
+
+/// Whether `ptr` is a block of our heap (not the arena, not foreign memory).
+fn ours(ptr: u64) -> bool {
+    match MODE.load(Ordering::Acquire) {
+        MODE_ATTACHED => runtime::in_space(ptr) || fork::in_local_region(ptr),
+        MODE_LOCAL => fork::in_private_space(ptr) || fork::in_local_region(ptr),
+        _ => false,
+    }
+}
+
+fn allocate(size: usize, align: usize) -> *mut c_void {
+    let mode = MODE.load(Ordering::Acquire);
+    if mode != MODE_ATTACHED && mode != MODE_LOCAL {
+        return arena::allocate(size, align);
+    }
+    let align = align.max(16) as u64;
+    let Some(request) = (size.max(1) as u64).checked_add(align - 16) else {
+        set_errno(libc::ENOMEM);
+        return core::ptr::null_mut();
+    };
+    match HEAP.alloc(heap_index(), request, source()) {
+        Some(block) => ((block + align - 1) & !(align - 1)) as *mut c_void,
+        None => {
+            set_errno(libc::ENOMEM);
+            core::ptr::null_mut()
+        }
+    }
+}
+
+fn usable(ptr: *mut c_void) -> usize {
+    let addr = ptr as u64;
+    if arena::contains(addr) {
+        return arena::usable(addr);
+    }
+    if !ours(addr) {
+        return 0;
+    }
+    // SAFETY: a live block of our heap.
+    unsafe { heap::usable_size(addr) }.unwrap_or(0) as usize
+}
+
+#[no_mangle]
+pub extern "C" fn malloc(size: usize) -> *mut c_void {
+    allocate(size, 16)
+}
+
+#[no_mangle]
+pub extern "C" fn free(ptr: *mut c_void) {
+    if ptr.is_null() {
+        return;
+    }
+    let addr = ptr as u64;
+    if arena::contains(addr) || !ours(addr) {
+        return;
+    }
+    // SAFETY: errno is this thread's; the block is ours and freed once by contract.
+    unsafe {
+        let saved = *libc::__errno_location();
+        HEAP.free(heap_index(), addr);
+        *libc::__errno_location() = saved;
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn cfree(ptr: *mut c_void) {
+    free(ptr)
+}
+
+#[no_mangle]
+pub extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
+    let Some(total) = n.checked_mul(size) else {
+        set_errno(libc::ENOMEM);
+        return core::ptr::null_mut();
+    };
+    let ptr = allocate(total, 16);
+    if !ptr.is_null() {
+        // SAFETY: the block has at least `total` bytes; recycled blocks hold old data.
+        unsafe { core::ptr::write_bytes(ptr.cast::<u8>(), 0, total) };
+    }
+    ptr
+}
+
+#[no_mangle]
+pub extern "C" fn realloc(ptr: *mut c_void, size: usize) -> *mut c_void {
+    if ptr.is_null() {
+        return malloc(size);
+    }
+    if size == 0 {
+        free(ptr);
+        return core::ptr::null_mut();
+    }
+    let old = usable(ptr);
+    if old == 0 && !arena::contains(ptr as u64) {
+        set_errno(libc::EINVAL);
+        return core::ptr::null_mut();
+    }
+    if size <= old && !arena::contains(ptr as u64) {
+        return ptr;
+    }
+    let new = malloc(size);
+    if new.is_null() {
+        return new;
+    }
+    // SAFETY: both blocks live and disjoint; copy what both hold.
+    unsafe { core::ptr::copy_nonoverlapping(ptr.cast::<u8>(), new.cast::<u8>(), old.min(size)) };
+    free(ptr);
+    new
+}
+
+#[no_mangle]
+pub extern "C" fn reallocarray(ptr: *mut c_void, n: usize, size: usize) -> *mut c_void {
+    match n.checked_mul(size) {
+        Some(total) => realloc(ptr, total),
+        None => {
+            set_errno(libc::ENOMEM);
+            core::ptr::null_mut()
+        }
+    }
+}
+
+fn valid_alignment(align: usize) -> bool {
+    align.is_power_of_two() && align <= (CHUNK_BYTES / 4) as usize
+}
+
+#[no_mangle]
+pub extern "C" fn memalign(align: usize, size: usize) -> *mut c_void {
+    if !valid_alignment(align) {
+        set_errno(libc::EINVAL);
+        return core::ptr::null_mut();
+    }
+    allocate(size, align)
+}
+
+#[no_mangle]
+pub extern "C" fn aligned_alloc(align: usize, size: usize) -> *mut c_void {
+    memalign(align, size)
+}
+
+/// # Safety
+/// `out` must be writable.
+#[no_mangle]
+pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> c_int {
+    if !valid_alignment(align) || align < core::mem::size_of::<usize>() {
+        return libc::EINVAL;
+    }
+    let ptr = allocate(size, align);
+    if ptr.is_null() {
+        return libc::ENOMEM;
+    }
+    out.write(ptr);
+    0
+}
+
+#[no_mangle]
+pub extern "C" fn valloc(size: usize) -> *mut c_void {
+    memalign(4096, size)
+}
+
+#[no_mangle]
+pub extern "C" fn pvalloc(size: usize) -> *mut c_void {
+    let Some(rounded) = size.max(1).checked_add(4095) else {
+        set_errno(libc::ENOMEM);
+        return core::ptr::null_mut();
+    };
+    memalign(4096, rounded & !4095)
+}
+
+#[no_mangle]
+pub extern "C" fn malloc_usable_size(ptr: *mut c_void) -> usize {
+    if ptr.is_null() {
+        return 0;
+    }
+    usable(ptr)
+}
+
+fn getenv(name: &CStr) -> Option<&'static [u8]> {
+    // SAFETY: getenv returns a pointer into the environment or null; no allocation.
+    let value = unsafe { libc::getenv(name.as_ptr()) };
+    if value.is_null() {
+        return None;
+    }
+    // SAFETY: a NUL-terminated environment string that lives for the process.
+    Some(unsafe { CStr::from_ptr(value) }.to_bytes())
+}
+
+extern "C" fn init() {
+    let mut key: libc::pthread_key_t = 0;
+    // SAFETY: creating a key with a destructor; glibc keeps low keys in a static table.
+    if unsafe { libc::pthread_key_create(&mut key, Some(release_heap)) } == 0 {
+        HEAP_KEY.store(key as usize, Ordering::Release);
+    }
+    // SAFETY: registering a child handler that only uses raw system calls and statics.
+    unsafe {
+        libc::pthread_atfork(
+            Some(fork::before_fork),
+            Some(fork::after_fork_in_parent),
+            Some(fork::after_fork_in_child),
+        )
+    };
+    let space = getenv(c"GALLOCY_SPACE").unwrap_or(b"default");
+    let fallback = getenv(c"GALLOCY_FALLBACK") == Some(b"local");
+    if getenv(c"GALLOCY_SOCKET").is_none() && fallback {
+        start_local();
+        return;
+    }
+    let rc = runtime::attach(space, true);
+    if rc == 0 && runtime::chunk_size() == CHUNK_BYTES {
+        HEAP.set_process_token(((runtime::node_id() as u64) << 32) | runtime::session());
+        MODE.store(MODE_ATTACHED, Ordering::Release);
+        return;
+    }
+    if rc == 0 {
+        let mut message = Message::new();
+        message
+            .str("gallocy: the space's chunk size is ")
+            .dec(runtime::chunk_size() as i64)
+            .str(" bytes; this runtime needs ")
+            .dec(CHUNK_BYTES as i64);
+        message.emit();
+        sys::exit_now(EXIT_NO_DAEMON);
+    }
+    if fallback {
+        start_local();
+        return;
+    }
+    let mut message = Message::new();
+    message.str("gallocy: ");
+    // SAFETY: the last error is a NUL-terminated static buffer.
+    let reason = unsafe { CStr::from_ptr(gallocy::gallocy_last_error()) };
+    message
+        .text(reason.to_bytes())
+        .str("; set GALLOCY_FALLBACK=local to run on a private heap instead");
+    message.emit();
+    sys::exit_now(EXIT_NO_DAEMON);
+}
+
+fn start_local() {
+    HEAP.set_process_token(sys::getpid() as u64);
+    MODE.store(MODE_LOCAL, Ordering::Release);
+}
+
+/// Switches a forked child to its private heap (see `fork`).
+pub(crate) fn become_local() {
+    MODE.store(MODE_LOCAL, Ordering::Release);
+}
+
+pub(crate) fn attached() -> bool {
+    MODE.load(Ordering::Acquire) == MODE_ATTACHED
+}
+
+#[used]
+#[link_section = ".init_array"]
+static INIT: extern "C" fn() = init;

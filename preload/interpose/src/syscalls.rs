@@ -1,0 +1,153 @@
+//! System calls on space memory the process cannot access right now.
+//!
+//! `read(2)` into a PROT_NONE page fails with EFAULT instead of raising SIGSEGV (the
+//! kernel, not the program, touches the page). These wrappers make the system call
+//! directly; on EFAULT with a buffer in the space they take the buffer's pages from
+//! the daemon (for writing when the kernel writes into it) and try again, a bounded
+//! number of times.
+
+use core::ffi::c_void;
+
+use gallocy::runtime;
+use gallocy_core::ipc::MAX_FAULT_PAGES;
+
+const ATTEMPTS: usize = 4;
+
+/// Takes `[buf, buf+len)` from the daemon if it is in the space. True if it did.
+fn take(buf: *const c_void, len: usize, write: bool) -> bool {
+    let start = buf as u64;
+    if len == 0 || !runtime::in_space(start) {
+        return false;
+    }
+    let first = start & !4095;
+    let end = start.saturating_add(len as u64);
+    let mut page = first;
+    while page < end {
+        let pages = (end - page).div_ceil(4096).min(MAX_FAULT_PAGES as u64);
+        if runtime::fault_range(page, pages as u32, write).is_err() {
+            return false;
+        }
+        page += pages * 4096;
+    }
+    true
+}
+
+fn retry(
+    buf: *const c_void,
+    len: usize,
+    kernel_writes: bool,
+    mut call: impl FnMut() -> isize,
+) -> isize {
+    for _ in 0..ATTEMPTS {
+        let result = call();
+        if result >= 0 {
+            return result;
+        }
+        // SAFETY: this thread's errno.
+        let errno = unsafe { *libc::__errno_location() };
+        if errno != libc::EFAULT || !take(buf, len, kernel_writes) {
+            return result;
+        }
+    }
+    call()
+}
+
+/// # Safety
+/// As read(2).
+#[no_mangle]
+pub unsafe extern "C" fn read(fd: i32, buf: *mut c_void, count: usize) -> isize {
+    retry(buf, count, true, || {
+        libc::syscall(libc::SYS_read, fd, buf, count) as isize
+    })
+}
+
+/// # Safety
+/// As write(2).
+#[no_mangle]
+pub unsafe extern "C" fn write(fd: i32, buf: *const c_void, count: usize) -> isize {
+    retry(buf, count, false, || {
+        libc::syscall(libc::SYS_write, fd, buf, count) as isize
+    })
+}
+
+/// # Safety
+/// As pread(2).
+#[no_mangle]
+pub unsafe extern "C" fn pread64(fd: i32, buf: *mut c_void, count: usize, offset: i64) -> isize {
+    retry(buf, count, true, || {
+        libc::syscall(libc::SYS_pread64, fd, buf, count, offset) as isize
+    })
+}
+
+/// # Safety
+/// As pread(2).
+#[no_mangle]
+pub unsafe extern "C" fn pread(fd: i32, buf: *mut c_void, count: usize, offset: i64) -> isize {
+    pread64(fd, buf, count, offset)
+}
+
+/// # Safety
+/// As pwrite(2).
+#[no_mangle]
+pub unsafe extern "C" fn pwrite64(fd: i32, buf: *const c_void, count: usize, offset: i64) -> isize {
+    retry(buf, count, false, || {
+        libc::syscall(libc::SYS_pwrite64, fd, buf, count, offset) as isize
+    })
+}
+
+/// # Safety
+/// As pwrite(2).
+#[no_mangle]
+pub unsafe extern "C" fn pwrite(fd: i32, buf: *const c_void, count: usize, offset: i64) -> isize {
+    pwrite64(fd, buf, count, offset)
+}
+
+/// # Safety
+/// As recv(2).
+#[no_mangle]
+pub unsafe extern "C" fn recv(fd: i32, buf: *mut c_void, len: usize, flags: i32) -> isize {
+    retry(buf, len, true, || {
+        libc::syscall(libc::SYS_recvfrom, fd, buf, len, flags, 0usize, 0usize) as isize
+    })
+}
+
+/// # Safety
+/// As recvfrom(2).
+#[no_mangle]
+pub unsafe extern "C" fn recvfrom(
+    fd: i32,
+    buf: *mut c_void,
+    len: usize,
+    flags: i32,
+    addr: *mut libc::sockaddr,
+    addr_len: *mut libc::socklen_t,
+) -> isize {
+    retry(buf, len, true, || {
+        libc::syscall(libc::SYS_recvfrom, fd, buf, len, flags, addr, addr_len) as isize
+    })
+}
+
+/// # Safety
+/// As send(2).
+#[no_mangle]
+pub unsafe extern "C" fn send(fd: i32, buf: *const c_void, len: usize, flags: i32) -> isize {
+    retry(buf, len, false, || {
+        libc::syscall(libc::SYS_sendto, fd, buf, len, flags, 0usize, 0usize) as isize
+    })
+}
+
+/// # Safety
+/// As sendto(2).
+#[no_mangle]
+pub unsafe extern "C" fn sendto(
+    fd: i32,
+    buf: *const c_void,
+    len: usize,
+    flags: i32,
+    addr: *const libc::sockaddr,
+    addr_len: libc::socklen_t,
+) -> isize {
+    retry(buf, len, false, || {
+        libc::syscall(libc::SYS_sendto, fd, buf, len, flags, addr, addr_len) as isize
+    })
+}
