@@ -7,3 +7,4 @@ pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod memory;
+pub mod run;

@@ -24,6 +24,22 @@ enum Command {
         #[command(subcommand)]
         action: ClusterAction,
     },
+    /// Run a program with its whole heap in a gallocy space (LD_PRELOAD), attached to
+    /// the daemon at $GALLOCY_SOCKET, or to a local cluster started for the run.
+    Run {
+        /// Nodes of the embedded cluster (when $GALLOCY_SOCKET is not set).
+        #[arg(short = 'n', long, default_value_t = 1)]
+        nodes: u64,
+        /// The space the program's heap lives in.
+        #[arg(long, default_value = "run")]
+        space: String,
+        /// After the program exits, print each node's status (JSON) on stderr.
+        #[arg(long)]
+        stats: bool,
+        /// The program and its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        program: Vec<String>,
+    },
     /// Show members, leader, spaces, leases, pages and counters.
     Status {
         /// A local cluster's directory (every node).
@@ -93,6 +109,26 @@ fn main() -> ExitCode {
             },
         },
         Command::Status { dir, socket, json } => status(dir.as_deref(), socket.as_deref(), json),
+        Command::Run {
+            nodes,
+            space,
+            stats,
+            program,
+        } => {
+            let options = gallocy_real::run::RunOptions {
+                nodes,
+                space: &space,
+                program: &program,
+                stats,
+            };
+            match gallocy_real::run::run(&options) {
+                Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+                Err(e) => {
+                    eprintln!("gallocy: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
     }
 }
 
