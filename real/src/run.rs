@@ -13,7 +13,10 @@ pub fn preload_path() -> Result<PathBuf, String> {
     }
     let exe = std::env::current_exe().map_err(|e| format!("current executable: {e}"))?;
     let dir = exe.parent().ok_or("executable has no directory")?;
-    for candidate in [dir.join("libgallocy_preload.so"), dir.join("../libgallocy_preload.so")] {
+    for candidate in [
+        dir.join("libgallocy_preload.so"),
+        dir.join("../libgallocy_preload.so"),
+    ] {
         if candidate.exists() {
             return Ok(candidate);
         }
@@ -63,7 +66,13 @@ pub fn run(options: &RunOptions<'_>) -> Result<i32, String> {
             let _ = std::fs::remove_dir_all(&dir);
             let embedded = Embedded { dir: dir.clone() };
             let gallocyd = cluster::gallocyd_path()?;
-            cluster::up(options.nodes, &dir, SpaceDefaults::default(), "warn", &gallocyd)?;
+            cluster::up(
+                options.nodes,
+                &dir,
+                SpaceDefaults::default(),
+                "warn",
+                &gallocyd,
+            )?;
             (cluster::app_socket(&dir, 1), Some(embedded))
         }
     };
@@ -80,7 +89,11 @@ pub fn run(options: &RunOptions<'_>) -> Result<i32, String> {
         .status()
         .map_err(|e| format!("cannot run {program}: {e}"))?;
     if options.stats {
-        print_stats(&socket, embedded.as_ref().map(|e| e.dir.as_path()), options.nodes);
+        print_stats(
+            &socket,
+            embedded.as_ref().map(|e| e.dir.as_path()),
+            options.nodes,
+        );
     }
     drop(embedded);
     Ok(match status.code() {

@@ -1,0 +1,243 @@
+//! Real programs under `gallocy run`: byte-identical output to a plain run, with the
+//! heap in the space.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{describe, profile_dir, temp_dir, Cluster};
+
+/// libgallocy_preload.so of this profile, built if this test run did not build it.
+fn preload() -> PathBuf {
+    let lib = profile_dir().join("libgallocy_preload.so");
+    if !lib.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut command = Command::new(cargo);
+        command.args(["build", "-p", "gallocy-interpose"]);
+        if profile_dir().file_name().is_some_and(|n| n == "release") {
+            command.arg("--release");
+        }
+        assert!(
+            command.status().unwrap().success(),
+            "building libgallocy_preload.so failed"
+        );
+    }
+    lib
+}
+
+fn gallocy_run(args: &[&str], program: &[&str], cwd: &Path, socket: Option<&Path>) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_gallocy"));
+    command
+        .arg("run")
+        .args(args)
+        .arg("--")
+        .args(program)
+        .current_dir(cwd)
+        .env("GALLOCY_PRELOAD", preload())
+        .env("GALLOCYD", env!("CARGO_BIN_EXE_gallocyd"))
+        .env_remove("GALLOCY_SOCKET");
+    if let Some(socket) = socket {
+        command.env("GALLOCY_SOCKET", socket);
+    }
+    command.output().unwrap()
+}
+
+fn plain(program: &[&str], cwd: &Path) -> Output {
+    Command::new(program[0])
+        .args(&program[1..])
+        .current_dir(cwd)
+        .output()
+        .unwrap()
+}
+
+/// Runs under gallocy and plainly; same status and stdout; the space held the heap.
+fn same_as_plain(program: &[&str], cwd: &Path) {
+    let expected = plain(program, cwd);
+    let got = gallocy_run(&["--stats"], program, cwd, None);
+    assert!(got.status.success(), "{}", describe(&got));
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout),
+        String::from_utf8_lossy(&expected.stdout),
+        "output differs; stderr:\n{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    let stats = String::from_utf8_lossy(&got.stderr);
+    let line = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("gallocy-stats: "))
+        .unwrap_or_else(|| panic!("no stats:\n{stats}"));
+    let doc: serde_json::Value = serde_json::from_str(line).unwrap();
+    let chunks = doc["spaces"][0]["chunks_per_node"]["1"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(chunks >= 2, "the heap did not go to the space: {doc}");
+    assert!(doc["pages"]["write"].as_u64().unwrap() > 0, "{doc}");
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn python_dicts_json_and_a_subprocess() {
+    let dir = temp_dir("py");
+    let script = r#"
+import json, subprocess
+data = {str(i): {"n": i, "sq": [i * i] * 5, "s": "x" * (i % 50)} for i in range(20000)}
+text = json.dumps(data, sort_keys=True)
+back = json.loads(text)
+assert back == data
+words = sorted(set(w for v in back.values() for w in v["s"].split()))
+out = subprocess.run(["echo", "from a child"], capture_output=True, text=True).stdout
+print(len(text), len(back), words[:3], out.strip())
+"#;
+    same_as_plain(&["python3", "-c", script], &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sqlite_inserts_and_aggregates() {
+    if !have("sqlite3") {
+        eprintln!("sqlite3 is not installed; skipped");
+        return;
+    }
+    let dir = temp_dir("sqlite");
+    let sql = "create table t(a integer, b text); \
+        with recursive c(x) as (select 1 union all select x+1 from c where x < 100000) \
+        insert into t select x, 'row' || x from c; \
+        select count(*), sum(a), max(length(b)), avg(a) from t;";
+    let expected = plain(&["sqlite3", "plain.db", sql], &dir);
+    let got = gallocy_run(&["--stats"], &["sqlite3", "gallocy.db", sql], &dir, None);
+    assert!(got.status.success(), "{}", describe(&got));
+    assert_eq!(got.stdout, expected.stdout);
+    assert!(String::from_utf8_lossy(&got.stdout).starts_with("100000|5000050000|9|"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn git_init_add_commit_log() {
+    if !have("git") {
+        return;
+    }
+    let dir = temp_dir("git");
+    let script = "git init -q repo && cd repo && git config user.email t@example.org && \
+        git config user.name t && for i in 1 2 3; do echo $i > f$i; git add f$i; \
+        GIT_COMMITTER_DATE='2026-01-01T00:00:0'$i GIT_AUTHOR_DATE='2026-01-01T00:00:0'$i \
+        git commit -qm c$i; done && git log --format='%H %s' && git status --short | wc -l";
+    let expected = plain(&["sh", "-c", script], &dir);
+    let _ = std::fs::remove_dir_all(dir.join("repo"));
+    let got = gallocy_run(&[], &["sh", "-c", script], &dir, None);
+    assert!(got.status.success(), "{}", describe(&got));
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout),
+        String::from_utf8_lossy(&expected.stdout)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sort_of_a_20_mb_file() {
+    let dir = temp_dir("sort");
+    let mut text = String::with_capacity(20 << 20);
+    let mut x: u64 = 1;
+    while text.len() < 20 << 20 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        text.push_str(&format!("{:016x} line\n", x >> 8));
+    }
+    std::fs::write(dir.join("big.txt"), &text).unwrap();
+    same_as_plain(&["sort", "big.txt"], &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn c_threads_allocate_and_free_across_threads() {
+    let dir = temp_dir("threads");
+    let program = dir.join("threads");
+    let status = Command::new("cc")
+        .args(["-O2", "-pthread", "-o"])
+        .arg(&program)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/c/threads.c"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    same_as_plain(&[program.to_str().unwrap()], &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_linked_list_built_on_one_node_is_walked_on_another() {
+    let cluster = Cluster::start("list", 2);
+    let program = cluster.dir.join("list");
+    let status = Command::new("cc")
+        .args(["-O2", "-o"])
+        .arg(&program)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/c/list.c"))
+        .arg("-ldl")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let program = program.to_str().unwrap().to_string();
+    let socket1 = cluster.socket(1);
+    let socket2 = cluster.socket(2);
+    let dir = cluster.dir.clone();
+    let walker = {
+        let program = program.clone();
+        let dir = dir.clone();
+        std::thread::spawn(move || {
+            gallocy_run(
+                &["--space", "list"],
+                &[&program, "walk", "5000"],
+                &dir,
+                Some(&socket2),
+            )
+        })
+    };
+    let built = gallocy_run(
+        &["--space", "list"],
+        &[&program, "build", "5000"],
+        &dir,
+        Some(&socket1),
+    );
+    let walked = walker.join().unwrap();
+    assert!(built.status.success(), "{}", describe(&built));
+    assert!(walked.status.success(), "{}", describe(&walked));
+    let expected: i64 = (0..5000i64).map(|i| i * i).sum();
+    assert_eq!(
+        String::from_utf8_lossy(&walked.stdout).trim(),
+        format!("walked 5000 nodes, sum {expected}")
+    );
+}
+
+#[test]
+fn no_daemon_is_a_clear_error_unless_fallback_is_asked() {
+    let dir = temp_dir("nodaemon");
+    let missing = dir.join("nobody.sock");
+    let output = Command::new("python3")
+        .args(["-c", "print('ran')"])
+        .env("LD_PRELOAD", preload())
+        .env("GALLOCY_SOCKET", &missing)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(85), "{}", describe(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("no gallocy daemon at") && stderr.contains("nobody.sock"),
+        "{stderr}"
+    );
+    let output = Command::new("python3")
+        .args(["-c", "print('ran')"])
+        .env("LD_PRELOAD", preload())
+        .env("GALLOCY_SOCKET", &missing)
+        .env("GALLOCY_FALLBACK", "local")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", describe(&output));
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "ran\n");
+    let _ = std::fs::remove_dir_all(&dir);
+}
