@@ -241,3 +241,56 @@ fn no_daemon_is_a_clear_error_unless_fallback_is_asked() {
     assert_eq!(String::from_utf8_lossy(&output.stdout), "ran\n");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_malloc_family_keeps_glibc_semantics_and_fork_is_safe() {
+    let dir = temp_dir("semantics");
+    let program = dir.join("semantics");
+    let status = Command::new("cc")
+        .args(["-O1", "-Wno-alloc-size-larger-than", "-o"])
+        .arg(&program)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/c/semantics.c"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let got = gallocy_run(&[], &[program.to_str().unwrap()], &dir, None);
+    assert!(got.status.success(), "{}", describe(&got));
+    assert_eq!(String::from_utf8_lossy(&got.stdout), "semantics ok\n");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn read_into_pages_another_node_took_is_retried_not_efault() {
+    let cluster = Cluster::start("efault", 2);
+    let program = cluster.dir.join("efault");
+    let status = Command::new("cc")
+        .args(["-O1", "-o"])
+        .arg(&program)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/c/efault.c"))
+        .arg("-ldl")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let program = program.to_str().unwrap().to_string();
+    let (dir, socket2) = (cluster.dir.clone(), cluster.socket(2));
+    let thief = {
+        let program = program.clone();
+        std::thread::spawn(move || {
+            gallocy_run(
+                &["--space", "efault"],
+                &[&program, "thief"],
+                &dir,
+                Some(&socket2),
+            )
+        })
+    };
+    let owner = gallocy_run(
+        &["--space", "efault"],
+        &[&program, "owner"],
+        &cluster.dir,
+        Some(&cluster.socket(1)),
+    );
+    let thief = thief.join().unwrap();
+    assert!(owner.status.success(), "{}", describe(&owner));
+    assert!(thief.status.success(), "{}", describe(&thief));
+}
