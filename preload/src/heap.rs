@@ -89,10 +89,46 @@ pub static CLASS_BYTES: [u64; CLASSES] = class_sizes();
 
 const _: () = assert!(class_sizes()[CLASSES - 1] == BIG_MAX_BYTES);
 
+/// Class by size in 16-byte steps, for sizes up to 1 KiB (the common case).
+const fn small_class_table() -> [u8; 65] {
+    let sizes = class_sizes();
+    let mut table = [0u8; 65];
+    let mut i = 1;
+    while i < 65 {
+        let size = i as u64 * 16;
+        let mut class = 0;
+        while sizes[class] < size {
+            class += 1;
+        }
+        table[i] = class as u8;
+        i += 1;
+    }
+    table
+}
+
+static SMALL_CLASS: [u8; 65] = small_class_table();
+
+/// Multipliers that divide by each class size exactly for offsets below 2^32:
+/// `offset / size == (offset * MAGIC) >> 64`. A free from an aligned interior
+/// pointer needs its block's start, and a division is ten times slower.
+const fn division_magic() -> [u64; CLASSES] {
+    let sizes = class_sizes();
+    let mut magic = [0u64; CLASSES];
+    let mut i = 0;
+    while i < CLASSES {
+        magic[i] = u64::MAX / sizes[i] + 1;
+        i += 1;
+    }
+    magic
+}
+
+static DIVISION_MAGIC: [u64; CLASSES] = division_magic();
+
 /// The class serving `size`, if it is not a large block.
+#[inline]
 pub fn class_of(size: u64) -> Option<usize> {
-    if size <= 128 {
-        return Some((size.max(1) as usize - 1) / 16);
+    if size <= 1024 {
+        return Some(SMALL_CLASS[(size.max(1) as usize).div_ceil(16)] as usize);
     }
     if size > BIG_MAX_BYTES {
         return None;
@@ -180,6 +216,7 @@ impl Heap {
             .store(token & 0xffff_ffff_ffff, Ordering::Release);
     }
 
+    #[inline]
     fn owner_id(&self, heap: usize) -> u64 {
         (self.process_token.load(Ordering::Relaxed) << 16) | heap as u64
     }
@@ -221,6 +258,7 @@ impl Heap {
     }
 
     /// Allocates `size` bytes with heap `index`. None when no chunk can be had.
+    #[inline]
     pub fn alloc(&self, index: usize, size: u64, source: &dyn ChunkSource) -> Option<u64> {
         let Some(class) = class_of(size) else {
             return self.alloc_large(size, source);
@@ -240,6 +278,7 @@ impl Heap {
 
     /// # Safety
     /// The caller holds heap `index`.
+    #[inline]
     unsafe fn alloc_in(&self, index: usize, class: usize, source: &dyn ChunkSource) -> Option<u64> {
         let heap = &self.heaps[index];
         let free = heap.free[class].get();
@@ -393,6 +432,7 @@ impl Heap {
     ///
     /// # Safety
     /// `ptr` was returned by `alloc` (of any heap, process or node) and is not freed yet.
+    #[inline]
     pub unsafe fn free(&self, index: usize, ptr: u64) {
         let Some((header, block)) = locate(ptr) else {
             return;
@@ -494,6 +534,7 @@ unsafe fn init_header(
 ///
 /// # Safety
 /// `ptr` is inside a chunk carved by this allocator.
+#[inline]
 unsafe fn locate(ptr: u64) -> Option<(&'static SpanHeader, u64)> {
     let chunk = ptr & !(CHUNK_BYTES - 1);
     let first = &*(chunk as *const SpanHeader);
@@ -511,8 +552,11 @@ unsafe fn locate(ptr: u64) -> Option<(&'static SpanHeader, u64)> {
     if header.kind == KIND_LARGE {
         return Some((header, header.data_start));
     }
-    let offset = (ptr - header.data_start) / header.block_bytes * header.block_bytes;
-    Some((header, header.data_start + offset))
+    let offset = ptr - header.data_start;
+    let magic = DIVISION_MAGIC[header.class as usize % CLASSES];
+    let index = ((offset as u128 * magic as u128) >> 64) as u64;
+    debug_assert_eq!(index, offset / header.block_bytes);
+    Some((header, header.data_start + index * header.block_bytes))
 }
 
 /// Usable bytes of the block holding `ptr` from its start, if it is one of ours.
@@ -534,6 +578,17 @@ mod tests {
     impl ChunkSource for Private {
         fn lease(&self, count: u64) -> Option<u64> {
             crate::sys::map_private_chunks(count * CHUNK_BYTES, CHUNK_BYTES)
+        }
+    }
+
+    #[test]
+    fn division_magic_is_exact_for_every_offset_in_a_chunk() {
+        for class in 0..CLASSES {
+            let size = CLASS_BYTES[class];
+            for offset in (0..CHUNK_BYTES).step_by(7).chain([CHUNK_BYTES - 1]) {
+                let magic = DIVISION_MAGIC[class];
+                assert_eq!(((offset as u128 * magic as u128) >> 64) as u64, offset / size);
+            }
         }
     }
 

@@ -114,10 +114,12 @@ pub enum CallError {
     Sys(Errno),
 }
 
+#[inline]
 pub fn is_attached() -> bool {
     RT.attached.load(Ordering::Acquire)
 }
 
+#[inline]
 pub fn base_addr() -> u64 {
     RT.base_addr.load(Ordering::Acquire)
 }
@@ -126,6 +128,7 @@ pub fn root_size() -> u64 {
     RT.root_size_bytes.load(Ordering::Acquire)
 }
 
+#[inline]
 pub fn chunk_size() -> u64 {
     RT.chunk_size_bytes.load(Ordering::Acquire)
 }
@@ -134,6 +137,7 @@ pub fn session() -> u64 {
     RT.session.load(Ordering::Acquire)
 }
 
+#[inline]
 pub fn space_size() -> u64 {
     RT.size_bytes.load(Ordering::Acquire)
 }
@@ -153,6 +157,7 @@ pub fn forget_after_fork() {
     sys::close(service);
 }
 
+#[inline]
 pub fn in_space(addr: u64) -> bool {
     let base = RT.base_addr.load(Ordering::Acquire);
     let size = RT.size_bytes.load(Ordering::Acquire);
@@ -474,6 +479,7 @@ fn errno() -> i32 {
     unsafe { *libc::__errno_location() }
 }
 
+#[inline]
 pub fn set_errno(value: i32) {
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = value };

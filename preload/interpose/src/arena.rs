@@ -21,6 +21,7 @@ fn base() -> usize {
     ARENA.0.get() as usize
 }
 
+#[inline]
 pub fn contains(addr: u64) -> bool {
     let addr = addr as usize;
     addr >= base() && addr < base() + ARENA_BYTES

@@ -35,6 +35,7 @@ pub fn register_local_region(start: u64, len: u64) {
     // Beyond the table, blocks of this region are never freed (a leak, not a crash).
 }
 
+#[inline]
 pub fn in_local_region(addr: u64) -> bool {
     for i in 0..MAX_LOCAL_REGIONS {
         let start = LOCAL_START[i].load(Ordering::Acquire);
@@ -48,6 +49,7 @@ pub fn in_local_region(addr: u64) -> bool {
     false
 }
 
+#[inline]
 pub fn in_private_space(addr: u64) -> bool {
     let base = PRIVATE_BASE.load(Ordering::Acquire);
     base != 0 && addr >= base && addr - base < PRIVATE_SIZE.load(Ordering::Acquire)
