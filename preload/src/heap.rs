@@ -587,7 +587,10 @@ mod tests {
             let size = CLASS_BYTES[class];
             for offset in (0..CHUNK_BYTES).step_by(7).chain([CHUNK_BYTES - 1]) {
                 let magic = DIVISION_MAGIC[class];
-                assert_eq!(((offset as u128 * magic as u128) >> 64) as u64, offset / size);
+                assert_eq!(
+                    ((offset as u128 * magic as u128) >> 64) as u64,
+                    offset / size
+                );
             }
         }
     }

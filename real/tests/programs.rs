@@ -250,6 +250,7 @@ fn the_malloc_family_keeps_glibc_semantics_and_fork_is_safe() {
         .args(["-O1", "-Wno-alloc-size-larger-than", "-o"])
         .arg(&program)
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/c/semantics.c"))
+        .arg("-ldl")
         .status()
         .unwrap();
     assert!(status.success());

@@ -36,10 +36,48 @@ static HEAP: Heap = Heap::new();
 /// The pthread key whose destructor gives a thread's heap back.
 static HEAP_KEY: AtomicUsize = AtomicUsize::new(usize::MAX);
 
+/// Per-thread allocator state, in one thread-local so each call pays one TLS lookup.
+struct ThreadState {
+    /// This thread's heap index (usize::MAX: none yet).
+    heap: Cell<usize>,
+    /// Set while this thread is inside the allocator: finding it set on entry means
+    /// the runtime re-entered the allocator.
+    inside: Cell<bool>,
+}
+
 thread_local! {
-    /// This thread's heap index (usize::MAX: none yet). Const-initialised: no
-    /// allocation, no destructor.
-    static HEAP_INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
+    /// Const-initialised: no allocation, no destructor.
+    static THREAD: ThreadState = const {
+        ThreadState { heap: Cell::new(usize::MAX), inside: Cell::new(false) }
+    };
+}
+
+/// Times the allocator was entered from inside itself (must stay zero).
+static REENTRIES: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Runs `f` as one allocator entry with this thread's heap index, counting re-entries.
+#[inline]
+fn entry<T>(f: impl FnOnce(usize) -> T) -> T {
+    THREAD.with(|state| {
+        let nested = state.inside.replace(true);
+        if nested {
+            REENTRIES.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut index = state.heap.get();
+        if index == usize::MAX {
+            index = claim_heap();
+            state.heap.set(index);
+        }
+        let result = f(index);
+        state.inside.set(nested);
+        result
+    })
+}
+
+/// How often the allocator was re-entered (tests assert zero).
+#[no_mangle]
+pub extern "C" fn gallocy_preload_reentries() -> u64 {
+    REENTRIES.load(Ordering::Relaxed)
 }
 
 /// Chunks leased from the daemon, taken for writing in one round trip per 16 MiB.
@@ -87,26 +125,20 @@ extern "C" fn release_heap(value: *mut c_void) {
     if index > 0 {
         HEAP.release(index - 1);
     }
-    HEAP_INDEX.with(|cell| cell.set(usize::MAX));
+    THREAD.with(|state| state.heap.set(usize::MAX));
 }
 
-fn heap_index() -> usize {
-    HEAP_INDEX.with(|cell| {
-        let index = cell.get();
-        if index != usize::MAX {
-            return index;
-        }
-        let index = HEAP.claim();
-        cell.set(index);
-        let key = HEAP_KEY.load(Ordering::Acquire);
-        if key != usize::MAX && index != MAX_HEAPS - 1 {
-            // SAFETY: a key created at init; low key numbers never allocate.
-            unsafe {
-                libc::pthread_setspecific(key as libc::pthread_key_t, (index + 1) as *const c_void)
-            };
-        }
-        index
-    })
+/// A heap for this thread, given back by `release_heap` when the thread exits.
+fn claim_heap() -> usize {
+    let index = HEAP.claim();
+    let key = HEAP_KEY.load(Ordering::Acquire);
+    if key != usize::MAX && index != MAX_HEAPS - 1 {
+        // SAFETY: a key created at init; low key numbers never allocate.
+        unsafe {
+            libc::pthread_setspecific(key as libc::pthread_key_t, (index + 1) as *const c_void)
+        };
+    }
+    index
 }
 
 /// Whether `ptr` is a block of our heap (not the arena, not foreign memory).
@@ -118,7 +150,7 @@ fn ours(ptr: u64) -> bool {
     }
 }
 
-fn allocate(size: usize, align: usize) -> *mut c_void {
+fn allocate(index: usize, size: usize, align: usize) -> *mut c_void {
     let mode = MODE.load(Ordering::Acquire);
     if mode != MODE_ATTACHED && mode != MODE_LOCAL {
         return arena::allocate(size, align);
@@ -128,7 +160,7 @@ fn allocate(size: usize, align: usize) -> *mut c_void {
         set_errno(libc::ENOMEM);
         return core::ptr::null_mut();
     };
-    match HEAP.alloc(heap_index(), request, source()) {
+    match HEAP.alloc(index, request, source()) {
         Some(block) => ((block + align - 1) & !(align - 1)) as *mut c_void,
         None => {
             set_errno(libc::ENOMEM);
@@ -151,7 +183,7 @@ fn usable(ptr: *mut c_void) -> usize {
 
 #[no_mangle]
 pub extern "C" fn malloc(size: usize) -> *mut c_void {
-    allocate(size, 16)
+    entry(|index| allocate(index, size, 16))
 }
 
 #[no_mangle]
@@ -165,7 +197,7 @@ pub extern "C" fn free(ptr: *mut c_void) {
     }
     // SAFETY: the block is ours and freed once by contract. (Freeing makes no system
     // call, so errno is preserved.)
-    unsafe { HEAP.free(heap_index(), addr) };
+    entry(|index| unsafe { HEAP.free(index, addr) });
 }
 
 #[no_mangle]
@@ -179,7 +211,7 @@ pub extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
         set_errno(libc::ENOMEM);
         return core::ptr::null_mut();
     };
-    let ptr = allocate(total, 16);
+    let ptr = entry(|index| allocate(index, total, 16));
     if !ptr.is_null() {
         // SAFETY: the block has at least `total` bytes; recycled blocks hold old data.
         unsafe { core::ptr::write_bytes(ptr.cast::<u8>(), 0, total) };
@@ -235,7 +267,7 @@ pub extern "C" fn memalign(align: usize, size: usize) -> *mut c_void {
         set_errno(libc::EINVAL);
         return core::ptr::null_mut();
     }
-    allocate(size, align)
+    entry(|index| allocate(index, size, align))
 }
 
 #[no_mangle]
@@ -250,7 +282,7 @@ pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, siz
     if !valid_alignment(align) || align < core::mem::size_of::<usize>() {
         return libc::EINVAL;
     }
-    let ptr = allocate(size, align);
+    let ptr = entry(|index| allocate(index, size, align));
     if ptr.is_null() {
         return libc::ENOMEM;
     }

@@ -10,6 +10,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 #include <fcntl.h>
+#include <dlfcn.h>
 
 #define CHECK(n, cond) do { if (!(cond)) { fprintf(stderr, "check %d failed: %s\n", n, #cond); return n; } } while (0)
 
@@ -94,6 +95,10 @@ int main(void) {
     char *buffer = malloc(1 << 20);
     CHECK(24, fd >= 0 && read(fd, buffer, 1 << 20) > 0);
     close(fd);
+    /* The runtime path never re-entered the allocator (ld.so, libc start-up, attach,
+     * faults, leases, fork, I/O wrappers all ran above). */
+    unsigned long (*reentries)(void) = (unsigned long (*)(void))dlsym(RTLD_DEFAULT, "gallocy_preload_reentries");
+    CHECK(25, reentries != NULL && reentries() == 0);
     printf("semantics ok\n");
     return 0;
 }
