@@ -477,6 +477,8 @@ pub struct Node {
     down_proposed: BTreeSet<NodeId>,
     fenced: bool,
     evicted: bool,
+    /// Nodes marked down whose copies the home voids at the given tick.
+    pending_voids: BTreeMap<NodeId, u64>,
 
     next_proposal_id: u64,
     proposals: BTreeMap<u64, PendingProposal>,
@@ -560,6 +562,7 @@ impl Node {
             down_proposed: BTreeSet::new(),
             fenced: true,
             evicted: false,
+            pending_voids: BTreeMap::new(),
             next_proposal_id: 1,
             proposals: BTreeMap::new(),
             next_request_id: 1,
@@ -693,6 +696,7 @@ impl Node {
             }
         }
         self.update_fence();
+        self.void_due();
         self.retry_due();
         // An evicted node still votes and may lead: it keeps detecting failures so the
         // cluster's metadata moves on.
@@ -1187,11 +1191,12 @@ impl Node {
             self.evict_self();
             return;
         }
-        // Home side: the node's copies are void; pages only it held are lost.
-        let pages: Vec<PageId> = self.directory.keys().copied().collect();
-        for page in pages {
-            self.directory_node_down(page, node);
-        }
+        // Home side: the node's copies become void, but not at once: a leader may have
+        // renewed its lease until the mark-down committed, so it may read its copies
+        // for up to a lease period more. Until then invalidations keep waiting for it.
+        let void_at =
+            self.now_ticks + self.config.fence_after_ticks + self.config.lease_interval_ticks;
+        self.pending_voids.insert(node, void_at);
         // Local side: requests to it fail.
         let affected: Vec<PageId> = self
             .pages
@@ -1261,6 +1266,23 @@ impl Node {
             }
         }
         self.lease_in_flight.clear();
+    }
+
+    /// Voids the copies of nodes marked down once their last lease has expired.
+    fn void_due(&mut self) {
+        let due: Vec<NodeId> = self
+            .pending_voids
+            .iter()
+            .filter(|(_, &at)| at <= self.now_ticks)
+            .map(|(&node, _)| node)
+            .collect();
+        for node in due {
+            self.pending_voids.remove(&node);
+            let pages: Vec<PageId> = self.directory.keys().copied().collect();
+            for page in pages {
+                self.directory_node_down(page, node);
+            }
+        }
     }
 
     // -----------------------------------------------------------------------------
@@ -1889,7 +1911,8 @@ impl Node {
                 outcome,
             } => self.on_free_reply(from, request_id, outcome),
             PeerMessage::LeaseRequest { sent_tick } => {
-                if self.is_leader {
+                // Never to a node this leader is marking down or that is down.
+                if self.is_leader && self.meta.is_up(from) && !self.down_proposed.contains(&from) {
                     self.send(from, PeerMessage::LeaseGrant { sent_tick });
                 }
             }
