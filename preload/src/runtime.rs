@@ -19,6 +19,8 @@ const PAGE_BYTES: u64 = 4096;
 /// Per-thread connections; beyond, a thread uses a connection per call.
 const CONNECTION_SLOTS: usize = 256;
 const SOCKET_PATH_BYTES: usize = 108;
+/// How long a caller polls for the daemon's answer before blocking.
+const SPIN_NANOS: u64 = 20_000;
 
 /// A spin lock for the rare paths (attach, detach, last error). Never held across a
 /// blocking call that another thread's progress could depend on.
@@ -251,7 +253,13 @@ fn open_session_connection(role: Role) -> Result<i32, CallError> {
 
 fn receive(fd: i32) -> Result<(u64, IpcMessage), CallError> {
     let mut frame = [0u8; IPC_FRAME_BYTES];
-    match sys::read_exact(fd, &mut frame) {
+    // Spin briefly for the answer before sleeping: waking a sleeping vCPU costs more
+    // than most daemon transactions take.
+    let received = match sys::recv_spinning(fd, &mut frame, SPIN_NANOS) {
+        Some(result) => result,
+        None => sys::read_exact(fd, &mut frame),
+    };
+    match received {
         Ok(true) => {}
         Ok(false) => daemon_gone("connection closed"),
         Err(Errno::CONNRESET) => daemon_gone("connection reset"),

@@ -254,3 +254,28 @@ pub fn write_all_fd(raw: i32, mut bytes: &[u8]) -> Result<(), Errno> {
     }
     Ok(())
 }
+
+fn monotonic_nanos() -> u64 {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+/// Polls for a whole frame without blocking for up to `spin_nanos`. `None` if nothing
+/// arrived (the caller then blocks); partial frames are completed by blocking reads.
+pub fn recv_spinning(raw: i32, buf: &mut [u8], spin_nanos: u64) -> Option<Result<bool, Errno>> {
+    let deadline = monotonic_nanos() + spin_nanos;
+    loop {
+        match rustix::net::recv(fd(raw), &mut *buf, rustix::net::RecvFlags::DONTWAIT) {
+            Ok((0, _)) => return Some(Ok(false)),
+            Ok((n, _)) if n == buf.len() => return Some(Ok(true)),
+            Ok((n, _)) => return Some(read_exact(raw, &mut buf[n..])),
+            Err(Errno::AGAIN) | Err(Errno::INTR) => {}
+            Err(e) => return Some(Err(e)),
+        }
+        if monotonic_nanos() > deadline {
+            return None;
+        }
+        // Let the daemon (or whoever the answer depends on) have this CPU if it needs it.
+        rustix::thread::sched_yield();
+    }
+}
