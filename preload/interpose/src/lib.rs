@@ -12,7 +12,6 @@ mod arena;
 mod fork;
 mod syscalls;
 
-use core::cell::Cell;
 use core::ffi::{c_int, c_void, CStr};
 use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
@@ -36,42 +35,70 @@ static HEAP: Heap = Heap::new();
 /// The pthread key whose destructor gives a thread's heap back.
 static HEAP_KEY: AtomicUsize = AtomicUsize::new(usize::MAX);
 
-/// Per-thread allocator state, in one thread-local so each call pays one TLS lookup.
-struct ThreadState {
-    /// This thread's heap index (usize::MAX: none yet).
-    heap: Cell<usize>,
-    /// Set while this thread is inside the allocator: finding it set on entry means
-    /// the runtime re-entered the allocator.
-    inside: Cell<bool>,
+// Per-thread allocator state: `[heap index + 1 (0: none yet), inside the allocator]`.
+//
+// Initial-exec TLS, as the allocator of a preloaded library must use: one `fs`-relative
+// load, no `__tls_get_addr` call (which may allocate, and costs more than a malloc).
+// Stable Rust cannot ask for the TLS model, so the variable is declared in assembly.
+#[cfg(target_arch = "x86_64")]
+core::arch::global_asm!(
+    ".section .tbss,\"awT\",@nobits",
+    ".p2align 4",
+    "gallocy_thread_state:",
+    ".zero 16",
+    ".text",
+);
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn thread_state() -> *mut [u64; 2] {
+    let state: *mut [u64; 2];
+    // SAFETY: reads the thread pointer and the static TLS offset of our variable
+    // (initial-exec model); the result is this thread's 16 bytes.
+    unsafe {
+        core::arch::asm!(
+            "mov {0}, qword ptr fs:[0]",
+            "add {0}, qword ptr [rip + gallocy_thread_state@GOTTPOFF]",
+            out(reg) state,
+            options(pure, readonly, nostack, preserves_flags),
+        );
+    }
+    state
 }
 
+#[cfg(not(target_arch = "x86_64"))]
 thread_local! {
-    /// Const-initialised: no allocation, no destructor.
-    static THREAD: ThreadState = const {
-        ThreadState { heap: Cell::new(usize::MAX), inside: Cell::new(false) }
-    };
+    static THREAD_STATE: core::cell::UnsafeCell<[u64; 2]> = const { core::cell::UnsafeCell::new([0, 0]) };
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn thread_state() -> *mut [u64; 2] {
+    THREAD_STATE.with(|cell| cell.get())
 }
 
 /// Times the allocator was entered from inside itself (must stay zero).
 static REENTRIES: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
 /// Runs `f` as one allocator entry with this thread's heap index, counting re-entries.
-#[inline]
+#[inline(always)]
 fn entry<T>(f: impl FnOnce(usize) -> T) -> T {
-    THREAD.with(|state| {
-        let nested = state.inside.replace(true);
-        if nested {
+    let state = thread_state();
+    // SAFETY: this thread's own state; nothing else touches it.
+    unsafe {
+        let nested = (*state)[1];
+        if nested != 0 {
             REENTRIES.fetch_add(1, Ordering::Relaxed);
         }
-        let mut index = state.heap.get();
-        if index == usize::MAX {
-            index = claim_heap();
-            state.heap.set(index);
+        (*state)[1] = 1;
+        let mut index = (*state)[0];
+        if index == 0 {
+            index = claim_heap() as u64 + 1;
+            (*state)[0] = index;
         }
-        let result = f(index);
-        state.inside.set(nested);
+        let result = f(index as usize - 1);
+        (*state)[1] = nested;
         result
-    })
+    }
 }
 
 /// How often the allocator was re-entered (tests assert zero).
@@ -125,7 +152,8 @@ extern "C" fn release_heap(value: *mut c_void) {
     if index > 0 {
         HEAP.release(index - 1);
     }
-    THREAD.with(|state| state.heap.set(usize::MAX));
+    // SAFETY: this thread's own state.
+    unsafe { (*thread_state())[0] = 0 };
 }
 
 /// A heap for this thread, given back by `release_heap` when the thread exits.
