@@ -151,3 +151,134 @@ pub unsafe extern "C" fn sendto(
         libc::syscall(libc::SYS_sendto, fd, buf, len, flags, addr, addr_len) as isize
     })
 }
+
+/// Takes every in-space buffer of an iovec array. True if any was taken.
+///
+/// # Safety
+/// `iov` points to `count` iovecs.
+unsafe fn take_iov(iov: *const libc::iovec, count: i32, write: bool) -> bool {
+    if iov.is_null() || !(0..=1024).contains(&count) {
+        return false;
+    }
+    let mut taken = false;
+    for i in 0..count as usize {
+        let entry = &*iov.add(i);
+        taken |= take(entry.iov_base, entry.iov_len, write);
+    }
+    taken
+}
+
+/// # Safety
+/// `iov` points to `count` iovecs.
+unsafe fn retry_iov(
+    iov: *const libc::iovec,
+    count: i32,
+    kernel_writes: bool,
+    mut call: impl FnMut() -> isize,
+) -> isize {
+    for _ in 0..ATTEMPTS {
+        let result = call();
+        if result >= 0
+            || *libc::__errno_location() != libc::EFAULT
+            || !take_iov(iov, count, kernel_writes)
+        {
+            return result;
+        }
+    }
+    call()
+}
+
+/// # Safety
+/// As readv(2).
+#[no_mangle]
+pub unsafe extern "C" fn readv(fd: i32, iov: *const libc::iovec, count: i32) -> isize {
+    retry_iov(iov, count, true, || {
+        libc::syscall(libc::SYS_readv, fd, iov, count) as isize
+    })
+}
+
+/// # Safety
+/// As writev(2).
+#[no_mangle]
+pub unsafe extern "C" fn writev(fd: i32, iov: *const libc::iovec, count: i32) -> isize {
+    retry_iov(iov, count, false, || {
+        libc::syscall(libc::SYS_writev, fd, iov, count) as isize
+    })
+}
+
+/// # Safety
+/// As preadv(2).
+#[no_mangle]
+pub unsafe extern "C" fn preadv(
+    fd: i32,
+    iov: *const libc::iovec,
+    count: i32,
+    offset: i64,
+) -> isize {
+    // The kernel takes the offset as two halves (low, high).
+    retry_iov(iov, count, true, || {
+        libc::syscall(
+            libc::SYS_preadv,
+            fd,
+            iov,
+            count,
+            offset,
+            (offset as u64 >> 32) as i64,
+        ) as isize
+    })
+}
+
+/// # Safety
+/// As pwritev(2).
+#[no_mangle]
+pub unsafe extern "C" fn pwritev(
+    fd: i32,
+    iov: *const libc::iovec,
+    count: i32,
+    offset: i64,
+) -> isize {
+    retry_iov(iov, count, false, || {
+        libc::syscall(
+            libc::SYS_pwritev,
+            fd,
+            iov,
+            count,
+            offset,
+            (offset as u64 >> 32) as i64,
+        ) as isize
+    })
+}
+
+/// # Safety
+/// As recvmsg(2).
+#[no_mangle]
+pub unsafe extern "C" fn recvmsg(fd: i32, message: *mut libc::msghdr, flags: i32) -> isize {
+    let (iov, count) = if message.is_null() {
+        (core::ptr::null(), 0)
+    } else {
+        (
+            (*message).msg_iov as *const libc::iovec,
+            (*message).msg_iovlen as i32,
+        )
+    };
+    retry_iov(iov, count, true, || {
+        libc::syscall(libc::SYS_recvmsg, fd, message, flags) as isize
+    })
+}
+
+/// # Safety
+/// As sendmsg(2).
+#[no_mangle]
+pub unsafe extern "C" fn sendmsg(fd: i32, message: *const libc::msghdr, flags: i32) -> isize {
+    let (iov, count) = if message.is_null() {
+        (core::ptr::null(), 0)
+    } else {
+        (
+            (*message).msg_iov as *const libc::iovec,
+            (*message).msg_iovlen as i32,
+        )
+    };
+    retry_iov(iov, count, false, || {
+        libc::syscall(libc::SYS_sendmsg, fd, message, flags) as isize
+    })
+}

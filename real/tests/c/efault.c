@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/uio.h>
 
 #define BYTES (3 * 4096)
 
@@ -34,6 +35,12 @@ int main(int argc, char **argv) {
         int fd = open("/proc/self/cmdline", O_RDONLY);
         ssize_t n = read(fd, buffer + 4096 + 100, 4000);
         close(fd);
+        /* And readv into the third page, also taken. */
+        fd = open("/proc/self/cmdline", O_RDONLY);
+        struct iovec iov = { buffer + 2 * 4096 + 8, 100 };
+        ssize_t v = readv(fd, &iov, 1);
+        close(fd);
+        if (v <= 0) { perror("readv"); return 8; }
         root[5] = 1;
         if (n <= 0) { perror("read"); return 4; }
         if (buffer[0] != 't') { fprintf(stderr, "did not see the thief's write\n"); return 5; }
