@@ -21,6 +21,8 @@ const CONNECTION_SLOTS: usize = 256;
 const SOCKET_PATH_BYTES: usize = 108;
 /// How long a caller polls for the daemon's answer before blocking.
 const SPIN_NANOS: u64 = 20_000;
+/// How long the service thread polls for the next revocation before blocking.
+const SERVICE_SPIN_NANOS: u64 = 100_000;
 
 /// A spin lock for the rare paths (attach, detach, last error). Never held across a
 /// blocking call that another thread's progress could depend on.
@@ -554,7 +556,13 @@ extern "C" fn service_main(_arg: *mut libc::c_void) -> *mut libc::c_void {
     let fd = RT.service_fd.load(Ordering::Acquire);
     let mut frame = [0u8; IPC_FRAME_BYTES];
     loop {
-        match sys::read_exact(fd, &mut frame) {
+        // Revocations come in bursts (one per page another node takes): poll a while
+        // after each before sleeping, as callers do for their answers.
+        let received = match sys::recv_spinning(fd, &mut frame, SERVICE_SPIN_NANOS) {
+            Some(result) => result,
+            None => sys::read_exact(fd, &mut frame),
+        };
+        match received {
             Ok(true) => {}
             Ok(false) | Err(_) => {
                 if RT.detaching.load(Ordering::Acquire) {

@@ -10,12 +10,14 @@ use std::time::{Duration, Instant};
 
 use common::{describe, e2e_program, finish, temp_dir, Cluster};
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Two distinct free ports (both bound at once, then released).
+fn free_ports() -> [u16; 2] {
+    let a = TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = TcpListener::bind("127.0.0.1:0").unwrap();
+    [
+        a.local_addr().unwrap().port(),
+        b.local_addr().unwrap().port(),
+    ]
 }
 
 struct Daemons(Vec<Child>);
@@ -30,10 +32,10 @@ impl Drop for Daemons {
     }
 }
 
-#[test]
-fn two_daemons_over_tcp_share_a_block() {
-    let dir = temp_dir("tcp");
-    let ports = [free_port(), free_port()];
+/// Starts two daemons on TCP; None if a daemon could not bind its port (another
+/// process took it between our probe and the daemon's bind).
+fn start_tcp_pair(dir: &std::path::Path) -> Option<Daemons> {
+    let ports = free_ports();
     let peers: Vec<String> = ports
         .iter()
         .enumerate()
@@ -64,6 +66,13 @@ fn two_daemons_over_tcp_share_a_block() {
         .collect();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
+        if daemons
+            .0
+            .iter_mut()
+            .any(|c| c.try_wait().ok().flatten().is_some())
+        {
+            return None;
+        }
         let leaders: Vec<_> = sockets
             .iter()
             .map(|s| {
@@ -73,11 +82,33 @@ fn two_daemons_over_tcp_share_a_block() {
             })
             .collect();
         if leaders[0].is_some() && leaders[0] == leaders[1] {
-            break;
+            return Some(daemons);
         }
-        assert!(Instant::now() < deadline, "no leader over TCP");
+        if Instant::now() > deadline {
+            let logs: Vec<String> = (1..=2)
+                .map(|i| {
+                    std::fs::read_to_string(dir.join(format!("node{i}/gallocyd.log")))
+                        .unwrap_or_default()
+                })
+                .collect();
+            panic!(
+                "no leader over TCP (ports {ports:?}):\n{}",
+                logs.join("\n---\n")
+            );
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[test]
+fn two_daemons_over_tcp_share_a_block() {
+    let dir = temp_dir("tcp");
+    let daemons = (0..5)
+        .find_map(|_| start_tcp_pair(&dir))
+        .expect("could not bind two TCP ports in five attempts");
+    let sockets: Vec<_> = (1..=2)
+        .map(|i| dir.join(format!("node{i}/app.sock")))
+        .collect();
     let program = e2e_program(&dir);
     let consumer = Command::new(&program)
         .arg("consume")
