@@ -20,7 +20,7 @@ const PAGE_BYTES: u64 = 4096;
 const CONNECTION_SLOTS: usize = 256;
 const SOCKET_PATH_BYTES: usize = 108;
 /// How long a caller polls for the daemon's answer before blocking.
-const SPIN_NANOS: u64 = 20_000;
+const SPIN_NANOS: u64 = 100_000;
 /// How long the service thread polls for the next revocation before blocking.
 const SERVICE_SPIN_NANOS: u64 = 100_000;
 
