@@ -294,8 +294,13 @@ const MAX_DEFERRED_PER_PAGE: usize = 8;
 struct LocalPage {
     /// What the home granted and has not taken back.
     held: Access,
-    /// Version of the bytes in local memory (accessible or not).
+    /// Version of the bytes in local memory (accessible or not). None: unknown, or
+    /// (if `installed` is false) the zero page memory starts as.
     mem_version: Option<u64>,
+    /// Whether bytes were ever installed for this page here. Until then the node's
+    /// memory for it is zero (memory starts zeroed and nothing writes a page without
+    /// access), which is version 0: a grant of version 0 needs no bytes.
+    installed: bool,
     /// Newest home sequence number processed.
     seq_seen: u64,
     request: Option<OutstandingRequest>,
@@ -313,10 +318,21 @@ struct LocalPage {
 }
 
 impl LocalPage {
+    /// The version of the bytes this node's memory holds for the page, as claimed in
+    /// requests: version 0 (zeroes) if nothing was ever installed.
+    fn have_version(&self) -> Option<u64> {
+        if self.installed {
+            self.mem_version
+        } else {
+            Some(0)
+        }
+    }
+
     fn new() -> LocalPage {
         LocalPage {
             held: Access::None,
             mem_version: None,
+            installed: false,
             seq_seen: 0,
             request: None,
             waiters: Vec::new(),
@@ -368,8 +384,9 @@ struct DirEntry {
     writer: Option<NodeId>,
     /// Nodes holding a read copy of `version` (never the writer).
     readers: BTreeSet<NodeId>,
-    /// Latest contents whenever `writer` is None.
-    master: Box<PageBytes>,
+    /// Latest contents whenever `writer` is None; None while the page is still the
+    /// zero page of version 0 (most fresh pages never need a copy).
+    master: Option<Box<PageBytes>>,
     lost: bool,
     txn: Option<Transaction>,
     queue: VecDeque<PageRequestInfo>,
@@ -383,7 +400,7 @@ impl DirEntry {
             seq: 0,
             writer: None,
             readers: BTreeSet::new(),
-            master: Box::new([0u8; PAGE_SIZE_BYTES]),
+            master: None,
             lost: false,
             txn: None,
             queue: VecDeque::new(),
@@ -1327,6 +1344,7 @@ impl Node {
                 self.retry_backoff(request.backoff_ticks)
             };
             let page = self.pages.get_mut(&page_id).expect("listed");
+            let have_version = page.have_version();
             let request = page.request.as_mut().expect("listed");
             request.backoff_ticks = backoff;
             request.next_retry_tick = now + backoff;
@@ -1334,7 +1352,7 @@ impl Node {
                 page: page_id,
                 request_id: request.request_id,
                 mode: request.mode,
-                have_version: page.mem_version,
+                have_version,
             };
             let home = request.home;
             self.stats.retries += 1;
@@ -1809,7 +1827,7 @@ impl Node {
             page: page_id,
             request_id,
             mode,
-            have_version: page.mem_version,
+            have_version: page.have_version(),
         };
         self.requesting.insert(page_id);
         self.send(home, message);
@@ -1977,11 +1995,12 @@ impl Node {
             self.stats.messages_rejected += 1;
             return;
         }
-        if bytes.is_none() && page.mem_version != Some(base_version) {
+        if bytes.is_none() && page.have_version() != Some(base_version) {
             // The home thinks our bytes are current and they are not: ask again with
             // nothing claimed. Happens only after a protocol anomaly; never install.
             self.stats.messages_rejected += 1;
             page.mem_version = None;
+            page.installed = true;
             page.request = None;
             self.requesting.remove(&page_id);
             self.advance_local(page_id);
@@ -1992,6 +2011,7 @@ impl Node {
         // A grant that lands while fenced is as suspect as any older one.
         page.validated = !fenced_or_evicted;
         page.mem_version = Some(version);
+        page.installed = true;
         page.request = None;
         page.last_recall_ack = None;
         self.requesting.remove(&page_id);
@@ -2396,7 +2416,12 @@ impl Node {
         let bytes = if request.have_version == Some(base_version) {
             None
         } else {
-            Some(entry.master.clone())
+            Some(
+                entry
+                    .master
+                    .clone()
+                    .unwrap_or_else(|| Box::new([0u8; PAGE_SIZE_BYTES])),
+            )
         };
         entry.check_invariants();
         let message = PeerMessage::PageGrant {
@@ -2483,7 +2508,7 @@ impl Node {
             if version != entry.version {
                 self.stats.messages_rejected += 1;
             }
-            entry.master = bytes;
+            entry.master = Some(bytes);
             if downgrade {
                 entry.readers.insert(from);
             }
