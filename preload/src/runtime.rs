@@ -798,13 +798,29 @@ pub fn attach(space: &[u8], create: bool) -> i32 {
 /// Names the mappings that overlap `[start, end)`, from /proc/self/maps.
 fn describe_clash(message: &mut Message, start: u64, end: u64) {
     message.str(": it overlaps an existing mapping");
+    let mut reported = 0;
+    for_each_mapping(|a, b, line| {
+        if a < end && start < b && reported < 3 {
+            message.str(" [").hex(a).str(", ").hex(b).str(")");
+            // The path, if any, is the last field.
+            if let Some(at) = line.iter().position(|&c| c == b'/' || c == b'[') {
+                message.str(" ").text(&line[at..]);
+            }
+            reported += 1;
+        }
+    });
+}
+
+/// Calls `f(start, end, line)` for each line of /proc/self/maps, reading it with raw
+/// system calls into stack buffers (lines longer than 256 bytes are cut). False if the
+/// file could not be opened.
+pub fn for_each_mapping(mut f: impl FnMut(u64, u64, &[u8])) -> bool {
     let Ok(fd) = sys::open_read(c"/proc/self/maps") else {
-        return;
+        return false;
     };
     let mut buffer = [0u8; 4096];
     let mut line = [0u8; 256];
     let mut line_len = 0;
-    let mut reported = 0;
     while let Ok(n) = sys::read_some(fd, &mut buffer) {
         if n == 0 {
             break;
@@ -818,22 +834,13 @@ fn describe_clash(message: &mut Message, start: u64, end: u64) {
                 continue;
             }
             if let Some((a, b)) = parse_range(&line[..line_len]) {
-                if a < end && start < b && reported < 3 {
-                    message.str(" [").hex(a).str(", ").hex(b).str(")");
-                    // The path, if any, is the last field.
-                    if let Some(slash) = line[..line_len]
-                        .iter()
-                        .position(|&c| c == b'/' || c == b'[')
-                    {
-                        message.str(" ").text(&line[slash..line_len]);
-                    }
-                    reported += 1;
-                }
+                f(a, b, &line[..line_len]);
             }
             line_len = 0;
         }
     }
     sys::close(fd);
+    true
 }
 
 pub fn parse_range(line: &[u8]) -> Option<(u64, u64)> {

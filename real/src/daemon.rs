@@ -763,24 +763,8 @@ impl Daemon {
     fn flush(&mut self, token: Token) {
         let result = match self.conns.get_mut(&token) {
             Some(Conn::Peer(conn)) => {
-                let mut result = Ok(());
-                while !conn.outbuf.is_empty() {
-                    match conn.stream.write(&conn.outbuf) {
-                        Ok(0) => {
-                            result = Err("peer closed".to_string());
-                            break;
-                        }
-                        Ok(n) => {
-                            conn.outbuf.drain(..n);
-                        }
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                        Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            result = Err(e.to_string());
-                            break;
-                        }
-                    }
-                }
+                let stream = &mut conn.stream;
+                let result = drain(&mut conn.outbuf, |bytes| stream.write(bytes));
                 if result.is_ok() {
                     let interest = if conn.outbuf.is_empty() {
                         Interest::READABLE
@@ -802,20 +786,8 @@ impl Daemon {
                 result
             }
             Some(Conn::App(conn)) => {
-                let mut result = Ok(());
-                while !conn.outbuf.is_empty() {
-                    match conn.stream.write(&conn.outbuf) {
-                        Ok(n) => {
-                            conn.outbuf.drain(..n);
-                        }
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                        Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            result = Err(e.to_string());
-                            break;
-                        }
-                    }
-                }
+                let stream = &mut conn.stream;
+                let result = drain(&mut conn.outbuf, |bytes| stream.write(bytes));
                 if conn.outbuf.is_empty() {
                     let _ = self.poll.registry().reregister(
                         &mut conn.stream,
@@ -1552,6 +1524,25 @@ impl Daemon {
             },
         })
     }
+}
+
+/// Writes as much of `outbuf` as the socket takes now; an error if it is closed.
+fn drain(
+    outbuf: &mut Vec<u8>,
+    mut write: impl FnMut(&[u8]) -> std::io::Result<usize>,
+) -> Result<(), String> {
+    while !outbuf.is_empty() {
+        match write(outbuf) {
+            Ok(0) => return Err("connection closed".into()),
+            Ok(n) => {
+                outbuf.drain(..n);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(())
 }
 
 fn error_message(error: AppError) -> IpcMessage {

@@ -118,46 +118,24 @@ static RANGES: Ranges = Ranges(UnsafeCell::new([(0, 0, false); MAX_RANGES]));
 /// Replaces the shared mapping of `[start, end)` with private memory holding the same
 /// bytes where the process could read them.
 fn privatize(start: u64, end: u64) {
-    let Ok(fd) = sys::open_read(c"/proc/self/maps") else {
-        // Without the map, make everything private and inaccessible: the child
-        // cannot write the parent's pages.
-        remap_private(start, end - start, false);
-        return;
-    };
     // Collect the space's mappings first: remapping changes /proc/self/maps.
     // SAFETY: the child has one thread; nothing else uses RANGES.
     let ranges = unsafe { &mut *RANGES.0.get() };
     let mut count = 0;
-    let mut buffer = [0u8; 4096];
-    let mut line = [0u8; 256];
-    let mut line_len = 0;
-    while let Ok(n) = sys::read_some(fd, &mut buffer) {
-        if n == 0 {
-            break;
+    let listed = runtime::for_each_mapping(|a, b, line| {
+        if a >= start && b <= end && count < ranges.len() {
+            let perms = line.iter().position(|&c| c == b' ').map(|p| p + 1);
+            let read = matches!(perms, Some(p) if p < line.len() && line[p] == b'r');
+            ranges[count] = (a, b, read);
+            count += 1;
         }
-        for &byte in &buffer[..n] {
-            if byte != b'\n' {
-                if line_len < line.len() {
-                    line[line_len] = byte;
-                    line_len += 1;
-                }
-                continue;
-            }
-            if let Some((a, b)) = runtime::parse_range(&line[..line_len]) {
-                if a >= start && b <= end && count < ranges.len() {
-                    let perms = line[..line_len]
-                        .iter()
-                        .position(|&c| c == b' ')
-                        .map(|p| p + 1);
-                    let read = matches!(perms, Some(p) if p < line_len && line[p] == b'r');
-                    ranges[count] = (a, b, read);
-                    count += 1;
-                }
-            }
-            line_len = 0;
-        }
+    });
+    if !listed {
+        // Without the map, make everything private and inaccessible: the child
+        // cannot write the parent's pages.
+        remap_private(start, end - start, false);
+        return;
     }
-    sys::close(fd);
     for &(a, b, read) in &ranges[..count] {
         remap_private(a, b - a, read);
     }
