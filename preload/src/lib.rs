@@ -133,6 +133,7 @@ pub extern "C" fn gallocy_free(ptr: *mut c_void) {
     if ptr.is_null() {
         return;
     }
+    // SAFETY: this thread's errno slot.
     let saved = unsafe { *libc::__errno_location() };
     let addr = ptr as u64;
     match call(IpcMessage::Free {

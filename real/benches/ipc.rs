@@ -117,7 +117,9 @@ fn dirtier() {
 fn pingpong_odd() {
     attach("bench");
     let root = root();
+    // SAFETY: words of the root block, shared by the processes of the space.
     wait_word(unsafe { root.add(3) }, 1);
+    // SAFETY: as above.
     let counter = unsafe { root.add(4).read_volatile() } as *mut u64;
     for i in 0..PINGPONG_ROUNDS {
         wait_word(counter, 2 * i + 1);
@@ -192,7 +194,9 @@ fn run(dir: &Path) {
     let node2 = gallocy_real::cluster::app_socket(dir, 2);
     let mut dirtier = spawn_role("dirtier", Some(&node2), "");
     let root = root();
+    // SAFETY: words of the root block, shared by the processes of the space.
     wait_word(unsafe { root.add(0) }, 1);
+    // SAFETY: as above.
     let first = unsafe { root.add(1).read_volatile() };
     let mut faults = Vec::with_capacity(FAULT_PAGES);
     for i in 0..FAULT_PAGES as u64 {
@@ -203,6 +207,7 @@ fn run(dir: &Path) {
         faults.push(start.elapsed());
         assert_eq!(value, i + 1, "read fault returned stale data");
     }
+    // SAFETY: a root block word.
     unsafe { root.add(2).write_volatile(1) };
     let _ = dirtier.wait();
     let (fault_median, fault_p99) = summarize("read fault, latest copy on another node", faults);
@@ -214,6 +219,7 @@ fn run(dir: &Path) {
 
     // 4. Write ping-pong between node 1 (this process) and node 2.
     let counter = gallocy_malloc(64) as *mut u64;
+    // SAFETY: a block just allocated in the space, and root block words.
     unsafe {
         counter.write_volatile(0);
         root.add(4).write_volatile(counter as u64);
@@ -223,6 +229,7 @@ fn run(dir: &Path) {
     let start = Instant::now();
     for i in 0..PINGPONG_ROUNDS {
         wait_word(counter, 2 * i);
+        // SAFETY: the shared counter block.
         unsafe { counter.write_volatile(2 * i + 1) };
     }
     wait_word(counter, 2 * PINGPONG_ROUNDS);
