@@ -295,3 +295,31 @@ fn read_into_pages_another_node_took_is_retried_not_efault() {
     assert!(owner.status.success(), "{}", describe(&owner));
     assert!(thief.status.success(), "{}", describe(&thief));
 }
+
+#[test]
+fn a_program_whose_daemon_dies_says_so_and_exits_86() {
+    let cluster = Cluster::start("dies", 1);
+    let mut child = Command::new("python3")
+        .args([
+            "-c",
+            "import time, sys\nprint('up', flush=True)\nfor _ in range(600): time.sleep(0.1)",
+        ])
+        .env("LD_PRELOAD", preload())
+        .env("GALLOCY_SOCKET", cluster.socket(1))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut up = [0u8; 3];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut up).unwrap();
+    assert_eq!(&up, b"up\n");
+    // SAFETY: killing the daemon this test started.
+    unsafe { libc::kill(cluster.daemon_pid(1), libc::SIGKILL) };
+    let output = common::finish(child, std::time::Duration::from_secs(30));
+    assert_eq!(output.status.code(), Some(86), "{}", describe(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("is gone"),
+        "{}",
+        describe(&output)
+    );
+}
