@@ -17,21 +17,32 @@ pub const MAX_FRAME_BYTES: usize = 1 << 20;
 pub const MAX_RAFT_MESSAGE_BYTES: usize = MAX_FRAME_BYTES - 64;
 const HEADER_BYTES: usize = 2 + 1 + 1 + 8 + 8;
 
-/// The first bytes on every peer connection: `b"GYHI" | version u8 | node id u64`.
-/// A daemon refuses a peer that speaks another version or is not a member.
-pub const PEER_HELLO_BYTES: usize = 13;
+/// The first bytes on every peer connection:
+/// `b"GYHI" | version u8 | node id u64 | incarnation u64`.
+/// A daemon refuses a peer that speaks another version, is not a member, or comes back
+/// with another incarnation (a restarted daemon lost its in-memory Raft state, and a
+/// Raft member that forgets its log can break safety).
+pub const PEER_HELLO_BYTES: usize = 21;
 const PEER_HELLO_MAGIC: [u8; 4] = *b"GYHI";
 
-pub fn encode_peer_hello(node: NodeId) -> [u8; PEER_HELLO_BYTES] {
+/// What a peer says of itself when it connects.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct PeerHello {
+    pub node: NodeId,
+    /// Distinct for every start of a daemon (its start time, for example).
+    pub incarnation: u64,
+}
+
+pub fn encode_peer_hello(hello: PeerHello) -> [u8; PEER_HELLO_BYTES] {
     let mut out = [0u8; PEER_HELLO_BYTES];
     out[..4].copy_from_slice(&PEER_HELLO_MAGIC);
     out[4] = WIRE_VERSION;
-    out[5..].copy_from_slice(&node.to_le_bytes());
+    out[5..13].copy_from_slice(&hello.node.to_le_bytes());
+    out[13..].copy_from_slice(&hello.incarnation.to_le_bytes());
     out
 }
 
-/// The node id a peer announced.
-pub fn decode_peer_hello(bytes: &[u8]) -> Result<NodeId, DecodeError> {
+pub fn decode_peer_hello(bytes: &[u8]) -> Result<PeerHello, DecodeError> {
     if bytes.len() != PEER_HELLO_BYTES {
         return Err(DecodeError::Truncated);
     }
@@ -41,12 +52,17 @@ pub fn decode_peer_hello(bytes: &[u8]) -> Result<NodeId, DecodeError> {
     if bytes[4] != WIRE_VERSION {
         return Err(DecodeError::UnsupportedVersion(bytes[4]));
     }
-    let mut id = [0u8; 8];
-    id.copy_from_slice(&bytes[5..]);
-    match u64::from_le_bytes(id) {
-        0 => Err(DecodeError::Invalid("node id 0")),
-        id => Ok(id),
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&bytes[5..13]);
+    let node = u64::from_le_bytes(word);
+    if node == 0 {
+        return Err(DecodeError::Invalid("node id 0"));
     }
+    word.copy_from_slice(&bytes[13..]);
+    Ok(PeerHello {
+        node,
+        incarnation: u64::from_le_bytes(word),
+    })
 }
 
 /// Why a page request was refused.

@@ -5,8 +5,8 @@
 use gallocy_core::meta::{Command, Proposal};
 use gallocy_core::types::{Access, PageBytes, PageId, PAGE_SIZE_BYTES};
 use gallocy_core::wire::{
-    decode_peer_hello, encode_peer_hello, Envelope, FreeOutcome, PageDenial, PeerMessage,
-    MAX_FRAME_BYTES, PEER_HELLO_BYTES,
+    decode_peer_hello, encode_peer_hello, Envelope, FreeOutcome, PageDenial, PeerHello,
+    PeerMessage, MAX_FRAME_BYTES, PEER_HELLO_BYTES,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -418,23 +418,25 @@ proptest! {
     }
 
     #[test]
-    fn peer_hello_round_trips(node in 1u64..=u64::MAX) {
-        let hello = encode_peer_hello(node);
-        prop_assert_eq!(decode_peer_hello(&hello), Ok(node));
+    fn peer_hello_round_trips(node in 1u64..=u64::MAX, incarnation in any::<u64>()) {
+        let hello = PeerHello { node, incarnation };
+        prop_assert_eq!(decode_peer_hello(&encode_peer_hello(hello)), Ok(hello));
     }
 
     #[test]
     fn peer_hello_decode_is_total(
         bytes in prop_oneof![
             proptest::collection::vec(any::<u8>(), 0..32),
-            (any::<u64>(), mutation()).prop_map(|(node, m)| mutate(&encode_peer_hello(node), &m)),
+            (any::<u64>(), any::<u64>(), mutation()).prop_map(|(node, incarnation, m)| {
+                mutate(&encode_peer_hello(PeerHello { node, incarnation }), &m)
+            }),
         ]
     ) {
         // An accepted hello is exactly the encoding of a non-zero id.
-        if let Ok(node) = decode_peer_hello(&bytes) {
+        if let Ok(hello) = decode_peer_hello(&bytes) {
             prop_assert!(node != 0);
             prop_assert_eq!(bytes.len(), PEER_HELLO_BYTES);
-            prop_assert_eq!(&encode_peer_hello(node)[..], &bytes[..]);
+            prop_assert_eq!(&encode_peer_hello(hello)[..], &bytes[..]);
         }
     }
 }

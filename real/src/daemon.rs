@@ -13,7 +13,9 @@ use gallocy_core::ipc::{
     name_from_field, ErrorCode, Frame, IpcDecodeError, IpcMessage, IpcStats, Role, IPC_FRAME_BYTES,
     IPC_VERSION, MAX_FAULT_PAGES,
 };
-use gallocy_core::wire::{decode_peer_hello, encode_peer_hello, MAX_FRAME_BYTES, PEER_HELLO_BYTES};
+use gallocy_core::wire::{
+    decode_peer_hello, encode_peer_hello, PeerHello, MAX_FRAME_BYTES, PEER_HELLO_BYTES,
+};
 use gallocy_core::{
     Access, Action, AppError, AppReply, AppRequest, AppToken, Config, Node, NodeId, PageId,
     SpaceId, SpaceLayout, PAGE_SIZE_BYTES,
@@ -215,6 +217,10 @@ pub struct Daemon {
     counters: Counters,
     uid: u32,
     actions: Vec<Action>,
+    /// This daemon's start, distinct across restarts (see `PeerHello`).
+    incarnation: u64,
+    /// The incarnation each peer had when first heard.
+    peer_incarnations: BTreeMap<NodeId, u64>,
 }
 
 fn io_error(what: &str, error: std::io::Error) -> String {
@@ -322,6 +328,10 @@ impl Daemon {
             next_service_token: 1,
             counters: Counters::default(),
             actions: Vec::new(),
+            incarnation: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64),
+            peer_incarnations: BTreeMap::new(),
         })
     }
 
@@ -474,7 +484,11 @@ impl Daemon {
         }
         let outbound = self.outbound.get_mut(&peer).expect("listed");
         outbound.token = Some(token);
-        let mut outbuf = encode_peer_hello(self.config.node_id).to_vec();
+        let mut outbuf = encode_peer_hello(PeerHello {
+            node: self.config.node_id,
+            incarnation: self.incarnation,
+        })
+        .to_vec();
         for frame in outbound.pending.drain(..) {
             outbuf.extend_from_slice(&(frame.len() as u32).to_le_bytes());
             outbuf.extend_from_slice(&frame);
@@ -586,11 +600,27 @@ impl Daemon {
                 if conn.inbuf.len() < PEER_HELLO_BYTES {
                     return Ok(());
                 }
-                let peer = decode_peer_hello(&conn.inbuf[..PEER_HELLO_BYTES])
+                let hello = decode_peer_hello(&conn.inbuf[..PEER_HELLO_BYTES])
                     .map_err(|e| format!("bad hello: {e}"))?;
+                let peer = hello.node;
                 if !self.config.peers.iter().any(|p| p.id == peer) || peer == self.config.node_id {
                     return Err(format!("hello from node {peer}, not a member"));
                 }
+                let known = *self
+                    .peer_incarnations
+                    .entry(peer)
+                    .or_insert(hello.incarnation);
+                if known != hello.incarnation {
+                    return Err(format!(
+                        "node {peer} restarted (incarnation {} after {known}): its Raft state is gone, \
+                         and a member that forgets its log could break Raft's safety; give the \
+                         restarted daemon a new node id"
+                        , hello.incarnation
+                    ));
+                }
+                let Some(Conn::Peer(conn)) = self.conns.get_mut(&token) else {
+                    return Ok(());
+                };
                 conn.inbuf.drain(..PEER_HELLO_BYTES);
                 conn.hello_received = true;
                 conn.peer = Some(peer);
@@ -610,6 +640,15 @@ impl Daemon {
             }
             let frame: Vec<u8> = conn.inbuf.drain(..4 + len).skip(4).collect();
             let peer = conn.peer;
+            // The envelope's sender (bytes 4..12) must be the node that said hello.
+            if let (Some(bytes), Some(peer)) = (frame.get(4..12), peer) {
+                let claimed = u64::from_le_bytes(bytes.try_into().expect("8 bytes"));
+                if claimed != peer {
+                    return Err(format!(
+                        "node {peer} sent a frame claiming to be from node {claimed}"
+                    ));
+                }
+            }
             if let Err(e) = self.node.handle_frame(self.now_ms, &frame) {
                 return Err(format!("malformed frame from node {peer:?}: {e}"));
             }

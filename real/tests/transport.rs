@@ -139,18 +139,33 @@ fn a_peer_sending_garbage_is_disconnected_and_the_daemon_keeps_serving() {
     // A valid hello from member 2, then a frame that does not decode.
     let mut stream = UnixStream::connect(&peer_socket).unwrap();
     stream
-        .write_all(&gallocy_core::wire::encode_peer_hello(2))
+        .write_all(&gallocy_core::wire::encode_peer_hello(
+            gallocy_core::wire::PeerHello {
+                node: 2,
+                incarnation: 1,
+            },
+        ))
         .unwrap();
     stream.write_all(&8u32.to_le_bytes()).unwrap();
     stream.write_all(b"garbage!").unwrap();
     // A hello from a stranger and an oversized frame on other connections.
     let mut stranger = UnixStream::connect(&peer_socket).unwrap();
     stranger
-        .write_all(&gallocy_core::wire::encode_peer_hello(99))
+        .write_all(&gallocy_core::wire::encode_peer_hello(
+            gallocy_core::wire::PeerHello {
+                node: 99,
+                incarnation: 1,
+            },
+        ))
         .unwrap();
     let mut huge = UnixStream::connect(&peer_socket).unwrap();
-    huge.write_all(&gallocy_core::wire::encode_peer_hello(2))
-        .unwrap();
+    huge.write_all(&gallocy_core::wire::encode_peer_hello(
+        gallocy_core::wire::PeerHello {
+            node: 2,
+            incarnation: 1,
+        },
+    ))
+    .unwrap();
     huge.write_all(&u32::MAX.to_le_bytes()).unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let status = gallocy_real::admin::status(&cluster.socket(1)).unwrap();
