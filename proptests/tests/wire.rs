@@ -434,7 +434,7 @@ proptest! {
     ) {
         // An accepted hello is exactly the encoding of a non-zero id.
         if let Ok(hello) = decode_peer_hello(&bytes) {
-            prop_assert!(node != 0);
+            prop_assert!(hello.node != 0);
             prop_assert_eq!(bytes.len(), PEER_HELLO_BYTES);
             prop_assert_eq!(&encode_peer_hello(hello)[..], &bytes[..]);
         }

@@ -1530,6 +1530,7 @@ impl Daemon {
         let stats = self.node.stats();
         json!({
             "node": self.config.node_id,
+            "incarnation": self.incarnation,
             "leader": self.node.leader_id(),
             "is_leader": self.node.is_leader(),
             "term": self.node.term(),

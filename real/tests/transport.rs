@@ -136,13 +136,17 @@ fn two_daemons_over_tcp_share_a_block() {
 fn a_peer_sending_garbage_is_disconnected_and_the_daemon_keeps_serving() {
     let cluster = Cluster::start("garbage", 2);
     let peer_socket = gallocy_real::cluster::node_dir(&cluster.dir, 1).join("peer.sock");
-    // A valid hello from member 2, then a frame that does not decode.
+    // A valid hello from member 2 (with node 2's real incarnation: peers are not
+    // authenticated yet), then a frame that does not decode.
+    let incarnation = gallocy_real::admin::status(&cluster.socket(2)).unwrap()["incarnation"]
+        .as_u64()
+        .unwrap();
     let mut stream = UnixStream::connect(&peer_socket).unwrap();
     stream
         .write_all(&gallocy_core::wire::encode_peer_hello(
             gallocy_core::wire::PeerHello {
                 node: 2,
-                incarnation: 1,
+                incarnation,
             },
         ))
         .unwrap();
@@ -162,7 +166,7 @@ fn a_peer_sending_garbage_is_disconnected_and_the_daemon_keeps_serving() {
     huge.write_all(&gallocy_core::wire::encode_peer_hello(
         gallocy_core::wire::PeerHello {
             node: 2,
-            incarnation: 1,
+            incarnation,
         },
     ))
     .unwrap();
