@@ -470,6 +470,7 @@ async fn host_loop(
 ) -> turmoil::Result {
     let socket = turmoil::net::UdpSocket::bind(("0.0.0.0", PEER_PORT)).await?;
     let peers: Vec<IpAddr> = (0..nodes).map(|i| turmoil::lookup(host_name(i))).collect();
+    let outbox_ready = world.borrow().outbox_ready[index].clone();
     let mut buffer = vec![0u8; MAX_FRAME_BYTES];
     loop {
         while let Ok((len, _from)) = socket.try_recv_from(&mut buffer) {
@@ -500,6 +501,12 @@ async fn host_loop(
                 }
             }
         }
-        tokio::time::sleep(TICK).await;
+        // Sleep until a frame arrives or the node has frames to send: idle hosts cost
+        // turmoil's step nothing beyond its own bookkeeping.
+        tokio::select! {
+            biased;
+            _ = socket.readable() => {}
+            _ = outbox_ready.notified() => {}
+        }
     }
 }

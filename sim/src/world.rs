@@ -114,6 +114,8 @@ pub struct World {
     slots: Vec<NodeSlot>,
     /// Frames each node has to send: (destination node id, bytes).
     pub outbox: Vec<Vec<(NodeId, Vec<u8>)>>,
+    /// Wakes node i's host loop when its outbox gets frames (it sleeps otherwise).
+    pub outbox_ready: Vec<std::rc::Rc<tokio::sync::Notify>>,
     revokes: BTreeMap<(u64, u64), ScheduledRevoke>,
     revoke_seq: u64,
     /// The latest value of every page, as the applications wrote it (the ghost).
@@ -163,6 +165,9 @@ impl World {
         World {
             rng: ChaCha8Rng::seed_from_u64(params.seed ^ 0x0067_616c_6c6f_6379),
             outbox: vec![Vec::new(); params.nodes],
+            outbox_ready: (0..params.nodes)
+                .map(|_| std::rc::Rc::new(tokio::sync::Notify::new()))
+                .collect(),
             params,
             now_ticks: 0,
             step: 0,
@@ -319,6 +324,9 @@ impl World {
         match action {
             Action::Send(envelope) => {
                 self.counters.frames_sent += 1;
+                if self.outbox[index].is_empty() {
+                    self.outbox_ready[index].notify_one();
+                }
                 self.outbox[index].push((envelope.to, envelope.encode()));
             }
             Action::Reply { token, reply } => self.replies.push_back((index, token, reply)),
