@@ -29,8 +29,25 @@ int main(int argc, char **argv) {
         root[0] = (uintptr_t)head;
         root[1] = (uintptr_t)n;
         for (int i = 0; i < 30000 && root[2] != 1; i++) usleep(1000);
-        printf("built %ld nodes, walker %s\n", n, root[2] == 1 ? "done" : "timed out");
-        return root[2] == 1 ? 0 : 4;
+        if (root[2] != 1) { printf("walker timed out\n"); return 4; }
+        /* The walker freed every node (frees of another node's blocks); allocate and
+         * check a second list: reused blocks must hold what we write. */
+        struct node *again = NULL;
+        for (long i = 0; i < n; i++) {
+            struct node *x = malloc(sizeof *x);
+            x->value = -i;
+            snprintf(x->label, sizeof x->label, "again %ld", i);
+            x->next = again;
+            again = x;
+        }
+        long count = 0;
+        for (struct node *x = again; x; x = x->next, count++) {
+            char want[40];
+            snprintf(want, sizeof want, "again %ld", n - 1 - count);
+            if (strcmp(x->label, want) || x->value != -(n - 1 - count)) { fprintf(stderr, "corrupted: %s\n", x->label); return 7; }
+        }
+        printf("built %ld nodes, walker done, rebuilt %ld\n", n, count);
+        return 0;
     }
     for (int i = 0; i < 30000 && root[1] != (uintptr_t)n; i++) usleep(1000);
     long count = 0, sum = 0;
@@ -40,6 +57,12 @@ int main(int argc, char **argv) {
         if (strcmp(x->label, want)) { fprintf(stderr, "label %s, expected %s\n", x->label, want); return 5; }
         sum += x->value;
         count++;
+    }
+    /* Free every node: blocks another node allocated. */
+    for (struct node *x = (struct node *)root[0]; x;) {
+        struct node *next = x->next;
+        free(x);
+        x = next;
     }
     root[2] = 1;
     printf("walked %ld nodes, sum %ld\n", count, sum);
