@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use crate::cluster;
 use crate::config::SpaceDefaults;
@@ -25,6 +26,34 @@ pub fn preload_path() -> Result<PathBuf, String> {
         "libgallocy_preload.so not found next to {} (cargo build --release builds it, or set GALLOCY_PRELOAD)",
         exe.display()
     ))
+}
+
+/// The program's pid while it runs, for the signal forwarder.
+static CHILD: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward(signal: libc::c_int) {
+    let child = CHILD.load(Ordering::SeqCst);
+    if child > 0 {
+        // SAFETY: kill is async-signal-safe.
+        unsafe { libc::kill(child, signal) };
+    }
+}
+
+/// While the program runs, this command must outlive it to stop the cluster: SIGINT
+/// (which the terminal also sends to the program) is ignored here; SIGTERM and SIGHUP
+/// are passed on to the program.
+fn guard_signals() {
+    // SAFETY: installing handlers that only read an atomic and call kill.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+        for signal in [libc::SIGTERM, libc::SIGHUP] {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = forward as *const () as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+    }
 }
 
 /// A cluster this command started; stopped whatever happens.
@@ -81,13 +110,31 @@ pub fn run(options: &RunOptions<'_>) -> Result<i32, String> {
         ld_preload.push(":");
         ld_preload.push(existing);
     }
-    let status = Command::new(program)
+    guard_signals();
+    let mut child = Command::new(program);
+    child
         .args(args)
         .env("LD_PRELOAD", ld_preload)
         .env("GALLOCY_SOCKET", &socket)
-        .env("GALLOCY_SPACE", options.space)
-        .status()
+        .env("GALLOCY_SPACE", options.space);
+    // The program gets the terminal's signals itself (it is in our process group), as
+    // it would without gallocy: restore the defaults we changed.
+    // SAFETY: signal() is async-signal-safe; this runs in the child before exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut child, || {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGQUIT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let mut child = child
+        .spawn()
         .map_err(|e| format!("cannot run {program}: {e}"))?;
+    CHILD.store(child.id() as i32, Ordering::SeqCst);
+    let status = child
+        .wait()
+        .map_err(|e| format!("waiting for {program}: {e}"))?;
+    CHILD.store(0, Ordering::SeqCst);
     if options.stats {
         print_stats(
             &socket,

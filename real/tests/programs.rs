@@ -323,3 +323,52 @@ fn a_program_whose_daemon_dies_says_so_and_exits_86() {
         describe(&output)
     );
 }
+
+#[test]
+fn gallocy_run_stopped_by_sigterm_stops_the_program_and_its_cluster() {
+    let dir = temp_dir("sigterm");
+    let mut run = Command::new(env!("CARGO_BIN_EXE_gallocy"))
+        .args([
+            "run",
+            "--",
+            "python3",
+            "-c",
+            "import time\nprint('up', flush=True)\ntime.sleep(60)",
+        ])
+        .current_dir(&dir)
+        .env("GALLOCY_PRELOAD", preload())
+        .env("GALLOCYD", env!("CARGO_BIN_EXE_gallocyd"))
+        .env_remove("GALLOCY_SOCKET")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut up = [0u8; 3];
+    std::io::Read::read_exact(run.stdout.as_mut().unwrap(), &mut up).unwrap();
+    let pid = run.id();
+    // SAFETY: signalling the command this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let output = common::finish(run, std::time::Duration::from_secs(30));
+    assert_eq!(
+        output.status.code(),
+        Some(128 + libc::SIGTERM),
+        "{}",
+        describe(&output)
+    );
+    // Its cluster is gone: no directory, no daemon serving it.
+    let prefix = format!("gallocy-run-{pid}-");
+    let leftovers: Vec<_> = std::fs::read_dir("/tmp")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .collect();
+    assert!(leftovers.is_empty(), "cluster directory left behind");
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            assert!(
+                !String::from_utf8_lossy(&cmdline).contains(&prefix),
+                "a daemon of the run is still running"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
