@@ -266,3 +266,25 @@ fn cluster_down_leaves_nothing_running() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_real_crash_outside_the_space_still_crashes() {
+    use std::os::unix::process::ExitStatusExt;
+    let cluster = Cluster::start("crash", 1);
+    let program = e2e_program(&cluster.dir);
+    let output = finish(
+        cluster.command(1, &program, &["crash"]).spawn().unwrap(),
+        LIMIT,
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("attached"),
+        "{}",
+        describe(&output)
+    );
+    assert_eq!(
+        output.status.signal(),
+        Some(libc::SIGSEGV),
+        "{}",
+        describe(&output)
+    );
+}

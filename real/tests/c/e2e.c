@@ -215,8 +215,18 @@ static int survive_reader(void) {
     return ok ? 0 : 73;
 }
 
+/* A real crash outside the space still crashes (SIGSEGV, default action). */
+static int crash(void) {
+    attach("crash");
+    printf("attached\n");
+    fflush(stdout);
+    volatile int *nowhere = (volatile int *)16;
+    return *nowhere;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) return 2;
+    if (!strcmp(argv[1], "crash")) return crash();
     if (!strcmp(argv[1], "publish")) return publish();
     if (!strcmp(argv[1], "consume")) return consume();
     if (!strcmp(argv[1], "pingpong")) return pingpong(atoi(argv[2]), atol(argv[3]));
