@@ -1,0 +1,158 @@
+//! Properties of the application ⇄ daemon frames (`gallocy_core::ipc`): every message
+//! round-trips through its 64-byte frame, and any 64 bytes decode to a message or an
+//! error, never a panic; an `Error` frame is readable whatever the version byte says.
+
+use gallocy_core::ipc::{
+    ErrorCode, Frame, IpcDecodeError, IpcMessage, IpcStats, Role, IPC_FRAME_BYTES, IPC_NAME_BYTES,
+    IPC_VERSION,
+};
+use proptest::prelude::*;
+
+fn role() -> impl Strategy<Value = Role> {
+    prop_oneof![
+        Just(Role::Main),
+        Just(Role::Thread),
+        Just(Role::Service),
+        Just(Role::Admin)
+    ]
+}
+
+fn error_code() -> impl Strategy<Value = ErrorCode> {
+    (1u32..=16).prop_map(ErrorCode::from_u32)
+}
+
+fn message() -> impl Strategy<Value = IpcMessage> {
+    let a = prop_oneof![
+        (
+            role(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<bool>(),
+            any::<[u8; IPC_NAME_BYTES]>()
+        )
+            .prop_map(|(role, session, pid, create, name)| IpcMessage::Hello {
+                role,
+                session,
+                pid,
+                create,
+                name
+            }),
+        (any::<u64>(), any::<u64>()).prop_map(|(size_bytes, align_bytes)| IpcMessage::Allocate {
+            size_bytes,
+            align_bytes
+        }),
+        any::<u64>().prop_map(|addr| IpcMessage::Free { addr }),
+        (any::<u64>(), any::<bool>(), any::<u32>())
+            .prop_map(|(addr, write, pages)| IpcMessage::Fault { addr, write, pages }),
+        any::<u32>().prop_map(|count| IpcMessage::LeaseChunks { count }),
+        Just(IpcMessage::Ping),
+        Just(IpcMessage::Stats),
+        any::<u64>().prop_map(|token| IpcMessage::RevokeDone { token }),
+        (any::<u64>(), any::<u32>())
+            .prop_map(|(page_addr, pages)| IpcMessage::GrantApplied { page_addr, pages }),
+        Just(IpcMessage::Status),
+        Just(IpcMessage::Detach),
+    ];
+    let b = prop_oneof![
+        (any::<[u64; 6]>(), any::<u32>(), any::<u32>()).prop_map(|(w, space, node)| {
+            IpcMessage::Welcome {
+                session: w[0],
+                space,
+                node,
+                base_addr: w[1],
+                size_bytes: w[2],
+                chunk_size_bytes: w[3],
+                root_size_bytes: w[4],
+            }
+        }),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(addr, size_bytes)| IpcMessage::Allocated { addr, size_bytes }),
+        Just(IpcMessage::Freed),
+        (any::<u64>(), any::<bool>(), any::<u32>()).prop_map(|(page_addr, write, pages)| {
+            IpcMessage::Granted {
+                page_addr,
+                write,
+                pages,
+            }
+        }),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(addr, size_bytes)| IpcMessage::Leased { addr, size_bytes }),
+        Just(IpcMessage::Pong),
+        (any::<[u64; 5]>(), any::<u32>(), any::<u32>()).prop_map(|(w, pages_held, node_id)| {
+            IpcMessage::StatsReply(IpcStats {
+                faults_local: w[0],
+                faults_remote: w[1],
+                frames_sent: w[2],
+                frames_received: w[3],
+                allocations: w[4],
+                pages_held,
+                node_id,
+            })
+        }),
+        any::<u32>().prop_map(|len_bytes| IpcMessage::StatusReply { len_bytes }),
+        (any::<u64>(), any::<u64>(), 0u8..=1, any::<u64>()).prop_map(
+            |(addr, len, access, token)| IpcMessage::Revoke {
+                addr,
+                len,
+                access,
+                token
+            }
+        ),
+        (error_code(), any::<u64>()).prop_map(|(code, detail)| IpcMessage::Error { code, detail }),
+    ];
+    prop_oneof![a, b]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_message_round_trips(message in message(), request_id in any::<u64>()) {
+        let mut frame: Frame = [0u8; IPC_FRAME_BYTES];
+        message.encode(request_id, &mut frame);
+        prop_assert_eq!(IpcMessage::decode(&frame), Ok((request_id, message)));
+    }
+
+    #[test]
+    fn any_frame_decodes_or_errs(frame in any::<[u8; IPC_FRAME_BYTES]>()) {
+        if let Ok((request_id, message)) = IpcMessage::decode(&frame) {
+            // What decodes re-encodes to a frame that decodes the same.
+            let mut again: Frame = [0u8; IPC_FRAME_BYTES];
+            message.encode(request_id, &mut again);
+            prop_assert_eq!(IpcMessage::decode(&again), Ok((request_id, message)));
+        }
+    }
+
+    #[test]
+    fn random_bodies_behind_a_valid_header_decode_or_err(
+        kind in any::<u8>(),
+        body in any::<[u8; IPC_FRAME_BYTES]>(),
+    ) {
+        let mut frame: Frame = body;
+        frame[..2].copy_from_slice(&0x4741u16.to_le_bytes());
+        frame[2] = IPC_VERSION;
+        frame[3] = kind;
+        if let Ok((request_id, message)) = IpcMessage::decode(&frame) {
+            let mut again: Frame = [0u8; IPC_FRAME_BYTES];
+            message.encode(request_id, &mut again);
+            prop_assert_eq!(IpcMessage::decode(&again), Ok((request_id, message)));
+        }
+    }
+
+    #[test]
+    fn errors_are_readable_in_any_version(code in error_code(), detail in any::<u64>(), version in any::<u8>()) {
+        let mut frame: Frame = [0u8; IPC_FRAME_BYTES];
+        IpcMessage::Error { code, detail }.encode(9, &mut frame);
+        frame[2] = version;
+        prop_assert_eq!(IpcMessage::decode(&frame), Ok((9, IpcMessage::Error { code, detail })));
+    }
+
+    #[test]
+    fn other_versions_are_named(message in message(), version in any::<u8>()) {
+        prop_assume!(version != IPC_VERSION && !matches!(message, IpcMessage::Error { .. }));
+        let mut frame: Frame = [0u8; IPC_FRAME_BYTES];
+        message.encode(1, &mut frame);
+        frame[2] = version;
+        prop_assert_eq!(IpcMessage::decode(&frame), Err(IpcDecodeError::Version(version)));
+    }
+}
