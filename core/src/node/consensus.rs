@@ -1,0 +1,415 @@
+//! Raft: the Ready loop, proposals and applied metadata, failure detection, fencing
+//! and eviction.
+
+use super::*;
+
+impl Node {
+    // -----------------------------------------------------------------------------
+    // Raft.
+
+    pub(super) fn drive_raft(&mut self) {
+        if self.in_ready {
+            return;
+        }
+        self.in_ready = true;
+        self.drive_raft_rounds();
+        self.in_ready = false;
+    }
+
+    pub(super) fn drive_raft_rounds(&mut self) {
+        for _ in 0..MAX_READY_ROUNDS {
+            for data in std::mem::take(&mut self.queued_proposals) {
+                let _ = self.raft.propose(vec![], data);
+            }
+            if !self.raft.has_ready() {
+                return;
+            }
+            let mut ready = self.raft.ready();
+            if let Some(soft) = ready.ss() {
+                self.leader_id = soft.leader_id;
+                let was_leader = self.is_leader;
+                self.is_leader = soft.raft_state == StateRole::Leader;
+                if self.is_leader && !was_leader {
+                    // Start every failure detector afresh: a new leader has no history.
+                    let now = self.now_ticks;
+                    for &member in &self.config.members {
+                        self.last_heard_tick.insert(member, now);
+                    }
+                }
+            }
+            let messages = ready.take_messages();
+            self.send_raft(messages);
+            if !ready.snapshot().is_empty() {
+                // Snapshots are never produced (the log is not compacted), so none arrive
+                // from a correct peer.
+                self.stats.messages_rejected += 1;
+            }
+            let committed = ready.take_committed_entries();
+            self.apply_entries(committed);
+            if !ready.entries().is_empty() {
+                if let Err(error) = self.raft.mut_store().wl().append(ready.entries()) {
+                    self.stats.raft_errors += 1;
+                    let _ = error;
+                }
+            }
+            if let Some(hard_state) = ready.hs() {
+                self.raft.mut_store().wl().set_hardstate(hard_state.clone());
+            }
+            let persisted = ready.take_persisted_messages();
+            self.send_raft(persisted);
+            let mut light = self.raft.advance(ready);
+            if let Some(commit) = light.commit_index() {
+                self.raft
+                    .mut_store()
+                    .wl()
+                    .mut_hard_state()
+                    .set_commit(commit);
+            }
+            let messages = light.take_messages();
+            self.send_raft(messages);
+            let committed = light.take_committed_entries();
+            self.apply_entries(committed);
+            self.raft.advance_apply();
+        }
+    }
+
+    pub(super) fn send_raft(&mut self, messages: Vec<RaftMessage>) {
+        for message in messages {
+            match message.write_to_bytes() {
+                Ok(bytes) => self.send(message.to, PeerMessage::Raft(bytes)),
+                Err(_) => self.stats.raft_errors += 1,
+            }
+        }
+    }
+
+    pub(super) fn handle_raft(&mut self, from: NodeId, bytes: &[u8]) {
+        let message = match RaftMessage::parse_from_bytes(bytes) {
+            Ok(message) => message,
+            Err(_) => {
+                self.stats.frames_malformed += 1;
+                return;
+            }
+        };
+        if message.from != from || message.to != self.config.id {
+            self.stats.messages_rejected += 1;
+            return;
+        }
+        if message.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+            self.stats.messages_rejected += 1;
+            return;
+        }
+        // raft-rs trusts its peers and panics on a heartbeat committing past our log;
+        // a correct leader never sends one. (Peers are not authenticated yet; other
+        // raft-rs assertions remain reachable by a forged message.)
+        if message.get_msg_type() == raft::eraftpb::MessageType::MsgHeartbeat
+            && message.commit > self.raft.raft.raft_log.last_index()
+        {
+            self.stats.messages_rejected += 1;
+            return;
+        }
+        if self.raft.step(message).is_err() {
+            self.stats.raft_errors += 1;
+            return;
+        }
+        self.drive_raft();
+    }
+
+    pub(super) fn propose(&mut self, command: Command, purpose: Purpose) -> Result<(), AppError> {
+        if self.proposals.len() >= MAX_PROPOSALS_IN_FLIGHT {
+            return Err(AppError::Busy);
+        }
+        let proposal_id = self.next_proposal_id;
+        self.next_proposal_id += 1;
+        let oldest_in_flight = self.proposals.keys().next().copied().unwrap_or(proposal_id);
+        let proposal = Proposal {
+            origin: self.config.id,
+            proposal_id,
+            oldest_in_flight,
+            command,
+        };
+        self.stats.proposals += 1;
+        if self.in_ready {
+            self.queued_proposals.push(proposal.encode());
+        } else {
+            let _ = self.raft.propose(vec![], proposal.encode());
+        }
+        self.proposals.insert(
+            proposal_id,
+            PendingProposal {
+                proposal,
+                purpose,
+                next_retry_tick: self.now_ticks + self.config.retry_base_ticks * 4,
+                backoff_ticks: self.config.retry_base_ticks * 4,
+            },
+        );
+        self.drive_raft();
+        Ok(())
+    }
+
+    pub(super) fn apply_entries(&mut self, entries: Vec<Entry>) {
+        for entry in entries {
+            if entry.data.is_empty() || entry.get_entry_type() != EntryType::EntryNormal {
+                continue;
+            }
+            let proposal = match Proposal::decode(&entry.data) {
+                Ok(proposal) => proposal,
+                Err(_) => {
+                    // Every replica skips the same entry, so they stay identical.
+                    self.stats.raft_errors += 1;
+                    continue;
+                }
+            };
+            let outcome = self.meta.apply(&proposal);
+            if let Command::MarkDown { node } = proposal.command {
+                self.on_node_down(node);
+            }
+            if proposal.origin == self.config.id {
+                if let Some(pending) = self.proposals.remove(&proposal.proposal_id) {
+                    self.complete_proposal(pending.purpose, outcome);
+                }
+            }
+            self.retry_unmapped(false);
+        }
+    }
+
+    pub(super) fn complete_proposal(&mut self, purpose: Purpose, outcome: Outcome) {
+        match (purpose, outcome) {
+            (Purpose::CreateSpace { token }, Outcome::SpaceCreated(layout)) => {
+                self.adopt_root_chunk(&layout);
+                self.reply(token, AppReply::Space(layout));
+            }
+            (Purpose::CreateSpace { token }, Outcome::SpaceRejected(why)) => {
+                self.reply_error(token, AppError::SpaceRejected(why));
+            }
+            (
+                Purpose::LeaseForAllocator { space },
+                Outcome::Leased {
+                    first_chunk, count, ..
+                },
+            ) => {
+                self.lease_in_flight.remove(&space);
+                if let Some(layout) = self.meta.spaces.get(&space).cloned() {
+                    let start = layout.chunk_addr(first_chunk);
+                    let len = count as u64 * layout.chunk_size_bytes;
+                    let before_commit = self.mutant(Mutant::ReplyBeforeCommit);
+                    let allocator = self.allocators.entry(space).or_default();
+                    if before_commit {
+                        if !(start..start + len)
+                            .any(|a| a % layout.chunk_size_bytes == 0 && allocator.owns(a))
+                        {
+                            allocator.add_region(start, len);
+                        }
+                    } else {
+                        allocator.add_region(start, len);
+                    }
+                }
+                self.serve_pending_allocations(space);
+            }
+            (Purpose::LeaseForAllocator { space }, _) => {
+                self.lease_in_flight.remove(&space);
+                let waiting = self.pending_allocations.remove(&space).unwrap_or_default();
+                for pending in waiting {
+                    self.reply_error(pending.token, AppError::OutOfMemory);
+                }
+            }
+            (
+                Purpose::LeaseForApp { token },
+                Outcome::Leased {
+                    space,
+                    first_chunk,
+                    count,
+                },
+            ) => {
+                let layout = self.meta.spaces.get(&space).expect("leased space exists");
+                let reply = AppReply::Leased {
+                    addr: layout.chunk_addr(first_chunk),
+                    size_bytes: count as u64 * layout.chunk_size_bytes,
+                };
+                self.reply(token, reply);
+            }
+            (Purpose::LeaseForApp { token }, _) => self.reply_error(token, AppError::OutOfMemory),
+            (Purpose::MarkDown, _) => {}
+            (Purpose::CreateSpace { token }, _) => {
+                self.reply_error(token, AppError::SpaceRejected("unexpected outcome"))
+            }
+        }
+    }
+
+    /// The creator of a space carves from chunk 0, after the root block.
+    pub(super) fn adopt_root_chunk(&mut self, layout: &SpaceLayout) {
+        let Some(record) = self.meta.chunk(layout.id, 0) else {
+            return;
+        };
+        if record.lessee != self.config.id {
+            return;
+        }
+        let allocator = self.allocators.entry(layout.id).or_default();
+        if allocator.owns(layout.base_addr) {
+            return;
+        }
+        allocator.add_region(layout.base_addr, layout.chunk_size_bytes);
+        let reserved = allocator.reserve(layout.base_addr, layout.root_size_bytes);
+        assert!(reserved, "root block must fit in a fresh chunk");
+    }
+
+    pub(super) fn detect_down_nodes(&mut self) {
+        let now = self.now_ticks;
+        let mut suspects = Vec::new();
+        for &member in &self.config.members {
+            if member == self.config.id
+                || !self.meta.is_up(member)
+                || self.down_proposed.contains(&member)
+            {
+                continue;
+            }
+            let heard = self.last_heard_tick.get(&member).copied().unwrap_or(now);
+            if now.saturating_sub(heard) > self.config.down_after_ticks {
+                suspects.push(member);
+            }
+        }
+        for node in suspects {
+            if self
+                .propose(Command::MarkDown { node }, Purpose::MarkDown)
+                .is_ok()
+            {
+                self.down_proposed.insert(node);
+            }
+        }
+    }
+
+    pub(super) fn update_fence(&mut self) {
+        let in_contact = !self.evicted
+            && (self.is_leader
+                || self.lease_sent_tick.is_some_and(|t| {
+                    self.now_ticks.saturating_sub(t) <= self.config.fence_after_ticks
+                }));
+        if in_contact != self.fenced {
+            return;
+        }
+        self.fenced = !in_contact;
+        if self.fenced {
+            let held: Vec<PageId> = self.held_pages().map(|(page, _)| page).collect();
+            for page in held {
+                self.pages.get_mut(&page).expect("held").validated = false;
+                self.actions.push(Action::SetAccess {
+                    page,
+                    access: Access::None,
+                });
+            }
+        } else {
+            // Metadata could not arrive while fenced: give waiting requests a full wait.
+            let deadline_tick = self.now_ticks + self.config.metadata_wait_ticks;
+            for fault in self.unmapped.iter_mut() {
+                fault.deadline_tick = fault.deadline_tick.max(deadline_tick);
+            }
+            let waiting: Vec<PageId> = self
+                .pages
+                .iter()
+                .filter(|(_, p)| !p.waiters.is_empty())
+                .map(|(&id, _)| id)
+                .collect();
+            for page in waiting {
+                self.advance_local(page);
+            }
+        }
+    }
+
+    pub(super) fn on_node_down(&mut self, node: NodeId) {
+        if node == self.config.id {
+            self.evict_self();
+            return;
+        }
+        // Home side: the node's copies become void, but not at once: a leader may have
+        // renewed its lease until the mark-down committed, so it may read its copies
+        // for up to a lease period more. Until then invalidations keep waiting for it.
+        let void_at =
+            self.now_ticks + self.config.fence_after_ticks + self.config.lease_interval_ticks;
+        self.pending_voids.insert(node, void_at);
+        // Local side: requests to it fail.
+        let affected: Vec<PageId> = self
+            .pages
+            .iter()
+            .filter(|(_, p)| p.request.as_ref().is_some_and(|r| r.home == node))
+            .map(|(&id, _)| id)
+            .collect();
+        for page in affected {
+            self.fail_local_page(page, AppError::PageLost);
+        }
+        let frees: Vec<u64> = self
+            .remote_frees
+            .iter()
+            .filter(|(_, f)| f.target == node)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in frees {
+            let free = self.remote_frees.remove(&id).expect("listed");
+            self.reply_error(free.token, AppError::NodeDown(node));
+        }
+    }
+
+    pub(super) fn evict_self(&mut self) {
+        if self.evicted {
+            return;
+        }
+        self.evicted = true;
+        let held: Vec<PageId> = self.held_pages().map(|(p, _)| p).collect();
+        for page in held {
+            self.actions.push(Action::SetAccess {
+                page,
+                access: Access::None,
+            });
+        }
+        let waiting: Vec<PageId> = self.pages.keys().copied().collect();
+        for page in waiting {
+            self.fail_local_page(page, AppError::Evicted);
+        }
+        let allocations: Vec<SpaceId> = self.pending_allocations.keys().copied().collect();
+        for space in allocations {
+            for pending in self.pending_allocations.remove(&space).unwrap_or_default() {
+                self.reply_error(pending.token, AppError::Evicted);
+            }
+        }
+        let frees: Vec<RemoteFree> = std::mem::take(&mut self.remote_frees)
+            .into_values()
+            .collect();
+        for free in frees {
+            self.reply_error(free.token, AppError::Evicted);
+        }
+        let unmapped: Vec<UnmappedFault> = self.unmapped.drain(..).collect();
+        for fault in unmapped {
+            self.reply_error(fault.token, AppError::Evicted);
+        }
+        // Failure-detector proposals stay: an evicted node may still lead.
+        let proposals: Vec<(u64, PendingProposal)> =
+            std::mem::take(&mut self.proposals).into_iter().collect();
+        for (id, proposal) in proposals {
+            match proposal.purpose {
+                Purpose::CreateSpace { token } | Purpose::LeaseForApp { token } => {
+                    self.reply_error(token, AppError::Evicted)
+                }
+                Purpose::LeaseForAllocator { .. } => {}
+                Purpose::MarkDown => {
+                    self.proposals.insert(id, proposal);
+                }
+            }
+        }
+        self.lease_in_flight.clear();
+    }
+
+    /// Voids the copies of nodes marked down once their last lease has expired.
+    pub(super) fn void_due(&mut self) {
+        let due: Vec<NodeId> = self
+            .pending_voids
+            .iter()
+            .filter(|(_, &at)| at <= self.now_ticks)
+            .map(|(&node, _)| node)
+            .collect();
+        for node in due {
+            self.pending_voids.remove(&node);
+            let pages: Vec<PageId> = self.directory.keys().copied().collect();
+            for page in pages {
+                self.directory_node_down(page, node);
+            }
+        }
+    }
+}

@@ -1,0 +1,1058 @@
+//! `Node`: one gallocy node as a sans-IO state machine.
+//!
+//! Inputs: peer frames (`handle_frame`), application requests (`handle_request`),
+//! completed revocations (`handle_revoke_done`) and time (`tick`). Outputs: `Action`s,
+//! drained with `drain_actions`. The node never reads a clock, a socket or OS
+//! randomness; the simulator and the daemon drive the same code.
+//!
+//! Coherence (see docs/protocol.md): home-based write-invalidate with a fixed home per
+//! chunk (the node that leased it, recorded through Raft). The home keeps the directory
+//! of each page (writer, readers, version, a master copy) and runs one transaction per
+//! page at a time; every message it sends carries a per-page sequence number, so a
+//! node can tell a stale grant from a fresh one whatever the network did to them.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfState, Entry, EntryType, Message as RaftMessage};
+use raft::storage::MemStorage;
+use raft::{RawNode, StateRole};
+
+use crate::alloc::ExtentAllocator;
+use crate::codec::DecodeError;
+use crate::dedupe::{Dedupe, Seen};
+use crate::meta::{Command, MetaState, Outcome, Proposal, MAX_PROPOSALS_IN_FLIGHT};
+use crate::types::{
+    align_up, Access, NodeId, PageBytes, PageId, SpaceId, SpaceLayout, PAGE_SIZE_BYTES,
+};
+use crate::wire::{Envelope, FreeOutcome, PageDenial, PeerMessage};
+
+mod consensus;
+mod home;
+mod peer;
+mod requests;
+
+#[cfg(feature = "mutants")]
+pub use crate::mutants::Mutant;
+
+/// The driver's name for one application request; echoed in the reply.
+pub type AppToken = u64;
+
+/// Most application requests a node holds unanswered (beyond: `AppError::Busy`).
+pub const MAX_PENDING_APP_REQUESTS: usize = 65536;
+/// Most application threads waiting on one page.
+pub const MAX_WAITERS_PER_PAGE: usize = 1024;
+/// Most requests queued at a home behind the running transaction of one page
+/// (each node has at most one outstanding request per page, so members suffice).
+const MAX_QUEUED_PER_PAGE_PER_MEMBER: usize = 2;
+/// Most remote frees in flight from one node.
+pub const MAX_REMOTE_FREES_IN_FLIGHT: usize = 1024;
+/// Bound on messages a node sends to itself while handling one input.
+const MAX_LOOPBACK_STEPS: usize = 1 << 16;
+/// Bound on Ready rounds per input (raft-rs needs at most a few).
+const MAX_READY_ROUNDS: usize = 64;
+/// Largest single allocation.
+pub const MAX_ALLOCATION_BYTES: u64 = 1 << 40;
+/// Default size of a space's root block.
+pub const DEFAULT_ROOT_SIZE_BYTES: u64 = 64 * 1024;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub id: NodeId,
+    /// Every member of the cluster, this node included. Fixed for now.
+    pub members: Vec<NodeId>,
+    /// Node ticks per Raft tick.
+    pub raft_tick_interval_ticks: u64,
+    pub heartbeat_raft_ticks: usize,
+    /// Base election timeout; each node gets `base + 3 * rank`, with no randomness.
+    pub election_raft_ticks: usize,
+    /// First retry of an unanswered message; doubles up to `retry_max_ticks`.
+    pub retry_base_ticks: u64,
+    pub retry_max_ticks: u64,
+    /// A node whose newest lease request acknowledged by a leader is older than this
+    /// masks all its pages.
+    pub fence_after_ticks: u64,
+    /// How often a follower asks the leader to renew its lease.
+    pub lease_interval_ticks: u64,
+    /// The leader marks a node down after this long without hearing from it. Must
+    /// exceed `fence_after_ticks` plus an election timeout plus the revocation delay.
+    pub down_after_ticks: u64,
+    /// How long a fault on a chunk this node has not yet seen leased may wait for the
+    /// metadata to arrive.
+    pub metadata_wait_ticks: u64,
+    #[cfg(feature = "mutants")]
+    pub mutant: Option<Mutant>,
+}
+
+impl Config {
+    pub fn new(id: NodeId, members: Vec<NodeId>) -> Config {
+        Config {
+            id,
+            members,
+            raft_tick_interval_ticks: 10,
+            heartbeat_raft_ticks: 2,
+            election_raft_ticks: 10,
+            retry_base_ticks: 50,
+            retry_max_ticks: 800,
+            fence_after_ticks: 500,
+            lease_interval_ticks: 50,
+            down_after_ticks: 2500,
+            metadata_wait_ticks: 2000,
+            #[cfg(feature = "mutants")]
+            mutant: None,
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.id == 0 {
+            return Err("node id must be non-zero".into());
+        }
+        if !self.members.contains(&self.id) {
+            return Err(format!("node {} is not in the member list", self.id));
+        }
+        let unique: BTreeSet<_> = self.members.iter().collect();
+        if unique.len() != self.members.len() || self.members.contains(&0) {
+            return Err("member ids must be unique and non-zero".into());
+        }
+        if self.raft_tick_interval_ticks == 0 || self.heartbeat_raft_ticks == 0 {
+            return Err("tick intervals must be non-zero".into());
+        }
+        if self.election_raft_ticks <= self.heartbeat_raft_ticks {
+            return Err("election timeout must exceed the heartbeat interval".into());
+        }
+        if self.retry_base_ticks == 0 || self.retry_max_ticks < self.retry_base_ticks {
+            return Err("retry_max_ticks must be at least retry_base_ticks > 0".into());
+        }
+        if self.lease_interval_ticks == 0 || self.lease_interval_ticks * 3 > self.fence_after_ticks
+        {
+            return Err(
+                "lease_interval_ticks must be non-zero and at most a third of fence_after_ticks"
+                    .into(),
+            );
+        }
+        let election_ticks = (self.election_raft_ticks + 3 * self.members.len() + 1) as u64
+            * self.raft_tick_interval_ticks;
+        if self.down_after_ticks <= self.fence_after_ticks + 2 * election_ticks {
+            return Err(
+                "down_after_ticks must exceed fence_after_ticks plus two election timeouts".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum AppRequest {
+    /// Create a space, or join it if it exists with the same layout.
+    CreateSpace {
+        name: String,
+        base_addr: u64,
+        size_bytes: u64,
+        chunk_size_bytes: u64,
+        /// Place it at the lowest free range at or above `base_addr`.
+        flexible_base: bool,
+    },
+    LookupSpace {
+        name: String,
+    },
+    Allocate {
+        space: SpaceId,
+        size_bytes: u64,
+        align_bytes: u64,
+    },
+    Free {
+        space: SpaceId,
+        addr: u64,
+    },
+    /// The application touched `addr` and needs `access` (Read or Write).
+    Fault {
+        space: SpaceId,
+        addr: u64,
+        access: Access,
+    },
+    /// Lease whole chunks for an allocator running inside the application.
+    LeaseChunks {
+        space: SpaceId,
+        count: u32,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum AppError {
+    UnknownSpace,
+    SpaceRejected(&'static str),
+    InvalidArgument(&'static str),
+    OutOfMemory,
+    /// Not the start of a live block: a double free or a wild pointer.
+    InvalidFree,
+    /// The address is in the space but in no leased chunk.
+    NotMapped,
+    /// The only copy of the page was on a node that is down.
+    PageLost,
+    /// The node that carved the block is down.
+    NodeDown(NodeId),
+    /// This node was declared down by the cluster and serves nothing.
+    Evicted,
+    /// Too many requests in flight; retry later.
+    Busy,
+}
+
+impl AppError {
+    pub fn describe(&self) -> String {
+        match self {
+            AppError::UnknownSpace => "unknown space".into(),
+            AppError::SpaceRejected(why) => format!("space rejected: {why}"),
+            AppError::InvalidArgument(why) => format!("invalid argument: {why}"),
+            AppError::OutOfMemory => "out of memory: the space has no free chunk".into(),
+            AppError::InvalidFree => "invalid free (double free or not an allocated block)".into(),
+            AppError::NotMapped => "address is not in any leased chunk".into(),
+            AppError::PageLost => "page lost: its only copy was on a node that is down".into(),
+            AppError::NodeDown(node) => format!("node {node} that owns the block is down"),
+            AppError::Evicted => "this node was declared down by the cluster".into(),
+            AppError::Busy => "too many requests in flight".into(),
+        }
+    }
+}
+
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum AppReply {
+    Space(SpaceLayout),
+    Allocated { addr: u64, size_bytes: u64 },
+    Freed,
+    Granted { page: PageId, access: Access },
+    Leased { addr: u64, size_bytes: u64 },
+    Error(AppError),
+}
+
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Action {
+    /// Send a frame to a peer (`Envelope::encode`).
+    Send(Envelope),
+    /// Answer an application request.
+    Reply { token: AppToken, reply: AppReply },
+    /// Write `bytes` (if any) into the node's memory for `page`, then let the
+    /// applications access it with `access`.
+    Install {
+        page: PageId,
+        access: Access,
+        version: u64,
+        bytes: Option<Box<PageBytes>>,
+    },
+    /// Change what the applications may do with `page`; no reply needed.
+    SetAccess { page: PageId, access: Access },
+    /// Lower the applications' access to `page` to `access`; once no application can
+    /// exceed it any more, call `handle_revoke_done(token, bytes)`, with the page's
+    /// bytes if `want_bytes`.
+    Revoke {
+        page: PageId,
+        access: Access,
+        token: u64,
+        want_bytes: bool,
+    },
+}
+
+/// Counters for status displays and the simulator's summary.
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct Stats {
+    pub frames_received: u64,
+    pub frames_sent: u64,
+    /// Frames that failed to decode.
+    pub frames_malformed: u64,
+    /// Well-formed messages that made no sense here (wrong node, stale, unknown page).
+    pub messages_rejected: u64,
+    pub faults_local: u64,
+    pub faults_remote: u64,
+    pub grants_sent: u64,
+    pub invalidations_sent: u64,
+    pub recalls_sent: u64,
+    pub retries: u64,
+    pub pages_lost: u64,
+    pub allocations: u64,
+    pub frees: u64,
+    pub remote_frees: u64,
+    pub proposals: u64,
+    pub raft_errors: u64,
+}
+
+// ---------------------------------------------------------------------------------
+// Local side: what this node holds of a page.
+
+#[derive(Clone, Debug)]
+struct OutstandingRequest {
+    request_id: u64,
+    mode: Access,
+    home: NodeId,
+    next_retry_tick: u64,
+    backoff_ticks: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum RevokeReply {
+    InvalidateAck { seq: u64 },
+    RecallAck { seq: u64, with_bytes: bool },
+}
+
+/// Most home messages held back while a revocation runs (the home retransmits).
+const MAX_DEFERRED_PER_PAGE: usize = 8;
+
+#[derive(Clone, Debug)]
+struct LocalPage {
+    /// What the home granted and has not taken back.
+    held: Access,
+    /// Version of the bytes in local memory (accessible or not). None: unknown, or
+    /// (if `installed` is false) the zero page memory starts as.
+    mem_version: Option<u64>,
+    /// Whether bytes were ever installed for this page here. Until then the node's
+    /// memory for it is zero (memory starts zeroed and nothing writes a page without
+    /// access), which is version 0: a grant of version 0 needs no bytes.
+    installed: bool,
+    /// Newest home sequence number processed.
+    seq_seen: u64,
+    request: Option<OutstandingRequest>,
+    waiters: Vec<(AppToken, Access)>,
+    revoke: Option<(u64, RevokeReply)>,
+    /// The last recall answered, to re-send on a duplicate recall.
+    last_recall_ack: Option<(u64, u64, Option<Box<PageBytes>>)>,
+    /// False after a fence: the home may have taken the page away while this node
+    /// could not hear it, so the next access asks the home again before any
+    /// application may touch the page (cheap: no bytes move if they are current).
+    validated: bool,
+    /// Home messages that arrived while a revocation ran; handled when it is done, so
+    /// access changes reach the applications in the order the home sent them.
+    deferred: Vec<PeerMessage>,
+}
+
+impl LocalPage {
+    /// The version of the bytes this node's memory holds for the page, as claimed in
+    /// requests: version 0 (zeroes) if nothing was ever installed.
+    fn have_version(&self) -> Option<u64> {
+        if self.installed {
+            self.mem_version
+        } else {
+            Some(0)
+        }
+    }
+
+    fn new() -> LocalPage {
+        LocalPage {
+            held: Access::None,
+            mem_version: None,
+            installed: false,
+            seq_seen: 0,
+            request: None,
+            waiters: Vec::new(),
+            revoke: None,
+            last_recall_ack: None,
+            validated: true,
+            deferred: Vec::new(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Home side: the directory entry of a page this node manages.
+
+#[derive(Clone, Debug)]
+struct PageRequestInfo {
+    from: NodeId,
+    request_id: u64,
+    mode: Access,
+    have_version: Option<u64>,
+}
+
+#[derive(Clone, Debug)]
+enum Phase {
+    Recall {
+        from: NodeId,
+        seq: u64,
+        downgrade: bool,
+    },
+    Invalidate {
+        seq: u64,
+        pending: BTreeSet<NodeId>,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct Transaction {
+    request: PageRequestInfo,
+    phase: Phase,
+    next_retry_tick: u64,
+    backoff_ticks: u64,
+}
+
+#[derive(Clone, Debug)]
+struct DirEntry {
+    /// Version of the latest contents. Bumped on every write grant.
+    version: u64,
+    seq: u64,
+    writer: Option<NodeId>,
+    /// Nodes holding a read copy of `version` (never the writer).
+    readers: BTreeSet<NodeId>,
+    /// Latest contents whenever `writer` is None; None while the page is still the
+    /// zero page of version 0 (most fresh pages never need a copy).
+    master: Option<Box<PageBytes>>,
+    lost: bool,
+    txn: Option<Transaction>,
+    queue: VecDeque<PageRequestInfo>,
+    newest_request: BTreeMap<NodeId, u64>,
+}
+
+impl DirEntry {
+    fn new() -> DirEntry {
+        DirEntry {
+            version: 0,
+            seq: 0,
+            writer: None,
+            readers: BTreeSet::new(),
+            master: None,
+            lost: false,
+            txn: None,
+            queue: VecDeque::new(),
+            newest_request: BTreeMap::new(),
+        }
+    }
+
+    fn check_invariants(&self) {
+        if let Some(writer) = self.writer {
+            assert!(
+                !self.readers.contains(&writer),
+                "writer is also listed as a reader"
+            );
+        }
+        if self.lost {
+            assert!(self.writer.is_none() && self.txn.is_none());
+        }
+    }
+}
+
+/// A snapshot of one page's directory entry, for checkers and status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirectoryView {
+    pub version: u64,
+    pub writer: Option<NodeId>,
+    pub readers: Vec<NodeId>,
+    pub lost: bool,
+    pub busy: bool,
+}
+
+// ---------------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+enum Purpose {
+    CreateSpace { token: AppToken },
+    LeaseForAllocator { space: SpaceId },
+    LeaseForApp { token: AppToken },
+    MarkDown,
+}
+
+#[derive(Clone, Debug)]
+struct PendingProposal {
+    proposal: Proposal,
+    purpose: Purpose,
+    next_retry_tick: u64,
+    backoff_ticks: u64,
+}
+
+#[derive(Clone, Debug)]
+struct PendingAllocation {
+    token: AppToken,
+    size_bytes: u64,
+    align_bytes: u64,
+}
+
+#[derive(Clone, Debug)]
+struct RemoteFree {
+    token: AppToken,
+    target: NodeId,
+    space: SpaceId,
+    addr: u64,
+    next_retry_tick: u64,
+    backoff_ticks: u64,
+}
+
+#[derive(Clone, Debug)]
+/// A fault (`access` Some) or a free (`access` None) on a chunk whose lease this node
+/// has not applied yet: the allocating node replies after its own apply, so a pointer
+/// can travel faster than the metadata.
+struct UnmappedFault {
+    token: AppToken,
+    space: SpaceId,
+    addr: u64,
+    access: Option<Access>,
+    deadline_tick: u64,
+}
+
+pub struct Node {
+    config: Config,
+    raft: RawNode<MemStorage>,
+    meta: MetaState,
+    now_ticks: u64,
+    next_raft_tick: u64,
+    is_leader: bool,
+    leader_id: NodeId,
+    /// Newest `sent_tick` a leader acknowledged: the lease that lets this node's
+    /// applications touch pages.
+    lease_sent_tick: Option<u64>,
+    next_lease_request_tick: u64,
+    last_heard_tick: BTreeMap<NodeId, u64>,
+    down_proposed: BTreeSet<NodeId>,
+    fenced: bool,
+    evicted: bool,
+    /// Nodes marked down whose copies the home voids at the given tick.
+    pending_voids: BTreeMap<NodeId, u64>,
+
+    next_proposal_id: u64,
+    proposals: BTreeMap<u64, PendingProposal>,
+    next_request_id: u64,
+    next_revoke_token: u64,
+
+    allocators: BTreeMap<SpaceId, ExtentAllocator>,
+    pending_allocations: BTreeMap<SpaceId, VecDeque<PendingAllocation>>,
+    lease_in_flight: BTreeSet<SpaceId>,
+
+    pages: BTreeMap<PageId, LocalPage>,
+    /// Pages with an outstanding request (retry scan).
+    requesting: BTreeSet<PageId>,
+    revokes: BTreeMap<u64, PageId>,
+    directory: BTreeMap<PageId, DirEntry>,
+    /// Directory entries with a running transaction (retry scan).
+    busy: BTreeSet<PageId>,
+    unmapped: VecDeque<UnmappedFault>,
+
+    remote_frees: BTreeMap<u64, RemoteFree>,
+    free_outcomes: Dedupe<FreeOutcome>,
+    next_free_id: u64,
+
+    pending_app_requests: usize,
+    /// True while a Raft `Ready` is being handled: proposals made then (from applied
+    /// entries) wait in `queued_proposals` until the Ready is advanced.
+    in_ready: bool,
+    queued_proposals: Vec<Vec<u8>>,
+    loopback: VecDeque<Envelope>,
+    actions: Vec<Action>,
+    stats: Stats,
+}
+
+fn raft_logger() -> slog::Logger {
+    slog::Logger::root(slog::Discard, slog::o!())
+}
+
+impl Node {
+    pub fn new(config: Config) -> Result<Node, String> {
+        config.validate()?;
+        let mut members = config.members.clone();
+        members.sort_unstable();
+        let rank = members.iter().position(|&m| m == config.id).unwrap_or(0);
+        // raft-rs draws the election timeout from thread_rng in [min, max); a range of
+        // one value makes it deterministic, and distinct values per node avoid ties.
+        let min_election_tick = config.election_raft_ticks + 3 * rank;
+        let raft_config = raft::Config {
+            id: config.id,
+            election_tick: config.election_raft_ticks,
+            heartbeat_tick: config.heartbeat_raft_ticks,
+            min_election_tick,
+            max_election_tick: min_election_tick + 1,
+            check_quorum: true,
+            pre_vote: true,
+            max_size_per_msg: 256 * 1024,
+            max_inflight_msgs: 64,
+            ..Default::default()
+        };
+        raft_config.validate().map_err(|e| e.to_string())?;
+        let storage = MemStorage::new_with_conf_state(ConfState::from((members.clone(), vec![])));
+        let raft =
+            RawNode::new(&raft_config, storage, &raft_logger()).map_err(|e| e.to_string())?;
+        #[allow(unused_mut)]
+        let mut meta = MetaState::new(&members);
+        #[cfg(feature = "mutants")]
+        {
+            meta.mutant_double_lease = config.mutant == Some(Mutant::DoubleLease);
+        }
+        let single = members.len() == 1;
+        let mut node = Node {
+            config,
+            raft,
+            meta,
+            now_ticks: 0,
+            next_raft_tick: 0,
+            is_leader: false,
+            leader_id: 0,
+            lease_sent_tick: None,
+            next_lease_request_tick: 0,
+            last_heard_tick: BTreeMap::new(),
+            down_proposed: BTreeSet::new(),
+            fenced: true,
+            evicted: false,
+            pending_voids: BTreeMap::new(),
+            next_proposal_id: 1,
+            proposals: BTreeMap::new(),
+            next_request_id: 1,
+            next_revoke_token: 1,
+            allocators: BTreeMap::new(),
+            pending_allocations: BTreeMap::new(),
+            lease_in_flight: BTreeSet::new(),
+            pages: BTreeMap::new(),
+            requesting: BTreeSet::new(),
+            revokes: BTreeMap::new(),
+            directory: BTreeMap::new(),
+            busy: BTreeSet::new(),
+            unmapped: VecDeque::new(),
+            remote_frees: BTreeMap::new(),
+            free_outcomes: Dedupe::default(),
+            next_free_id: 1,
+            pending_app_requests: 0,
+            in_ready: false,
+            queued_proposals: Vec::new(),
+            loopback: VecDeque::new(),
+            actions: Vec::new(),
+            stats: Stats::default(),
+        };
+        if single {
+            // A one-node cluster elects itself at once.
+            let _ = node.raft.campaign();
+            node.drive_raft();
+        }
+        Ok(node)
+    }
+
+    #[cfg(feature = "mutants")]
+    fn mutant(&self, mutant: Mutant) -> bool {
+        self.config.mutant == Some(mutant)
+    }
+
+    #[cfg(not(feature = "mutants"))]
+    #[inline(always)]
+    fn mutant<T>(&self, _mutant: T) -> bool {
+        false
+    }
+
+    // -----------------------------------------------------------------------------
+    // Inspection.
+
+    pub fn id(&self) -> NodeId {
+        self.config.id
+    }
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+    pub fn meta(&self) -> &MetaState {
+        &self.meta
+    }
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+    pub fn is_leader(&self) -> bool {
+        self.is_leader
+    }
+    pub fn leader_id(&self) -> Option<NodeId> {
+        (self.leader_id != 0).then_some(self.leader_id)
+    }
+    pub fn term(&self) -> u64 {
+        self.raft.raft.term
+    }
+    pub fn is_fenced(&self) -> bool {
+        self.fenced
+    }
+    pub fn is_evicted(&self) -> bool {
+        self.evicted
+    }
+    pub fn allocator(&self, space: SpaceId) -> Option<&ExtentAllocator> {
+        self.allocators.get(&space)
+    }
+    /// What the home granted this node for `page` (before fencing masks it).
+    pub fn held(&self, page: PageId) -> Access {
+        self.pages.get(&page).map_or(Access::None, |p| p.held)
+    }
+    /// What the applications of this node may do with `page` right now.
+    pub fn app_access(&self, page: PageId) -> Access {
+        self.pages
+            .get(&page)
+            .map_or(Access::None, |p| self.page_access(p))
+    }
+    pub fn directory_view(&self, page: PageId) -> Option<DirectoryView> {
+        self.directory.get(&page).map(|e| DirectoryView {
+            version: e.version,
+            writer: e.writer,
+            readers: e.readers.iter().copied().collect(),
+            lost: e.lost,
+            busy: e.txn.is_some(),
+        })
+    }
+    /// Pages this node holds, with their access.
+    pub fn held_pages(&self) -> impl Iterator<Item = (PageId, Access)> + '_ {
+        self.pages
+            .iter()
+            .filter(|(_, p)| p.held != Access::None)
+            .map(|(&id, p)| (id, p.held))
+    }
+    pub fn directory_len(&self) -> usize {
+        self.directory.len()
+    }
+    /// Application requests not yet answered.
+    pub fn pending_app_requests(&self) -> usize {
+        self.pending_app_requests
+    }
+
+    pub fn drain_actions(&mut self, out: &mut Vec<Action>) {
+        out.append(&mut self.actions);
+    }
+
+    // -----------------------------------------------------------------------------
+    // Inputs.
+
+    /// Advance time. Call at least every few ticks; `now_ticks` never goes back.
+    pub fn tick(&mut self, now_ticks: u64) {
+        self.set_now(now_ticks);
+        if self.now_ticks >= self.next_raft_tick {
+            self.next_raft_tick = self.now_ticks + self.config.raft_tick_interval_ticks;
+            self.raft.tick();
+            self.drive_raft();
+            if !self.is_leader
+                && self.leader_id != 0
+                && self.now_ticks >= self.next_lease_request_tick
+            {
+                self.next_lease_request_tick = self.now_ticks + self.config.lease_interval_ticks;
+                let sent_tick = self.now_ticks;
+                self.send(self.leader_id, PeerMessage::LeaseRequest { sent_tick });
+            }
+        }
+        self.update_fence();
+        self.void_due();
+        self.retry_due();
+        // An evicted node still votes and may lead: it keeps detecting failures so the
+        // cluster's metadata moves on.
+        if self.is_leader {
+            self.detect_down_nodes();
+        }
+        self.run_loopback();
+    }
+
+    /// A frame from a peer. Malformed or out-of-protocol input is counted and dropped.
+    pub fn handle_frame(&mut self, now_ticks: u64, bytes: &[u8]) -> Result<(), DecodeError> {
+        self.set_now(now_ticks);
+        self.stats.frames_received += 1;
+        let envelope = match Envelope::decode(bytes) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                self.stats.frames_malformed += 1;
+                return Err(error);
+            }
+        };
+        self.handle_envelope(envelope);
+        self.run_loopback();
+        Ok(())
+    }
+
+    /// An already-decoded message (the daemon decodes on its I/O threads).
+    pub fn handle_message(&mut self, now_ticks: u64, envelope: Envelope) {
+        self.set_now(now_ticks);
+        self.stats.frames_received += 1;
+        self.handle_envelope(envelope);
+        self.run_loopback();
+    }
+
+    pub fn handle_request(&mut self, now_ticks: u64, token: AppToken, request: AppRequest) {
+        self.set_now(now_ticks);
+        if self.pending_app_requests >= MAX_PENDING_APP_REQUESTS {
+            self.actions.push(Action::Reply {
+                token,
+                reply: AppReply::Error(AppError::Busy),
+            });
+            return;
+        }
+        self.pending_app_requests += 1;
+        self.dispatch_request(token, request);
+        self.run_loopback();
+    }
+
+    /// The driver finished an `Action::Revoke`.
+    pub fn handle_revoke_done(
+        &mut self,
+        now_ticks: u64,
+        token: u64,
+        bytes: Option<Box<PageBytes>>,
+    ) {
+        self.set_now(now_ticks);
+        let Some(page_id) = self.revokes.remove(&token) else {
+            self.stats.messages_rejected += 1;
+            return;
+        };
+        let Some(page) = self.pages.get_mut(&page_id) else {
+            return;
+        };
+        let Some((expected, reply)) = page.revoke.take() else {
+            return;
+        };
+        assert_eq!(expected, token, "revoke token mismatch");
+        let Some(home) = self.home_of(page_id) else {
+            return;
+        };
+        match reply {
+            RevokeReply::InvalidateAck { seq } => {
+                if !self.mutant(Mutant::AckInvalidateBeforeRevoke) {
+                    self.send(home, PeerMessage::InvalidateAck { page: page_id, seq });
+                }
+            }
+            RevokeReply::RecallAck { seq, with_bytes } => {
+                let page = self.pages.get_mut(&page_id).expect("page present");
+                let version = page.mem_version.unwrap_or(0);
+                let bytes = if with_bytes { bytes } else { None };
+                page.last_recall_ack = Some((seq, version, bytes.clone()));
+                self.send(
+                    home,
+                    PeerMessage::RecallAck {
+                        page: page_id,
+                        seq,
+                        version,
+                        bytes,
+                    },
+                );
+            }
+        }
+        let deferred = std::mem::take(&mut self.pages.get_mut(&page_id).expect("present").deferred);
+        for message in deferred {
+            self.handle_envelope(Envelope {
+                from: home,
+                to: self.config.id,
+                message,
+            });
+        }
+        self.advance_local(page_id);
+        self.run_loopback();
+    }
+
+    /// Holds a home message back while a revocation of the page runs. True if deferred.
+    fn defer_during_revoke(&mut self, page_id: PageId, message: &PeerMessage) -> bool {
+        let Some(page) = self.pages.get_mut(&page_id) else {
+            return false;
+        };
+        if page.revoke.is_none() {
+            return false;
+        }
+        if page.deferred.len() >= MAX_DEFERRED_PER_PAGE {
+            page.deferred.remove(0);
+        }
+        page.deferred.push(message.clone());
+        true
+    }
+
+    fn set_now(&mut self, now_ticks: u64) {
+        debug_assert!(now_ticks >= self.now_ticks, "time went backwards");
+        self.now_ticks = self.now_ticks.max(now_ticks);
+    }
+
+    fn reply(&mut self, token: AppToken, reply: AppReply) {
+        assert!(
+            self.pending_app_requests > 0,
+            "reply without a pending request"
+        );
+        self.pending_app_requests -= 1;
+        self.actions.push(Action::Reply { token, reply });
+    }
+
+    fn reply_error(&mut self, token: AppToken, error: AppError) {
+        self.reply(token, AppReply::Error(error));
+    }
+
+    fn send(&mut self, to: NodeId, message: PeerMessage) {
+        let envelope = Envelope {
+            from: self.config.id,
+            to,
+            message,
+        };
+        if to == self.config.id {
+            self.loopback.push_back(envelope);
+        } else {
+            self.stats.frames_sent += 1;
+            self.actions.push(Action::Send(envelope));
+        }
+    }
+
+    fn run_loopback(&mut self) {
+        let mut steps = 0;
+        while let Some(envelope) = self.loopback.pop_front() {
+            steps += 1;
+            assert!(steps <= MAX_LOOPBACK_STEPS, "loopback does not converge");
+            self.handle_envelope(envelope);
+        }
+    }
+
+    fn effective(&self, held: Access) -> Access {
+        if self.fenced || self.evicted {
+            Access::None
+        } else {
+            held
+        }
+    }
+
+    fn page_access(&self, page: &LocalPage) -> Access {
+        if page.validated {
+            self.effective(page.held)
+        } else {
+            Access::None
+        }
+    }
+
+    fn retry_backoff(&self, backoff_ticks: u64) -> u64 {
+        (backoff_ticks * 2).min(self.config.retry_max_ticks)
+    }
+
+    // -----------------------------------------------------------------------------
+    // Retries.
+
+    fn retry_due(&mut self) {
+        let now = self.now_ticks;
+        // Proposals: re-propose; the state machine dedupes by (origin, proposal_id).
+        let due: Vec<u64> = self
+            .proposals
+            .iter()
+            .filter(|(_, p)| p.next_retry_tick <= now)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in due {
+            let backoff = self.retry_backoff(self.proposals[&id].backoff_ticks);
+            let oldest_in_flight = *self.proposals.keys().next().expect("listed");
+            let pending = self.proposals.get_mut(&id).expect("listed");
+            pending.proposal.oldest_in_flight = oldest_in_flight;
+            pending.backoff_ticks = backoff;
+            pending.next_retry_tick = now + backoff;
+            let data = pending.proposal.encode();
+            self.stats.retries += 1;
+            let _ = self.raft.propose(vec![], data);
+            self.drive_raft();
+        }
+        // Page requests.
+        let due: Vec<PageId> = self
+            .requesting
+            .iter()
+            .filter(|id| {
+                self.pages[id]
+                    .request
+                    .as_ref()
+                    .is_some_and(|r| r.next_retry_tick <= now)
+            })
+            .copied()
+            .collect();
+        for page_id in due {
+            let backoff = {
+                let request = self.pages[&page_id].request.as_ref().expect("listed");
+                self.retry_backoff(request.backoff_ticks)
+            };
+            let page = self.pages.get_mut(&page_id).expect("listed");
+            let have_version = page.have_version();
+            let request = page.request.as_mut().expect("listed");
+            request.backoff_ticks = backoff;
+            request.next_retry_tick = now + backoff;
+            let message = PeerMessage::PageRequest {
+                page: page_id,
+                request_id: request.request_id,
+                mode: request.mode,
+                have_version,
+            };
+            let home = request.home;
+            self.stats.retries += 1;
+            self.send(home, message);
+        }
+        // Home transactions.
+        let due: Vec<PageId> = self
+            .busy
+            .iter()
+            .filter(|id| {
+                self.directory[id]
+                    .txn
+                    .as_ref()
+                    .is_some_and(|t| t.next_retry_tick <= now)
+            })
+            .copied()
+            .collect();
+        for page_id in due {
+            let backoff = {
+                let txn = self.directory[&page_id].txn.as_ref().expect("listed");
+                self.retry_backoff(txn.backoff_ticks)
+            };
+            let txn = self
+                .directory
+                .get_mut(&page_id)
+                .and_then(|e| e.txn.as_mut())
+                .expect("listed");
+            txn.backoff_ticks = backoff;
+            txn.next_retry_tick = now + backoff;
+            let phase = txn.phase.clone();
+            self.stats.retries += 1;
+            self.send_phase(page_id, &phase);
+        }
+        // Remote frees.
+        let due: Vec<u64> = self
+            .remote_frees
+            .iter()
+            .filter(|(_, f)| f.next_retry_tick <= now)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in due {
+            let backoff = self.retry_backoff(self.remote_frees[&id].backoff_ticks);
+            let oldest_in_flight = *self.remote_frees.keys().next().expect("listed");
+            let free = self.remote_frees.get_mut(&id).expect("listed");
+            free.backoff_ticks = backoff;
+            free.next_retry_tick = now + backoff;
+            let (target, message) = (
+                free.target,
+                PeerMessage::FreeRequest {
+                    space: free.space,
+                    addr: free.addr,
+                    request_id: id,
+                    oldest_in_flight,
+                },
+            );
+            self.stats.retries += 1;
+            self.send(target, message);
+        }
+        self.retry_unmapped(true);
+    }
+
+    fn retry_unmapped(&mut self, expire: bool) {
+        if self.unmapped.is_empty() {
+            return;
+        }
+        let waiting: Vec<UnmappedFault> = self.unmapped.drain(..).collect();
+        for fault in waiting {
+            let mapped = self
+                .meta
+                .spaces
+                .get(&fault.space)
+                .and_then(|l| l.chunk_of_addr(fault.addr))
+                .is_some_and(|chunk| self.meta.chunk(fault.space, chunk).is_some());
+            if mapped {
+                match fault.access {
+                    Some(access) => self.fault(fault.token, fault.space, fault.addr, access),
+                    None => self.free(fault.token, fault.space, fault.addr),
+                }
+            } else if expire && !self.fenced && fault.deadline_tick <= self.now_ticks {
+                let error = match fault.access {
+                    Some(_) => AppError::NotMapped,
+                    None => AppError::InvalidFree,
+                };
+                self.reply_error(fault.token, error);
+            } else {
+                self.unmapped.push_back(fault);
+            }
+        }
+    }
+}
+
+// Without the feature, `Mutant` names still resolve so the code reads the same.
+#[cfg(not(feature = "mutants"))]
+#[allow(dead_code)]
+#[derive(Clone, Copy)]
+enum Mutant {
+    GrantWriteWithoutInvalidate,
+    AckInvalidateBeforeRevoke,
+    AcceptStaleGrant,
+    SkipVersionBump,
+    ReplyBeforeCommit,
+}
+
+/// Rounds an allocation the way the node's allocator does (for clients that size ahead).
+pub fn allocation_size(size_bytes: u64) -> Option<u64> {
+    align_up(size_bytes.max(1), crate::types::MIN_ALIGN_BYTES)
+}

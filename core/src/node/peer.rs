@@ -1,0 +1,406 @@
+//! Peer messages: dispatch, and the requesting side's handling of grants,
+//! denials, invalidations, recalls and remote frees.
+
+use super::*;
+
+impl Node {
+    // -----------------------------------------------------------------------------
+    // Peer messages.
+
+    pub(super) fn handle_envelope(&mut self, envelope: Envelope) {
+        let Envelope { from, to, message } = envelope;
+        if to != self.config.id || !self.config.members.contains(&from) {
+            self.stats.messages_rejected += 1;
+            return;
+        }
+        self.last_heard_tick.insert(from, self.now_ticks);
+        if self.evicted
+            && !matches!(
+                message,
+                PeerMessage::Raft(_) | PeerMessage::LeaseRequest { .. }
+            )
+        {
+            return;
+        }
+        match message {
+            PeerMessage::Raft(bytes) => self.handle_raft(from, &bytes),
+            PeerMessage::PageRequest {
+                page,
+                request_id,
+                mode,
+                have_version,
+            } => self.home_request(
+                page,
+                PageRequestInfo {
+                    from,
+                    request_id,
+                    mode,
+                    have_version,
+                },
+            ),
+            PeerMessage::PageGrant {
+                page,
+                request_id,
+                seq,
+                mode,
+                version,
+                base_version,
+                bytes,
+            } => self.on_grant(
+                from,
+                page,
+                request_id,
+                seq,
+                mode,
+                version,
+                base_version,
+                bytes,
+            ),
+            PeerMessage::PageDenied {
+                page,
+                request_id,
+                reason,
+            } => self.on_denied(from, page, request_id, reason),
+            PeerMessage::Invalidate { page, seq } => self.on_invalidate(from, page, seq),
+            PeerMessage::InvalidateAck { page, seq } => self.home_invalidate_ack(from, page, seq),
+            PeerMessage::Recall {
+                page,
+                seq,
+                downgrade,
+            } => self.on_recall(from, page, seq, downgrade),
+            PeerMessage::RecallAck {
+                page,
+                seq,
+                version,
+                bytes,
+            } => self.home_recall_ack(from, page, seq, version, bytes),
+            PeerMessage::FreeRequest {
+                space,
+                addr,
+                request_id,
+                oldest_in_flight,
+            } => self.on_free_request(from, space, addr, request_id, oldest_in_flight),
+            PeerMessage::FreeReply {
+                request_id,
+                outcome,
+            } => self.on_free_reply(from, request_id, outcome),
+            PeerMessage::LeaseRequest { sent_tick } => {
+                // Never to a node this leader is marking down or that is down.
+                if self.is_leader && self.meta.is_up(from) && !self.down_proposed.contains(&from) {
+                    self.send(from, PeerMessage::LeaseGrant { sent_tick });
+                }
+            }
+            PeerMessage::LeaseGrant { sent_tick } => {
+                if sent_tick <= self.now_ticks {
+                    self.lease_sent_tick = Some(self.lease_sent_tick.unwrap_or(0).max(sent_tick));
+                } else {
+                    self.stats.messages_rejected += 1;
+                }
+            }
+        }
+    }
+
+    /// A message from `from` about `page` is only meaningful if `from` is its home.
+    pub(super) fn sent_by_home(&self, from: NodeId, page: PageId) -> bool {
+        self.home_of(page) == Some(from)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn on_grant(
+        &mut self,
+        from: NodeId,
+        page_id: PageId,
+        request_id: u64,
+        seq: u64,
+        mode: Access,
+        version: u64,
+        base_version: u64,
+        bytes: Option<Box<PageBytes>>,
+    ) {
+        let accept_stale = self.mutant(Mutant::AcceptStaleGrant);
+        let fenced_or_evicted = self.fenced || self.evicted;
+        if !self.sent_by_home(from, page_id) {
+            self.stats.messages_rejected += 1;
+            return;
+        }
+        let message = PeerMessage::PageGrant {
+            page: page_id,
+            request_id,
+            seq,
+            mode,
+            version,
+            base_version,
+            bytes,
+        };
+        if self.defer_during_revoke(page_id, &message) {
+            return;
+        }
+        let PeerMessage::PageGrant { bytes, .. } = message else {
+            unreachable!()
+        };
+        let Some(page) = self.pages.get_mut(&page_id) else {
+            self.stats.messages_rejected += 1;
+            return;
+        };
+        let matches = page
+            .request
+            .as_ref()
+            .is_some_and(|r| r.request_id == request_id && r.mode <= mode);
+        if !matches || (seq <= page.seq_seen && !accept_stale) {
+            // A duplicate or a grant overtaken by a newer invalidation.
+            self.stats.messages_rejected += 1;
+            return;
+        }
+        if bytes.is_none() && page.have_version() != Some(base_version) {
+            // The home thinks our bytes are current and they are not: ask again with
+            // nothing claimed. Happens only after a protocol anomaly; never install.
+            self.stats.messages_rejected += 1;
+            page.mem_version = None;
+            page.installed = true;
+            page.request = None;
+            self.requesting.remove(&page_id);
+            self.advance_local(page_id);
+            return;
+        }
+        page.seq_seen = page.seq_seen.max(seq);
+        page.held = mode;
+        // A grant that lands while fenced is as suspect as any older one.
+        page.validated = !fenced_or_evicted;
+        page.mem_version = Some(version);
+        page.installed = true;
+        page.request = None;
+        page.last_recall_ack = None;
+        self.requesting.remove(&page_id);
+        let access = if fenced_or_evicted {
+            Access::None
+        } else {
+            mode
+        };
+        self.actions.push(Action::Install {
+            page: page_id,
+            access,
+            version,
+            bytes,
+        });
+        self.advance_local(page_id);
+    }
+
+    pub(super) fn on_denied(
+        &mut self,
+        from: NodeId,
+        page_id: PageId,
+        request_id: u64,
+        reason: PageDenial,
+    ) {
+        let matches = self.sent_by_home(from, page_id)
+            && self.pages.get(&page_id).is_some_and(|p| {
+                p.request
+                    .as_ref()
+                    .is_some_and(|r| r.request_id == request_id)
+            });
+        if !matches {
+            self.stats.messages_rejected += 1;
+            return;
+        }
+        let error = match reason {
+            PageDenial::Lost => AppError::PageLost,
+            PageDenial::NotMapped => AppError::NotMapped,
+        };
+        self.fail_local_page(page_id, error);
+    }
+
+    pub(super) fn on_invalidate(&mut self, from: NodeId, page_id: PageId, seq: u64) {
+        if !self.sent_by_home(from, page_id) {
+            self.stats.messages_rejected += 1;
+            return;
+        }
+        let ack_early = self.mutant(Mutant::AckInvalidateBeforeRevoke);
+        let page = self.pages.entry(page_id).or_insert_with(LocalPage::new);
+        if seq < page.seq_seen {
+            self.stats.messages_rejected += 1;
+            return;
+        }
+        if seq == page.seq_seen {
+            // A retransmission: ack again unless the revoke is still running.
+            if page.revoke.is_none() {
+                self.send(from, PeerMessage::InvalidateAck { page: page_id, seq });
+            }
+            return;
+        }
+        if page.revoke.is_some() {
+            self.defer_during_revoke(page_id, &PeerMessage::Invalidate { page: page_id, seq });
+            return;
+        }
+        let page = self.pages.get_mut(&page_id).expect("present");
+        page.seq_seen = seq;
+        if page.held == Access::Write {
+            // The home would recall a writer, not invalidate it: a stale view. Revoke
+            // anyway; safety first.
+            self.stats.messages_rejected += 1;
+        }
+        let was = page.held;
+        page.held = Access::None;
+        if was == Access::None {
+            self.send(from, PeerMessage::InvalidateAck { page: page_id, seq });
+            return;
+        }
+        let token = self.next_revoke_token;
+        self.next_revoke_token += 1;
+        page.revoke = Some((token, RevokeReply::InvalidateAck { seq }));
+        self.revokes.insert(token, page_id);
+        self.actions.push(Action::Revoke {
+            page: page_id,
+            access: Access::None,
+            token,
+            want_bytes: false,
+        });
+        if ack_early {
+            self.send(from, PeerMessage::InvalidateAck { page: page_id, seq });
+        }
+    }
+
+    pub(super) fn on_recall(&mut self, from: NodeId, page_id: PageId, seq: u64, downgrade: bool) {
+        if !self.sent_by_home(from, page_id) {
+            self.stats.messages_rejected += 1;
+            return;
+        }
+        let page = self.pages.entry(page_id).or_insert_with(LocalPage::new);
+        if seq < page.seq_seen {
+            self.stats.messages_rejected += 1;
+            return;
+        }
+        if seq == page.seq_seen {
+            if page.revoke.is_none() {
+                if let Some((ack_seq, version, bytes)) = page.last_recall_ack.clone() {
+                    if ack_seq == seq {
+                        self.send(
+                            from,
+                            PeerMessage::RecallAck {
+                                page: page_id,
+                                seq,
+                                version,
+                                bytes,
+                            },
+                        );
+                    }
+                }
+            }
+            return;
+        }
+        if page.revoke.is_some() {
+            let message = PeerMessage::Recall {
+                page: page_id,
+                seq,
+                downgrade,
+            };
+            self.defer_during_revoke(page_id, &message);
+            return;
+        }
+        let page = self.pages.get_mut(&page_id).expect("present");
+        page.seq_seen = seq;
+        // A node that never received its write grant never wrote: the home's copy is
+        // the latest, and any read copy it still has is unknown to the home, so drop it.
+        let (to, with_bytes) = if page.held == Access::Write {
+            (
+                if downgrade {
+                    Access::Read
+                } else {
+                    Access::None
+                },
+                true,
+            )
+        } else {
+            (Access::None, false)
+        };
+        let was = page.held;
+        page.held = to;
+        if was == Access::None {
+            let version = page.mem_version.unwrap_or(0);
+            page.last_recall_ack = Some((seq, version, None));
+            self.send(
+                from,
+                PeerMessage::RecallAck {
+                    page: page_id,
+                    seq,
+                    version,
+                    bytes: None,
+                },
+            );
+            return;
+        }
+        let token = self.next_revoke_token;
+        self.next_revoke_token += 1;
+        page.revoke = Some((token, RevokeReply::RecallAck { seq, with_bytes }));
+        let validated = page.validated;
+        self.revokes.insert(token, page_id);
+        let access = if validated {
+            self.effective(to)
+        } else {
+            Access::None
+        };
+        self.actions.push(Action::Revoke {
+            page: page_id,
+            access,
+            token,
+            want_bytes: with_bytes,
+        });
+    }
+
+    pub(super) fn on_free_request(
+        &mut self,
+        from: NodeId,
+        space: SpaceId,
+        addr: u64,
+        request_id: u64,
+        oldest_in_flight: u64,
+    ) {
+        let outcome = match self.free_outcomes.check(from, request_id, oldest_in_flight) {
+            Seen::Done(outcome) => outcome,
+            Seen::Stale => {
+                // Answered and acknowledged long ago: a late duplicate.
+                self.stats.messages_rejected += 1;
+                return;
+            }
+            Seen::New => {
+                let owned = self
+                    .meta
+                    .spaces
+                    .get(&space)
+                    .and_then(|l| l.chunk_of_addr(addr))
+                    .and_then(|chunk| self.meta.chunk(space, chunk))
+                    .is_some_and(|r| r.lessee == self.config.id);
+                let outcome = if owned {
+                    self.free_local(space, addr)
+                } else {
+                    FreeOutcome::InvalidFree
+                };
+                self.free_outcomes.record(from, request_id, outcome);
+                outcome
+            }
+        };
+        self.send(
+            from,
+            PeerMessage::FreeReply {
+                request_id,
+                outcome,
+            },
+        );
+    }
+
+    pub(super) fn on_free_reply(&mut self, from: NodeId, request_id: u64, outcome: FreeOutcome) {
+        let matches = self
+            .remote_frees
+            .get(&request_id)
+            .is_some_and(|f| f.target == from);
+        if !matches {
+            self.stats.messages_rejected += 1;
+            return;
+        }
+        let free = self.remote_frees.remove(&request_id).expect("checked");
+        let reply = match outcome {
+            FreeOutcome::Freed => AppReply::Freed,
+            FreeOutcome::InvalidFree => AppReply::Error(AppError::InvalidFree),
+        };
+        self.reply(free.token, reply);
+    }
+}

@@ -1,0 +1,417 @@
+//! Application requests: spaces, allocation, frees (local and remote), faults on
+//! the requesting side.
+
+use super::*;
+
+impl Node {
+    // -----------------------------------------------------------------------------
+    // Application requests.
+
+    pub(super) fn dispatch_request(&mut self, token: AppToken, request: AppRequest) {
+        if self.evicted {
+            self.reply_error(token, AppError::Evicted);
+            return;
+        }
+        match request {
+            AppRequest::CreateSpace {
+                name,
+                base_addr,
+                size_bytes,
+                chunk_size_bytes,
+                flexible_base,
+            } => {
+                // Checked here too: a command the log cannot carry would never commit.
+                if name.is_empty() || name.len() > crate::types::SPACE_NAME_MAX_BYTES {
+                    self.reply_error(
+                        token,
+                        AppError::SpaceRejected("space name must be 1 to 64 bytes"),
+                    );
+                    return;
+                }
+                let command = Command::CreateSpace {
+                    name,
+                    base_addr,
+                    size_bytes,
+                    chunk_size_bytes,
+                    flexible_base,
+                    root_size_bytes: DEFAULT_ROOT_SIZE_BYTES.min(chunk_size_bytes),
+                };
+                if let Err(error) = self.propose(command, Purpose::CreateSpace { token }) {
+                    self.reply_error(token, error);
+                }
+            }
+            AppRequest::LookupSpace { name } => match self.meta.space_by_name(&name) {
+                Some(layout) => {
+                    let layout = layout.clone();
+                    self.reply(token, AppReply::Space(layout));
+                }
+                None => self.reply_error(token, AppError::UnknownSpace),
+            },
+            AppRequest::Allocate {
+                space,
+                size_bytes,
+                align_bytes,
+            } => self.allocate(token, space, size_bytes, align_bytes),
+            AppRequest::Free { space, addr } => self.free(token, space, addr),
+            AppRequest::Fault {
+                space,
+                addr,
+                access,
+            } => self.fault(token, space, addr, access),
+            AppRequest::LeaseChunks { space, count } => {
+                if !self.meta.spaces.contains_key(&space) {
+                    self.reply_error(token, AppError::UnknownSpace);
+                    return;
+                }
+                if count == 0 || count > crate::meta::MAX_CHUNKS_PER_LEASE {
+                    self.reply_error(token, AppError::InvalidArgument("chunk count"));
+                    return;
+                }
+                let command = Command::LeaseChunks {
+                    space,
+                    node: self.config.id,
+                    count,
+                };
+                if let Err(error) = self.propose(command, Purpose::LeaseForApp { token }) {
+                    self.reply_error(token, error);
+                }
+            }
+        }
+    }
+
+    pub(super) fn allocate(
+        &mut self,
+        token: AppToken,
+        space: SpaceId,
+        size_bytes: u64,
+        align_bytes: u64,
+    ) {
+        let Some(layout) = self.meta.spaces.get(&space) else {
+            self.reply_error(token, AppError::UnknownSpace);
+            return;
+        };
+        if !align_bytes.is_power_of_two() || align_bytes > layout.chunk_size_bytes {
+            self.reply_error(
+                token,
+                AppError::InvalidArgument("alignment must be a power of two up to the chunk size"),
+            );
+            return;
+        }
+        if size_bytes > MAX_ALLOCATION_BYTES || size_bytes > layout.size_bytes {
+            self.reply_error(token, AppError::OutOfMemory);
+            return;
+        }
+        self.pending_allocations
+            .entry(space)
+            .or_default()
+            .push_back(PendingAllocation {
+                token,
+                size_bytes,
+                align_bytes,
+            });
+        self.serve_pending_allocations(space);
+    }
+
+    /// Serves waiting allocations in order; leases more chunks when the head does not fit.
+    pub(super) fn serve_pending_allocations(&mut self, space: SpaceId) {
+        loop {
+            let Some(head) = self
+                .pending_allocations
+                .get(&space)
+                .and_then(|q| q.front())
+                .cloned()
+            else {
+                return;
+            };
+            let allocator = self.allocators.entry(space).or_default();
+            if let Some(addr) = allocator.allocate(head.size_bytes, head.align_bytes) {
+                let size_bytes = allocator.size_of(addr).expect("just allocated");
+                self.pending_allocations
+                    .get_mut(&space)
+                    .expect("present")
+                    .pop_front();
+                self.stats.allocations += 1;
+                self.reply(head.token, AppReply::Allocated { addr, size_bytes });
+                continue;
+            }
+            if self.lease_in_flight.contains(&space) {
+                return;
+            }
+            let layout = self.meta.spaces[&space].clone();
+            let need = head.size_bytes.saturating_add(head.align_bytes);
+            let count = need.div_ceil(layout.chunk_size_bytes).max(1);
+            if count > layout.chunk_count() {
+                self.pending_allocations
+                    .get_mut(&space)
+                    .expect("present")
+                    .pop_front();
+                self.reply_error(head.token, AppError::OutOfMemory);
+                continue;
+            }
+            if self.mutant(Mutant::ReplyBeforeCommit) {
+                self.carve_before_commit(&layout, count);
+            }
+            let command = Command::LeaseChunks {
+                space,
+                node: self.config.id,
+                count: count as u32,
+            };
+            // Marked before proposing: on a one-node cluster the entry commits and
+            // applies inside `propose`.
+            self.lease_in_flight.insert(space);
+            match self.propose(command, Purpose::LeaseForAllocator { space }) {
+                Ok(()) => {}
+                Err(error) => {
+                    self.lease_in_flight.remove(&space);
+                    self.pending_allocations
+                        .get_mut(&space)
+                        .expect("present")
+                        .pop_front();
+                    self.reply_error(head.token, error);
+                }
+            }
+            if !self.mutant(Mutant::ReplyBeforeCommit) {
+                return;
+            }
+        }
+    }
+
+    /// Mutant: add the chunks this node *expects* its lease to get, before commit.
+    pub(super) fn carve_before_commit(&mut self, layout: &SpaceLayout, count: u64) {
+        let mut run = 0;
+        for chunk in 0..layout.chunk_count() {
+            if self.meta.chunk(layout.id, chunk).is_none() {
+                run += 1;
+                if run == count {
+                    let first = chunk + 1 - count;
+                    let start = layout.chunk_addr(first);
+                    let allocator = self.allocators.entry(layout.id).or_default();
+                    if !(first..first + count).any(|c| allocator.owns(layout.chunk_addr(c))) {
+                        allocator.add_region(start, count * layout.chunk_size_bytes);
+                    }
+                    return;
+                }
+            } else {
+                run = 0;
+            }
+        }
+    }
+
+    pub(super) fn free(&mut self, token: AppToken, space: SpaceId, addr: u64) {
+        let Some(layout) = self.meta.spaces.get(&space) else {
+            self.reply_error(token, AppError::UnknownSpace);
+            return;
+        };
+        let Some(chunk) = layout.chunk_of_addr(addr) else {
+            self.reply_error(token, AppError::InvalidFree);
+            return;
+        };
+        let Some(record) = self.meta.chunk(space, chunk) else {
+            if self.unmapped.len() >= MAX_WAITERS_PER_PAGE {
+                self.reply_error(token, AppError::Busy);
+                return;
+            }
+            self.unmapped.push_back(UnmappedFault {
+                token,
+                space,
+                addr,
+                access: None,
+                deadline_tick: self.now_ticks + self.config.metadata_wait_ticks,
+            });
+            return;
+        };
+        if record.lessee == self.config.id {
+            let outcome = self.free_local(space, addr);
+            self.reply(
+                token,
+                match outcome {
+                    FreeOutcome::Freed => AppReply::Freed,
+                    FreeOutcome::InvalidFree => AppReply::Error(AppError::InvalidFree),
+                },
+            );
+            return;
+        }
+        if !self.meta.is_up(record.lessee) {
+            self.reply_error(token, AppError::NodeDown(record.lessee));
+            return;
+        }
+        if self.remote_frees.len() >= MAX_REMOTE_FREES_IN_FLIGHT {
+            self.reply_error(token, AppError::Busy);
+            return;
+        }
+        let request_id = self.next_free_id;
+        self.next_free_id += 1;
+        self.remote_frees.insert(
+            request_id,
+            RemoteFree {
+                token,
+                target: record.lessee,
+                space,
+                addr,
+                next_retry_tick: self.now_ticks + self.config.retry_base_ticks,
+                backoff_ticks: self.config.retry_base_ticks,
+            },
+        );
+        self.stats.remote_frees += 1;
+        let oldest_in_flight = *self.remote_frees.keys().next().expect("just inserted");
+        self.send(
+            record.lessee,
+            PeerMessage::FreeRequest {
+                space,
+                addr,
+                request_id,
+                oldest_in_flight,
+            },
+        );
+    }
+
+    pub(super) fn free_local(&mut self, space: SpaceId, addr: u64) -> FreeOutcome {
+        match self.allocators.get_mut(&space).map(|a| a.free(addr)) {
+            Some(Ok(_)) => {
+                self.stats.frees += 1;
+                FreeOutcome::Freed
+            }
+            _ => FreeOutcome::InvalidFree,
+        }
+    }
+
+    pub(super) fn home_of(&self, page: PageId) -> Option<NodeId> {
+        let layout = self.meta.spaces.get(&page.space)?;
+        let chunk = layout.chunk_of_page(page.index);
+        self.meta.chunk(page.space, chunk).map(|r| r.home)
+    }
+
+    pub(super) fn fault(&mut self, token: AppToken, space: SpaceId, addr: u64, access: Access) {
+        let Some(layout) = self.meta.spaces.get(&space) else {
+            self.reply_error(token, AppError::UnknownSpace);
+            return;
+        };
+        let Some(page_id) = layout.page_of(addr) else {
+            self.reply_error(
+                token,
+                AppError::InvalidArgument("address outside the space"),
+            );
+            return;
+        };
+        if access == Access::None {
+            self.reply_error(
+                token,
+                AppError::InvalidArgument("fault needs read or write"),
+            );
+            return;
+        }
+        if self.home_of(page_id).is_none() {
+            // Possibly leased by a commit this node has not applied yet: wait, bounded.
+            if self.unmapped.len() >= MAX_WAITERS_PER_PAGE {
+                self.reply_error(token, AppError::Busy);
+                return;
+            }
+            self.unmapped.push_back(UnmappedFault {
+                token,
+                space,
+                addr,
+                access: Some(access),
+                deadline_tick: self.now_ticks + self.config.metadata_wait_ticks,
+            });
+            return;
+        }
+        let page = self.pages.entry(page_id).or_insert_with(LocalPage::new);
+        if page.waiters.len() >= MAX_WAITERS_PER_PAGE {
+            self.reply_error(token, AppError::Busy);
+            return;
+        }
+        page.waiters.push((token, access));
+        let page = &self.pages[&page_id];
+        if self.page_access(page) >= access {
+            self.stats.faults_local += 1;
+        } else {
+            self.stats.faults_remote += 1;
+        }
+        self.advance_local(page_id);
+    }
+
+    /// Serves the waiters of a page that now can be, and asks the home for more if needed.
+    pub(super) fn advance_local(&mut self, page_id: PageId) {
+        let Some(page) = self.pages.get(&page_id) else {
+            return;
+        };
+        let access = self.page_access(page);
+        if page.waiters.iter().any(|&(_, want)| want <= access) {
+            let page = self.pages.get_mut(&page_id).expect("present");
+            let (served, waiting): (Vec<_>, Vec<_>) = page
+                .waiters
+                .drain(..)
+                .partition(|&(_, want)| want <= access);
+            page.waiters = waiting;
+            for (token, _) in served {
+                self.reply(
+                    token,
+                    AppReply::Granted {
+                        page: page_id,
+                        access,
+                    },
+                );
+            }
+        }
+        let page = &self.pages[&page_id];
+        if page.waiters.is_empty()
+            || page.request.is_some()
+            || page.revoke.is_some()
+            || self.fenced
+            || self.evicted
+        {
+            return;
+        }
+        // After a fence, ask for at least what we held: a writer must not lose its writes.
+        let mut mode = page
+            .waiters
+            .iter()
+            .map(|&(_, want)| want)
+            .max()
+            .expect("non-empty");
+        if !page.validated {
+            mode = mode.max(page.held);
+        }
+        let Some(home) = self.home_of(page_id) else {
+            self.fail_local_page(page_id, AppError::NotMapped);
+            return;
+        };
+        if !self.meta.is_up(home) {
+            self.fail_local_page(page_id, AppError::PageLost);
+            return;
+        }
+        let request_id = self.next_request_id;
+        self.next_request_id += 1;
+        let page = self.pages.get_mut(&page_id).expect("present");
+        page.request = Some(OutstandingRequest {
+            request_id,
+            mode,
+            home,
+            next_retry_tick: self.now_ticks + self.config.retry_base_ticks,
+            backoff_ticks: self.config.retry_base_ticks,
+        });
+        let message = PeerMessage::PageRequest {
+            page: page_id,
+            request_id,
+            mode,
+            have_version: page.have_version(),
+        };
+        self.requesting.insert(page_id);
+        self.send(home, message);
+    }
+
+    pub(super) fn fail_local_page(&mut self, page_id: PageId, error: AppError) {
+        let Some(page) = self.pages.get_mut(&page_id) else {
+            return;
+        };
+        page.request = None;
+        self.requesting.remove(&page_id);
+        let waiters: Vec<_> = page.waiters.drain(..).collect();
+        if error == AppError::PageLost && !waiters.is_empty() {
+            self.stats.pages_lost += 1;
+        }
+        for (token, _) in waiters {
+            self.reply_error(token, error);
+        }
+    }
+}
