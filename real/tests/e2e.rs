@@ -288,3 +288,46 @@ fn a_real_crash_outside_the_space_still_crashes() {
         describe(&output)
     );
 }
+
+#[test]
+fn daemon_and_cli_errors_are_clear() {
+    let dir = temp_dir("cli");
+    // A config file that is not TOML, and one that misses fields.
+    std::fs::write(dir.join("bad.toml"), "node_id = [").unwrap();
+    std::fs::write(dir.join("short.toml"), "node_id = 1\n").unwrap();
+    for (file, expected) in [("bad.toml", "bad config"), ("short.toml", "missing field")] {
+        let output = Command::new(env!("CARGO_BIN_EXE_gallocyd"))
+            .arg("--config")
+            .arg(dir.join(file))
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{}", describe(&output));
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains(expected),
+            "{}",
+            describe(&output)
+        );
+    }
+    // A peer address that is neither unix: nor tcp:.
+    let output = Command::new(env!("CARGO_BIN_EXE_gallocyd"))
+        .args(["--node-id", "1", "--peer", "1=nowhere"])
+        .arg("--runtime-dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{}", describe(&output));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("neither unix:PATH nor tcp:HOST:PORT"));
+    // Status of a daemon that is not there names the socket.
+    let output = Command::new(env!("CARGO_BIN_EXE_gallocy"))
+        .args(["status", "--socket"])
+        .arg(dir.join("nobody.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("nobody.sock"),
+        "{}",
+        describe(&output)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
