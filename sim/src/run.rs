@@ -356,6 +356,24 @@ fn run_unguarded(params: RunParams) -> RunReport {
         if world.borrow().violation.is_some() {
             break;
         }
+        // Nothing to send and nothing in flight: turmoil has no work this step, so only
+        // the nodes' time moves (hosts sleep until a frame or an outbox wakes them, and
+        // message latencies are relative to turmoil's own clock, which pauses too).
+        let idle = !world.borrow().has_outbox() && {
+            let mut in_flight = false;
+            sim.links(|links| {
+                for link in links {
+                    if link.count() > 0 {
+                        in_flight = true;
+                        break;
+                    }
+                }
+            });
+            !in_flight
+        };
+        if idle {
+            continue;
+        }
         if let Err(error) = sim.step() {
             let mut w = world.borrow_mut();
             w.violation = Some(Violation {

@@ -257,6 +257,11 @@ impl World {
         self.settle();
     }
 
+    /// Whether any node has frames waiting to be sent.
+    pub fn has_outbox(&self) -> bool {
+        self.outbox.iter().any(|frames| !frames.is_empty())
+    }
+
     pub fn take_outbox(&mut self, index: usize) -> Vec<(NodeId, Vec<u8>)> {
         std::mem::take(&mut self.outbox[index])
     }
