@@ -877,15 +877,17 @@ fn undo_attach() {
             core::ptr::null_mut(),
         );
     }
-    for slot in 0..CONNECTION_SLOTS {
-        let fd = RT.slot_fd[slot].swap(-1, Ordering::AcqRel);
-        sys::close(fd);
-        RT.slot_tid[slot].store(0, Ordering::Release);
-    }
+    // Unmap before closing the connections: once the daemon sees them close it
+    // assumes this process holds no page.
     let base = RT.base_addr.swap(0, Ordering::AcqRel);
     let size = RT.size_bytes.swap(0, Ordering::AcqRel);
     if base != 0 {
         sys::unmap(base, size);
+    }
+    for slot in 0..CONNECTION_SLOTS {
+        let fd = RT.slot_fd[slot].swap(-1, Ordering::AcqRel);
+        sys::close(fd);
+        RT.slot_tid[slot].store(0, Ordering::Release);
     }
 }
 
@@ -894,7 +896,9 @@ pub fn detach() -> i32 {
     if !is_attached() {
         return -libc::ENOTCONN;
     }
-    RT.detaching.store(true, Ordering::Release);
+    // Unmap and close the other connections first: the daemon takes a closed service
+    // connection to mean this process holds nothing.
+    undo_attach();
     let service_fd = RT.service_fd.swap(-1, Ordering::AcqRel);
     sys::shutdown(service_fd);
     // SAFETY: joining the thread created in attach, once.
@@ -902,7 +906,6 @@ pub fn detach() -> i32 {
         libc::pthread_join(*RT.service_thread.get(), core::ptr::null_mut());
     }
     sys::close(service_fd);
-    undo_attach();
     0
 }
 

@@ -106,6 +106,7 @@ pub fn up(
             app_group: None,
             space: space.clone(),
             log: log.to_string(),
+            revoke_timeout_ms: crate::config::DEFAULT_REVOKE_TIMEOUT_MS,
         };
         let config_path = home.join("gallocyd.toml");
         std::fs::write(&config_path, config.to_toml())

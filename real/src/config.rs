@@ -104,6 +104,16 @@ pub struct DaemonConfig {
     /// Log filter (tracing's syntax), unless RUST_LOG is set.
     #[serde(default = "default_log")]
     pub log: String,
+    /// A process that has not applied a revocation after this long is killed.
+    #[serde(default = "default_revoke_timeout_ms")]
+    pub revoke_timeout_ms: u64,
+}
+
+/// Default of `DaemonConfig::revoke_timeout_ms`.
+pub const DEFAULT_REVOKE_TIMEOUT_MS: u64 = 5000;
+
+fn default_revoke_timeout_ms() -> u64 {
+    DEFAULT_REVOKE_TIMEOUT_MS
 }
 
 fn default_log() -> String {

@@ -148,6 +148,8 @@ struct Session {
     /// Revocations held back until the grants in flight for that page are applied:
     /// (page, access, node token or 0).
     deferred: Vec<(u64, Access, u64)>,
+    /// Since when revocations have been held back (None: none are).
+    deferred_since: Option<Instant>,
 }
 
 enum Pending {
@@ -216,6 +218,8 @@ pub struct Daemon {
     next_fault_group: u64,
     /// Service-thread revocation token → (session, page, access, node token or 0).
     service_tokens: BTreeMap<u64, (u64, u64, Access, u64)>,
+    /// When each service token was sent (for the revocation timeout).
+    service_sent_at: BTreeMap<u64, Instant>,
     next_service_token: u64,
     counters: Counters,
     uid: u32,
@@ -328,6 +332,7 @@ impl Daemon {
             fault_groups: BTreeMap::new(),
             next_fault_group: 1,
             service_tokens: BTreeMap::new(),
+            service_sent_at: BTreeMap::new(),
             next_service_token: 1,
             counters: Counters::default(),
             actions: Vec::new(),
@@ -381,6 +386,7 @@ impl Daemon {
                 self.node.tick(now_ms);
                 self.process_actions();
                 self.reconnect_due();
+                self.stop_unresponsive_processes();
             }
         }
         info!("gallocyd stopping");
@@ -389,6 +395,52 @@ impl Daemon {
             let _ = std::fs::remove_file(path);
         }
         Ok(())
+    }
+
+    /// A process that does not apply a revocation in time holds pages other nodes wait
+    /// for, and nothing can take them back while it still maps them: it is killed
+    /// (SIGKILL, so it cannot touch the pages again), then its session ends and the
+    /// revocations complete.
+    fn stop_unresponsive_processes(&mut self) {
+        let timeout = Duration::from_millis(self.config.revoke_timeout_ms);
+        let mut stalled: BTreeSet<u64> = self
+            .service_sent_at
+            .iter()
+            .filter(|(_, sent)| sent.elapsed() > timeout)
+            .filter_map(|(token, _)| self.service_tokens.get(token).map(|v| v.0))
+            .collect();
+        stalled.extend(
+            self.sessions
+                .iter()
+                .filter(|(_, s)| s.deferred_since.is_some_and(|t| t.elapsed() > timeout))
+                .map(|(&id, _)| id),
+        );
+        for session in stalled {
+            let Some(state) = self.sessions.get(&session) else {
+                continue;
+            };
+            let pid = state.pid;
+            warn!(
+                pid,
+                session,
+                "process did not give pages back within {} ms: killing it",
+                self.config.revoke_timeout_ms
+            );
+            if pid > 0 {
+                // SAFETY: kill has no memory effects; the pid is the peer of a session
+                // socket (SO_PEERCRED) that is still open, so it is that process.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            let conns: Vec<Token> = state.conns.iter().copied().collect();
+            for token in conns {
+                self.close(token, "killed: revocation timeout");
+            }
+            // If the main connection was already gone, end the session anyway.
+            if self.sessions.contains_key(&session) {
+                let main = self.sessions[&session].main;
+                self.detach_conn(session, main);
+            }
+        }
     }
 
     fn new_token(&mut self) -> Token {
@@ -1152,6 +1204,7 @@ impl Daemon {
                 granted: BTreeMap::new(),
                 granting: BTreeMap::new(),
                 deferred: Vec::new(),
+                deferred_since: None,
             },
         );
         let Some(Conn::App(conn)) = self.conns.get_mut(&token) else {
@@ -1362,6 +1415,7 @@ impl Daemon {
             let state = self.sessions.get_mut(&session).expect("listed");
             if state.granting.get(&page.index).copied().unwrap_or(0) > 0 {
                 state.deferred.push((page.index, access, node_token));
+                state.deferred_since.get_or_insert_with(Instant::now);
             } else {
                 self.send_revoke(session, page.index, access, node_token);
             }
@@ -1388,6 +1442,7 @@ impl Daemon {
         self.next_service_token += 1;
         self.service_tokens
             .insert(service_token, (session, page_index, access, node_token));
+        self.service_sent_at.insert(service_token, Instant::now());
         self.counters.revocations_sent += 1;
         self.reply(
             service,
@@ -1422,6 +1477,9 @@ impl Daemon {
             .drain(..)
             .partition(|&(index, _, _)| index == page.index);
         state.deferred = rest;
+        if state.deferred.is_empty() {
+            state.deferred_since = None;
+        }
         for (index, access, node_token) in ready {
             let still_above = self.sessions[&session]
                 .granted
@@ -1443,6 +1501,7 @@ impl Daemon {
         else {
             return;
         };
+        self.service_sent_at.remove(&service_token);
         if let Some(state) = self.sessions.get_mut(&session) {
             if let Some(granted) = state.granted.get_mut(&page_index) {
                 *granted = (*granted).min(access);

@@ -331,3 +331,49 @@ fn daemon_and_cli_errors_are_clear() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_process_that_stops_answering_is_killed_and_its_pages_taken_back() {
+    use std::os::unix::process::ExitStatusExt;
+    let cluster = Cluster::start("stopped", 2);
+    let program = e2e_program(&cluster.dir);
+    let mut stopper = cluster.command(1, &program, &["stopper"]).spawn().unwrap();
+    let mut line = [0u8; 9];
+    stopper
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut line)
+        .unwrap();
+    assert_eq!(&line, b"stopping\n");
+    let started = std::time::Instant::now();
+    let taker = finish(
+        cluster.command(2, &program, &["taker"]).spawn().unwrap(),
+        LIMIT,
+    );
+    assert!(
+        taker.status.success(),
+        "{}\nlog 1:\n{}",
+        describe(&taker),
+        cluster.log(1)
+    );
+    assert_eq!(String::from_utf8_lossy(&taker.stdout).trim(), "read 4242");
+    // It waited for the revocation timeout, not forever.
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let stopped = finish(stopper, LIMIT);
+    assert_eq!(
+        stopped.status.signal(),
+        Some(libc::SIGKILL),
+        "{}",
+        describe(&stopped)
+    );
+    assert!(
+        cluster.log(1).contains("did not give pages back"),
+        "{}",
+        cluster.log(1)
+    );
+}

@@ -50,6 +50,7 @@ fn config_from(args: Args) -> Result<DaemonConfig, String> {
                 app_group: None,
                 space: SpaceDefaults::default(),
                 log: "info".into(),
+                revoke_timeout_ms: gallocy_real::config::DEFAULT_REVOKE_TIMEOUT_MS,
             }
         }
     };

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <signal.h>
 #include <time.h>
 #include <unistd.h>
 #include "gallocy.h"
@@ -224,8 +225,37 @@ static int crash(void) {
     return *nowhere;
 }
 
+/* Holds a page for writing, publishes it, then stops (SIGSTOP): it can no longer apply
+ * revocations. */
+static int stopper(void) {
+    attach("stopper");
+    volatile uint64_t *block = gallocy_malloc(64);
+    if (!block) return 90;
+    block[0] = 4242;
+    root[0] = (uint64_t)block;
+    printf("stopping\n");
+    fflush(stdout);
+    raise(SIGSTOP);
+    return 0;
+}
+
+/* Reads the stopped process's page: the daemon must take it back (by killing it). */
+static int taker(void) {
+    attach("stopper");
+    double deadline = now_s() + 20;
+    while (root[0] == 0) {
+        if (now_s() > deadline) return 91;
+        usleep(1000);
+    }
+    volatile uint64_t *block = (volatile uint64_t *)root[0];
+    printf("read %lu\n", (unsigned long)block[0]);
+    return block[0] == 4242 ? 0 : 92;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) return 2;
+    if (!strcmp(argv[1], "stopper")) return stopper();
+    if (!strcmp(argv[1], "taker")) return taker();
     if (!strcmp(argv[1], "crash")) return crash();
     if (!strcmp(argv[1], "publish")) return publish();
     if (!strcmp(argv[1], "consume")) return consume();
