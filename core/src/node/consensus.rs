@@ -138,8 +138,7 @@ impl Node {
             PendingProposal {
                 proposal,
                 purpose,
-                next_retry_tick: self.now_ticks + self.config.retry_base_ticks * 4,
-                backoff_ticks: self.config.retry_base_ticks * 4,
+                retry: RetrySchedule::starting(self.now_ticks, self.config.retry_base_ticks * 4),
             },
         );
         self.drive_raft();

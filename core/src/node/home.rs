@@ -30,14 +30,7 @@ impl Node {
         }
         *newest = request.request_id;
         if entry.lost {
-            self.send(
-                request.from,
-                PeerMessage::PageDenied {
-                    page: page_id,
-                    request_id: request.request_id,
-                    reason: PageDenial::Lost,
-                },
-            );
+            self.deny_lost(page_id, request.from, request.request_id);
             return;
         }
         if let Some(txn) = &entry.txn {
@@ -97,8 +90,7 @@ impl Node {
                 entry.txn = Some(Transaction {
                     request,
                     phase: phase.clone(),
-                    next_retry_tick: self.now_ticks + self.config.retry_base_ticks,
-                    backoff_ticks: self.config.retry_base_ticks,
+                    retry: RetrySchedule::starting(self.now_ticks, self.config.retry_base_ticks),
                 });
                 self.busy.insert(page_id);
                 self.send_phase(page_id, &phase);
@@ -291,18 +283,23 @@ impl Node {
         self.home_start(page_id, request);
     }
 
+    /// Tells a requester its page is lost (its only latest copy was on a down node).
+    pub(super) fn deny_lost(&mut self, page_id: PageId, to: NodeId, request_id: u64) {
+        self.send(
+            to,
+            PeerMessage::PageDenied {
+                page: page_id,
+                request_id,
+                reason: PageDenial::Lost,
+            },
+        );
+    }
+
     pub(super) fn deny_queue(&mut self, page_id: PageId) {
         let entry = self.directory.get_mut(&page_id).expect("entry exists");
         let queued: Vec<PageRequestInfo> = entry.queue.drain(..).collect();
         for request in queued {
-            self.send(
-                request.from,
-                PeerMessage::PageDenied {
-                    page: page_id,
-                    request_id: request.request_id,
-                    reason: PageDenial::Lost,
-                },
-            );
+            self.deny_lost(page_id, request.from, request.request_id);
         }
     }
 
@@ -325,14 +322,7 @@ impl Node {
         };
         if entry.lost {
             if txn.request.from != node {
-                self.send(
-                    txn.request.from,
-                    PeerMessage::PageDenied {
-                        page: page_id,
-                        request_id: txn.request.request_id,
-                        reason: PageDenial::Lost,
-                    },
-                );
+                self.deny_lost(page_id, txn.request.from, txn.request.request_id);
             }
             self.busy.remove(&page_id);
             self.deny_queue(page_id);

@@ -275,6 +275,33 @@ pub struct Stats {
 }
 
 // ---------------------------------------------------------------------------------
+/// When an unanswered message is sent again: the first retry after a base delay,
+/// then each delay doubled up to a maximum. The one schedule of every retry loop.
+#[derive(Clone, Copy, Debug)]
+struct RetrySchedule {
+    next_tick: u64,
+    backoff_ticks: u64,
+}
+
+impl RetrySchedule {
+    fn starting(now_ticks: u64, first_backoff_ticks: u64) -> RetrySchedule {
+        RetrySchedule {
+            next_tick: now_ticks + first_backoff_ticks,
+            backoff_ticks: first_backoff_ticks,
+        }
+    }
+
+    fn is_due(&self, now_ticks: u64) -> bool {
+        self.next_tick <= now_ticks
+    }
+
+    /// The message was sent again now: schedule the next time, twice as far.
+    fn backed_off(&mut self, now_ticks: u64, max_backoff_ticks: u64) {
+        self.backoff_ticks = (self.backoff_ticks * 2).min(max_backoff_ticks);
+        self.next_tick = now_ticks + self.backoff_ticks;
+    }
+}
+
 // Local side: what this node holds of a page.
 
 #[derive(Clone, Debug)]
@@ -282,8 +309,7 @@ struct OutstandingRequest {
     request_id: u64,
     mode: Access,
     home: NodeId,
-    next_retry_tick: u64,
-    backoff_ticks: u64,
+    retry: RetrySchedule,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -377,8 +403,7 @@ enum Phase {
 struct Transaction {
     request: PageRequestInfo,
     phase: Phase,
-    next_retry_tick: u64,
-    backoff_ticks: u64,
+    retry: RetrySchedule,
 }
 
 #[derive(Clone, Debug)]
@@ -450,8 +475,7 @@ enum Purpose {
 struct PendingProposal {
     proposal: Proposal,
     purpose: Purpose,
-    next_retry_tick: u64,
-    backoff_ticks: u64,
+    retry: RetrySchedule,
 }
 
 #[derive(Clone, Debug)]
@@ -467,8 +491,7 @@ struct RemoteFree {
     target: NodeId,
     space: SpaceId,
     addr: u64,
-    next_retry_tick: u64,
-    backoff_ticks: u64,
+    retry: RetrySchedule,
 }
 
 #[derive(Clone, Debug)]
@@ -894,29 +917,24 @@ impl Node {
         }
     }
 
-    fn retry_backoff(&self, backoff_ticks: u64) -> u64 {
-        (backoff_ticks * 2).min(self.config.retry_max_ticks)
-    }
-
     // -----------------------------------------------------------------------------
     // Retries.
 
     fn retry_due(&mut self) {
         let now = self.now_ticks;
+        let max = self.config.retry_max_ticks;
         // Proposals: re-propose; the state machine dedupes by (origin, proposal_id).
         let due: Vec<u64> = self
             .proposals
             .iter()
-            .filter(|(_, p)| p.next_retry_tick <= now)
+            .filter(|(_, p)| p.retry.is_due(now))
             .map(|(&id, _)| id)
             .collect();
         for id in due {
-            let backoff = self.retry_backoff(self.proposals[&id].backoff_ticks);
             let oldest_in_flight = *self.proposals.keys().next().expect("listed");
             let pending = self.proposals.get_mut(&id).expect("listed");
             pending.proposal.oldest_in_flight = oldest_in_flight;
-            pending.backoff_ticks = backoff;
-            pending.next_retry_tick = now + backoff;
+            pending.retry.backed_off(now, max);
             let data = pending.proposal.encode();
             self.stats.retries += 1;
             let _ = self.raft.propose(vec![], data);
@@ -930,20 +948,15 @@ impl Node {
                 self.pages[id]
                     .request
                     .as_ref()
-                    .is_some_and(|r| r.next_retry_tick <= now)
+                    .is_some_and(|r| r.retry.is_due(now))
             })
             .copied()
             .collect();
         for page_id in due {
-            let backoff = {
-                let request = self.pages[&page_id].request.as_ref().expect("listed");
-                self.retry_backoff(request.backoff_ticks)
-            };
             let page = self.pages.get_mut(&page_id).expect("listed");
             let have_version = page.have_version();
             let request = page.request.as_mut().expect("listed");
-            request.backoff_ticks = backoff;
-            request.next_retry_tick = now + backoff;
+            request.retry.backed_off(now, max);
             let message = PeerMessage::PageRequest {
                 page: page_id,
                 request_id: request.request_id,
@@ -962,22 +975,17 @@ impl Node {
                 self.directory[id]
                     .txn
                     .as_ref()
-                    .is_some_and(|t| t.next_retry_tick <= now)
+                    .is_some_and(|t| t.retry.is_due(now))
             })
             .copied()
             .collect();
         for page_id in due {
-            let backoff = {
-                let txn = self.directory[&page_id].txn.as_ref().expect("listed");
-                self.retry_backoff(txn.backoff_ticks)
-            };
             let txn = self
                 .directory
                 .get_mut(&page_id)
                 .and_then(|e| e.txn.as_mut())
                 .expect("listed");
-            txn.backoff_ticks = backoff;
-            txn.next_retry_tick = now + backoff;
+            txn.retry.backed_off(now, max);
             let phase = txn.phase.clone();
             self.stats.retries += 1;
             self.send_phase(page_id, &phase);
@@ -986,24 +994,20 @@ impl Node {
         let due: Vec<u64> = self
             .remote_frees
             .iter()
-            .filter(|(_, f)| f.next_retry_tick <= now)
+            .filter(|(_, f)| f.retry.is_due(now))
             .map(|(&id, _)| id)
             .collect();
         for id in due {
-            let backoff = self.retry_backoff(self.remote_frees[&id].backoff_ticks);
             let oldest_in_flight = *self.remote_frees.keys().next().expect("listed");
             let free = self.remote_frees.get_mut(&id).expect("listed");
-            free.backoff_ticks = backoff;
-            free.next_retry_tick = now + backoff;
-            let (target, message) = (
-                free.target,
-                PeerMessage::FreeRequest {
-                    space: free.space,
-                    addr: free.addr,
-                    request_id: id,
-                    oldest_in_flight,
-                },
-            );
+            free.retry.backed_off(now, max);
+            let message = PeerMessage::FreeRequest {
+                space: free.space,
+                addr: free.addr,
+                request_id: id,
+                oldest_in_flight,
+            };
+            let target = free.target;
             self.stats.retries += 1;
             self.send(target, message);
         }

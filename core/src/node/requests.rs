@@ -207,17 +207,7 @@ impl Node {
             return;
         };
         let Some(record) = self.meta.chunk(space, chunk) else {
-            if self.unmapped.len() >= MAX_WAITERS_PER_PAGE {
-                self.reply_error(token, AppError::Busy);
-                return;
-            }
-            self.unmapped.push_back(UnmappedFault {
-                token,
-                space,
-                addr,
-                access: None,
-                deadline_tick: self.now_ticks + self.config.metadata_wait_ticks,
-            });
+            self.wait_for_metadata(token, space, addr, None);
             return;
         };
         if record.lessee == self.config.id {
@@ -248,8 +238,7 @@ impl Node {
                 target: record.lessee,
                 space,
                 addr,
-                next_retry_tick: self.now_ticks + self.config.retry_base_ticks,
-                backoff_ticks: self.config.retry_base_ticks,
+                retry: RetrySchedule::starting(self.now_ticks, self.config.retry_base_ticks),
             },
         );
         self.stats.remote_frees += 1;
@@ -263,6 +252,29 @@ impl Node {
                 oldest_in_flight,
             },
         );
+    }
+
+    /// A fault (`access` Some) or free (None) on a chunk whose lease this node has not
+    /// applied yet: possibly committed but not yet here, so it waits, bounded in number
+    /// and time (`retry_unmapped`).
+    pub(super) fn wait_for_metadata(
+        &mut self,
+        token: AppToken,
+        space: SpaceId,
+        addr: u64,
+        access: Option<Access>,
+    ) {
+        if self.unmapped.len() >= MAX_WAITERS_PER_PAGE {
+            self.reply_error(token, AppError::Busy);
+            return;
+        }
+        self.unmapped.push_back(UnmappedFault {
+            token,
+            space,
+            addr,
+            access,
+            deadline_tick: self.now_ticks + self.config.metadata_wait_ticks,
+        });
     }
 
     pub(super) fn free_local(&mut self, space: SpaceId, addr: u64) -> FreeOutcome {
@@ -301,18 +313,7 @@ impl Node {
             return;
         }
         if self.home_of(page_id).is_none() {
-            // Possibly leased by a commit this node has not applied yet: wait, bounded.
-            if self.unmapped.len() >= MAX_WAITERS_PER_PAGE {
-                self.reply_error(token, AppError::Busy);
-                return;
-            }
-            self.unmapped.push_back(UnmappedFault {
-                token,
-                space,
-                addr,
-                access: Some(access),
-                deadline_tick: self.now_ticks + self.config.metadata_wait_ticks,
-            });
+            self.wait_for_metadata(token, space, addr, Some(access));
             return;
         }
         let page = self.pages.entry(page_id).or_insert_with(LocalPage::new);
@@ -387,8 +388,7 @@ impl Node {
             request_id,
             mode,
             home,
-            next_retry_tick: self.now_ticks + self.config.retry_base_ticks,
-            backoff_ticks: self.config.retry_base_ticks,
+            retry: RetrySchedule::starting(self.now_ticks, self.config.retry_base_ticks),
         });
         let message = PeerMessage::PageRequest {
             page: page_id,
