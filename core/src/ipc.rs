@@ -99,7 +99,9 @@ impl ErrorCode {
     }
 }
 
-/// Counters a process can ask for (`gallocy_stats`).
+/// Counters a process can ask for. `repr(C)`: it is also `struct gallocy_stats` of
+/// gallocy.h, so the C API hands it out as it arrives.
+#[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct IpcStats {
     pub faults_local: u64,

@@ -213,17 +213,11 @@ pub extern "C" fn gallocy_ping() -> c_int {
     }
 }
 
-/// Mirrors `struct gallocy_stats` in gallocy.h.
-#[repr(C)]
-pub struct GallocyStats {
-    pub faults_local: u64,
-    pub faults_remote: u64,
-    pub frames_sent: u64,
-    pub frames_received: u64,
-    pub allocations: u64,
-    pub pages_held: u32,
-    pub node_id: u32,
-}
+/// `struct gallocy_stats` in gallocy.h: the IPC counters, laid out for C.
+pub type GallocyStats = IpcStats;
+
+// gallocy.h: five uint64_t then two uint32_t.
+const _: () = assert!(core::mem::size_of::<GallocyStats>() == 48);
 
 /// # Safety
 /// `out` must be null or point to a writable `struct gallocy_stats`.
@@ -233,27 +227,9 @@ pub unsafe extern "C" fn gallocy_stats(out: *mut GallocyStats) -> c_int {
         return -libc::EINVAL;
     }
     match call(IpcMessage::Stats) {
-        Ok(IpcMessage::StatsReply(IpcStats {
-            faults_local,
-            faults_remote,
-            frames_sent,
-            frames_received,
-            allocations,
-            pages_held,
-            node_id,
-        })) => {
+        Ok(IpcMessage::StatsReply(stats)) => {
             // SAFETY: the caller passes a valid struct gallocy_stats.
-            unsafe {
-                out.write(GallocyStats {
-                    faults_local,
-                    faults_remote,
-                    frames_sent,
-                    frames_received,
-                    allocations,
-                    pages_held,
-                    node_id,
-                })
-            };
+            unsafe { out.write(stats) };
             0
         }
         Ok(_) => -libc::EPROTO,

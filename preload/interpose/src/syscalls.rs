@@ -32,12 +32,9 @@ fn take(buf: *const c_void, len: usize, write: bool) -> bool {
     true
 }
 
-fn retry(
-    buf: *const c_void,
-    len: usize,
-    kernel_writes: bool,
-    mut call: impl FnMut() -> isize,
-) -> isize {
+/// Makes the call; on EFAULT, takes the buffers back with `take` and tries again (at
+/// most `ATTEMPTS` times), unless `take` had nothing to take.
+fn retry_on_efault(mut take: impl FnMut() -> bool, mut call: impl FnMut() -> isize) -> isize {
     for _ in 0..ATTEMPTS {
         let result = call();
         if result >= 0 {
@@ -45,11 +42,20 @@ fn retry(
         }
         // SAFETY: this thread's errno.
         let errno = unsafe { *libc::__errno_location() };
-        if errno != libc::EFAULT || !take(buf, len, kernel_writes) {
+        if errno != libc::EFAULT || !take() {
             return result;
         }
     }
     call()
+}
+
+fn retry(
+    buf: *const c_void,
+    len: usize,
+    kernel_writes: bool,
+    call: impl FnMut() -> isize,
+) -> isize {
+    retry_on_efault(|| take(buf, len, kernel_writes), call)
 }
 
 /// # Safety
@@ -174,18 +180,10 @@ unsafe fn retry_iov(
     iov: *const libc::iovec,
     count: i32,
     kernel_writes: bool,
-    mut call: impl FnMut() -> isize,
+    call: impl FnMut() -> isize,
 ) -> isize {
-    for _ in 0..ATTEMPTS {
-        let result = call();
-        if result >= 0
-            || *libc::__errno_location() != libc::EFAULT
-            || !take_iov(iov, count, kernel_writes)
-        {
-            return result;
-        }
-    }
-    call()
+    // SAFETY: the caller's contract.
+    retry_on_efault(|| unsafe { take_iov(iov, count, kernel_writes) }, call)
 }
 
 /// # Safety
