@@ -356,7 +356,7 @@ impl Heap {
             // A whole chunk for one big-class span.
             let chunk = self.lease(1, source)?;
             // SAFETY: a fresh chunk of ours.
-            unsafe { init_header(chunk, KIND_BIG, class, 1, block_bytes, CHUNK_BYTES) };
+            unsafe { init_header(chunk, KIND_BIG, class, 1, block_bytes) };
             return Some(chunk);
         }
         Heap::lock(&self.pool.lock);
@@ -377,7 +377,7 @@ impl Heap {
         };
         Heap::unlock(&self.pool.lock);
         // SAFETY: a fresh span of ours.
-        unsafe { init_header(span, KIND_SMALL, class, 0, block_bytes, SPAN_BYTES) };
+        unsafe { init_header(span, KIND_SMALL, class, 0, block_bytes) };
         Some(span)
     }
 
@@ -414,16 +414,7 @@ impl Heap {
             None => (self.lease(count, source)?, count),
         };
         // SAFETY: a run of ours.
-        unsafe {
-            init_header(
-                start,
-                KIND_LARGE,
-                0,
-                chunks as u32,
-                size,
-                chunks * CHUNK_BYTES,
-            )
-        };
+        unsafe { init_header(start, KIND_LARGE, 0, chunks as u32, size) };
         self.large_blocks.fetch_add(1, Ordering::Relaxed);
         Some(start + HEADER_BYTES)
     }
@@ -505,14 +496,7 @@ fn span_end(header: &SpanHeader) -> u64 {
 
 /// # Safety
 /// `[at, at+bytes)` is memory of ours with no live blocks.
-unsafe fn init_header(
-    at: u64,
-    kind: u32,
-    class: usize,
-    run_chunks: u32,
-    block_bytes: u64,
-    bytes: u64,
-) {
+unsafe fn init_header(at: u64, kind: u32, class: usize, run_chunks: u32, block_bytes: u64) {
     let header = at as *mut SpanHeader;
     header.write(SpanHeader {
         magic: MAGIC,
@@ -526,7 +510,6 @@ unsafe fn init_header(
         remote: AtomicU64::new(0),
         next: 0,
     });
-    let _ = bytes;
 }
 
 /// The header of the span holding `ptr`, and the start of `ptr`'s block (interior
@@ -552,8 +535,13 @@ unsafe fn locate(ptr: u64) -> Option<(&'static SpanHeader, u64)> {
     if header.kind == KIND_LARGE {
         return Some((header, header.data_start));
     }
+    // A stray pointer may land on bytes that look like a header: `free` indexes the
+    // free lists by class, so an impossible class is not ours.
+    if header.class as usize >= CLASSES {
+        return None;
+    }
     let offset = ptr - header.data_start;
-    let magic = DIVISION_MAGIC[header.class as usize % CLASSES];
+    let magic = DIVISION_MAGIC[header.class as usize];
     let index = ((offset as u128 * magic as u128) >> 64) as u64;
     debug_assert_eq!(index, offset / header.block_bytes);
     Some((header, header.data_start + index * header.block_bytes))

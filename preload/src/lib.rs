@@ -70,11 +70,16 @@ fn note_error(what: &[u8], error: CallError) {
 /// The usable size recorded in a block's header, if `ptr` looks like one of ours.
 fn usable_size(ptr: *mut c_void) -> Option<u64> {
     let addr = ptr as u64;
-    let base = runtime::base_addr();
-    if !runtime::is_attached() || addr < base + HEADER_BYTES || !addr.is_multiple_of(16) {
+    let block = addr.wrapping_sub(HEADER_BYTES);
+    // The header must lie wholly in the space: a pointer past its end would read
+    // memory that is not ours.
+    if !addr.is_multiple_of(16)
+        || addr < HEADER_BYTES
+        || !runtime::in_space(block)
+        || !runtime::in_space(addr - 1)
+    {
         return None;
     }
-    let block = addr - HEADER_BYTES;
     let header = block as *const u64;
     // SAFETY: inside the attached space (checked above); reading faults the page in.
     let (size, check) = unsafe { (header.read(), header.add(1).read()) };

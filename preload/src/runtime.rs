@@ -62,6 +62,9 @@ struct Runtime {
     root_size_bytes: AtomicU64,
     chunk_size_bytes: AtomicU64,
     node: AtomicU32,
+    /// The `Main` connection: its session lives as long as it is open, so it is
+    /// never lent to a thread slot (a slot is reclaimed when its thread exits).
+    main_fd: AtomicI32,
     service_fd: AtomicI32,
     next_request_id: AtomicU64,
     /// `$GALLOCY_SOCKET` as given to attach, NUL-terminated. Written under
@@ -95,6 +98,7 @@ static RT: Runtime = Runtime {
     root_size_bytes: AtomicU64::new(0),
     chunk_size_bytes: AtomicU64::new(0),
     node: AtomicU32::new(0),
+    main_fd: AtomicI32::new(-1),
     service_fd: AtomicI32::new(-1),
     next_request_id: AtomicU64::new(1),
     socket_path: UnsafeCell::new([0u8; SOCKET_PATH_BYTES]),
@@ -152,11 +156,7 @@ pub fn space_size() -> u64 {
 pub fn forget_after_fork() {
     RT.attached.store(false, Ordering::Release);
     RT.detaching.store(true, Ordering::Release);
-    for slot in 0..CONNECTION_SLOTS {
-        let fd = RT.slot_fd[slot].swap(-1, Ordering::AcqRel);
-        sys::close(fd);
-        RT.slot_tid[slot].store(0, Ordering::Release);
-    }
+    close_connections();
     let service = RT.service_fd.swap(-1, Ordering::AcqRel);
     sys::close(service);
 }
@@ -229,16 +229,16 @@ fn hello(
     Ok(request_id)
 }
 
-/// Opens a `Thread` or `Service` connection of this process's session.
+/// Opens a `Thread` or `Service` connection of this process's session. An
+/// unreachable daemon is `CallError::Sys`: the caller decides whether that ends the
+/// process (a thread mid-run) or is an error to return (attach).
 fn open_session_connection(role: Role) -> Result<i32, CallError> {
-    let fd = match sys::connect_unix(socket_path()) {
-        Ok(fd) => fd,
-        Err(_) => daemon_gone("cannot connect"),
-    };
+    let fd = sys::connect_unix(socket_path()).map_err(CallError::Sys)?;
     let session = RT.session.load(Ordering::Acquire);
     let name = [0u8; gallocy_core::ipc::IPC_NAME_BYTES];
-    if hello(fd, role, session, false, name).is_err() {
-        daemon_gone("hello failed");
+    if let Err(e) = hello(fd, role, session, false, name) {
+        sys::close(fd);
+        return Err(CallError::Sys(e));
     }
     match receive(fd) {
         Ok((_, IpcMessage::Pong)) => Ok(fd),
@@ -319,7 +319,11 @@ fn thread_connection() -> Result<Connection, CallError> {
             }
         }
     }
-    let fd = open_session_connection(Role::Thread)?;
+    let fd = match open_session_connection(Role::Thread) {
+        Ok(fd) => fd,
+        Err(CallError::Sys(_)) => daemon_gone("cannot connect"),
+        Err(refused) => return Err(refused),
+    };
     for i in 0..CONNECTION_SLOTS {
         let slot = (start + i) % CONNECTION_SLOTS;
         let owner = RT.slot_tid[slot].load(Ordering::Acquire);
@@ -339,20 +343,15 @@ fn thread_connection() -> Result<Connection, CallError> {
     Ok(Connection::Temporary(fd))
 }
 
-fn register_connection(fd: i32) {
-    let tid = sys::gettid();
-    let start = slot_start(tid);
-    for i in 0..CONNECTION_SLOTS {
-        let slot = (start + i) % CONNECTION_SLOTS;
-        if RT.slot_tid[slot]
-            .compare_exchange(0, tid, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-        {
-            let old = RT.slot_fd[slot].swap(fd, Ordering::AcqRel);
-            sys::close(old);
-            return;
-        }
+/// Closes the thread connections and the `Main` connection (not the service one).
+fn close_connections() {
+    for slot in 0..CONNECTION_SLOTS {
+        let fd = RT.slot_fd[slot].swap(-1, Ordering::AcqRel);
+        sys::close(fd);
+        RT.slot_tid[slot].store(0, Ordering::Release);
     }
+    let main = RT.main_fd.swap(-1, Ordering::AcqRel);
+    sys::close(main);
 }
 
 /// One request, one reply, on this thread's connection.
@@ -682,43 +681,51 @@ pub fn attach(space: &[u8], create: bool) -> i32 {
         Err(gallocy_core::ipc::IpcDecodeError::Invalid)
     };
     let welcome = match decoded {
-        Ok((_, welcome @ IpcMessage::Welcome { .. })) => welcome,
-        Ok((_, IpcMessage::Error { code, detail })) => {
+        Ok((
+            _,
+            IpcMessage::Welcome {
+                session,
+                node,
+                base_addr,
+                size_bytes,
+                root_size_bytes,
+                chunk_size_bytes,
+                ..
+            },
+        )) => (
+            session,
+            node,
+            base_addr,
+            size_bytes,
+            root_size_bytes,
+            chunk_size_bytes,
+        ),
+        refused => {
+            // Whatever came instead of a welcome, nothing of it is kept.
             sys::close(main_fd);
             if let Some(fd) = memfd {
                 sys::close(fd);
             }
-            let error = CallError::Refused(code, detail);
-            return fail(errno_of(error), |m| {
-                m.str("attach to ").text(space).str(" refused: ");
-                describe(m, error);
-            });
-        }
-        Err(gallocy_core::ipc::IpcDecodeError::Version(theirs)) => {
-            sys::close(main_fd);
-            let error = CallError::Refused(ErrorCode::VersionMismatch, theirs as u64);
-            return fail(libc::EPROTO, |m| describe(m, error));
-        }
-        _ => {
-            sys::close(main_fd);
-            return fail(libc::EPROTO, |m| {
-                m.str("unexpected answer from the daemon at ")
-                    .text(path.to_bytes());
-            });
+            return match refused {
+                Ok((_, IpcMessage::Error { code, detail })) => {
+                    let error = CallError::Refused(code, detail);
+                    fail(errno_of(error), |m| {
+                        m.str("attach to ").text(space).str(" refused: ");
+                        describe(m, error);
+                    })
+                }
+                Err(gallocy_core::ipc::IpcDecodeError::Version(theirs)) => {
+                    let error = CallError::Refused(ErrorCode::VersionMismatch, theirs as u64);
+                    fail(libc::EPROTO, |m| describe(m, error))
+                }
+                _ => fail(libc::EPROTO, |m| {
+                    m.str("unexpected answer from the daemon at ")
+                        .text(path.to_bytes());
+                }),
+            };
         }
     };
-    let IpcMessage::Welcome {
-        session,
-        node,
-        base_addr,
-        size_bytes,
-        root_size_bytes,
-        chunk_size_bytes,
-        ..
-    } = welcome
-    else {
-        unreachable!("matched above")
-    };
+    let (session, node, base_addr, size_bytes, root_size_bytes, chunk_size_bytes) = welcome;
     let Some(memfd) = memfd else {
         sys::close(main_fd);
         return fail(libc::EPROTO, |m| {
@@ -764,7 +771,7 @@ pub fn attach(space: &[u8], create: bool) -> i32 {
     }
     // Publish now: the service connection below needs the session and socket path.
     RT.attached.store(true, Ordering::Release);
-    register_connection(main_fd);
+    RT.main_fd.store(main_fd, Ordering::Release);
     let service_fd = match open_session_connection(Role::Service) {
         Ok(fd) => fd,
         Err(error) => {
@@ -884,11 +891,7 @@ fn undo_attach() {
     if base != 0 {
         sys::unmap(base, size);
     }
-    for slot in 0..CONNECTION_SLOTS {
-        let fd = RT.slot_fd[slot].swap(-1, Ordering::AcqRel);
-        sys::close(fd);
-        RT.slot_tid[slot].store(0, Ordering::Release);
-    }
+    close_connections();
 }
 
 pub fn detach() -> i32 {
