@@ -95,45 +95,14 @@ pub fn up(
     }
     let mut started = Vec::new();
     for id in 1..=nodes {
-        let home = node_dir(&dir, id);
-        std::fs::create_dir_all(&home).map_err(|e| format!("create {}: {e}", home.display()))?;
-        let config = DaemonConfig {
-            node_id: id,
-            listen: PeerAddr::Unix(home.join("peer.sock")),
-            peers: peers.clone(),
-            app_socket: home.join("app.sock"),
-            runtime_dir: home.clone(),
-            app_group: None,
-            space: space.clone(),
-            log: log.to_string(),
-            revoke_timeout_ms: crate::config::DEFAULT_REVOKE_TIMEOUT_MS,
-        };
-        let config_path = home.join("gallocyd.toml");
-        std::fs::write(&config_path, config.to_toml())
-            .map_err(|e| format!("write {}: {e}", config_path.display()))?;
-        let log_file = std::fs::File::create(home.join("gallocyd.log"))
-            .map_err(|e| format!("create log: {e}"))?;
-        let mut command = Command::new(gallocyd);
-        command
-            .arg("--config")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log_file);
-        // Its own session: the daemon outlives this command and its terminal.
-        // SAFETY: setsid is async-signal-safe and touches no memory of ours.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
-                libc::setsid();
-                Ok(())
-            });
+        match start_daemon(&dir, id, &peers, &space, log, gallocyd) {
+            Ok(child) => started.push((id, child)),
+            Err(why) => {
+                // Leave nothing half-started behind.
+                let _ = down(&dir);
+                return Err(why);
+            }
         }
-        let child = command
-            .spawn()
-            .map_err(|e| format!("start {}: {e}", gallocyd.display()))?;
-        std::fs::write(home.join("gallocyd.pid"), child.id().to_string())
-            .map_err(|e| format!("write pid file: {e}"))?;
-        started.push((id, child));
     }
     let deadline = Instant::now() + LEADER_TIMEOUT;
     loop {
@@ -166,6 +135,60 @@ pub fn up(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Writes node `id`'s configuration and starts its daemon.
+fn start_daemon(
+    dir: &Path,
+    id: u64,
+    peers: &[PeerConfig],
+    space: &SpaceDefaults,
+    log: &str,
+    gallocyd: &Path,
+) -> Result<std::process::Child, String> {
+    let home = node_dir(dir, id);
+    std::fs::create_dir_all(&home).map_err(|e| format!("create {}: {e}", home.display()))?;
+    let config = DaemonConfig {
+        node_id: id,
+        listen: PeerAddr::Unix(home.join("peer.sock")),
+        peers: peers.to_vec(),
+        app_socket: home.join("app.sock"),
+        runtime_dir: home.clone(),
+        app_group: None,
+        space: space.clone(),
+        log: log.to_string(),
+        revoke_timeout_ms: crate::config::DEFAULT_REVOKE_TIMEOUT_MS,
+    };
+    let config_path = home.join("gallocyd.toml");
+    std::fs::write(&config_path, config.to_toml())
+        .map_err(|e| format!("write {}: {e}", config_path.display()))?;
+    let log_file =
+        std::fs::File::create(home.join("gallocyd.log")).map_err(|e| format!("create log: {e}"))?;
+    let mut command = Command::new(gallocyd);
+    command
+        .arg("--config")
+        .arg(&config_path)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log_file);
+    // Its own session: the daemon outlives this command and its terminal.
+    // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("start {}: {e}", gallocyd.display()))?;
+    if let Err(e) = std::fs::write(home.join("gallocyd.pid"), child.id().to_string()) {
+        // Without its pid file `down` cannot find it: stop it here.
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(format!("write pid file: {e}"));
+    }
+    Ok(child)
 }
 
 /// Stops every daemon of the cluster in `dir` and removes its sockets and pid files.

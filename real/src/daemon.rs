@@ -145,11 +145,27 @@ struct Session {
     granted: BTreeMap<u64, Access>,
     /// Grants sent but not yet applied by the faulting thread, per page.
     granting: BTreeMap<u64, u32>,
-    /// Revocations held back until the grants in flight for that page are applied:
-    /// (page, access, node token or 0).
-    deferred: Vec<(u64, Access, u64)>,
-    /// Since when revocations have been held back (None: none are).
-    deferred_since: Option<Instant>,
+    /// Revocations held back until the grants in flight for that page are applied.
+    deferred: Vec<DeferredRevoke>,
+}
+
+/// A revocation held back behind a grant in flight.
+struct DeferredRevoke {
+    page_index: u64,
+    access: Access,
+    /// The node's revocation waiting for it, or 0.
+    node_token: u64,
+    /// When it was held back: the revocation timeout counts from here.
+    since: Instant,
+}
+
+/// A revocation sent to a process's service thread, until it answers.
+struct ServiceRevoke {
+    session: u64,
+    page_index: u64,
+    access: Access,
+    node_token: u64,
+    sent_at: Instant,
 }
 
 enum Pending {
@@ -216,10 +232,8 @@ pub struct Daemon {
     revokes: BTreeMap<u64, RevokeWait>,
     fault_groups: BTreeMap<u64, FaultGroup>,
     next_fault_group: u64,
-    /// Service-thread revocation token → (session, page, access, node token or 0).
-    service_tokens: BTreeMap<u64, (u64, u64, Access, u64)>,
-    /// When each service token was sent (for the revocation timeout).
-    service_sent_at: BTreeMap<u64, Instant>,
+    /// Revocations sent to service threads, by service token.
+    service_revokes: BTreeMap<u64, ServiceRevoke>,
     next_service_token: u64,
     counters: Counters,
     uid: u32,
@@ -331,8 +345,7 @@ impl Daemon {
             revokes: BTreeMap::new(),
             fault_groups: BTreeMap::new(),
             next_fault_group: 1,
-            service_tokens: BTreeMap::new(),
-            service_sent_at: BTreeMap::new(),
+            service_revokes: BTreeMap::new(),
             next_service_token: 1,
             counters: Counters::default(),
             actions: Vec::new(),
@@ -404,15 +417,15 @@ impl Daemon {
     fn stop_unresponsive_processes(&mut self) {
         let timeout = Duration::from_millis(self.config.revoke_timeout_ms);
         let mut stalled: BTreeSet<u64> = self
-            .service_sent_at
-            .iter()
-            .filter(|(_, sent)| sent.elapsed() > timeout)
-            .filter_map(|(token, _)| self.service_tokens.get(token).map(|v| v.0))
+            .service_revokes
+            .values()
+            .filter(|r| r.sent_at.elapsed() > timeout)
+            .map(|r| r.session)
             .collect();
         stalled.extend(
             self.sessions
                 .iter()
-                .filter(|(_, s)| s.deferred_since.is_some_and(|t| t.elapsed() > timeout))
+                .filter(|(_, s)| s.deferred.iter().any(|d| d.since.elapsed() > timeout))
                 .map(|(&id, _)| id),
         );
         for session in stalled {
@@ -435,11 +448,8 @@ impl Daemon {
             for token in conns {
                 self.close(token, "killed: revocation timeout");
             }
-            // If the main connection was already gone, end the session anyway.
-            if self.sessions.contains_key(&session) {
-                let main = self.sessions[&session].main;
-                self.detach_conn(session, main);
-            }
+            // Closing the main connection ended the session.
+            debug_assert!(!self.sessions.contains_key(&session));
         }
     }
 
@@ -911,7 +921,6 @@ impl Daemon {
             Some(Conn::App(conn)) => (conn.role, conn.pid),
             _ => return,
         };
-        let error = |code| IpcMessage::Error { code, detail: 0 };
         match (role, message) {
             (
                 None,
@@ -923,7 +932,7 @@ impl Daemon {
                 },
             ) => {
                 let Ok(name) = std::str::from_utf8(name_from_field(&name)) else {
-                    return self.reply(token, request_id, error(ErrorCode::InvalidArgument));
+                    return self.reply(token, request_id, refusal(ErrorCode::InvalidArgument));
                 };
                 let name = name.to_string();
                 if let Some(layout) = self.node.meta().space_by_name(&name).cloned() {
@@ -962,10 +971,10 @@ impl Daemon {
                 },
             ) => {
                 let Some(state) = self.sessions.get_mut(&session) else {
-                    return self.reply(token, request_id, error(ErrorCode::UnknownSession));
+                    return self.reply(token, request_id, refusal(ErrorCode::UnknownSession));
                 };
                 if state.pid != pid {
-                    return self.reply(token, request_id, error(ErrorCode::PermissionDenied));
+                    return self.reply(token, request_id, refusal(ErrorCode::PermissionDenied));
                 }
                 state.conns.insert(token);
                 if role == Role::Service {
@@ -1009,7 +1018,11 @@ impl Daemon {
                     token: service_token,
                 },
             ) => {
-                self.on_revoke_done(service_token);
+                // Only the session the revocation went to may answer it.
+                let sent_to = self.service_revokes.get(&service_token).map(|r| r.session);
+                if sent_to.is_some() && sent_to == self.session_of(token) {
+                    self.on_revoke_done(service_token);
+                }
             }
             (Some(_), IpcMessage::GrantApplied { page_addr, pages }) => {
                 if let Some(session) = self.session_of(token) {
@@ -1026,7 +1039,7 @@ impl Daemon {
             }
             (Some(Role::Main | Role::Thread | Role::Service), request) => {
                 let Some(session) = self.session_of(token) else {
-                    return self.reply(token, request_id, error(ErrorCode::NotAttached));
+                    return self.reply(token, request_id, refusal(ErrorCode::NotAttached));
                 };
                 let space = self.sessions[&session].space;
                 let request = match request {
@@ -1045,7 +1058,7 @@ impl Daemon {
                         self.flush(token);
                         return self.close(token, "detached");
                     }
-                    _ => return self.reply(token, request_id, error(ErrorCode::BadFrame)),
+                    _ => return self.reply(token, request_id, refusal(ErrorCode::BadFrame)),
                 };
                 let app_token = self.next_app_token;
                 self.next_app_token += 1;
@@ -1059,29 +1072,28 @@ impl Daemon {
                 self.node.handle_request(self.now_ms, app_token, request);
                 self.process_actions();
             }
-            _ => self.reply(token, request_id, error(ErrorCode::NotAttached)),
+            _ => self.reply(token, request_id, refusal(ErrorCode::NotAttached)),
         }
     }
 
     fn fault_range(&mut self, token: Token, request_id: u64, addr: u64, write: bool, pages: u32) {
-        let error = |code| IpcMessage::Error { code, detail: 0 };
         let Some(session) = self.session_of(token) else {
-            return self.reply(token, request_id, error(ErrorCode::NotAttached));
+            return self.reply(token, request_id, refusal(ErrorCode::NotAttached));
         };
         let state = &self.sessions[&session];
         if state.service.is_none() {
-            return self.reply(token, request_id, error(ErrorCode::NotAttached));
+            return self.reply(token, request_id, refusal(ErrorCode::NotAttached));
         }
         let space = state.space;
         let Some(layout) = self.node.meta().spaces.get(&space) else {
-            return self.reply(token, request_id, error(ErrorCode::UnknownSpace));
+            return self.reply(token, request_id, refusal(ErrorCode::UnknownSpace));
         };
         let Some(first) = layout.page_of(addr) else {
-            return self.reply(token, request_id, error(ErrorCode::InvalidArgument));
+            return self.reply(token, request_id, refusal(ErrorCode::InvalidArgument));
         };
         if pages == 0 || pages > MAX_FAULT_PAGES || first.index + pages as u64 > layout.page_count()
         {
-            return self.reply(token, request_id, error(ErrorCode::InvalidArgument));
+            return self.reply(token, request_id, refusal(ErrorCode::InvalidArgument));
         }
         let first_page_addr = layout.page_addr(first.index);
         let group = self.next_fault_group;
@@ -1143,10 +1155,7 @@ impl Daemon {
                 group.error.get_or_insert(error_message(e));
             }
             _ => {
-                group.error.get_or_insert(IpcMessage::Error {
-                    code: ErrorCode::Internal,
-                    detail: 0,
-                });
+                group.error.get_or_insert(refusal(ErrorCode::Internal));
             }
         }
         if group.remaining > 0 {
@@ -1180,16 +1189,17 @@ impl Daemon {
     }
 
     fn welcome(&mut self, token: Token, request_id: u64, pid: i32, layout: SpaceLayout) {
+        match self.conns.get(&token) {
+            Some(Conn::App(conn)) if conn.session.is_none() => {}
+            // A second Main hello on one connection: one connection, one session.
+            Some(Conn::App(_)) => {
+                return self.reply(token, request_id, refusal(ErrorCode::BadFrame))
+            }
+            _ => return,
+        }
         if self.space_memory(layout.id).is_none() {
             warn!("cannot back space {}", layout.name);
-            return self.reply(
-                token,
-                request_id,
-                IpcMessage::Error {
-                    code: ErrorCode::Internal,
-                    detail: 0,
-                },
-            );
+            return self.reply(token, request_id, refusal(ErrorCode::Internal));
         }
         let session = self.next_session;
         self.next_session += 1;
@@ -1204,11 +1214,10 @@ impl Daemon {
                 granted: BTreeMap::new(),
                 granting: BTreeMap::new(),
                 deferred: Vec::new(),
-                deferred_since: None,
             },
         );
         let Some(Conn::App(conn)) = self.conns.get_mut(&token) else {
-            return;
+            unreachable!("checked above");
         };
         conn.role = Some(Role::Main);
         conn.session = Some(session);
@@ -1260,9 +1269,9 @@ impl Daemon {
         }
         info!(pid = session.pid, session = session_id, "process detached");
         let tokens: Vec<u64> = self
-            .service_tokens
+            .service_revokes
             .iter()
-            .filter(|(_, v)| v.0 == session_id)
+            .filter(|(_, r)| r.session == session_id)
             .map(|(&t, _)| t)
             .collect();
         for token in tokens {
@@ -1355,14 +1364,7 @@ impl Daemon {
             } => match reply {
                 AppReply::Space(layout) => self.welcome(conn, request_id, pid, layout),
                 AppReply::Error(e) => self.reply(conn, request_id, error_message(e)),
-                _ => self.reply(
-                    conn,
-                    request_id,
-                    IpcMessage::Error {
-                        code: ErrorCode::Internal,
-                        detail: 0,
-                    },
-                ),
+                _ => self.reply(conn, request_id, refusal(ErrorCode::Internal)),
             },
             Pending::Request { conn, request_id } => {
                 let message = match reply {
@@ -1373,15 +1375,9 @@ impl Daemon {
                     AppReply::Leased { addr, size_bytes } => {
                         IpcMessage::Leased { addr, size_bytes }
                     }
-                    AppReply::Granted { .. } => IpcMessage::Error {
-                        code: ErrorCode::Internal,
-                        detail: 0,
-                    },
+                    AppReply::Granted { .. } => refusal(ErrorCode::Internal),
                     AppReply::Error(e) => error_message(e),
-                    AppReply::Space(_) => IpcMessage::Error {
-                        code: ErrorCode::Internal,
-                        detail: 0,
-                    },
+                    AppReply::Space(_) => refusal(ErrorCode::Internal),
                 };
                 self.reply(conn, request_id, message);
             }
@@ -1414,8 +1410,12 @@ impl Daemon {
         for &session in &targets {
             let state = self.sessions.get_mut(&session).expect("listed");
             if state.granting.get(&page.index).copied().unwrap_or(0) > 0 {
-                state.deferred.push((page.index, access, node_token));
-                state.deferred_since.get_or_insert_with(Instant::now);
+                state.deferred.push(DeferredRevoke {
+                    page_index: page.index,
+                    access,
+                    node_token,
+                    since: Instant::now(),
+                });
             } else {
                 self.send_revoke(session, page.index, access, node_token);
             }
@@ -1440,9 +1440,16 @@ impl Daemon {
         let addr = layout.page_addr(page_index);
         let service_token = self.next_service_token;
         self.next_service_token += 1;
-        self.service_tokens
-            .insert(service_token, (session, page_index, access, node_token));
-        self.service_sent_at.insert(service_token, Instant::now());
+        self.service_revokes.insert(
+            service_token,
+            ServiceRevoke {
+                session,
+                page_index,
+                access,
+                node_token,
+                sent_at: Instant::now(),
+            },
+        );
         self.counters.revocations_sent += 1;
         self.reply(
             service,
@@ -1475,12 +1482,15 @@ impl Daemon {
         let (ready, rest): (Vec<_>, Vec<_>) = state
             .deferred
             .drain(..)
-            .partition(|&(index, _, _)| index == page.index);
+            .partition(|d| d.page_index == page.index);
         state.deferred = rest;
-        if state.deferred.is_empty() {
-            state.deferred_since = None;
-        }
-        for (index, access, node_token) in ready {
+        for DeferredRevoke {
+            page_index: index,
+            access,
+            node_token,
+            ..
+        } in ready
+        {
             let still_above = self.sessions[&session]
                 .granted
                 .get(&index)
@@ -1496,12 +1506,16 @@ impl Daemon {
     }
 
     fn on_revoke_done(&mut self, service_token: u64) {
-        let Some((session, page_index, access, node_token)) =
-            self.service_tokens.remove(&service_token)
+        let Some(ServiceRevoke {
+            session,
+            page_index,
+            access,
+            node_token,
+            ..
+        }) = self.service_revokes.remove(&service_token)
         else {
             return;
         };
-        self.service_sent_at.remove(&service_token);
         if let Some(state) = self.sessions.get_mut(&session) {
             if let Some(granted) = state.granted.get_mut(&page_index) {
                 *granted = (*granted).min(access);
@@ -1645,6 +1659,11 @@ fn drain(
         }
     }
     Ok(())
+}
+
+/// A refusal with no detail.
+fn refusal(code: ErrorCode) -> IpcMessage {
+    IpcMessage::Error { code, detail: 0 }
 }
 
 fn error_message(error: AppError) -> IpcMessage {
