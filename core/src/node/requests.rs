@@ -140,7 +140,9 @@ impl Node {
             let layout = self.meta.spaces[&space].clone();
             let need = head.size_bytes.saturating_add(head.align_bytes);
             let count = need.div_ceil(layout.chunk_size_bytes).max(1);
-            if count > layout.chunk_count() {
+            // A lease the metadata would reject is refused here, for this request
+            // only (a rejected lease fails every allocation waiting on it).
+            if count > layout.chunk_count() || count > crate::meta::MAX_CHUNKS_PER_LEASE as u64 {
                 self.pending_allocations
                     .get_mut(&space)
                     .expect("present")
@@ -168,6 +170,8 @@ impl Node {
                         .expect("present")
                         .pop_front();
                     self.reply_error(head.token, error);
+                    // No lease is in flight to wake the rest: serve the next head now.
+                    continue;
                 }
             }
             if !self.mutant(Mutant::ReplyBeforeCommit) {
