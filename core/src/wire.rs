@@ -178,25 +178,6 @@ const KIND_FREE_REPLY: u8 = 10;
 const KIND_LEASE_REQUEST: u8 = 11;
 const KIND_LEASE_GRANT: u8 = 12;
 
-impl PeerMessage {
-    pub fn kind_name(&self) -> &'static str {
-        match self {
-            PeerMessage::Raft(_) => "raft",
-            PeerMessage::PageRequest { .. } => "page-request",
-            PeerMessage::PageGrant { .. } => "page-grant",
-            PeerMessage::PageDenied { .. } => "page-denied",
-            PeerMessage::Invalidate { .. } => "invalidate",
-            PeerMessage::InvalidateAck { .. } => "invalidate-ack",
-            PeerMessage::Recall { .. } => "recall",
-            PeerMessage::RecallAck { .. } => "recall-ack",
-            PeerMessage::FreeRequest { .. } => "free-request",
-            PeerMessage::FreeReply { .. } => "free-reply",
-            PeerMessage::LeaseRequest { .. } => "lease-request",
-            PeerMessage::LeaseGrant { .. } => "lease-grant",
-        }
-    }
-}
-
 fn put_page(w: &mut Writer, page: PageId) {
     w.u32(page.space);
     w.u64(page.index);

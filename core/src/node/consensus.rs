@@ -158,9 +158,17 @@ impl Node {
                     continue;
                 }
             };
+            let was_up = match proposal.command {
+                Command::MarkDown { node } => self.meta.is_up(node),
+                _ => false,
+            };
             let outcome = self.meta.apply(&proposal);
+            // On the Up→Down transition only: a retried or second leader's MarkDown
+            // must not postpone the void or rescan the directory again.
             if let Command::MarkDown { node } = proposal.command {
-                self.on_node_down(node);
+                if was_up && !self.meta.is_up(node) {
+                    self.on_node_down(node);
+                }
             }
             if proposal.origin == self.config.id {
                 if let Some(pending) = self.proposals.remove(&proposal.proposal_id) {

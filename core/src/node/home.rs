@@ -199,11 +199,9 @@ impl Node {
             return;
         }
         self.busy.remove(&page_id);
+        // A lost page has no transaction and an empty queue: losing it drained both.
+        debug_assert!(!entry.lost || entry.queue.is_empty());
         if let Some(next) = entry.queue.pop_front() {
-            if entry.lost {
-                self.deny_queue(page_id);
-                return;
-            }
             self.home_start(page_id, next);
         }
     }

@@ -22,9 +22,7 @@ use crate::alloc::ExtentAllocator;
 use crate::codec::DecodeError;
 use crate::dedupe::{Dedupe, Seen};
 use crate::meta::{Command, MetaState, Outcome, Proposal, MAX_PROPOSALS_IN_FLIGHT};
-use crate::types::{
-    align_up, Access, NodeId, PageBytes, PageId, SpaceId, SpaceLayout, PAGE_SIZE_BYTES,
-};
+use crate::types::{Access, NodeId, PageBytes, PageId, SpaceId, SpaceLayout, PAGE_SIZE_BYTES};
 use crate::wire::{Envelope, FreeOutcome, PageDenial, PeerMessage};
 
 mod consensus;
@@ -195,23 +193,6 @@ pub enum AppError {
     Evicted,
     /// Too many requests in flight; retry later.
     Busy,
-}
-
-impl AppError {
-    pub fn describe(&self) -> String {
-        match self {
-            AppError::UnknownSpace => "unknown space".into(),
-            AppError::SpaceRejected(why) => format!("space rejected: {why}"),
-            AppError::InvalidArgument(why) => format!("invalid argument: {why}"),
-            AppError::OutOfMemory => "out of memory: the space has no free chunk".into(),
-            AppError::InvalidFree => "invalid free (double free or not an allocated block)".into(),
-            AppError::NotMapped => "address is not in any leased chunk".into(),
-            AppError::PageLost => "page lost: its only copy was on a node that is down".into(),
-            AppError::NodeDown(node) => format!("node {node} that owns the block is down"),
-            AppError::Evicted => "this node was declared down by the cluster".into(),
-            AppError::Busy => "too many requests in flight".into(),
-        }
-    }
 }
 
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -451,16 +432,6 @@ impl DirEntry {
     }
 }
 
-/// A snapshot of one page's directory entry, for checkers and status.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DirectoryView {
-    pub version: u64,
-    pub writer: Option<NodeId>,
-    pub readers: Vec<NodeId>,
-    pub lost: bool,
-    pub busy: bool,
-}
-
 // ---------------------------------------------------------------------------------
 
 #[derive(Clone, Debug)]
@@ -683,25 +654,6 @@ impl Node {
     pub fn allocator(&self, space: SpaceId) -> Option<&ExtentAllocator> {
         self.allocators.get(&space)
     }
-    /// What the home granted this node for `page` (before fencing masks it).
-    pub fn held(&self, page: PageId) -> Access {
-        self.pages.get(&page).map_or(Access::None, |p| p.held)
-    }
-    /// What the applications of this node may do with `page` right now.
-    pub fn app_access(&self, page: PageId) -> Access {
-        self.pages
-            .get(&page)
-            .map_or(Access::None, |p| self.page_access(p))
-    }
-    pub fn directory_view(&self, page: PageId) -> Option<DirectoryView> {
-        self.directory.get(&page).map(|e| DirectoryView {
-            version: e.version,
-            writer: e.writer,
-            readers: e.readers.iter().copied().collect(),
-            lost: e.lost,
-            busy: e.txn.is_some(),
-        })
-    }
     /// Pages this node holds, with their access.
     pub fn held_pages(&self) -> impl Iterator<Item = (PageId, Access)> + '_ {
         self.pages
@@ -711,10 +663,6 @@ impl Node {
     }
     pub fn directory_len(&self) -> usize {
         self.directory.len()
-    }
-    /// Application requests not yet answered.
-    pub fn pending_app_requests(&self) -> usize {
-        self.pending_app_requests
     }
 
     pub fn drain_actions(&mut self, out: &mut Vec<Action>) {
@@ -1054,9 +1002,4 @@ enum Mutant {
     AcceptStaleGrant,
     SkipVersionBump,
     ReplyBeforeCommit,
-}
-
-/// Rounds an allocation the way the node's allocator does (for clients that size ahead).
-pub fn allocation_size(size_bytes: u64) -> Option<u64> {
-    align_up(size_bytes.max(1), crate::types::MIN_ALIGN_BYTES)
 }
