@@ -17,6 +17,9 @@ pub struct ExtentAllocator {
     free: BTreeMap<u64, u64>,
     /// Live blocks: start → length.
     live: BTreeMap<u64, u64>,
+    /// Reserved ranges (the root block): start → length. Never freed, so a `free` of
+    /// them is refused like any other address that is not a live block.
+    reserved: BTreeMap<u64, u64>,
     /// Address ranges handed to this allocator (leased chunks): start → length.
     regions: BTreeMap<u64, u64>,
     pub live_bytes: u64,
@@ -48,7 +51,8 @@ impl ExtentAllocator {
         if start + len > free_start + free_len {
             return false;
         }
-        self.take(free_start, free_len, start, len);
+        self.carve(free_start, free_len, start, len);
+        self.reserved.insert(start, len);
         true
     }
 
@@ -104,7 +108,17 @@ impl ExtentAllocator {
         Some(aligned)
     }
 
+    /// Carves a live block out of the free extent at `free_start`.
     fn take(&mut self, free_start: u64, free_len: u64, start: u64, len: u64) {
+        self.carve(free_start, free_len, start, len);
+        let previous = self.live.insert(start, len);
+        assert!(previous.is_none(), "live block carved twice at {start:#x}");
+        self.live_bytes += len;
+    }
+
+    /// Removes `[start, start+len)` from the free extent at `free_start`, keeping the rest.
+    fn carve(&mut self, free_start: u64, free_len: u64, start: u64, len: u64) {
+        debug_assert!(free_start <= start && start + len <= free_start + free_len);
         self.free.remove(&free_start);
         if start > free_start {
             self.free.insert(free_start, start - free_start);
@@ -114,9 +128,6 @@ impl ExtentAllocator {
         if end < free_end {
             self.free.insert(end, free_end - end);
         }
-        let previous = self.live.insert(start, len);
-        assert!(previous.is_none(), "live block carved twice at {start:#x}");
-        self.live_bytes += len;
     }
 
     /// Frees the block starting at `addr`; returns its size.
@@ -159,6 +170,7 @@ impl ExtentAllocator {
         let mut spans: Vec<(u64, u64, &str)> = Vec::new();
         spans.extend(self.free.iter().map(|(&s, &l)| (s, l, "free")));
         spans.extend(self.live.iter().map(|(&s, &l)| (s, l, "live")));
+        spans.extend(self.reserved.iter().map(|(&s, &l)| (s, l, "reserved")));
         spans.sort();
         for pair in spans.windows(2) {
             let (a, b) = (pair[0], pair[1]);

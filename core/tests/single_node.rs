@@ -78,3 +78,30 @@ fn single_node_allocates_small_and_large_blocks_and_faults_locally() {
         "{got:?}"
     );
 }
+
+#[test]
+fn the_root_block_cannot_be_freed() {
+    let mut node = Node::new(Config::new(1, vec![1])).unwrap();
+    node.tick(1);
+    let space = create_space(&mut node);
+    // Every process publishes pointers in the root block: freeing it would hand it out
+    // again while they still use it.
+    node.handle_request(
+        2,
+        7,
+        AppRequest::Free {
+            space,
+            addr: 0x1000_0000_0000,
+        },
+    );
+    let got = replies(&mut node);
+    assert!(
+        matches!(
+            got.as_slice(),
+            [(7, AppReply::Error(gallocy_core::AppError::InvalidFree))]
+        ),
+        "{got:?}"
+    );
+    let allocator = node.allocator(space).expect("the creator carves chunk 0");
+    allocator.check_invariants().unwrap();
+}
