@@ -1,4 +1,4 @@
-//! The in-process allocator: chunks leased in bulk (from the daemon, or from a private
+//! The in-process allocator: chunks leased on demand (from the daemon, or from a private
 //! mapping in fallback mode) carved locally into size classes, with one heap per
 //! thread. Steady-state malloc and free do no IPC and no system call.
 //!

@@ -363,7 +363,8 @@ impl Daemon {
         while !SHUTDOWN.load(Ordering::SeqCst) {
             // Poll without sleeping for a short while after activity: a sleeping vCPU
             // takes tens of microseconds to wake on this kind of VM, which would
-            // dominate a request's latency. Idle, the loop sleeps (1 ms ticks).
+            // dominate a request's latency. Idle, it sleeps up to IDLE_WAIT; node time is
+            // whole milliseconds since start, so one wake-up may advance it several ticks.
             let timeout = if last_event.elapsed() < BUSY_POLL {
                 // Other processes (applications, other daemons) may need this CPU.
                 std::thread::yield_now();

@@ -55,8 +55,9 @@ pub fn in_private_space(addr: u64) -> bool {
     base != 0 && addr >= base && addr - base < PRIVATE_SIZE.load(Ordering::Acquire)
 }
 
-/// The parent waits on this pipe until the child has copied the space: the copy must
-/// be the memory as it was at fork, not as the parent changes it afterwards.
+/// The forking thread waits on this pipe until the child has copied the space, so that
+/// thread's later writes are not in the copy. Other threads of the parent (and other
+/// nodes) may still write before the copy is taken (docs/preload.md).
 static HANDSHAKE_READ: AtomicI32 = AtomicI32::new(-1);
 static HANDSHAKE_WRITE: AtomicI32 = AtomicI32::new(-1);
 
