@@ -150,6 +150,29 @@ fn main() {
         ours_py,
         ours_py / plain_py
     );
+    // The same heap on private chunks, no daemon: separates the allocator's cost from
+    // the daemon path's.
+    let local_py = wall(&|| {
+        let mut c = Command::new("python3");
+        c.args(["-c", py])
+            .env("LD_PRELOAD", target_dir().join("libgallocy_preload.so"))
+            .env("GALLOCY_FALLBACK", "local")
+            .env_remove("GALLOCY_SOCKET");
+        c
+    });
+    println!(
+        "{:<40} plain {:>7.3}  local   {:>7.3}  ratio {:.2}x",
+        "python3, GALLOCY_FALLBACK=local",
+        plain_py,
+        local_py,
+        local_py / plain_py
+    );
+    // What `gallocy run` costs by itself: starting and stopping the 1-node cluster.
+    let startup = wall(&|| gallocy(&["true"]));
+    println!(
+        "{:<40} {startup:>7.3} s",
+        "gallocy run -- true (start-up alone)"
+    );
     let plain_sql = wall(&|| {
         let _ = std::fs::remove_file(&db);
         let mut c = Command::new("sqlite3");
