@@ -244,16 +244,12 @@ impl Node {
             self.send(from, PeerMessage::InvalidateAck { page: page_id, seq });
             return;
         }
-        let token = self.next_revoke_token;
-        self.next_revoke_token += 1;
-        page.revoke = Some((token, RevokeReply::InvalidateAck { seq }));
-        self.revokes.insert(token, page_id);
-        self.actions.push(Action::Revoke {
-            page: page_id,
-            access: Access::None,
-            token,
-            want_bytes: false,
-        });
+        self.start_revoke(
+            page_id,
+            RevokeReply::InvalidateAck { seq },
+            Access::None,
+            false,
+        );
         if ack_early {
             self.send(from, PeerMessage::InvalidateAck { page: page_id, seq });
         }
@@ -328,21 +324,42 @@ impl Node {
             );
             return;
         }
-        let token = self.next_revoke_token;
-        self.next_revoke_token += 1;
-        page.revoke = Some((token, RevokeReply::RecallAck { seq, with_bytes }));
-        let validated = page.validated;
-        self.revokes.insert(token, page_id);
-        let access = if validated {
+        let access = if page.validated {
             self.effective(to)
         } else {
             Access::None
         };
+        self.start_revoke(
+            page_id,
+            RevokeReply::RecallAck { seq, with_bytes },
+            access,
+            with_bytes,
+        );
+    }
+
+    /// Asks the driver to lower the applications' access to `page_id`; `reply` is sent
+    /// to the home once it has (`handle_revoke_done`).
+    fn start_revoke(
+        &mut self,
+        page_id: PageId,
+        reply: RevokeReply,
+        access: Access,
+        want_bytes: bool,
+    ) {
+        let token = self.next_revoke_token;
+        self.next_revoke_token += 1;
+        let page = self
+            .pages
+            .get_mut(&page_id)
+            .expect("revoked pages are known");
+        debug_assert!(page.revoke.is_none(), "one revocation per page at a time");
+        page.revoke = Some((token, reply));
+        self.revokes.insert(token, page_id);
         self.actions.push(Action::Revoke {
             page: page_id,
             access,
             token,
-            want_bytes: with_bytes,
+            want_bytes,
         });
     }
 
