@@ -295,14 +295,8 @@ impl Node {
         }
         self.fenced = !in_contact;
         if self.fenced {
-            let held: Vec<PageId> = self.held_pages().map(|(page, _)| page).collect();
-            for page in held {
-                self.pages.get_mut(&page).expect("held").validated = false;
-                self.actions.push(Action::SetAccess {
-                    page,
-                    access: Access::None,
-                });
-            }
+            // Fenced pages must be revalidated before the applications see them again.
+            self.mask_held_pages(true);
         } else {
             // Metadata could not arrive while fenced: give waiting requests a full wait.
             let deadline_tick = self.now_ticks + self.config.metadata_wait_ticks;
@@ -354,18 +348,27 @@ impl Node {
         }
     }
 
-    pub(super) fn evict_self(&mut self) {
-        if self.evicted {
-            return;
-        }
-        self.evicted = true;
-        let held: Vec<PageId> = self.held_pages().map(|(p, _)| p).collect();
+    /// Takes the applications' access to every page this node holds (the node keeps
+    /// what it holds); `unvalidate` also marks each page as needing revalidation.
+    fn mask_held_pages(&mut self, unvalidate: bool) {
+        let held: Vec<PageId> = self.held_pages().map(|(page, _)| page).collect();
         for page in held {
+            if unvalidate {
+                self.pages.get_mut(&page).expect("held").validated = false;
+            }
             self.actions.push(Action::SetAccess {
                 page,
                 access: Access::None,
             });
         }
+    }
+
+    pub(super) fn evict_self(&mut self) {
+        if self.evicted {
+            return;
+        }
+        self.evicted = true;
+        self.mask_held_pages(false);
         let waiting: Vec<PageId> = self.pages.keys().copied().collect();
         for page in waiting {
             self.fail_local_page(page, AppError::Evicted);

@@ -205,6 +205,15 @@ pub enum AppReply {
     Error(AppError),
 }
 
+impl From<FreeOutcome> for AppReply {
+    fn from(outcome: FreeOutcome) -> AppReply {
+        match outcome {
+            FreeOutcome::Freed => AppReply::Freed,
+            FreeOutcome::InvalidFree => AppReply::Error(AppError::InvalidFree),
+        }
+    }
+}
+
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub enum Action {
     /// Send a frame to a peer (`Envelope::encode`).

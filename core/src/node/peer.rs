@@ -414,10 +414,6 @@ impl Node {
             return;
         }
         let free = self.remote_frees.remove(&request_id).expect("checked");
-        let reply = match outcome {
-            FreeOutcome::Freed => AppReply::Freed,
-            FreeOutcome::InvalidFree => AppReply::Error(AppError::InvalidFree),
-        };
-        self.reply(free.token, reply);
+        self.reply(free.token, AppReply::from(outcome));
     }
 }

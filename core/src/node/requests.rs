@@ -216,13 +216,7 @@ impl Node {
         };
         if record.lessee == self.config.id {
             let outcome = self.free_local(space, addr);
-            self.reply(
-                token,
-                match outcome {
-                    FreeOutcome::Freed => AppReply::Freed,
-                    FreeOutcome::InvalidFree => AppReply::Error(AppError::InvalidFree),
-                },
-            );
+            self.reply(token, AppReply::from(outcome));
             return;
         }
         if !self.meta.is_up(record.lessee) {
