@@ -21,18 +21,24 @@ pub fn app_socket(dir: &Path, id: u64) -> PathBuf {
 
 /// The `gallocyd` next to the running executable, or `$GALLOCYD`.
 pub fn gallocyd_path() -> Result<PathBuf, String> {
-    if let Some(path) = std::env::var_os("GALLOCYD") {
+    find_beside_exe("GALLOCYD", "gallocyd")
+}
+
+/// A file installed with this executable: `$env_var` if set, else `file_name` in the
+/// executable's directory or its parent (cargo puts test binaries in `deps/`).
+pub fn find_beside_exe(env_var: &str, file_name: &str) -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os(env_var) {
         return Ok(PathBuf::from(path));
     }
     let exe = std::env::current_exe().map_err(|e| format!("current executable: {e}"))?;
     let dir = exe.parent().ok_or("executable has no directory")?;
-    for candidate in [dir.join("gallocyd"), dir.join("../gallocyd")] {
+    for candidate in [dir.join(file_name), dir.join("..").join(file_name)] {
         if candidate.exists() {
             return Ok(candidate);
         }
     }
     Err(format!(
-        "gallocyd not found next to {} (build it with cargo build --release, or set GALLOCYD)",
+        "{file_name} not found next to {} (cargo build --release builds it, or set {env_var})",
         exe.display()
     ))
 }

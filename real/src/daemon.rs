@@ -950,17 +950,14 @@ impl Daemon {
                 } else {
                     AppRequest::LookupSpace { name }
                 };
-                let app_token = self.next_app_token;
-                self.next_app_token += 1;
-                self.pending.insert(
-                    app_token,
+                self.submit(
                     Pending::Join {
                         conn: token,
                         request_id,
                         pid,
                     },
+                    request,
                 );
-                self.node.handle_request(self.now_ms, app_token, request);
                 self.process_actions();
             }
             (
@@ -1061,16 +1058,13 @@ impl Daemon {
                     }
                     _ => return self.reply(token, request_id, refusal(ErrorCode::BadFrame)),
                 };
-                let app_token = self.next_app_token;
-                self.next_app_token += 1;
-                self.pending.insert(
-                    app_token,
+                self.submit(
                     Pending::Request {
                         conn: token,
                         request_id,
                     },
+                    request,
                 );
-                self.node.handle_request(self.now_ms, app_token, request);
                 self.process_actions();
             }
             _ => self.reply(token, request_id, refusal(ErrorCode::NotAttached)),
@@ -1115,19 +1109,12 @@ impl Daemon {
         );
         let access = if write { Access::Write } else { Access::Read };
         for i in 0..pages as u64 {
-            let app_token = self.next_app_token;
-            self.next_app_token += 1;
-            self.pending.insert(
-                app_token,
+            let addr = first_page_addr + i * PAGE_SIZE_BYTES as u64;
+            self.submit(
                 Pending::FaultPart {
                     group,
                     page_index: first.index + i,
                 },
-            );
-            let addr = first_page_addr + i * PAGE_SIZE_BYTES as u64;
-            self.node.handle_request(
-                self.now_ms,
-                app_token,
                 AppRequest::Fault {
                     space,
                     addr,
@@ -1187,6 +1174,14 @@ impl Daemon {
                 },
             ),
         }
+    }
+
+    /// Hands `request` to the node, remembering what to do with its reply.
+    fn submit(&mut self, pending: Pending, request: AppRequest) {
+        let app_token = self.next_app_token;
+        self.next_app_token += 1;
+        self.pending.insert(app_token, pending);
+        self.node.handle_request(self.now_ms, app_token, request);
     }
 
     fn welcome(&mut self, token: Token, request_id: u64, pid: i32, layout: SpaceLayout) {

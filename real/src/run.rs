@@ -9,23 +9,7 @@ use crate::config::SpaceDefaults;
 
 /// The preload library next to the running executable, or `$GALLOCY_PRELOAD`.
 pub fn preload_path() -> Result<PathBuf, String> {
-    if let Some(path) = std::env::var_os("GALLOCY_PRELOAD") {
-        return Ok(PathBuf::from(path));
-    }
-    let exe = std::env::current_exe().map_err(|e| format!("current executable: {e}"))?;
-    let dir = exe.parent().ok_or("executable has no directory")?;
-    for candidate in [
-        dir.join("libgallocy_preload.so"),
-        dir.join("../libgallocy_preload.so"),
-    ] {
-        if candidate.exists() {
-            return Ok(candidate);
-        }
-    }
-    Err(format!(
-        "libgallocy_preload.so not found next to {} (cargo build --release builds it, or set GALLOCY_PRELOAD)",
-        exe.display()
-    ))
+    crate::cluster::find_beside_exe("GALLOCY_PRELOAD", "libgallocy_preload.so")
 }
 
 /// The program's pid while it runs, for the signal forwarder.
