@@ -792,11 +792,7 @@ impl Node {
         }
         let deferred = std::mem::take(&mut self.pages.get_mut(&page_id).expect("present").deferred);
         for message in deferred {
-            self.handle_envelope(Envelope {
-                from: home,
-                to: self.config.id,
-                message,
-            });
+            self.dispatch(home, message);
         }
         self.advance_local(page_id);
         self.run_loopback();

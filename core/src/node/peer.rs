@@ -7,6 +7,8 @@ impl Node {
     // -----------------------------------------------------------------------------
     // Peer messages.
 
+    /// A message off the network (or the loopback): from a member, so it counts as
+    /// hearing from that member.
     pub(super) fn handle_envelope(&mut self, envelope: Envelope) {
         let Envelope { from, to, message } = envelope;
         if to != self.config.id || !self.config.members.contains(&from) {
@@ -14,6 +16,12 @@ impl Node {
             return;
         }
         self.last_heard_tick.insert(from, self.now_ticks);
+        self.dispatch(from, message);
+    }
+
+    /// Handles an accepted message; also replays messages deferred during a revocation,
+    /// which say nothing about whether their sender is alive now.
+    pub(super) fn dispatch(&mut self, from: NodeId, message: PeerMessage) {
         if self.evicted
             && !matches!(
                 message,
