@@ -12,7 +12,7 @@ pub mod sys;
 
 use core::ffi::{c_char, c_int, c_void, CStr};
 
-use gallocy_core::ipc::{ErrorCode, IpcMessage, IpcStats};
+use gallocy_core::ipc::{IpcMessage, IpcStats};
 
 use crate::report::Message;
 use crate::runtime::{call, describe, errno_of, set_errno, set_last_error, CallError};
@@ -51,10 +51,7 @@ fn allocate(size: u64) -> *mut c_void {
         }
         Err(error) => {
             note_error(b"malloc", error);
-            set_errno(match error {
-                CallError::Refused(ErrorCode::OutOfMemory, _) => libc::ENOMEM,
-                other => errno_of(other),
-            });
+            set_errno(errno_of(error));
             core::ptr::null_mut()
         }
     }
@@ -238,7 +235,10 @@ pub unsafe extern "C" fn gallocy_stats(out: *mut GallocyStats) -> c_int {
             0
         }
         Ok(_) => -libc::EPROTO,
-        Err(error) => -errno_of(error),
+        Err(error) => {
+            note_error(b"stats", error);
+            -errno_of(error)
+        }
     }
 }
 

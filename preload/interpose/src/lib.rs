@@ -139,8 +139,8 @@ impl ChunkSource for LocalChunks {
     }
 }
 
-fn source() -> &'static dyn ChunkSource {
-    if MODE.load(Ordering::Acquire) == MODE_ATTACHED {
+fn source(mode: u8) -> &'static dyn ChunkSource {
+    if mode == MODE_ATTACHED {
         &DaemonChunks
     } else {
         &LocalChunks
@@ -188,7 +188,7 @@ fn allocate(index: usize, size: usize, align: usize) -> *mut c_void {
         set_errno(libc::ENOMEM);
         return core::ptr::null_mut();
     };
-    match HEAP.alloc(index, request, source()) {
+    match HEAP.alloc(index, request, source(mode)) {
         Some(block) => ((block + align - 1) & !(align - 1)) as *mut c_void,
         None => {
             set_errno(libc::ENOMEM);
