@@ -241,6 +241,9 @@ impl Node {
         }
         let page = self.pages.get_mut(&page_id).expect("present");
         page.seq_seen = seq;
+        // Only a recall of this seq could be answered again: an older ack (and its
+        // page copy) is dead weight from here.
+        page.last_recall_ack = None;
         if page.held == Access::Write {
             // The home would recall a writer, not invalidate it: a stale view. Revoke
             // anyway; safety first.
@@ -302,6 +305,9 @@ impl Node {
         }
         let page = self.pages.get_mut(&page_id).expect("present");
         page.seq_seen = seq;
+        // Only a recall of this seq could be answered again: an older ack (and its
+        // page copy) is dead weight from here.
+        page.last_recall_ack = None;
         // A node that never received its write grant never wrote: the home's copy is
         // the latest, and any read copy it still has is unknown to the home, so drop it.
         let (to, with_bytes) = if page.held == Access::Write {
