@@ -141,12 +141,23 @@ struct Session {
     main: Token,
     service: Option<Token>,
     conns: BTreeSet<Token>,
-    /// Highest access granted to this process per page (what a revocation must lower).
-    granted: BTreeMap<u64, Access>,
+    /// Highest access granted to this process per page (what a revocation must lower),
+    /// with the grant's number: a revocation answered after a newer grant of the page
+    /// must not lower the record below what that grant gave.
+    granted: BTreeMap<u64, (Access, u64)>,
+    /// Grants made to this process so far (numbers the entries of `granted`).
+    grants_issued: u64,
     /// Grants sent but not yet applied by the faulting thread, per page.
     granting: BTreeMap<u64, u32>,
     /// Revocations held back until the grants in flight for that page are applied.
     deferred: Vec<DeferredRevoke>,
+}
+
+impl Session {
+    /// The highest access this process may hold on `page_index`, as far as we know.
+    fn granted_access(&self, page_index: u64) -> Access {
+        self.granted.get(&page_index).map_or(Access::None, |g| g.0)
+    }
 }
 
 /// A revocation held back behind a grant in flight.
@@ -165,6 +176,8 @@ struct ServiceRevoke {
     page_index: u64,
     access: Access,
     node_token: u64,
+    /// The number of the page's latest grant when this was sent.
+    grant_number: u64,
     sent_at: Instant,
 }
 
@@ -1133,8 +1146,10 @@ impl Daemon {
         match reply {
             AppReply::Granted { access, .. } if access != Access::None => {
                 if let Some(state) = self.sessions.get_mut(&group.session) {
-                    let granted = state.granted.entry(page_index).or_insert(Access::None);
-                    *granted = (*granted).max(access);
+                    state.grants_issued += 1;
+                    let number = state.grants_issued;
+                    let granted = state.granted.entry(page_index).or_insert((Access::None, 0));
+                    *granted = (granted.0.max(access), number);
                     *state.granting.entry(page_index).or_insert(0) += 1;
                     group.granted.push(page_index);
                 }
@@ -1208,6 +1223,7 @@ impl Daemon {
                 service: None,
                 conns: BTreeSet::from([token]),
                 granted: BTreeMap::new(),
+                grants_issued: 0,
                 granting: BTreeMap::new(),
                 deferred: Vec::new(),
             },
@@ -1386,10 +1402,7 @@ impl Daemon {
         let targets: Vec<u64> = self
             .sessions
             .iter()
-            .filter(|(_, s)| {
-                s.space == page.space
-                    && s.granted.get(&page.index).copied().unwrap_or(Access::None) > access
-            })
+            .filter(|(_, s)| s.space == page.space && s.granted_access(page.index) > access)
             .map(|(&id, _)| id)
             .collect();
         let node_token = wait.map_or(0, |(token, _)| token);
@@ -1434,6 +1447,7 @@ impl Daemon {
         };
         let layout = &self.node.meta().spaces[&state.space];
         let addr = layout.page_addr(page_index);
+        let grant_number = state.granted.get(&page_index).map_or(0, |g| g.1);
         let service_token = self.next_service_token;
         self.next_service_token += 1;
         self.service_revokes.insert(
@@ -1443,6 +1457,7 @@ impl Daemon {
                 page_index,
                 access,
                 node_token,
+                grant_number,
                 sent_at: Instant::now(),
             },
         );
@@ -1487,12 +1502,7 @@ impl Daemon {
             ..
         } in ready
         {
-            let still_above = self.sessions[&session]
-                .granted
-                .get(&index)
-                .copied()
-                .unwrap_or(Access::None)
-                > access;
+            let still_above = self.sessions[&session].granted_access(index) > access;
             if still_above {
                 self.send_revoke(session, index, access, node_token);
             } else if node_token != 0 {
@@ -1507,6 +1517,7 @@ impl Daemon {
             page_index,
             access,
             node_token,
+            grant_number,
             ..
         }) = self.service_revokes.remove(&service_token)
         else {
@@ -1514,7 +1525,11 @@ impl Daemon {
         };
         if let Some(state) = self.sessions.get_mut(&session) {
             if let Some(granted) = state.granted.get_mut(&page_index) {
-                *granted = (*granted).min(access);
+                // A grant after the revocation was sent may have raised the access
+                // again (its mprotect can land after the revocation's).
+                if granted.1 <= grant_number {
+                    granted.0 = granted.0.min(access);
+                }
             }
         }
         if node_token != 0 {
