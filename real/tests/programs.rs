@@ -3,28 +3,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{describe, profile_dir, temp_dir, Cluster};
-
-/// libgallocy_preload.so of this profile, built if this test run did not build it.
-fn preload() -> PathBuf {
-    let lib = profile_dir().join("libgallocy_preload.so");
-    if !lib.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut command = Command::new(cargo);
-        command.args(["build", "-p", "gallocy-interpose"]);
-        if profile_dir().file_name().is_some_and(|n| n == "release") {
-            command.arg("--release");
-        }
-        assert!(
-            command.status().unwrap().success(),
-            "building libgallocy_preload.so failed"
-        );
-    }
-    lib
-}
+use common::{describe, libgallocy_preload, temp_dir, Cluster};
 
 fn gallocy_run(args: &[&str], program: &[&str], cwd: &Path, socket: Option<&Path>) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_gallocy"));
@@ -34,7 +16,7 @@ fn gallocy_run(args: &[&str], program: &[&str], cwd: &Path, socket: Option<&Path
         .arg("--")
         .args(program)
         .current_dir(cwd)
-        .env("GALLOCY_PRELOAD", preload())
+        .env("GALLOCY_PRELOAD", libgallocy_preload())
         .env("GALLOCYD", env!("CARGO_BIN_EXE_gallocyd"))
         .env_remove("GALLOCY_SOCKET");
     if let Some(socket) = socket {
@@ -226,7 +208,7 @@ fn no_daemon_is_a_clear_error_unless_fallback_is_asked() {
     let missing = dir.join("nobody.sock");
     let output = Command::new("python3")
         .args(["-c", "print('ran')"])
-        .env("LD_PRELOAD", preload())
+        .env("LD_PRELOAD", libgallocy_preload())
         .env("GALLOCY_SOCKET", &missing)
         .output()
         .unwrap();
@@ -238,7 +220,7 @@ fn no_daemon_is_a_clear_error_unless_fallback_is_asked() {
     );
     let output = Command::new("python3")
         .args(["-c", "print('ran')"])
-        .env("LD_PRELOAD", preload())
+        .env("LD_PRELOAD", libgallocy_preload())
         .env("GALLOCY_SOCKET", &missing)
         .env("GALLOCY_FALLBACK", "local")
         .output()
@@ -310,7 +292,7 @@ fn a_program_whose_daemon_dies_says_so_and_exits_86() {
             "-c",
             "import time, sys\nprint('up', flush=True)\nfor _ in range(600): time.sleep(0.1)",
         ])
-        .env("LD_PRELOAD", preload())
+        .env("LD_PRELOAD", libgallocy_preload())
         .env("GALLOCY_SOCKET", cluster.socket(1))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -342,7 +324,7 @@ fn gallocy_run_stopped_by_sigterm_stops_the_program_and_its_cluster() {
             "import time\nprint('up', flush=True)\ntime.sleep(60)",
         ])
         .current_dir(&dir)
-        .env("GALLOCY_PRELOAD", preload())
+        .env("GALLOCY_PRELOAD", libgallocy_preload())
         .env("GALLOCYD", env!("CARGO_BIN_EXE_gallocyd"))
         .env_remove("GALLOCY_SOCKET")
         .stdout(std::process::Stdio::piped())

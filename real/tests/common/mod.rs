@@ -20,21 +20,36 @@ pub fn profile_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// libgallocy.so, built if this test run did not build it already.
+/// libgallocy.so of this profile.
 pub fn libgallocy() -> PathBuf {
+    built_library("gallocy-preload", "libgallocy.so")
+}
+
+/// libgallocy_preload.so of this profile.
+pub fn libgallocy_preload() -> PathBuf {
+    built_library("gallocy-interpose", "libgallocy_preload.so")
+}
+
+/// A cdylib of this workspace in this profile, brought up to date once per test
+/// process (`cargo test -p gallocy-real` alone does not build other packages' cdylibs,
+/// and a stale one would test old code).
+fn built_library(package: &str, file: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let dir = profile_dir();
-    let lib = dir.join("libgallocy.so");
-    if !lib.exists() {
+    let lib = dir.join(file);
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|p| p == package) {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut command = Command::new(cargo);
-        command.args(["build", "-p", "gallocy-preload"]);
+        command.args(["build", "-p", package]);
         if dir.file_name().is_some_and(|n| n == "release") {
             command.arg("--release");
         }
         let status = command
             .status()
-            .expect("run cargo build -p gallocy-preload");
-        assert!(status.success(), "building libgallocy.so failed");
+            .unwrap_or_else(|e| panic!("run cargo build -p {package}: {e}"));
+        assert!(status.success(), "building {file} failed");
+        built.push(package.to_string());
     }
     assert!(lib.exists(), "{} missing", lib.display());
     lib
