@@ -2,7 +2,8 @@
 //!
 //! 1. the floor: a blocking 64-byte Unix-socket ping-pong between two processes;
 //! 2. `gallocy_ping`: one application → daemon transaction (same frame size);
-//! 3. a read fault on a page whose latest copy is on another node;
+//! 3. a read fault on a fresh page homed on this node, and on a page whose latest copy
+//!    is on another node;
 //! 4. write ping-pong: two processes on two nodes alternately writing one page.
 //!
 //! `cargo bench -p gallocy-real --bench ipc` (a 2-node local cluster is started and
@@ -190,7 +191,29 @@ fn run(dir: &Path) {
         ping_p99.as_secs_f64() / floor_p99.as_secs_f64()
     );
 
-    // 3. Read faults on pages last written on node 2.
+    // 3a. Read faults on fresh pages homed on this node (no other node involved).
+    let block = gallocy_malloc(FAULT_PAGES * 4096 + 8192) as u64;
+    assert_ne!(block, 0, "allocation for local faults");
+    // Skip the page holding the block's header: the allocation already touched it.
+    let first_local = (block + 4096 + 4095) & !4095;
+    let mut local_faults = Vec::with_capacity(FAULT_PAGES);
+    for i in 0..FAULT_PAGES as u64 {
+        let word = (first_local + i * 4096) as *const u64;
+        let start = Instant::now();
+        // SAFETY: a page of the block just allocated.
+        let value = unsafe { word.read_volatile() };
+        local_faults.push(start.elapsed());
+        assert_eq!(value, 0, "a fresh page reads as zero");
+    }
+    let (local_median, local_p99) =
+        summarize("read fault, fresh page homed on this node", local_faults);
+    println!(
+        "  ratio to the floor: median {:.2}x, p99 {:.2}x",
+        local_median.as_secs_f64() / floor_median.as_secs_f64(),
+        local_p99.as_secs_f64() / floor_p99.as_secs_f64()
+    );
+
+    // 3b. Read faults on pages last written on node 2.
     let node2 = gallocy_real::cluster::app_socket(dir, 2);
     let mut dirtier = spawn_role("dirtier", Some(&node2), "");
     let root = root();
