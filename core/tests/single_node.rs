@@ -105,3 +105,39 @@ fn the_root_block_cannot_be_freed() {
     let allocator = node.allocator(space).expect("the creator carves chunk 0");
     allocator.check_invariants().unwrap();
 }
+
+#[test]
+fn an_exact_fit_takes_the_last_chunk() {
+    let mut node = Node::new(Config::new(1, vec![1])).unwrap();
+    node.tick(1);
+    // Two chunks: chunk 0 is all root block, chunk 1 is the only one left.
+    node.handle_request(
+        1,
+        1,
+        AppRequest::CreateSpace {
+            name: "two".into(),
+            base_addr: 0x1000_0000_0000,
+            size_bytes: 128 << 10,
+            chunk_size_bytes: 64 << 10,
+            flexible_base: false,
+        },
+    );
+    let space = match replies(&mut node).pop() {
+        Some((1, AppReply::Space(layout))) => layout.id,
+        other => panic!("unexpected {other:?}"),
+    };
+    node.handle_request(
+        2,
+        2,
+        AppRequest::Allocate {
+            space,
+            size_bytes: 64 << 10,
+            align_bytes: 16,
+        },
+    );
+    let got = replies(&mut node);
+    assert!(
+        matches!(got.as_slice(), [(2, AppReply::Allocated { addr, .. })] if *addr == 0x1000_0001_0000),
+        "{got:?}"
+    );
+}

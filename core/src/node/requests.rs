@@ -138,8 +138,9 @@ impl Node {
                 return;
             }
             let layout = self.meta.spaces[&space].clone();
-            let need = head.size_bytes.saturating_add(head.align_bytes);
-            let count = need.div_ceil(layout.chunk_size_bytes).max(1);
+            // A leased run starts on a chunk boundary and alignment is at most a chunk,
+            // so the run's start is aligned for the head: its size alone decides.
+            let count = head.size_bytes.div_ceil(layout.chunk_size_bytes).max(1);
             // A lease the metadata would reject is refused here, for this request
             // only (a rejected lease fails every allocation waiting on it).
             if count > layout.chunk_count() || count > crate::meta::MAX_CHUNKS_PER_LEASE as u64 {
