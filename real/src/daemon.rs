@@ -135,6 +135,14 @@ struct Outbound {
     backoff: Duration,
 }
 
+impl Outbound {
+    /// The connection failed or closed: try again after the backoff, then twice as late.
+    fn back_off(&mut self, now: Instant) {
+        self.next_attempt = now + self.backoff;
+        self.backoff = (self.backoff * 2).min(RECONNECT_MAX);
+    }
+}
+
 struct Session {
     space: SpaceId,
     pid: i32,
@@ -542,8 +550,7 @@ impl Daemon {
             Ok(stream) => stream,
             Err(e) => {
                 debug!(peer, "connect failed: {e}");
-                outbound.next_attempt = now + outbound.backoff;
-                outbound.backoff = (outbound.backoff * 2).min(RECONNECT_MAX);
+                outbound.back_off(now);
                 return;
             }
         };
@@ -627,8 +634,7 @@ impl Daemon {
                     if let Some(id) = peer.peer {
                         if let Some(outbound) = self.outbound.get_mut(&id) {
                             outbound.token = None;
-                            outbound.next_attempt = Instant::now() + outbound.backoff;
-                            outbound.backoff = (outbound.backoff * 2).min(RECONNECT_MAX);
+                            outbound.back_off(Instant::now());
                         }
                     }
                 }
