@@ -418,6 +418,22 @@ pub fn fault_range(addr: u64, pages: u32, write: bool) -> Result<(), CallError> 
     }
 }
 
+/// Takes every page of `[addr, addr + len_bytes)`, in batches of at most
+/// `MAX_FAULT_PAGES` (one round trip each): a freshly leased run, or a system call's
+/// buffer.
+pub fn take_range(addr: u64, len_bytes: u64, write: bool) -> Result<(), CallError> {
+    let end = addr.saturating_add(len_bytes);
+    let mut page = addr & !(PAGE_BYTES - 1);
+    while page < end {
+        let pages = (end - page)
+            .div_ceil(PAGE_BYTES)
+            .min(gallocy_core::ipc::MAX_FAULT_PAGES as u64);
+        fault_range(page, pages as u32, write)?;
+        page += pages * PAGE_BYTES;
+    }
+    Ok(())
+}
+
 #[cfg(target_arch = "x86_64")]
 fn is_write_fault(context: *mut libc::c_void) -> bool {
     // SAFETY: the kernel passes a valid ucontext_t to an SA_SIGINFO handler.

@@ -19,7 +19,7 @@ use gallocy::heap::{self, ChunkSource, Heap, CHUNK_BYTES, MAX_HEAPS};
 use gallocy::report::Message;
 use gallocy::runtime::{self, set_errno};
 use gallocy::sys;
-use gallocy_core::ipc::{IpcMessage, MAX_FAULT_PAGES};
+use gallocy_core::ipc::IpcMessage;
 
 /// Not yet initialised: the bootstrap arena serves.
 const MODE_BOOT: u8 = 0;
@@ -117,13 +117,7 @@ impl ChunkSource for DaemonChunks {
         }) else {
             return None;
         };
-        let pages = size_bytes / 4096;
-        let mut done = 0;
-        while done < pages {
-            let batch = (pages - done).min(MAX_FAULT_PAGES as u64);
-            runtime::fault_range(addr + done * 4096, batch as u32, true).ok()?;
-            done += batch;
-        }
+        runtime::take_range(addr, size_bytes, true).ok()?;
         Some(addr)
     }
 }

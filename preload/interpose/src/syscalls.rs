@@ -9,7 +9,6 @@
 use core::ffi::c_void;
 
 use gallocy::runtime;
-use gallocy_core::ipc::MAX_FAULT_PAGES;
 
 const ATTEMPTS: usize = 4;
 
@@ -19,17 +18,7 @@ fn take(buf: *const c_void, len: usize, write: bool) -> bool {
     if len == 0 || !runtime::in_space(start) {
         return false;
     }
-    let first = start & !4095;
-    let end = start.saturating_add(len as u64);
-    let mut page = first;
-    while page < end {
-        let pages = (end - page).div_ceil(4096).min(MAX_FAULT_PAGES as u64);
-        if runtime::fault_range(page, pages as u32, write).is_err() {
-            return false;
-        }
-        page += pages * 4096;
-    }
-    true
+    runtime::take_range(start, len as u64, write).is_ok()
 }
 
 /// Makes the call; on EFAULT, takes the buffers back with `take` and tries again (at
