@@ -189,7 +189,7 @@ impl Node {
                 self.reply_error(token, AppError::SpaceRejected(why));
             }
             (
-                Purpose::LeaseForAllocator { space },
+                Purpose::LeaseForAllocator { space, .. },
                 Outcome::Leased {
                     first_chunk, count, ..
                 },
@@ -212,12 +212,21 @@ impl Node {
                 }
                 self.serve_pending_allocations(space);
             }
-            (Purpose::LeaseForAllocator { space }, _) => {
+            (Purpose::LeaseForAllocator { space, count }, _) => {
                 self.lease_in_flight.remove(&space);
-                let waiting = self.pending_allocations.remove(&space).unwrap_or_default();
-                for pending in waiting {
-                    self.reply_error(pending.token, AppError::OutOfMemory);
+                // The lease was refused: the head fails only if it needs at least as
+                // many chunks (it may have been served since, by a free); the requests
+                // behind it may fit what is free or a smaller lease.
+                let chunk_size_bytes = self.meta.spaces[&space].chunk_size_bytes;
+                let queue = self.pending_allocations.entry(space).or_default();
+                let head_needs_as_many = queue
+                    .front()
+                    .is_some_and(|head| head.size_bytes.div_ceil(chunk_size_bytes).max(1) >= count);
+                if head_needs_as_many {
+                    let head = queue.pop_front().expect("checked");
+                    self.reply_error(head.token, AppError::OutOfMemory);
                 }
+                self.serve_pending_allocations(space);
             }
             (
                 Purpose::LeaseForApp { token },

@@ -445,9 +445,17 @@ impl DirEntry {
 
 #[derive(Clone, Debug)]
 enum Purpose {
-    CreateSpace { token: AppToken },
-    LeaseForAllocator { space: SpaceId },
-    LeaseForApp { token: AppToken },
+    CreateSpace {
+        token: AppToken,
+    },
+    /// A lease of `count` chunks for the head of the space's allocation queue.
+    LeaseForAllocator {
+        space: SpaceId,
+        count: u64,
+    },
+    LeaseForApp {
+        token: AppToken,
+    },
     MarkDown,
 }
 

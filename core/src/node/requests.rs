@@ -162,7 +162,7 @@ impl Node {
             // Marked before proposing: on a one-node cluster the entry commits and
             // applies inside `propose`.
             self.lease_in_flight.insert(space);
-            match self.propose(command, Purpose::LeaseForAllocator { space }) {
+            match self.propose(command, Purpose::LeaseForAllocator { space, count }) {
                 Ok(()) => {}
                 Err(error) => {
                     self.lease_in_flight.remove(&space);
