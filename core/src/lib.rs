@@ -18,6 +18,8 @@ pub mod codec;
 #[cfg(feature = "node")]
 pub mod dedupe;
 #[cfg(feature = "node")]
+pub mod host;
+#[cfg(feature = "node")]
 pub mod meta;
 #[cfg(feature = "mutants")]
 pub mod mutants;

@@ -17,6 +17,11 @@ pub enum Mutant {
     DoubleLease,
     /// A node carves an allocation from a chunk it has only proposed to lease.
     ReplyBeforeCommit,
+    /// The host tells the node a revocation is done before the processes answered.
+    RevokeDoneBeforeProcessAnswered,
+    /// The host treats a process whose Main or Service connection closed as holding
+    /// nothing, though it may still map the space with its access.
+    ForgetClosedSessionAccess,
 }
 
 impl Mutant {
@@ -37,6 +42,8 @@ impl Mutant {
             Mutant::SkipVersionBump => "skip-version-bump",
             Mutant::DoubleLease => "double-lease",
             Mutant::ReplyBeforeCommit => "reply-before-commit",
+            Mutant::RevokeDoneBeforeProcessAnswered => "revoke-done-before-process-answered",
+            Mutant::ForgetClosedSessionAccess => "forget-closed-session-access",
         }
     }
 
@@ -53,6 +60,12 @@ impl Mutant {
             Mutant::DoubleLease => "lease state machine leases a chunk held by another node",
             Mutant::ReplyBeforeCommit => {
                 "node allocates from a chunk lease before the Raft entry commits"
+            }
+            Mutant::RevokeDoneBeforeProcessAnswered => {
+                "host reports a revocation done before the processes applied it"
+            }
+            Mutant::ForgetClosedSessionAccess => {
+                "host forgets the access of a process whose main connection closed"
             }
         }
     }

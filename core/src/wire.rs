@@ -178,6 +178,15 @@ const KIND_FREE_REPLY: u8 = 10;
 const KIND_LEASE_REQUEST: u8 = 11;
 const KIND_LEASE_GRANT: u8 = 12;
 
+/// Whether a frame is the cluster's background chatter (Raft, leases) rather than part
+/// of an application's transaction: a driver may sleep right after background frames.
+pub fn is_background_frame(bytes: &[u8]) -> bool {
+    matches!(
+        bytes.get(3),
+        Some(&KIND_RAFT) | Some(&KIND_LEASE_REQUEST) | Some(&KIND_LEASE_GRANT)
+    )
+}
+
 fn put_page(w: &mut Writer, page: PageId) {
     w.u32(page.space);
     w.u64(page.index);

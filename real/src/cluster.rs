@@ -164,6 +164,7 @@ fn start_daemon(
         space: space.clone(),
         log: log.to_string(),
         revoke_timeout_ms: crate::config::DEFAULT_REVOKE_TIMEOUT_MS,
+        down_after_ms: crate::config::DEFAULT_DOWN_AFTER_MS,
     };
     let config_path = home.join("gallocyd.toml");
     std::fs::write(&config_path, config.to_toml())

@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use gallocy_core::host::HostConfig;
+use gallocy_core::Config;
 use serde::{Deserialize, Serialize};
 
 /// Where a daemon listens for, or reaches, its peers.
@@ -107,13 +109,23 @@ pub struct DaemonConfig {
     /// A process that has not applied a revocation after this long is killed.
     #[serde(default = "default_revoke_timeout_ms")]
     pub revoke_timeout_ms: u64,
+    /// The leader declares a member down after hearing nothing from it this long.
+    /// Must exceed the fence delay, two election timeouts and `revoke_timeout_ms`.
+    #[serde(default = "default_down_after_ms")]
+    pub down_after_ms: u64,
 }
 
 /// Default of `DaemonConfig::revoke_timeout_ms`.
-pub const DEFAULT_REVOKE_TIMEOUT_MS: u64 = 5000;
+pub const DEFAULT_REVOKE_TIMEOUT_MS: u64 = 2000;
+/// Default of `DaemonConfig::down_after_ms`.
+pub const DEFAULT_DOWN_AFTER_MS: u64 = 4000;
 
 fn default_revoke_timeout_ms() -> u64 {
     DEFAULT_REVOKE_TIMEOUT_MS
+}
+
+fn default_down_after_ms() -> u64 {
+    DEFAULT_DOWN_AFTER_MS
 }
 
 fn default_log() -> String {
@@ -126,7 +138,9 @@ impl DaemonConfig {
             .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
         let config: DaemonConfig =
             toml::from_str(&text).map_err(|e| format!("bad config {}: {e}", path.display()))?;
-        config.validate()?;
+        config
+            .validate()
+            .map_err(|e| format!("bad config {}: {e}", path.display()))?;
         Ok(config)
     }
 
@@ -150,7 +164,23 @@ impl DaemonConfig {
         if ids.len() != self.peers.len() {
             return Err("peer ids must be unique".into());
         }
-        Ok(())
+        // The rest, with the node's timing inequalities, as the daemon will run it.
+        self.host_config(0).validate()
+    }
+
+    /// The core's configuration of this daemon (one tick is one millisecond).
+    pub fn host_config(&self, owner_uid: u32) -> HostConfig {
+        let mut node = Config::new(self.node_id, self.members());
+        node.retry_base_ticks = 20;
+        node.revoke_timeout_ticks = self.revoke_timeout_ms;
+        node.down_after_ticks = self.down_after_ms;
+        let mut host = HostConfig::new(node);
+        host.owner_uid = owner_uid;
+        host.app_group = self.app_group;
+        host.space_base_addr = self.space.base_addr;
+        host.space_size_bytes = self.space.size_bytes;
+        host.space_chunk_size_bytes = self.space.chunk_size_bytes;
+        host
     }
 
     pub fn members(&self) -> Vec<u64> {

@@ -161,6 +161,7 @@ fn node_config(id: NodeId, members: Vec<NodeId>) -> Config {
     config.retry_max_ticks = 400;
     config.fence_after_ticks = 300;
     config.down_after_ticks = 1500;
+    config.revoke_timeout_ticks = 400;
     config
 }
 

@@ -107,11 +107,41 @@ impl Node {
             self.stats.messages_rejected += 1;
             return;
         }
+        if !self.raft_message_is_sane(from, &message) {
+            self.stats.messages_rejected += 1;
+            return;
+        }
         if self.raft.step(message).is_err() {
             self.stats.raft_errors += 1;
             return;
         }
         self.drive_raft();
+    }
+
+    /// Checks a peer's Raft message for what raft-rs trusts and a correct peer never
+    /// sends: a proposal must carry the sender's own commands, and appended entries
+    /// must follow on from the index they claim to (raft-rs aborts on entries that
+    /// conflict with committed ones).
+    fn raft_message_is_sane(&self, from: NodeId, message: &RaftMessage) -> bool {
+        use raft::eraftpb::MessageType;
+        match message.get_msg_type() {
+            MessageType::MsgPropose => message.entries.iter().all(|entry| {
+                entry.get_entry_type() == EntryType::EntryNormal
+                    && Proposal::decode(&entry.data).is_ok_and(|p| p.origin == from)
+            }),
+            MessageType::MsgAppend => {
+                let mut expected = message.index;
+                let mut term = message.log_term;
+                message.entries.iter().all(|entry| {
+                    expected = expected.saturating_add(1);
+                    let ordered =
+                        entry.index == expected && entry.term >= term && entry.term <= message.term;
+                    term = entry.term;
+                    ordered
+                })
+            }
+            _ => true,
+        }
     }
 
     pub(super) fn propose(&mut self, command: Command, purpose: Purpose) -> Result<(), AppError> {

@@ -73,8 +73,13 @@ pub struct Config {
     /// How often a follower asks the leader to renew its lease.
     pub lease_interval_ticks: u64,
     /// The leader marks a node down after this long without hearing from it. Must
-    /// exceed `fence_after_ticks` plus an election timeout plus the revocation delay.
+    /// exceed `fence_after_ticks` plus two election timeouts plus
+    /// `revoke_timeout_ticks`: a node cut off must have fenced itself and taken every
+    /// page back from its processes before the others stop waiting for its copies.
     pub down_after_ticks: u64,
+    /// The longest a process may take to apply a revocation before its node's host
+    /// kills it: the bound on how long a fenced node's processes keep their access.
+    pub revoke_timeout_ticks: u64,
     /// How long a fault on a chunk this node has not yet seen leased may wait for the
     /// metadata to arrive.
     pub metadata_wait_ticks: u64,
@@ -94,14 +99,16 @@ impl Config {
             retry_max_ticks: 800,
             fence_after_ticks: 500,
             lease_interval_ticks: 50,
-            down_after_ticks: 2500,
+            down_after_ticks: 4000,
+            revoke_timeout_ticks: 2000,
             metadata_wait_ticks: 2000,
             #[cfg(feature = "mutants")]
             mutant: None,
         }
     }
 
-    fn validate(&self) -> Result<(), String> {
+    /// Checks the configuration as a whole; the error names the values that disagree.
+    pub fn validate(&self) -> Result<(), String> {
         if self.id == 0 {
             return Err("node id must be non-zero".into());
         }
@@ -128,12 +135,22 @@ impl Config {
                     .into(),
             );
         }
+        if self.revoke_timeout_ticks == 0 {
+            return Err("revoke_timeout_ticks must be non-zero".into());
+        }
         let election_ticks = (self.election_raft_ticks + 3 * self.members.len() + 1) as u64
             * self.raft_tick_interval_ticks;
-        if self.down_after_ticks <= self.fence_after_ticks + 2 * election_ticks {
-            return Err(
-                "down_after_ticks must exceed fence_after_ticks plus two election timeouts".into(),
-            );
+        let needed = self.fence_after_ticks + 2 * election_ticks + self.revoke_timeout_ticks;
+        if self.down_after_ticks <= needed {
+            return Err(format!(
+                "down_after_ticks ({}) must exceed fence_after_ticks ({}) plus two election \
+                 timeouts ({}) plus revoke_timeout_ticks ({}) = {needed}: a node cut off must have \
+                 taken its pages back from its processes before the others are told it is down",
+                self.down_after_ticks,
+                self.fence_after_ticks,
+                2 * election_ticks,
+                self.revoke_timeout_ticks
+            ));
         }
         Ok(())
     }
@@ -693,9 +710,20 @@ impl Node {
     pub fn tick(&mut self, now_ticks: u64) {
         self.set_now(now_ticks);
         if self.now_ticks >= self.next_raft_tick {
-            self.next_raft_tick = self.now_ticks + self.config.raft_tick_interval_ticks;
-            self.raft.tick();
-            self.drive_raft();
+            // One Raft tick per interval elapsed, however late this call is, so Raft
+            // counts the same time as fencing and failure detection. Past a few election
+            // timeouts every Raft timer has fired: the rest is skipped, not replayed.
+            let interval = self.config.raft_tick_interval_ticks;
+            let max_catch_up = 4 * self.election_timeout_raft_ticks();
+            let behind = (self.now_ticks - self.next_raft_tick) / interval + 1;
+            if behind > max_catch_up {
+                self.next_raft_tick += (behind - max_catch_up) * interval;
+            }
+            while self.now_ticks >= self.next_raft_tick {
+                self.next_raft_tick += interval;
+                self.raft.tick();
+                self.drive_raft();
+            }
             if !self.is_leader
                 && self.leader_id != 0
                 && self.now_ticks >= self.next_lease_request_tick
@@ -714,6 +742,54 @@ impl Node {
             self.detect_down_nodes();
         }
         self.run_loopback();
+    }
+
+    /// The longest election timeout of any member, in Raft ticks.
+    fn election_timeout_raft_ticks(&self) -> u64 {
+        (self.config.election_raft_ticks + 3 * self.config.members.len() + 1) as u64
+    }
+
+    /// The next tick at which `tick` has something to do: a Raft tick, a retry, a
+    /// fence, a void, a metadata wait or a failure-detector deadline. A driver may
+    /// sleep until then unless an input arrives.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let mut next = self.next_raft_tick;
+        let mut consider = |tick: u64| next = next.min(tick);
+        if !self.fenced && !self.is_leader {
+            if let Some(sent) = self.lease_sent_tick {
+                consider(sent + self.config.fence_after_ticks + 1);
+            }
+        }
+        for &at in self.pending_voids.values() {
+            consider(at);
+        }
+        for pending in self.proposals.values() {
+            consider(pending.retry.next_tick);
+        }
+        for id in &self.requesting {
+            if let Some(request) = self.pages.get(id).and_then(|p| p.request.as_ref()) {
+                consider(request.retry.next_tick);
+            }
+        }
+        for id in &self.busy {
+            if let Some(txn) = self.directory.get(id).and_then(|e| e.txn.as_ref()) {
+                consider(txn.retry.next_tick);
+            }
+        }
+        for free in self.remote_frees.values() {
+            consider(free.retry.next_tick);
+        }
+        for fault in &self.unmapped {
+            consider(fault.deadline_tick);
+        }
+        if self.is_leader {
+            for (&member, &heard) in &self.last_heard_tick {
+                if member != self.config.id && self.meta.is_up(member) {
+                    consider(heard + self.config.down_after_ticks + 1);
+                }
+            }
+        }
+        Some(next.max(self.now_ticks + 1))
     }
 
     /// A frame from a peer. Malformed or out-of-protocol input is counted and dropped.

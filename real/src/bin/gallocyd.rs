@@ -51,6 +51,7 @@ fn config_from(args: Args) -> Result<DaemonConfig, String> {
                 space: SpaceDefaults::default(),
                 log: "info".into(),
                 revoke_timeout_ms: gallocy_real::config::DEFAULT_REVOKE_TIMEOUT_MS,
+                down_after_ms: gallocy_real::config::DEFAULT_DOWN_AFTER_MS,
             }
         }
     };

@@ -131,6 +131,13 @@ impl Cluster {
             .expect("pid")
     }
 
+    /// Whether node `node`'s daemon is still running (signal 0 reaches it).
+    #[allow(dead_code)]
+    pub fn daemon_alive(&self, node: u64) -> bool {
+        // SAFETY: signal 0 only checks that the process exists.
+        unsafe { libc::kill(self.daemon_pid(node), 0) == 0 }
+    }
+
     pub fn log(&self, node: u64) -> String {
         std::fs::read_to_string(cluster::node_dir(&self.dir, node).join("gallocyd.log"))
             .unwrap_or_default()
