@@ -724,16 +724,14 @@ impl Host {
                 });
             }
         }
-        let session = self.sessions.get_mut(&session_id).expect("present");
-        let unapplied: Vec<(u64, u32)> = std::mem::take(&mut session.unapplied)
-            .into_values()
-            .flatten()
-            .collect();
-        // The process keeps the access these grants gave (recorded in `granted`), but
-        // no thread will apply one after a revocation now: nothing is held back.
-        for (first, pages) in unapplied {
-            self.release_grants(session_id, first, pages);
-        }
+        // Grants sent and not reported applied may still be applied by a thread that
+        // is alive: the session's revocations wait for its end (`end_session`), not
+        // for them.
+        self.sessions
+            .get_mut(&session_id)
+            .expect("present")
+            .unapplied
+            .clear();
     }
 
     fn kill(&mut self, session_id: SessionId, reason: KillReason) {
@@ -752,6 +750,20 @@ impl Host {
             pid,
             reason,
         });
+    }
+
+    /// A detached process holds nothing: its connections stay open (it closes them),
+    /// but belong to no session any more.
+    fn end_session_detached(&mut self, session_id: SessionId) {
+        if let Some(session) = self.sessions.get_mut(&session_id) {
+            for conn in std::mem::take(&mut session.conns) {
+                if let Some(state) = self.conns.get_mut(&conn) {
+                    state.session = None;
+                }
+            }
+            session.service = None;
+        }
+        self.end_session(session_id);
     }
 
     /// The process of `session_id` cannot touch the space any more: what it held is
@@ -1161,6 +1173,10 @@ impl Host {
             let Some(session) = self.sessions.get_mut(&session_id) else {
                 return;
             };
+            if let Phase::Ending { .. } = session.phase {
+                // Nothing can reach it: its revocations wait for `end_session`.
+                return;
+            }
             for index in first..first + pages as u64 {
                 let Some(count) = session.granting.get_mut(&index) else {
                     continue;
@@ -1237,8 +1253,9 @@ impl Host {
             }
         }
         if runs.is_empty() {
-            self.end_session(session_id);
+            // Answered first: the process closes its connections itself.
             self.send_app(conn, request_id, IpcMessage::Pong);
+            self.end_session_detached(session_id);
             return;
         }
         if session.service.is_none() {
@@ -1389,6 +1406,10 @@ impl Host {
         node_token: u64,
     ) {
         let session = &self.sessions[&session_id];
+        if let Phase::Ending { .. } = session.phase {
+            // Unreachable until the driver says it is gone: `end_session` counts it.
+            return;
+        }
         let Some(service) = session.service else {
             // A live session without its service thread yet was never granted a page
             // (faults need one); nothing to lower.
@@ -1397,6 +1418,18 @@ impl Host {
             }
             return;
         };
+        // The service thread sets the protection it is told: a revocation must never
+        // raise what an earlier one, still in flight, lowers to.
+        let access = self
+            .service_revokes
+            .values()
+            .filter(|r| {
+                r.session == session_id
+                    && r.first_index < first_index + pages
+                    && first_index < r.first_index + r.pages
+            })
+            .map(|r| r.access)
+            .fold(access, Access::min);
         let addr = session.layout.page_addr(first_index);
         let token = self.next_service_token;
         self.next_service_token += 1;

@@ -25,13 +25,15 @@ pub enum Mutant {
 }
 
 impl Mutant {
-    pub const ALL: [Mutant; 6] = [
+    pub const ALL: [Mutant; 8] = [
         Mutant::GrantWriteWithoutInvalidate,
         Mutant::AckInvalidateBeforeRevoke,
         Mutant::AcceptStaleGrant,
         Mutant::SkipVersionBump,
         Mutant::DoubleLease,
         Mutant::ReplyBeforeCommit,
+        Mutant::RevokeDoneBeforeProcessAnswered,
+        Mutant::ForgetClosedSessionAccess,
     ];
 
     pub fn name(self) -> &'static str {

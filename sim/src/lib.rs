@@ -30,6 +30,10 @@ impl RunReport {
             c.page_lost, c.node_down_errors, c.evicted_errors, c.not_mapped, c.out_of_memory, c.busy
         ));
         out.push_str(&format!(
+            "processes:    {} started, {} exited, {} killed by their host, {} detached\n",
+            c.processes_started, c.processes_exited, c.processes_killed, c.detaches
+        ));
+        out.push_str(&format!(
             "messages:     {} sent, {} delivered, {} retries, {} rejected, {} malformed; {} page faults to the node, {} revocations\n",
             c.frames_sent, c.frames_delivered, self.retries, self.rejected_messages, self.malformed_frames, c.faults_requested, c.revokes
         ));

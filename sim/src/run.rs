@@ -217,7 +217,7 @@ fn run_unguarded(params: RunParams) -> RunReport {
             seed: params.seed,
             nodes: params.nodes,
             ops: params.ops,
-            apps_per_node: 8,
+            threads_per_process: 4,
             max_revoke_delay_ticks: plan.max_revoke_delay_ticks,
             mutant: params.mutant,
         },

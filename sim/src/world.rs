@@ -1,15 +1,20 @@
-//! The simulated world: N gallocy-core nodes, the memory each node's applications see,
-//! simulated applications running random workloads, and the checkers.
+//! The simulated world: N gallocy-core hosts (a node and its process layer each), the
+//! memory each node backs its spaces with, simulated processes attached to every node
+//! (each with threads, a service thread and its own access map), and the checkers.
 //!
-//! turmoil carries the frames between nodes (see `run.rs`); everything here is plain
+//! turmoil carries the frames between nodes (see `run.rs`); processes talk to their
+//! node's host with the real 64-byte IPC frames. Everything here is plain
 //! deterministic state, driven one turmoil step (2 ms of node time) at a time.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use gallocy_core::host::{
+    ConnId, Credentials, Host, HostAction, HostConfig, ProcessState, SessionId,
+};
+use gallocy_core::ipc::{ErrorCode, Frame, IpcMessage, Role, IPC_FRAME_BYTES, IPC_NAME_BYTES};
 use gallocy_core::node::Mutant;
 use gallocy_core::{
-    Access, Action, AppError, AppReply, AppRequest, AppToken, Config, Node, NodeId, PageBytes,
-    PageId, SpaceId, SpaceLayout, PAGE_SIZE_BYTES,
+    Access, Config, Node, NodeId, PageBytes, PageId, SpaceId, SpaceLayout, PAGE_SIZE_BYTES,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -23,6 +28,14 @@ pub const CHUNK_SIZE_BYTES: u64 = 64 << 10;
 const WORD_BYTES: u64 = 8;
 /// Bound on reply/request cascades inside one input.
 const MAX_SETTLE_STEPS: usize = 1 << 20;
+/// Processes attached to a node at once, and below how many a new one starts.
+const MAX_PROCESSES_PER_NODE: usize = 3;
+const MIN_PROCESSES_PER_NODE: usize = 2;
+/// Per tick and process, the chance (in 1/100000) that it ends during the workload.
+const END_PER_100K_TICKS: u32 = 40;
+/// How long a stalled process's service thread takes to apply a revocation: longer
+/// than any revocation timeout, so its host kills it.
+const STALL_TICKS: u64 = 5_000;
 
 /// A broken invariant: what, where and when.
 #[derive(Clone, Debug)]
@@ -55,6 +68,10 @@ pub struct Counters {
     pub frames_dropped: u64,
     pub frames_duplicated: u64,
     pub revokes: u64,
+    pub processes_started: u64,
+    pub processes_killed: u64,
+    pub processes_exited: u64,
+    pub detaches: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,38 +80,103 @@ enum OpKind {
     Free { addr: u64, expect_valid: bool },
     Read { addr: u64 },
     Write { addr: u64, value: u64 },
-    JoinSpace,
 }
 
 #[derive(Clone, Copy, Debug)]
 struct PendingOp {
     kind: OpKind,
-    token: AppToken,
+    /// Unique in the run; the request id of its frames.
+    id: u64,
     issued_tick: u64,
 }
 
-#[derive(Clone, Debug, Default)]
-struct App {
+#[derive(Clone, Debug)]
+struct Thread {
+    conn: ConnId,
+    /// Answered its hello: may issue.
+    ready: bool,
     pending: Option<PendingOp>,
-    /// Simulated think time: next tick this app may issue an operation.
+    /// Simulated think time: next tick this thread may issue an operation.
     next_op_tick: u64,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ProcPhase {
+    /// Waiting for the Welcome.
+    Joining,
+    Live,
+    /// Asked to detach; waiting for the answer.
+    Detaching,
+    /// Closed its Main connection but goes on running with what it was granted
+    /// (a program that closes every descriptor, say).
+    Hostile,
+    /// Killed: dies at `ProcDeath`.
+    Dying,
+}
+
+#[derive(Clone, Debug)]
+struct Process {
+    pid: i32,
+    main: ConnId,
+    service: Option<ConnId>,
+    session: Option<SessionId>,
+    threads: Vec<Thread>,
+    phase: ProcPhase,
+    /// What this process can do with each page: its own mprotect state.
+    access: BTreeMap<PageId, Access>,
+    max_revoke_delay_ticks: u64,
+    /// The service thread answers nothing in time.
+    stalled: bool,
+    /// The thread connections' grants are applied this much later, at most.
+    max_grant_delay_ticks: u64,
+    /// When the service thread applies the last revocation it received: it applies
+    /// them one at a time, in order.
+    service_free_tick: u64,
+    /// Revocations received and not applied yet.
+    revokes_queued: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ConnKind {
+    Main,
+    Service,
+    Thread(usize),
+}
+
 struct NodeSlot {
-    node: Option<Node>,
-    /// What the node's applications see: page bytes and access.
-    memory: BTreeMap<PageId, (Box<PageBytes>, Access)>,
-    apps: Vec<App>,
+    host: Option<Host>,
+    /// The node's memory for its spaces (the daemon's memfd): what every process of
+    /// the node reads and writes, under its own access.
+    memory: BTreeMap<PageId, Box<PageBytes>>,
+    processes: BTreeMap<i32, Process>,
+    conns: BTreeMap<ConnId, (i32, ConnKind)>,
+    next_conn: ConnId,
     space: Option<SpaceLayout>,
 }
 
 #[derive(Clone, Copy, Debug)]
-struct ScheduledRevoke {
-    node_index: usize,
-    page: PageId,
-    access: Access,
-    token: u64,
-    want_bytes: bool,
+enum Scheduled {
+    /// A service thread applies a revocation, then answers.
+    ApplyRevoke {
+        node: usize,
+        pid: i32,
+        addr: u64,
+        len: u64,
+        access: Access,
+        token: u64,
+    },
+    /// A faulting thread applies its grant, then reports it and retries.
+    ApplyGrant {
+        node: usize,
+        pid: i32,
+        thread: usize,
+        page_addr: u64,
+        pages: u32,
+        write: bool,
+        op_id: u64,
+    },
+    /// A killed process is gone.
+    Death { node: usize, pid: i32 },
 }
 
 #[derive(Clone, Debug)]
@@ -102,7 +184,7 @@ pub struct WorldParams {
     pub seed: u64,
     pub nodes: usize,
     pub ops: u64,
-    pub apps_per_node: usize,
+    pub threads_per_process: usize,
     pub max_revoke_delay_ticks: u64,
     pub mutant: Option<Mutant>,
 }
@@ -116,24 +198,24 @@ pub struct World {
     pub outbox: Vec<Vec<(NodeId, Vec<u8>)>>,
     /// Wakes node i's host loop when its outbox gets frames (it sleeps otherwise).
     pub outbox_ready: Vec<std::rc::Rc<tokio::sync::Notify>>,
-    revokes: BTreeMap<(u64, u64), ScheduledRevoke>,
-    revoke_seq: u64,
+    scheduled: BTreeMap<(u64, u64), Scheduled>,
+    schedule_seq: u64,
+    /// Frames hosts sent to processes, delivered in order.
+    inbox: VecDeque<(usize, ConnId, Frame)>,
     /// The latest value of every page, as the applications wrote it (the ghost).
     truth: BTreeMap<PageId, Box<PageBytes>>,
     /// Live allocations by start: (length, allocating node).
     live: BTreeMap<u64, (u64, NodeId)>,
     /// Starts of live allocations, for picking at random (published pointers).
     published: Vec<u64>,
-    /// Blocks whose free is in flight: the application gave them up when it asked.
-    freeing: BTreeMap<AppToken, (u64, u64, NodeId)>,
-    /// Blocks whose free had an unknown outcome (the node was evicted, the owner went
-    /// down): neither live nor safe to free twice.
+    /// Blocks whose free is in flight, by operation id.
+    freeing: BTreeMap<u64, (u64, u64, NodeId)>,
+    /// Blocks whose free had an unknown outcome: neither live nor safe to free twice.
     limbo: BTreeSet<u64>,
     /// Recently freed starts, for double frees (bounded).
     recently_freed: VecDeque<u64>,
-    tokens: BTreeMap<AppToken, (usize, usize)>,
-    next_token: AppToken,
-    replies: VecDeque<(usize, AppToken, AppReply)>,
+    next_op_id: u64,
+    next_pid: i32,
     dirty_pages: BTreeSet<PageId>,
     pub rng: ChaCha8Rng,
     pub trace: TraceHash,
@@ -142,9 +224,21 @@ pub struct World {
     pub issuing: bool,
     /// Print every reply (GALLOCY_SIM_DEBUG=1), for debugging a failing seed.
     pub debug: bool,
-    /// Print every message and access change of one page (GALLOCY_SIM_DEBUG_PAGE=N).
+    /// Print every access change of one page (GALLOCY_SIM_DEBUG_PAGE=N).
     pub debug_page: Option<u64>,
-    actions_buffer: Vec<Action>,
+    actions_buffer: Vec<HostAction>,
+}
+
+fn name_field() -> [u8; IPC_NAME_BYTES] {
+    let mut field = [0u8; IPC_NAME_BYTES];
+    field[..SPACE_NAME.len()].copy_from_slice(SPACE_NAME.as_bytes());
+    field
+}
+
+fn encode(request_id: u64, message: IpcMessage) -> Frame {
+    let mut frame = [0u8; IPC_FRAME_BYTES];
+    message.encode(request_id, &mut frame);
+    frame
 }
 
 impl World {
@@ -154,11 +248,17 @@ impl World {
         for &id in &members {
             let mut config = node_config(id, members.clone());
             config.mutant = params.mutant;
-            let node = Node::new(config).expect("valid simulator configuration");
+            let mut host_config = HostConfig::new(config);
+            host_config.space_base_addr = SPACE_BASE_ADDR;
+            host_config.space_size_bytes = SPACE_SIZE_BYTES;
+            host_config.space_chunk_size_bytes = CHUNK_SIZE_BYTES;
+            let host = Host::new(host_config).expect("valid simulator configuration");
             slots.push(NodeSlot {
-                node: Some(node),
+                host: Some(host),
                 memory: BTreeMap::new(),
-                apps: vec![App::default(); params.apps_per_node],
+                processes: BTreeMap::new(),
+                conns: BTreeMap::new(),
+                next_conn: 1,
                 space: None,
             });
         }
@@ -172,17 +272,17 @@ impl World {
             now_ticks: 0,
             step: 0,
             slots,
-            revokes: BTreeMap::new(),
-            revoke_seq: 0,
+            scheduled: BTreeMap::new(),
+            schedule_seq: 0,
+            inbox: VecDeque::new(),
             truth: BTreeMap::new(),
             live: BTreeMap::new(),
             published: Vec::new(),
             recently_freed: VecDeque::new(),
             freeing: BTreeMap::new(),
             limbo: BTreeSet::new(),
-            tokens: BTreeMap::new(),
-            next_token: 1,
-            replies: VecDeque::new(),
+            next_op_id: 1,
+            next_pid: 1000,
             dirty_pages: BTreeSet::new(),
             trace: TraceHash::new(),
             counters: Counters::default(),
@@ -197,11 +297,11 @@ impl World {
     }
 
     pub fn node(&self, index: usize) -> Option<&Node> {
-        self.slots[index].node.as_ref()
+        self.slots[index].host.as_ref().map(|h| h.node())
     }
 
     pub fn is_alive(&self, index: usize) -> bool {
-        self.slots[index].node.is_some()
+        self.slots[index].host.is_some()
     }
 
     fn violate(&mut self, checker: &'static str, detail: String) {
@@ -215,44 +315,43 @@ impl World {
         }
     }
 
+    fn schedule(&mut self, delay_ticks: u64, event: Scheduled) {
+        self.schedule_seq += 1;
+        self.scheduled
+            .insert((self.now_ticks + delay_ticks, self.schedule_seq), event);
+    }
+
     // -----------------------------------------------------------------------------
-    // Driving nodes.
+    // Driving hosts.
 
     pub fn crash(&mut self, index: usize) {
         let slot = &mut self.slots[index];
-        slot.node = None;
+        slot.host = None;
         slot.memory.clear();
-        for app in &mut slot.apps {
-            app.pending = None;
-        }
+        slot.processes.clear();
+        slot.conns.clear();
         self.outbox[index].clear();
-        self.revokes.retain(|_, r| r.node_index != index);
+        self.scheduled.retain(|_, event| {
+            !matches!(event,
+                Scheduled::ApplyRevoke { node, .. }
+                | Scheduled::ApplyGrant { node, .. }
+                | Scheduled::Death { node, .. } if *node == index)
+        });
+        self.inbox.retain(|(node, _, _)| *node != index);
         self.trace.event(1, &[index as u64, self.now_ticks]);
     }
 
     /// A frame arrived at node `index` from the network.
     pub fn deliver(&mut self, index: usize, bytes: &[u8]) {
         let now = self.now_ticks;
-        let Some(node) = self.slots[index].node.as_mut() else {
+        let Some(host) = self.slots[index].host.as_mut() else {
             return;
         };
         self.counters.frames_delivered += 1;
         self.trace.event(2, &[index as u64, now]);
         self.trace.bytes(bytes);
-        if let Some(watch) = self.debug_page {
-            if let Ok(envelope) = gallocy_core::Envelope::decode(bytes) {
-                if debug_page_of(&envelope.message) == Some(watch) {
-                    eprintln!(
-                        "[t={now}] {} -> {}: {:?}",
-                        envelope.from,
-                        envelope.to,
-                        Brief(&envelope.message)
-                    );
-                }
-            }
-        }
         // Malformed frames are counted inside the node; the run goes on.
-        let _ = node.handle_frame(now, bytes);
+        host.peer_datagram(now, bytes);
         self.pump(index);
         self.settle();
     }
@@ -266,18 +365,19 @@ impl World {
         std::mem::take(&mut self.outbox[index])
     }
 
-    /// Everything that happens at the start of a tick: node timers, due revocations,
-    /// applications issuing operations.
+    /// Everything that happens at the start of a tick: host timers, due process
+    /// events, processes starting and ending, threads issuing operations.
     pub fn tick(&mut self, now_ticks: u64) {
         self.now_ticks = now_ticks;
         for index in 0..self.slots.len() {
-            if let Some(node) = self.slots[index].node.as_mut() {
-                node.tick(now_ticks);
+            if let Some(host) = self.slots[index].host.as_mut() {
+                host.tick(now_ticks);
                 self.pump(index);
             }
         }
         self.settle();
-        self.run_due_revokes();
+        self.run_scheduled();
+        self.manage_processes();
         if self.issuing {
             self.issue_operations();
         }
@@ -286,8 +386,8 @@ impl World {
 
     fn pump(&mut self, index: usize) {
         let mut actions = std::mem::take(&mut self.actions_buffer);
-        if let Some(node) = self.slots[index].node.as_mut() {
-            node.drain_actions(&mut actions);
+        if let Some(host) = self.slots[index].host.as_mut() {
+            host.drain_actions(&mut actions);
         }
         for action in actions.drain(..) {
             self.apply_action(index, action);
@@ -295,213 +395,765 @@ impl World {
         self.actions_buffer = actions;
     }
 
-    fn apply_action(&mut self, index: usize, action: Action) {
-        if let Some(watch) = self.debug_page {
-            match &action {
-                Action::Install {
-                    page,
-                    access,
-                    version,
-                    bytes,
-                } if page.index == watch => eprintln!(
-                    "[t={}] node {} install {access:?} v{version} bytes={}",
-                    self.now_ticks,
-                    index + 1,
-                    bytes.is_some()
-                ),
-                Action::SetAccess { page, access } if page.index == watch => {
-                    eprintln!(
-                        "[t={}] node {} set-access {access:?}",
-                        self.now_ticks,
-                        index + 1
-                    )
-                }
-                Action::Revoke { page, access, .. } if page.index == watch => {
-                    eprintln!(
-                        "[t={}] node {} revoke to {access:?}",
-                        self.now_ticks,
-                        index + 1
-                    )
-                }
-                _ => {}
-            }
-        }
+    fn apply_action(&mut self, index: usize, action: HostAction) {
         match action {
-            Action::Send(envelope) => {
+            HostAction::SendPeer(envelope) => {
                 self.counters.frames_sent += 1;
                 if self.outbox[index].is_empty() {
                     self.outbox_ready[index].notify_one();
                 }
                 self.outbox[index].push((envelope.to, envelope.encode()));
             }
-            Action::Reply { token, reply } => self.replies.push_back((index, token, reply)),
-            Action::Install {
-                page,
-                access,
-                version,
-                bytes,
-            } => {
-                self.trace
-                    .event(3, &[index as u64, page.index, access as u64, version]);
-                let entry = self.slots[index]
-                    .memory
-                    .entry(page)
-                    .or_insert_with(|| (Box::new([0u8; PAGE_SIZE_BYTES]), Access::None));
-                if let Some(bytes) = bytes {
-                    entry.0 = bytes;
+            HostAction::SendApp { conn, frame } | HostAction::Welcome { conn, frame, .. } => {
+                self.inbox.push_back((index, conn, frame))
+            }
+            HostAction::Status { .. } | HostAction::SessionEnded { .. } => {}
+            HostAction::CloseApp { conn, why } => {
+                if self.debug {
+                    eprintln!(
+                        "[t={}] node {} closes connection {conn}: {why}",
+                        self.now_ticks,
+                        index + 1
+                    );
                 }
-                entry.1 = access;
+                self.closed_by_host(index, conn)
+            }
+            HostAction::WritePage { page, bytes } => {
+                self.trace.event(3, &[index as u64, page.index]);
+                if self.debug_page == Some(page.index) {
+                    eprintln!(
+                        "[t={}] node {} writes page bytes",
+                        self.now_ticks,
+                        index + 1
+                    );
+                }
+                // No process of this node may write a page while it is being installed.
+                if let Some((pid, access)) = self.slots[index]
+                    .processes
+                    .values()
+                    .map(|p| (p.pid, p.access.get(&page).copied().unwrap_or(Access::None)))
+                    .find(|&(_, a)| a == Access::Write)
+                {
+                    self.violate(
+                        "coherence",
+                        format!(
+                            "node {} installs page {} while its process {pid} has {access:?} access",
+                            index + 1,
+                            page.index
+                        ),
+                    );
+                }
+                self.slots[index].memory.insert(page, bytes);
                 self.dirty_pages.insert(page);
             }
-            Action::SetAccess { page, access } => {
-                let entry = self.slots[index]
-                    .memory
-                    .entry(page)
-                    .or_insert_with(|| (Box::new([0u8; PAGE_SIZE_BYTES]), Access::None));
-                entry.1 = access;
-                self.dirty_pages.insert(page);
-            }
-            Action::Revoke {
-                page,
-                access,
+            HostAction::FinishRevoke {
                 token,
+                page,
                 want_bytes,
             } => {
-                // The applications keep their access until the revocation lands: they
-                // may be busy, blocked, or faulting themselves.
-                let delay = if self.params.max_revoke_delay_ticks == 0 {
-                    0
-                } else {
-                    self.rng.gen_range(0..=self.params.max_revoke_delay_ticks)
+                let bytes = want_bytes.then(|| {
+                    self.slots[index]
+                        .memory
+                        .get(&page)
+                        .cloned()
+                        .unwrap_or_else(|| Box::new([0u8; PAGE_SIZE_BYTES]))
+                });
+                self.trace.event(4, &[index as u64, page.index]);
+                if self.debug_page == Some(page.index) {
+                    eprintln!(
+                        "[t={}] node {} revocation {token} done",
+                        self.now_ticks,
+                        index + 1
+                    );
+                }
+                let now = self.now_ticks;
+                if let Some(host) = self.slots[index].host.as_mut() {
+                    host.revoke_finished(now, token, bytes);
+                }
+                self.pump(index);
+            }
+            HostAction::Probe { session, pid } => {
+                let state = match self.slots[index].processes.get(&pid) {
+                    None => ProcessState::Exited,
+                    Some(_) => ProcessState::Mapped,
                 };
-                self.revoke_seq += 1;
-                self.counters.revokes += 1;
-                self.revokes.insert(
-                    (self.now_ticks + delay, self.revoke_seq),
-                    ScheduledRevoke {
-                        node_index: index,
-                        page,
-                        access,
-                        token,
-                        want_bytes,
-                    },
-                );
-                if delay == 0 {
-                    self.run_due_revokes();
+                let now = self.now_ticks;
+                if let Some(host) = self.slots[index].host.as_mut() {
+                    host.process_state(now, session, state);
+                }
+                self.pump(index);
+            }
+            HostAction::Kill { session, pid, .. } => {
+                self.counters.processes_killed += 1;
+                self.trace.event(11, &[index as u64, pid as u64]);
+                match self.slots[index].processes.get_mut(&pid) {
+                    // A killed process runs on for a moment before it is gone.
+                    Some(process) => {
+                        process.phase = ProcPhase::Dying;
+                        let delay = self.rng.gen_range(0..20);
+                        self.schedule(delay, Scheduled::Death { node: index, pid });
+                    }
+                    None => {
+                        let now = self.now_ticks;
+                        if let Some(host) = self.slots[index].host.as_mut() {
+                            host.process_state(now, session, ProcessState::Exited);
+                        }
+                        self.pump(index);
+                    }
                 }
             }
         }
     }
 
-    fn run_due_revokes(&mut self) {
-        loop {
-            let Some((&key, _)) = self.revokes.iter().next() else {
-                return;
-            };
-            if key.0 > self.now_ticks {
-                return;
-            }
-            let revoke = self.revokes.remove(&key).expect("present");
-            let index = revoke.node_index;
-            let entry = self.slots[index]
-                .memory
-                .entry(revoke.page)
-                .or_insert_with(|| (Box::new([0u8; PAGE_SIZE_BYTES]), Access::None));
-            entry.1 = entry.1.min(revoke.access);
-            let bytes = revoke.want_bytes.then(|| entry.0.clone());
-            self.dirty_pages.insert(revoke.page);
-            self.trace
-                .event(4, &[index as u64, revoke.page.index, revoke.access as u64]);
-            if let Some(node) = self.slots[index].node.as_mut() {
-                node.handle_revoke_done(self.now_ticks, revoke.token, bytes);
-                self.pump(index);
-            }
-            self.settle();
+    /// The host closed `conn`.
+    fn closed_by_host(&mut self, index: usize, conn: ConnId) {
+        let Some((pid, _)) = self.slots[index].conns.remove(&conn) else {
+            return;
+        };
+        let Some(process) = self.slots[index].processes.get(&pid) else {
+            return;
+        };
+        match process.phase {
+            ProcPhase::Dying | ProcPhase::Hostile => {}
+            // The runtime exits when the daemon closes one of its connections.
+            _ => self.process_exits(index, pid, "connection closed by the daemon"),
         }
     }
 
     // -----------------------------------------------------------------------------
-    // Applications.
+    // Processes.
 
-    fn request(&mut self, index: usize, app: usize, kind: OpKind, request: AppRequest) {
-        let token = self.next_token;
-        self.next_token += 1;
-        self.tokens.insert(token, (index, app));
-        self.slots[index].apps[app].pending = Some(PendingOp {
-            kind,
-            token,
-            issued_tick: self.now_ticks,
-        });
+    fn send(&mut self, index: usize, conn: ConnId, request_id: u64, message: IpcMessage) {
+        let frame = encode(request_id, message);
         let now = self.now_ticks;
-        if let Some(node) = self.slots[index].node.as_mut() {
-            node.handle_request(now, token, request);
+        if let Some(host) = self.slots[index].host.as_mut() {
+            host.app_frame(now, conn, &frame);
             self.pump(index);
         }
     }
 
-    fn issue_operations(&mut self) {
+    fn open_conn(&mut self, index: usize, pid: i32, kind: ConnKind) -> ConnId {
+        let slot = &mut self.slots[index];
+        let conn = slot.next_conn;
+        slot.next_conn += 1;
+        slot.conns.insert(conn, (pid, kind));
+        let now = self.now_ticks;
+        if let Some(host) = slot.host.as_mut() {
+            host.app_connected(
+                now,
+                conn,
+                Credentials {
+                    pid,
+                    uid: 0,
+                    gid: 0,
+                },
+            );
+            self.pump(index);
+        }
+        conn
+    }
+
+    fn start_process(&mut self, index: usize) {
+        let pid = self.next_pid;
+        self.next_pid += 1;
+        self.counters.processes_started += 1;
+        self.trace.event(12, &[index as u64, pid as u64]);
+        let stalled = self.rng.gen_ratio(1, 12);
+        let max_grant_delay_ticks = if self.rng.gen_bool(0.5) {
+            0
+        } else {
+            self.rng.gen_range(0..=6)
+        };
+        let process = Process {
+            pid,
+            main: 0,
+            service: None,
+            session: None,
+            threads: Vec::new(),
+            phase: ProcPhase::Joining,
+            access: BTreeMap::new(),
+            max_revoke_delay_ticks: self.params.max_revoke_delay_ticks,
+            stalled,
+            max_grant_delay_ticks,
+            service_free_tick: 0,
+            revokes_queued: 0,
+        };
+        self.slots[index].processes.insert(pid, process);
+        let main = self.open_conn(index, pid, ConnKind::Main);
+        if let Some(p) = self.slots[index].processes.get_mut(&pid) {
+            p.main = main;
+        }
+        self.send(
+            index,
+            main,
+            1,
+            IpcMessage::Hello {
+                role: Role::Main,
+                session: 0,
+                pid: pid as u32,
+                create: true,
+                name: name_field(),
+            },
+        );
+    }
+
+    /// The process ends now: its memory mapping goes with it, then its connections
+    /// close. Its threads' operations never complete.
+    fn process_exits(&mut self, index: usize, pid: i32, why: &str) {
+        let Some(process) = self.slots[index].processes.remove(&pid) else {
+            return;
+        };
+        self.counters.processes_exited += 1;
+        self.trace.event(13, &[index as u64, pid as u64]);
+        if self.debug {
+            eprintln!(
+                "[t={}] node {} process {pid} exits: {why}",
+                self.now_ticks,
+                index + 1
+            );
+        }
+        for page in process.access.keys() {
+            self.dirty_pages.insert(*page);
+        }
+        self.forget_ops(&process);
+        self.scheduled.retain(|_, event| {
+            !matches!(event,
+                Scheduled::ApplyRevoke { node, pid: p, .. }
+                | Scheduled::ApplyGrant { node, pid: p, .. }
+                | Scheduled::Death { node, pid: p } if *node == index && *p == pid)
+        });
+        let conns: Vec<ConnId> = self.slots[index]
+            .conns
+            .iter()
+            .filter(|(_, (p, _))| *p == pid)
+            .map(|(&c, _)| c)
+            .collect();
+        let now = self.now_ticks;
+        for conn in conns {
+            self.slots[index].conns.remove(&conn);
+            if let Some(host) = self.slots[index].host.as_mut() {
+                host.app_closed(now, conn);
+            }
+            self.pump(index);
+        }
+        // A killed process's host is waiting to hear it has exited.
+        if let (Some(session), Some(host)) = (process.session, self.slots[index].host.as_mut()) {
+            host.process_state(now, session, ProcessState::Exited);
+            self.pump(index);
+        }
+        self.settle();
+    }
+
+    /// The operations of a process that died have unknown outcomes: a free may have
+    /// happened, and an allocation may have taken a recently freed block (which a
+    /// double free would then free for real).
+    fn forget_ops(&mut self, process: &Process) {
+        for thread in &process.threads {
+            if let Some(op) = thread.pending {
+                if let Some((addr, _, _)) = self.freeing.remove(&op.id) {
+                    self.limbo.insert(addr);
+                }
+                if let OpKind::Allocate { .. } = op.kind {
+                    self.recently_freed.clear();
+                }
+            }
+        }
+    }
+
+    /// Starts processes where few are attached, and ends some at random.
+    fn manage_processes(&mut self) {
         for index in 0..self.slots.len() {
-            if self.slots[index].node.is_none() {
+            if self.slots[index].host.is_none() {
                 continue;
             }
-            for app in 0..self.slots[index].apps.len() {
-                if self.counters.ops_issued >= self.params.ops {
-                    return;
-                }
-                let state = &self.slots[index].apps[app];
-                if state.pending.is_some() || state.next_op_tick > self.now_ticks {
+            let running = self.slots[index].processes.len();
+            if running < MIN_PROCESSES_PER_NODE
+                || (running < MAX_PROCESSES_PER_NODE && self.issuing && self.rng.gen_ratio(1, 4000))
+            {
+                self.start_process(index);
+            }
+            if !self.issuing {
+                continue;
+            }
+            let pids: Vec<i32> = self.slots[index].processes.keys().copied().collect();
+            for pid in pids {
+                if !self.rng.gen_ratio(END_PER_100K_TICKS, 100_000) {
                     continue;
                 }
-                self.issue_one(index, app);
+                let Some(process) = self.slots[index].processes.get(&pid) else {
+                    continue;
+                };
+                if process.phase != ProcPhase::Live {
+                    continue;
+                }
+                let main = process.main;
+                match self.rng.gen_range(0..10) {
+                    0..=3 => {
+                        // A clean detach: the host revokes everything first.
+                        self.counters.detaches += 1;
+                        self.slots[index]
+                            .processes
+                            .get_mut(&pid)
+                            .expect("listed")
+                            .phase = ProcPhase::Detaching;
+                        let id = self.next_op_id;
+                        self.next_op_id += 1;
+                        self.send(index, main, id, IpcMessage::Detach);
+                    }
+                    4..=7 => self.process_exits(index, pid, "exit"),
+                    _ => {
+                        // Closes its Main connection and goes on touching what it has.
+                        self.trace.event(14, &[index as u64, pid as u64]);
+                        // Its requests in flight will never be answered.
+                        let process = self.slots[index].processes[&pid].clone();
+                        self.forget_ops(&process);
+                        let process = self.slots[index].processes.get_mut(&pid).expect("listed");
+                        process.phase = ProcPhase::Hostile;
+                        for thread in &mut process.threads {
+                            thread.pending = None;
+                        }
+                        self.slots[index].conns.remove(&main);
+                        let now = self.now_ticks;
+                        if let Some(host) = self.slots[index].host.as_mut() {
+                            host.app_closed(now, main);
+                        }
+                        self.pump(index);
+                    }
+                }
                 self.settle();
             }
         }
     }
 
-    fn issue_one(&mut self, index: usize, app: usize) {
-        let Some(layout) = self.slots[index].space.clone() else {
-            // Node 1's first application creates the space; the others join it.
-            if index == 0 && app == 0 {
-                self.request(
-                    index,
-                    app,
-                    OpKind::JoinSpace,
-                    AppRequest::CreateSpace {
-                        name: SPACE_NAME.into(),
-                        base_addr: SPACE_BASE_ADDR,
-                        size_bytes: SPACE_SIZE_BYTES,
-                        chunk_size_bytes: CHUNK_SIZE_BYTES,
-                        flexible_base: false,
-                    },
-                );
-            } else if app == 0 {
-                self.request(
-                    index,
-                    app,
-                    OpKind::JoinSpace,
-                    AppRequest::LookupSpace {
-                        name: SPACE_NAME.into(),
-                    },
-                );
+    fn run_scheduled(&mut self) {
+        loop {
+            let Some((&key, _)) = self.scheduled.iter().next() else {
+                return;
+            };
+            if key.0 > self.now_ticks {
+                return;
             }
+            let event = self.scheduled.remove(&key).expect("present");
+            match event {
+                Scheduled::ApplyRevoke {
+                    node,
+                    pid,
+                    addr,
+                    len,
+                    access,
+                    token,
+                } => {
+                    if let Some(p) = self.slots[node].processes.get_mut(&pid) {
+                        p.revokes_queued -= 1;
+                    }
+                    self.apply_revoke(node, pid, addr, len, access, token)
+                }
+                Scheduled::ApplyGrant {
+                    node,
+                    pid,
+                    thread,
+                    page_addr,
+                    pages,
+                    write,
+                    op_id,
+                } => self.apply_grant(node, pid, thread, page_addr, pages, write, op_id),
+                Scheduled::Death { node, pid } => self.process_exits(node, pid, "killed"),
+            }
+            self.settle();
+        }
+    }
+
+    fn pages_of(&self, index: usize, addr: u64, len: u64) -> Vec<PageId> {
+        let Some(layout) = self.slots[index].space.as_ref() else {
+            return Vec::new();
+        };
+        let pages = len.div_ceil(PAGE_SIZE_BYTES as u64);
+        (0..pages)
+            .filter_map(|i| layout.page_of(addr + i * PAGE_SIZE_BYTES as u64))
+            .collect()
+    }
+
+    fn apply_revoke(
+        &mut self,
+        index: usize,
+        pid: i32,
+        addr: u64,
+        len: u64,
+        access: Access,
+        token: u64,
+    ) {
+        let pages = self.pages_of(index, addr, len);
+        let Some(process) = self.slots[index].processes.get_mut(&pid) else {
             return;
         };
-        self.counters.ops_issued += 1;
-        let space = layout.id;
+        // mprotect sets the protection: what is left is exactly `access`.
+        for page in &pages {
+            if access == Access::None {
+                process.access.remove(page);
+            } else {
+                process.access.insert(*page, access);
+            }
+            if self.debug_page == Some(page.index) {
+                eprintln!(
+                    "[t={}] node {} process {pid} revoked to {access:?}",
+                    self.now_ticks,
+                    index + 1
+                );
+            }
+        }
+        let service = process.service;
+        let alive = process.phase != ProcPhase::Dying;
+        for page in pages {
+            self.dirty_pages.insert(page);
+        }
+        self.counters.revokes += 1;
+        self.trace
+            .event(15, &[index as u64, pid as u64, addr, access as u64]);
+        if let (Some(service), true) = (service, alive) {
+            if self.slots[index].conns.contains_key(&service) {
+                self.send(index, service, 0, IpcMessage::RevokeDone { token });
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn apply_grant(
+        &mut self,
+        index: usize,
+        pid: i32,
+        thread: usize,
+        page_addr: u64,
+        pages: u32,
+        write: bool,
+        op_id: u64,
+    ) {
+        let page_list = self.pages_of(index, page_addr, pages as u64 * PAGE_SIZE_BYTES as u64);
+        let Some(process) = self.slots[index].processes.get_mut(&pid) else {
+            return;
+        };
+        let access = if write { Access::Write } else { Access::Read };
+        for page in &page_list {
+            process.access.insert(*page, access);
+            if self.debug_page == Some(page.index) {
+                eprintln!(
+                    "[t={}] node {} process {pid} granted {access:?}",
+                    self.now_ticks,
+                    index + 1
+                );
+            }
+        }
+        let conn = process.threads[thread].conn;
+        for page in page_list {
+            self.dirty_pages.insert(page);
+        }
+        self.trace
+            .event(16, &[index as u64, pid as u64, page_addr, access as u64]);
+        if self.slots[index].conns.contains_key(&conn) {
+            self.send(
+                index,
+                conn,
+                0,
+                IpcMessage::GrantApplied { page_addr, pages },
+            );
+        }
+        // The faulting instruction runs again.
+        let pending = self.slots[index]
+            .processes
+            .get(&pid)
+            .and_then(|p| p.threads[thread].pending);
+        if let Some(op) = pending.filter(|op| op.id == op_id) {
+            self.access(index, pid, thread, op, true);
+        }
+    }
+
+    // -----------------------------------------------------------------------------
+    // Frames from hosts to processes.
+
+    fn settle(&mut self) {
+        let mut steps = 0;
+        while let Some((index, conn, frame)) = self.inbox.pop_front() {
+            steps += 1;
+            if steps > MAX_SETTLE_STEPS {
+                self.inbox.clear();
+                self.violate(
+                    "liveness",
+                    "replies and faults cycle without progress (a grant the memory does not show)"
+                        .into(),
+                );
+                return;
+            }
+            self.on_frame(index, conn, &frame);
+        }
+    }
+
+    fn on_frame(&mut self, index: usize, conn: ConnId, frame: &Frame) {
+        let Some(&(pid, kind)) = self.slots[index].conns.get(&conn) else {
+            return;
+        };
+        let Ok((request_id, message)) = IpcMessage::decode(frame) else {
+            self.violate(
+                "protocol",
+                format!("node {} sent an undecodable frame", index + 1),
+            );
+            return;
+        };
+        if self.debug {
+            eprintln!(
+                "[t={} node {}] to process {pid} {kind:?}: {message:?} (request {request_id})",
+                self.now_ticks,
+                index + 1
+            );
+        }
+        let Some(process) = self.slots[index].processes.get(&pid) else {
+            return;
+        };
+        let phase = process.phase;
+        match (kind, message) {
+            (ConnKind::Main, IpcMessage::Welcome { session, .. }) => {
+                self.on_welcome(index, pid, session);
+            }
+            (ConnKind::Main, IpcMessage::Error { code, .. }) if phase == ProcPhase::Joining => {
+                // Not yet joinable (no leader, a fenced node): try again later.
+                let _ = code;
+                self.process_exits(index, pid, "attach refused");
+            }
+            (ConnKind::Main, IpcMessage::Pong) if phase == ProcPhase::Detaching => {
+                let held: Vec<(PageId, Access)> = process
+                    .access
+                    .iter()
+                    .filter(|(_, &a)| a != Access::None)
+                    .map(|(&p, &a)| (p, a))
+                    .collect();
+                if let Some((page, access)) = held.first() {
+                    self.violate(
+                        "coherence",
+                        format!(
+                            "node {} answered a detach while process {pid} still had {access:?} on page {}",
+                            index + 1,
+                            page.index
+                        ),
+                    );
+                }
+                self.process_exits(index, pid, "detached");
+            }
+            (ConnKind::Service, IpcMessage::Pong) => {}
+            (
+                ConnKind::Service,
+                IpcMessage::Revoke {
+                    addr,
+                    len,
+                    access,
+                    token,
+                },
+            ) => {
+                let Some(access) = Access::from_u8(access) else {
+                    self.violate("protocol", format!("revocation to access {access}"));
+                    return;
+                };
+                let delay = if process.stalled {
+                    STALL_TICKS
+                } else if process.max_revoke_delay_ticks == 0 {
+                    0
+                } else {
+                    self.rng.gen_range(0..=process.max_revoke_delay_ticks)
+                };
+                // In order: not before the revocations received earlier.
+                let due = (self.now_ticks + delay).max(process.service_free_tick);
+                let delay = due - self.now_ticks;
+                let queued = process.revokes_queued;
+                if let Some(p) = self.slots[index].processes.get_mut(&pid) {
+                    p.service_free_tick = due;
+                    if delay > 0 || queued > 0 {
+                        p.revokes_queued += 1;
+                    }
+                }
+                let event = Scheduled::ApplyRevoke {
+                    node: index,
+                    pid,
+                    addr,
+                    len,
+                    access,
+                    token,
+                };
+                if delay == 0 && queued == 0 {
+                    self.apply_revoke(index, pid, addr, len, access, token);
+                } else {
+                    self.schedule(delay, event);
+                }
+            }
+            (ConnKind::Thread(thread), IpcMessage::Pong) => {
+                if let Some(p) = self.slots[index].processes.get_mut(&pid) {
+                    p.threads[thread].ready = true;
+                }
+            }
+            (ConnKind::Thread(thread), reply) => {
+                self.on_reply(index, pid, thread, request_id, reply)
+            }
+            (kind, message) => self.violate(
+                "protocol",
+                format!(
+                    "node {} sent {message:?} on a {kind:?} connection",
+                    index + 1
+                ),
+            ),
+        }
+    }
+
+    fn on_welcome(&mut self, index: usize, pid: i32, session: SessionId) {
+        if self.slots[index].space.is_none() {
+            let layout = self.slots[index]
+                .host
+                .as_ref()
+                .and_then(|h| h.node().meta().space_by_name(SPACE_NAME).cloned());
+            self.slots[index].space = layout;
+        }
+        let threads = self.params.threads_per_process;
+        if let Some(process) = self.slots[index].processes.get_mut(&pid) {
+            process.session = Some(session);
+            process.phase = ProcPhase::Live;
+        }
+        let service = self.open_conn(index, pid, ConnKind::Service);
+        if let Some(process) = self.slots[index].processes.get_mut(&pid) {
+            process.service = Some(service);
+        }
+        self.send(
+            index,
+            service,
+            2,
+            IpcMessage::Hello {
+                role: Role::Service,
+                session,
+                pid: pid as u32,
+                create: false,
+                name: [0u8; IPC_NAME_BYTES],
+            },
+        );
+        for thread in 0..threads {
+            let conn = self.open_conn(index, pid, ConnKind::Thread(thread));
+            let Some(process) = self.slots[index].processes.get_mut(&pid) else {
+                return;
+            };
+            process.threads.push(Thread {
+                conn,
+                ready: false,
+                pending: None,
+                next_op_tick: 0,
+            });
+            self.send(
+                index,
+                conn,
+                3,
+                IpcMessage::Hello {
+                    role: Role::Thread,
+                    session,
+                    pid: pid as u32,
+                    create: false,
+                    name: [0u8; IPC_NAME_BYTES],
+                },
+            );
+        }
+    }
+
+    // -----------------------------------------------------------------------------
+    // Operations.
+
+    fn issue_operations(&mut self) {
+        for index in 0..self.slots.len() {
+            if self.slots[index].host.is_none() || self.slots[index].space.is_none() {
+                continue;
+            }
+            let pids: Vec<i32> = self.slots[index].processes.keys().copied().collect();
+            for pid in pids {
+                let threads = self.slots[index]
+                    .processes
+                    .get(&pid)
+                    .map_or(0, |p| p.threads.len());
+                for thread in 0..threads {
+                    if self.counters.ops_issued >= self.params.ops {
+                        return;
+                    }
+                    let Some(process) = self.slots[index].processes.get(&pid) else {
+                        break;
+                    };
+                    let state = &process.threads[thread];
+                    let can = match process.phase {
+                        ProcPhase::Live => state.ready,
+                        // Without its connection only what it holds is reachable.
+                        ProcPhase::Hostile | ProcPhase::Dying => true,
+                        ProcPhase::Joining | ProcPhase::Detaching => false,
+                    };
+                    if !can || state.pending.is_some() || state.next_op_tick > self.now_ticks {
+                        continue;
+                    }
+                    self.issue_one(index, pid, thread);
+                    self.settle();
+                }
+            }
+        }
+    }
+
+    fn new_op(&mut self, index: usize, pid: i32, thread: usize, kind: OpKind) -> PendingOp {
+        let op = PendingOp {
+            kind,
+            id: self.next_op_id,
+            issued_tick: self.now_ticks,
+        };
+        self.next_op_id += 1;
+        if let Some(process) = self.slots[index].processes.get_mut(&pid) {
+            process.threads[thread].pending = Some(op);
+        }
+        op
+    }
+
+    fn issue_one(&mut self, index: usize, pid: i32, thread: usize) {
+        let phase = self.slots[index].processes[&pid].phase;
+        let conn = self.slots[index].processes[&pid].threads[thread].conn;
+        let Some(layout) = self.slots[index].space.clone() else {
+            return;
+        };
+        let connected = phase == ProcPhase::Live;
         let roll: u32 = self.rng.gen_range(0..100);
         let have_blocks = !self.published.is_empty();
+        if !connected {
+            // A process without its daemon touches only pages it can already access.
+            if !have_blocks {
+                return;
+            }
+            let addr = self.pick_word();
+            let Some(page) = layout.page_of(addr) else {
+                return;
+            };
+            let have = self.slots[index].processes[&pid]
+                .access
+                .get(&page)
+                .copied()
+                .unwrap_or(Access::None);
+            let kind = match have {
+                Access::Write if self.rng.gen_bool(0.5) => OpKind::Write {
+                    addr,
+                    value: (self.counters.ops_issued << 8) | (index as u64 + 1),
+                },
+                Access::None => return,
+                _ => OpKind::Read { addr },
+            };
+            self.counters.ops_issued += 1;
+            let op = self.new_op(index, pid, thread, kind);
+            self.access(index, pid, thread, op, false);
+            return;
+        }
+        self.counters.ops_issued += 1;
         if roll < 14 || !have_blocks {
             let size_bytes = match self.rng.gen_range(0..100) {
                 0..=1 => self.rng.gen_range(CHUNK_SIZE_BYTES..3 * CHUNK_SIZE_BYTES),
                 2..=9 => self.rng.gen_range(512..8192),
                 _ => self.rng.gen_range(8..512),
             };
-            self.request(
+            let op = self.new_op(index, pid, thread, OpKind::Allocate { size_bytes });
+            self.send(
                 index,
-                app,
-                OpKind::Allocate { size_bytes },
-                AppRequest::Allocate {
-                    space,
+                conn,
+                op.id,
+                IpcMessage::Allocate {
                     size_bytes,
                     align_bytes: 16,
                 },
@@ -511,28 +1163,36 @@ impl World {
             let pick = self.rng.gen_range(0..self.published.len());
             let addr = self.published.swap_remove(pick);
             let block = self.live.remove(&addr);
-            self.request(
+            let op = self.new_op(
                 index,
-                app,
+                pid,
+                thread,
                 OpKind::Free {
                     addr,
                     expect_valid: true,
                 },
-                AppRequest::Free { space, addr },
             );
             if let Some((len, owner)) = block {
-                self.freeing.insert(self.next_token - 1, (addr, len, owner));
+                self.freeing.insert(op.id, (addr, len, owner));
             }
+            self.send(index, conn, op.id, IpcMessage::Free { addr });
         } else if roll < 25 {
             // A double free or a wild free (inside a live block). Only of blocks this
             // node carved: a remote one could be reallocated while the bad free is in
             // flight, which is a bug of the application, not of gallocy.
             let node_id = index as NodeId + 1;
+            // Not a block the node has handed out again to an allocation whose process
+            // died before hearing of it (a local free runs at once: no race).
+            let allocator = self.slots[index]
+                .host
+                .as_ref()
+                .and_then(|h| h.node().allocator(layout.id));
             let double = self.recently_freed.iter().rev().copied().find(|a| {
                 !self.live.contains_key(a)
                     && !self.limbo.contains(a)
                     && !self.freeing.values().any(|f| f.0 == *a)
                     && self.owner_of(*a) == Some(node_id)
+                    && allocator.is_some_and(|al| al.size_of(*a).is_none())
             });
             let wild = self.published.iter().copied().find(|a| {
                 self.live
@@ -547,15 +1207,16 @@ impl World {
                     return;
                 }
             };
-            self.request(
+            let op = self.new_op(
                 index,
-                app,
+                pid,
+                thread,
                 OpKind::Free {
                     addr,
                     expect_valid: false,
                 },
-                AppRequest::Free { space, addr },
             );
+            self.send(index, conn, op.id, IpcMessage::Free { addr });
         } else {
             let addr = self.pick_word();
             let write = self.rng.gen_bool(0.5);
@@ -565,20 +1226,22 @@ impl World {
             } else {
                 OpKind::Read { addr }
             };
-            self.access(index, app, kind, None);
+            let op = self.new_op(index, pid, thread, kind);
+            self.access(index, pid, thread, op, false);
         }
     }
 
-    /// The node whose chunk holds `addr`, per node 1's view of the lease table.
+    /// The node whose chunk holds `addr`, per the first live node's lease table.
     fn owner_of(&self, addr: u64) -> Option<NodeId> {
         let slot = self
             .slots
             .iter()
-            .find(|s| s.node.is_some() && s.space.is_some())?;
+            .find(|s| s.host.is_some() && s.space.is_some())?;
         let layout = slot.space.as_ref()?;
         let chunk = layout.chunk_of_addr(addr)?;
-        slot.node
+        slot.host
             .as_ref()?
+            .node()
             .meta()
             .chunk(layout.id, chunk)
             .map(|r| r.lessee)
@@ -598,47 +1261,54 @@ impl World {
         start + self.rng.gen_range(0..words) * WORD_BYTES
     }
 
-    /// Performs a read or write if the node's applications have access; otherwise
-    /// faults to the node and retries on the grant.
-    fn access(&mut self, index: usize, app: usize, kind: OpKind, token: Option<AppToken>) {
-        let layout = self.slots[index].space.clone().expect("joined");
-        let (addr, need) = match kind {
+    /// Performs a read or write if the process has access; otherwise the thread
+    /// faults to its host and retries once the grant is applied.
+    fn access(&mut self, index: usize, pid: i32, thread: usize, op: PendingOp, retry: bool) {
+        let Some(layout) = self.slots[index].space.clone() else {
+            return;
+        };
+        let (addr, need) = match op.kind {
             OpKind::Read { addr } => (addr, Access::Read),
             OpKind::Write { addr, .. } => (addr, Access::Write),
             _ => unreachable!("not an access"),
         };
         let page = layout.page_of(addr).expect("address in space");
         let offset = ((addr - layout.base_addr) % PAGE_SIZE_BYTES as u64) as usize;
-        let have = self.slots[index]
-            .memory
-            .get(&page)
-            .map_or(Access::None, |e| e.1);
+        let Some(process) = self.slots[index].processes.get(&pid) else {
+            return;
+        };
+        let have = process.access.get(&page).copied().unwrap_or(Access::None);
         if have < need {
-            if let Some(token) = token {
-                self.tokens.remove(&token);
+            if process.phase != ProcPhase::Live {
+                // Nobody to fault to: the operation ends here (a real program would
+                // crash or exit; the workload just moves on).
+                self.finish_op(index, pid, thread);
+                return;
             }
+            let _ = retry;
+            let conn = process.threads[thread].conn;
             self.counters.faults_requested += 1;
-            self.request(
+            self.send(
                 index,
-                app,
-                kind,
-                AppRequest::Fault {
-                    space: layout.id,
+                conn,
+                op.id,
+                IpcMessage::Fault {
                     addr,
-                    access: need,
+                    write: need == Access::Write,
+                    pages: 1,
                 },
             );
             return;
         }
-        if let Some(token) = token {
-            self.tokens.remove(&token);
-        }
-        let memory = &mut self.slots[index].memory.get_mut(&page).expect("present").0;
+        let memory = self.slots[index]
+            .memory
+            .entry(page)
+            .or_insert_with(|| Box::new([0u8; PAGE_SIZE_BYTES]));
         let truth = self
             .truth
             .entry(page)
             .or_insert_with(|| Box::new([0u8; PAGE_SIZE_BYTES]));
-        match kind {
+        match op.kind {
             OpKind::Read { .. } => {
                 let mut word = [0u8; 8];
                 word.copy_from_slice(&memory[offset..offset + 8]);
@@ -652,7 +1322,7 @@ impl World {
                     self.violate(
                         "memory consistency",
                         format!(
-                            "node {} read {value:#x} at {addr:#x} but the latest write was {expected:#x}",
+                            "process {pid} on node {} read {value:#x} at {addr:#x} but the latest write was {expected:#x}",
                             index + 1
                         ),
                     );
@@ -667,98 +1337,70 @@ impl World {
             }
             _ => unreachable!(),
         }
-        self.finish_op(index, app);
+        self.finish_op(index, pid, thread);
     }
 
-    fn finish_op(&mut self, index: usize, app: usize) {
+    fn finish_op(&mut self, index: usize, pid: i32, thread: usize) {
         self.counters.ops_completed += 1;
         let think = self.rng.gen_range(0..10);
-        let state = &mut self.slots[index].apps[app];
-        state.pending = None;
-        state.next_op_tick = self.now_ticks + think;
-    }
-
-    fn settle(&mut self) {
-        let mut steps = 0;
-        while let Some((index, token, reply)) = self.replies.pop_front() {
-            steps += 1;
-            if steps > MAX_SETTLE_STEPS {
-                self.replies.clear();
-                self.violate(
-                    "liveness",
-                    "replies and faults cycle without progress (a grant the memory does not show)"
-                        .into(),
-                );
-                return;
-            }
-            self.on_reply(index, token, reply);
+        if let Some(process) = self.slots[index].processes.get_mut(&pid) {
+            let state = &mut process.threads[thread];
+            state.pending = None;
+            state.next_op_tick = self.now_ticks + think;
         }
     }
 
-    fn on_reply(&mut self, index: usize, token: AppToken, reply: AppReply) {
-        let Some(&(owner, app)) = self.tokens.get(&token) else {
-            self.violate("protocol", format!("reply to unknown token {token}"));
+    fn on_reply(
+        &mut self,
+        index: usize,
+        pid: i32,
+        thread: usize,
+        request_id: u64,
+        reply: IpcMessage,
+    ) {
+        let Some(process) = self.slots[index].processes.get(&pid) else {
             return;
         };
-        if owner != index {
+        let Some(pending) = process.threads[thread].pending else {
+            return;
+        };
+        if pending.id != request_id {
             self.violate(
                 "protocol",
-                format!("node {} answered node {}'s request", index + 1, owner + 1),
+                format!(
+                    "reply to request {request_id}, thread waits for {}",
+                    pending.id
+                ),
             );
             return;
         }
-        let Some(pending) = self.slots[index].apps[app].pending else {
-            return;
-        };
-        if pending.token != token {
-            self.violate("protocol", format!("reply to a stale token {token}"));
-            return;
-        }
-        self.trace.event(7, &[index as u64, token]);
+        self.trace.event(7, &[index as u64, request_id]);
         if self.debug {
-            eprintln!(
-                "[t={} node {}] {:?} -> {:?}",
-                self.now_ticks,
-                index + 1,
-                pending.kind,
-                reply
-            );
+            eprintln!("    (request {request_id} was {:?})", pending.kind);
         }
-        if let AppReply::Error(error) = reply {
-            self.tokens.remove(&token);
-            self.on_error(index, token, pending.kind, error);
-            if self.slots[index].space.is_none() {
-                // Joining failed (not created yet): try again later.
-                let state = &mut self.slots[index].apps[app];
-                state.pending = None;
-                state.next_op_tick = self.now_ticks + 20;
-                return;
+        if let IpcMessage::Error { code, detail } = reply {
+            // A detaching process's last requests are refused: it is leaving.
+            let leaving = process.phase != ProcPhase::Live;
+            if !(leaving && code == ErrorCode::NotAttached) {
+                self.on_error(index, pending, code, detail);
             }
-            self.finish_op(index, app);
+            self.finish_op(index, pid, thread);
             return;
         }
         match (pending.kind, reply) {
-            (OpKind::JoinSpace, AppReply::Space(layout)) => {
-                self.tokens.remove(&token);
-                self.slots[index].space = Some(layout);
-                let state = &mut self.slots[index].apps[app];
-                state.pending = None;
-            }
             (
                 OpKind::Allocate { size_bytes },
-                AppReply::Allocated {
+                IpcMessage::Allocated {
                     addr,
                     size_bytes: got,
                 },
             ) => {
-                self.tokens.remove(&token);
                 self.check_allocation(index, addr, size_bytes, got);
                 self.counters.allocations += 1;
-                self.finish_op(index, app);
+                self.finish_op(index, pid, thread);
             }
-            (OpKind::Free { addr, expect_valid }, AppReply::Freed) => {
-                self.tokens.remove(&token);
-                match self.freeing.remove(&token) {
+            (OpKind::Free { addr, expect_valid }, IpcMessage::Freed) => {
+                match self.freeing.remove(&pending.id) {
                     Some((_, _, owner)) if expect_valid => {
                         self.counters.frees += 1;
                         if self.recently_freed.len() >= 64 {
@@ -776,10 +1418,35 @@ impl World {
                         ),
                     ),
                 }
-                self.finish_op(index, app);
+                self.finish_op(index, pid, thread);
             }
-            (kind @ (OpKind::Read { .. } | OpKind::Write { .. }), AppReply::Granted { .. }) => {
-                self.access(index, app, kind, Some(token));
+            (
+                OpKind::Read { .. } | OpKind::Write { .. },
+                IpcMessage::Granted {
+                    page_addr,
+                    write,
+                    pages,
+                },
+            ) => {
+                let delay = if process.max_grant_delay_ticks == 0 {
+                    0
+                } else {
+                    self.rng.gen_range(0..=process.max_grant_delay_ticks)
+                };
+                let event = Scheduled::ApplyGrant {
+                    node: index,
+                    pid,
+                    thread,
+                    page_addr,
+                    pages,
+                    write,
+                    op_id: pending.id,
+                };
+                if delay == 0 {
+                    self.apply_grant(index, pid, thread, page_addr, pages, write, pending.id);
+                } else {
+                    self.schedule(delay, event);
+                }
             }
             (kind, reply) => {
                 self.violate(
@@ -790,16 +1457,15 @@ impl World {
         }
     }
 
-    fn on_error(&mut self, index: usize, token: AppToken, kind: OpKind, error: AppError) {
-        match (kind, error) {
-            (_, AppError::PageLost) => self.counters.page_lost += 1,
-            (_, AppError::NodeDown(_)) => self.counters.node_down_errors += 1,
-            (_, AppError::Evicted) => self.counters.evicted_errors += 1,
-            (_, AppError::NotMapped) => self.counters.not_mapped += 1,
-            (_, AppError::OutOfMemory) => self.counters.out_of_memory += 1,
-            (_, AppError::Busy) => self.counters.busy += 1,
-            (OpKind::JoinSpace, AppError::UnknownSpace) => {}
-            (OpKind::Free { addr, expect_valid }, AppError::InvalidFree) => {
+    fn on_error(&mut self, index: usize, op: PendingOp, code: ErrorCode, detail: u64) {
+        match (op.kind, code) {
+            (_, ErrorCode::PageLost) => self.counters.page_lost += 1,
+            (_, ErrorCode::NodeDown) => self.counters.node_down_errors += 1,
+            (_, ErrorCode::Evicted) => self.counters.evicted_errors += 1,
+            (_, ErrorCode::NotMapped) => self.counters.not_mapped += 1,
+            (_, ErrorCode::OutOfMemory) => self.counters.out_of_memory += 1,
+            (_, ErrorCode::Busy) => self.counters.busy += 1,
+            (OpKind::Free { addr, expect_valid }, ErrorCode::InvalidFree) => {
                 if expect_valid {
                     self.violate(
                         "allocation safety",
@@ -808,9 +1474,12 @@ impl World {
                 }
                 self.counters.invalid_frees_rejected += 1;
             }
-            (kind, error) => self.violate(
+            (kind, code) => self.violate(
                 "protocol",
-                format!("node {} failed {kind:?} with {error:?}", index + 1),
+                format!(
+                    "node {} failed {kind:?} with {code:?} ({detail})",
+                    index + 1
+                ),
             ),
         }
         // A free refused as Busy was never sent: the block is still live. After Evicted
@@ -819,10 +1488,10 @@ impl World {
         if let OpKind::Free {
             addr,
             expect_valid: true,
-        } = kind
+        } = op.kind
         {
-            if let Some((_, len, owner)) = self.freeing.remove(&token) {
-                if error == AppError::Busy {
+            if let Some((_, len, owner)) = self.freeing.remove(&op.id) {
+                if code == ErrorCode::Busy {
                     self.live.insert(addr, (len, owner));
                     self.published.push(addr);
                 } else {
@@ -858,8 +1527,8 @@ impl World {
             if other == index {
                 continue;
             }
-            if let Some(node) = slot.node.as_ref() {
-                if node.allocator(space).is_some_and(|a| a.owns(addr)) {
+            if let Some(host) = slot.host.as_ref() {
+                if host.node().allocator(space).is_some_and(|a| a.owns(addr)) {
                     let detail = format!(
                         "chunk of {addr:#x} is carved by node {node_id} and node {}",
                         other + 1
@@ -877,56 +1546,61 @@ impl World {
     // -----------------------------------------------------------------------------
     // Checkers.
 
-    /// Coherence safety over the pages touched since the last check.
+    /// Coherence safety over the pages touched since the last check, at process level:
+    /// no process may hold write access to a page while a process of another node holds
+    /// any access to it, and every process that can access a page sees its latest bytes.
+    /// (Processes of one node share the node's memory, so they may all write.)
     pub fn check_coherence(&mut self) {
         let dirty = std::mem::take(&mut self.dirty_pages);
         for page in dirty {
-            let mut writers = Vec::new();
-            let mut readers = Vec::new();
+            let mut writers: Vec<(usize, i32)> = Vec::new();
+            let mut readers: Vec<(usize, i32)> = Vec::new();
             for (index, slot) in self.slots.iter().enumerate() {
-                if slot.node.is_none() {
+                if slot.host.is_none() {
                     continue;
                 }
-                let Some((bytes, access)) = slot.memory.get(&page) else {
-                    continue;
-                };
-                match access {
-                    Access::Write => writers.push(index + 1),
-                    Access::Read => readers.push(index + 1),
-                    Access::None => continue,
+                for process in slot.processes.values() {
+                    let access = process.access.get(&page).copied().unwrap_or(Access::None);
+                    match access {
+                        Access::Write => writers.push((index + 1, process.pid)),
+                        Access::Read => readers.push((index + 1, process.pid)),
+                        Access::None => continue,
+                    }
+                    let bytes = slot.memory.get(&page);
+                    let current = match (self.truth.get(&page), bytes) {
+                        (Some(truth), Some(bytes)) => bytes[..] == truth[..],
+                        (Some(truth), None) => truth.iter().all(|&b| b == 0),
+                        (None, Some(bytes)) => bytes.iter().all(|&b| b == 0),
+                        (None, None) => true,
+                    };
+                    if !current {
+                        let detail = format!(
+                            "process {} on node {} can access page {} of space {} ({access:?}) holding stale bytes",
+                            process.pid,
+                            index + 1,
+                            page.index,
+                            page.space
+                        );
+                        self.violate("coherence", detail);
+                        return;
+                    }
                 }
-                let truth = self.truth.get(&page);
-                let current = match truth {
-                    Some(truth) => bytes[..] == truth[..],
-                    None => bytes.iter().all(|&b| b == 0),
-                };
-                if !current {
-                    let detail = format!(
-                        "node {} can access page {} of space {} ({access:?}) holding stale bytes",
-                        index + 1,
-                        page.index,
-                        page.space
+            }
+            if let Some(&(node, pid)) = writers.first() {
+                let other = writers
+                    .iter()
+                    .chain(readers.iter())
+                    .find(|&&(n, _)| n != node);
+                if let Some(&(other_node, other_pid)) = other {
+                    self.violate(
+                        "coherence",
+                        format!(
+                            "page {} writable by process {pid} on node {node} while process {other_pid} on node {other_node} can access it",
+                            page.index
+                        ),
                     );
-                    self.violate("coherence", detail);
                     return;
                 }
-            }
-            if writers.len() > 1 {
-                self.violate(
-                    "coherence",
-                    format!("page {} writable on nodes {writers:?}", page.index),
-                );
-                return;
-            }
-            if !writers.is_empty() && !readers.is_empty() {
-                self.violate(
-                    "coherence",
-                    format!(
-                        "page {} writable on node {} and readable on {readers:?}",
-                        page.index, writers[0]
-                    ),
-                );
-                return;
             }
         }
     }
@@ -936,13 +1610,13 @@ impl World {
         let mut owners: BTreeMap<(SpaceId, u64), usize> = BTreeMap::new();
         let mut problem: Option<String> = None;
         'scan: for (index, slot) in self.slots.iter().enumerate() {
-            let Some(node) = slot.node.as_ref() else {
+            let Some(host) = slot.host.as_ref() else {
                 continue;
             };
             let Some(layout) = slot.space.as_ref() else {
                 continue;
             };
-            let Some(allocator) = node.allocator(layout.id) else {
+            let Some(allocator) = host.node().allocator(layout.id) else {
                 continue;
             };
             if let Err(why) = allocator.check_invariants() {
@@ -971,9 +1645,10 @@ impl World {
         }
         // Every node's replicated chunk table agrees with the carving nodes.
         for slot in &self.slots {
-            let Some(node) = slot.node.as_ref() else {
+            let Some(host) = slot.host.as_ref() else {
                 continue;
             };
+            let node = host.node();
             for (&(space, chunk), &owner) in &owners {
                 if problem.is_some() {
                     break;
@@ -996,33 +1671,35 @@ impl World {
         }
     }
 
-    /// Operations still waiting, on nodes that are alive: (node, issued tick).
+    /// Operations still waiting, in processes that can still complete them (attached,
+    /// on live nodes): (node, issued tick).
     pub fn pending_ops(&self) -> Vec<(usize, u64)> {
-        if self.debug {
-            for (index, slot) in self.slots.iter().enumerate() {
-                for app in &slot.apps {
-                    if let (Some(op), Some(node)) = (app.pending, slot.node.as_ref()) {
-                        eprintln!(
-                            "pending on node {}: {:?} since {} (fenced {}, leader {:?}, term {})",
-                            index + 1,
-                            op.kind,
-                            op.issued_tick,
-                            node.is_fenced(),
-                            node.leader_id(),
-                            node.term()
-                        );
-                    }
-                }
-            }
-        }
         let mut pending = Vec::new();
         for (index, slot) in self.slots.iter().enumerate() {
-            if slot.node.is_none() {
+            let Some(host) = slot.host.as_ref() else {
                 continue;
-            }
-            for app in &slot.apps {
-                if let Some(op) = app.pending {
-                    pending.push((index + 1, op.issued_tick));
+            };
+            for process in slot.processes.values() {
+                if process.phase != ProcPhase::Live {
+                    continue;
+                }
+                for thread in &process.threads {
+                    if let Some(op) = thread.pending {
+                        if self.debug {
+                            let node = host.node();
+                            eprintln!(
+                                "pending on node {} process {}: {:?} since {} (fenced {}, leader {:?}, term {})",
+                                index + 1,
+                                process.pid,
+                                op.kind,
+                                op.issued_tick,
+                                node.is_fenced(),
+                                node.leader_id(),
+                                node.term()
+                            );
+                        }
+                        pending.push((index + 1, op.issued_tick));
+                    }
                 }
             }
         }
@@ -1032,61 +1709,10 @@ impl World {
     pub fn all_joined(&self) -> bool {
         self.slots
             .iter()
-            .all(|s| s.node.is_none() || s.space.is_some())
+            .all(|s| s.host.is_none() || s.space.is_some())
     }
 
     pub fn node_count(&self) -> usize {
         self.slots.len()
-    }
-}
-
-fn debug_page_of(message: &gallocy_core::PeerMessage) -> Option<u64> {
-    use gallocy_core::PeerMessage as M;
-    match message {
-        M::PageRequest { page, .. }
-        | M::PageGrant { page, .. }
-        | M::PageDenied { page, .. }
-        | M::Invalidate { page, .. }
-        | M::InvalidateAck { page, .. }
-        | M::Recall { page, .. }
-        | M::RecallAck { page, .. } => Some(page.index),
-        _ => None,
-    }
-}
-
-/// A message without its page bytes, for debug output.
-struct Brief<'a>(&'a gallocy_core::PeerMessage);
-
-impl std::fmt::Debug for Brief<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        use gallocy_core::PeerMessage as M;
-        match self.0 {
-            M::PageGrant {
-                request_id,
-                seq,
-                mode,
-                version,
-                base_version,
-                bytes,
-                ..
-            } => write!(
-                f,
-                "Grant req={request_id} seq={seq} {mode:?} v{version} base={base_version} bytes={}",
-                bytes.is_some()
-            ),
-            M::RecallAck {
-                seq,
-                version,
-                bytes,
-                ..
-            } => {
-                write!(
-                    f,
-                    "RecallAck seq={seq} v{version} bytes={}",
-                    bytes.is_some()
-                )
-            }
-            other => write!(f, "{other:?}"),
-        }
     }
 }
