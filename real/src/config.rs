@@ -118,7 +118,7 @@ pub struct DaemonConfig {
 /// Default of `DaemonConfig::revoke_timeout_ms`.
 pub const DEFAULT_REVOKE_TIMEOUT_MS: u64 = 2000;
 /// Default of `DaemonConfig::down_after_ms`.
-pub const DEFAULT_DOWN_AFTER_MS: u64 = 4000;
+pub const DEFAULT_DOWN_AFTER_MS: u64 = 6000;
 
 fn default_revoke_timeout_ms() -> u64 {
     DEFAULT_REVOKE_TIMEOUT_MS
@@ -172,6 +172,15 @@ impl DaemonConfig {
     pub fn host_config(&self, owner_uid: u32) -> HostConfig {
         let mut node = Config::new(self.node_id, self.members());
         node.retry_base_ticks = 20;
+        // Raft ticks every 50 ms: heartbeats every 100 ms and elections after 500 ms
+        // and more (etcd's defaults are 100 ms and 1 s). An idle daemon then wakes a few
+        // dozen times a second, not hundreds. Leases are renewed every 200 ms and a node
+        // that has not had one renewed for 1 s fences itself.
+        node.raft_tick_interval_ticks = 50;
+        node.heartbeat_raft_ticks = 2;
+        node.election_raft_ticks = 10;
+        node.lease_interval_ticks = 200;
+        node.fence_after_ticks = 1000;
         node.revoke_timeout_ticks = self.revoke_timeout_ms;
         node.down_after_ticks = self.down_after_ms;
         let mut host = HostConfig::new(node);

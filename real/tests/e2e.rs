@@ -305,7 +305,20 @@ fn daemon_and_cli_errors_are_clear() {
     // A config file that is not TOML, and one that misses fields.
     std::fs::write(dir.join("bad.toml"), "node_id = [").unwrap();
     std::fs::write(dir.join("short.toml"), "node_id = 1\n").unwrap();
-    for (file, expected) in [("bad.toml", "bad config"), ("short.toml", "missing field")] {
+    // A revocation bound longer than failure detection allows: both values named.
+    let unsafe_timing = format!(
+        "node_id = 1\nlisten = {{ unix = \"{0}/p.sock\" }}\napp_socket = \"{0}/a.sock\"\n\
+         runtime_dir = \"{0}\"\nrevoke_timeout_ms = 9000\ndown_after_ms = 6000\n\
+         [[peers]]\nid = 1\naddr = {{ unix = \"{0}/p.sock\" }}\n",
+        dir.display()
+    );
+    std::fs::write(dir.join("timing.toml"), unsafe_timing).unwrap();
+    for (file, expected) in [
+        ("bad.toml", "bad config"),
+        ("short.toml", "missing field"),
+        ("timing.toml", "down_after_ticks (6000) must exceed"),
+        ("timing.toml", "revoke_timeout_ticks (9000)"),
+    ] {
         let output = Command::new(env!("CARGO_BIN_EXE_gallocyd"))
             .arg("--config")
             .arg(dir.join(file))
