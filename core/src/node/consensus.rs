@@ -124,18 +124,36 @@ impl Node {
     /// conflict with committed ones).
     fn raft_message_is_sane(&self, from: NodeId, message: &RaftMessage) -> bool {
         use raft::eraftpb::MessageType;
+        // Term 0 marks a message raft-rs handles without a term check: only requests a
+        // follower forwards may carry it.
+        if message.term == 0
+            && !matches!(
+                message.get_msg_type(),
+                MessageType::MsgPropose
+                    | MessageType::MsgReadIndex
+                    | MessageType::MsgTransferLeader
+            )
+        {
+            return false;
+        }
         match message.get_msg_type() {
             MessageType::MsgPropose => message.entries.iter().all(|entry| {
                 entry.get_entry_type() == EntryType::EntryNormal
                     && Proposal::decode(&entry.data).is_ok_and(|p| p.origin == from)
             }),
             MessageType::MsgAppend => {
+                // Term 0 holds no entries: a previous entry of term 0 past index 0
+                // would match any missing index (raft-rs reads their term as 0).
+                if message.index > 0 && message.log_term == 0 {
+                    return false;
+                }
                 let mut expected = message.index;
                 let mut term = message.log_term;
                 message.entries.iter().all(|entry| {
                     expected = expected.saturating_add(1);
-                    let ordered =
-                        entry.index == expected && entry.term >= term && entry.term <= message.term;
+                    let ordered = entry.index == expected
+                        && entry.term >= term.max(1)
+                        && entry.term <= message.term;
                     term = entry.term;
                     ordered
                 })

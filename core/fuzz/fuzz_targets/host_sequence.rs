@@ -1,0 +1,6 @@
+//! Fuzz target: `gallocy_core::fuzzing::host_sequence` (see core/src/fuzzing.rs).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    gallocy_core::fuzzing::host_sequence(data);
+});
