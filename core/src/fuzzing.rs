@@ -343,7 +343,11 @@ impl Harness {
             MessageType::MsgSnapshot,
         ];
         message.set_msg_type(kinds[r.u8() as usize % kinds.len()]);
-        message.from = if r.u8().is_multiple_of(8) { r.number() } else { from };
+        message.from = if r.u8().is_multiple_of(8) {
+            r.number()
+        } else {
+            from
+        };
         message.to = 1 + r.u8() as u64 % 2;
         message.term = r.u8() as u64 % 8;
         message.log_term = r.u8() as u64 % 8;

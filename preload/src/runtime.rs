@@ -23,6 +23,8 @@ const SOCKET_PATH_BYTES: usize = 108;
 const SPIN_NANOS: u64 = 100_000;
 /// How long the service thread polls for the next revocation before blocking.
 const SERVICE_SPIN_NANOS: u64 = 100_000;
+/// Frames answering other requests a call skips before it gives up on the daemon.
+const MAX_STALE_REPLIES: usize = 64;
 
 /// A spin lock for the rare paths (attach, detach, last error). Never held across a
 /// blocking call that another thread's progress could depend on.
@@ -365,8 +367,10 @@ pub fn call(message: IpcMessage) -> Result<IpcMessage, CallError> {
         Err(Errno::PIPE) | Err(Errno::CONNRESET) => daemon_gone("send failed"),
         Err(e) => return Err(CallError::Sys(e)),
     }
-    // Bounded: the daemon answers each request once, in order, on this connection.
-    loop {
+    // The daemon answers each request once, in order, on this connection: a frame for
+    // another request is a leftover (a reply to a call that gave up). A daemon that sends
+    // nothing but those is broken: give up rather than spin.
+    for _ in 0..MAX_STALE_REPLIES {
         let (reply_id, reply) = receive(connection.fd())?;
         if reply_id != request_id {
             continue;
@@ -376,6 +380,7 @@ pub fn call(message: IpcMessage) -> Result<IpcMessage, CallError> {
             reply => Ok(reply),
         };
     }
+    Err(CallError::Refused(ErrorCode::BadFrame, 0))
 }
 
 /// A message with no reply (GrantApplied).
@@ -401,12 +406,19 @@ pub fn fault(addr: u64, write: bool) -> Result<(), CallError> {
 /// Takes `pages` pages from the one holding `addr` in one round trip (at most
 /// `MAX_FAULT_PAGES`): a freshly leased chunk, or the buffer of a system call.
 pub fn fault_range(addr: u64, pages: u32, write: bool) -> Result<(), CallError> {
+    let asked_page = addr & !(PAGE_BYTES - 1);
     match call(IpcMessage::Fault { addr, write, pages })? {
+        // Only what was asked for, inside the space, is protected as granted.
         IpcMessage::Granted {
             page_addr,
-            write,
-            pages,
-        } => {
+            write: granted_write,
+            pages: granted_pages,
+        } if page_addr == asked_page
+            && granted_pages == pages
+            && granted_write == write
+            && in_space(page_addr)
+            && in_space(page_addr + (pages as u64).saturating_sub(1) * PAGE_BYTES) =>
+        {
             let access = if write { 2 } else { 1 };
             let applied = sys::protect(page_addr, pages as u64 * PAGE_BYTES, access);
             // Only now may the daemon revoke these pages from us: tell it (also when

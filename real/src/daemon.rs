@@ -529,10 +529,10 @@ impl Daemon {
         if has_exited(pidfd) {
             return ProcessState::Exited;
         }
-        let Some(layout) = self.host.node().meta().spaces.get(&handle.space) else {
+        let Some(inode) = self.spaces.get(&handle.space).and_then(|m| m.inode()) else {
             return ProcessState::Mapped;
         };
-        let mapped = maps_range(handle.pid, layout.base_addr, layout.end_addr());
+        let mapped = maps_inode(handle.pid, inode);
         // Read after the maps: if it exited in between, the pid may name another process.
         if has_exited(pidfd) {
             return ProcessState::Exited;
@@ -1167,20 +1167,17 @@ fn has_exited(pidfd: &OwnedFd) -> bool {
     matches!(rustix::event::poll(&mut fds, Some(&now)), Ok(n) if n > 0)
 }
 
-/// Whether `/proc/PID/maps` shows a mapping inside `[start, end)`; None if unreadable.
-fn maps_range(pid: i32, start: u64, end: u64) -> Option<bool> {
+/// Whether `/proc/PID/maps` shows a mapping of the file with this inode (the space's
+/// memfd; other mappings at the space's addresses are not the space); None if
+/// unreadable.
+fn maps_inode(pid: i32, inode: u64) -> Option<bool> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    // start-end perms offset dev inode path
     Some(maps.lines().any(|line| {
-        let Some((range, _)) = line.split_once(' ') else {
-            return false;
-        };
-        let Some((a, b)) = range.split_once('-') else {
-            return false;
-        };
-        match (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
-            (Ok(a), Ok(b)) => a < end && start < b,
-            _ => false,
-        }
+        line.split_whitespace()
+            .nth(4)
+            .and_then(|field| field.parse::<u64>().ok())
+            == Some(inode)
     }))
 }
 

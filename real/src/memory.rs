@@ -42,6 +42,11 @@ impl SpaceMemory {
         self.fd.as_fd()
     }
 
+    /// The memfd's inode number: how /proc/PID/maps names mappings of it.
+    pub fn inode(&self) -> Option<u64> {
+        rustix::fs::fstat(&self.fd).ok().map(|stat| stat.st_ino)
+    }
+
     fn page_ptr(&self, page_index: u64) -> Option<*mut u8> {
         let offset = page_index.checked_mul(PAGE_SIZE_BYTES as u64)?;
         if offset + PAGE_SIZE_BYTES as u64 > self.size_bytes {
