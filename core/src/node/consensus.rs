@@ -124,16 +124,23 @@ impl Node {
     /// conflict with committed ones).
     fn raft_message_is_sane(&self, from: NodeId, message: &RaftMessage) -> bool {
         use raft::eraftpb::MessageType;
-        // Term 0 marks a message raft-rs handles without a term check: only requests a
-        // follower forwards may carry it.
-        if message.term == 0
-            && !matches!(
-                message.get_msg_type(),
-                MessageType::MsgPropose
-                    | MessageType::MsgReadIndex
-                    | MessageType::MsgTransferLeader
-            )
-        {
+        // Only what gallocy's Raft use sends: no read-index requests, leadership transfers
+        // or snapshots (raft-rs indexes a read-index request's entries unchecked).
+        let used = matches!(
+            message.get_msg_type(),
+            MessageType::MsgPropose
+                | MessageType::MsgAppend
+                | MessageType::MsgAppendResponse
+                | MessageType::MsgRequestVote
+                | MessageType::MsgRequestVoteResponse
+                | MessageType::MsgRequestPreVote
+                | MessageType::MsgRequestPreVoteResponse
+                | MessageType::MsgHeartbeat
+                | MessageType::MsgHeartbeatResponse
+        );
+        // Term 0 marks a message raft-rs handles without a term check: only a proposal a
+        // follower forwards carries it.
+        if !used || (message.term == 0 && message.get_msg_type() != MessageType::MsgPropose) {
             return false;
         }
         match message.get_msg_type() {
