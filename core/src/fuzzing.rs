@@ -403,6 +403,14 @@ impl Harness {
     }
 }
 
+/// A well-formed peer frame from `from` to `to` with arbitrary contents, drawn from
+/// `data`: what a forging peer could send (page messages, frees, leases, Raft).
+pub fn forged_peer_frame(data: &[u8], from: u64, to: u64) -> Vec<u8> {
+    let mut r = Bytes { data };
+    let message = Harness::peer_message(&mut r, from);
+    Envelope { from, to, message }.encode()
+}
+
 /// Drives two hosts of one cluster with an arbitrary sequence of application
 /// connections, frames, closes and process states, peer frames (garbage, forged or
 /// delivered), revocation answers and time.
