@@ -37,6 +37,7 @@ use crate::mutants::Mutant;
 enum Mutant {
     ForgetClosedSessionAccess,
     RevokeDoneBeforeProcessAnswered,
+    RevokeDespiteGrantInFlight,
 }
 
 /// The driver's name for one application connection.
@@ -1369,13 +1370,14 @@ impl Host {
             );
             assert!(previous.is_none(), "node revocation token {token} reused");
         }
+        let send_at_once = self.mutant(Mutant::RevokeDespiteGrantInFlight);
         for &session_id in &targets {
             let session = self.sessions.get_mut(&session_id).expect("listed");
             if let Phase::Ending { .. } = session.phase {
                 // Unreachable until the driver says it is gone: `end_session` counts it.
                 continue;
             }
-            if session.granting.contains_key(&page.index) {
+            if session.granting.contains_key(&page.index) && !send_at_once {
                 session.deferred.push(DeferredRevoke {
                     page_index: page.index,
                     access,

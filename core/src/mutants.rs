@@ -22,10 +22,13 @@ pub enum Mutant {
     /// The host treats a process whose Main or Service connection closed as holding
     /// nothing, though it may still map the space with its access.
     ForgetClosedSessionAccess,
+    /// The host sends a revocation while a grant of the page is still being applied by
+    /// the process, so the grant's mprotect can land after the revocation's.
+    RevokeDespiteGrantInFlight,
 }
 
 impl Mutant {
-    pub const ALL: [Mutant; 8] = [
+    pub const ALL: [Mutant; 9] = [
         Mutant::GrantWriteWithoutInvalidate,
         Mutant::AckInvalidateBeforeRevoke,
         Mutant::AcceptStaleGrant,
@@ -34,6 +37,7 @@ impl Mutant {
         Mutant::ReplyBeforeCommit,
         Mutant::RevokeDoneBeforeProcessAnswered,
         Mutant::ForgetClosedSessionAccess,
+        Mutant::RevokeDespiteGrantInFlight,
     ];
 
     pub fn name(self) -> &'static str {
@@ -46,6 +50,7 @@ impl Mutant {
             Mutant::ReplyBeforeCommit => "reply-before-commit",
             Mutant::RevokeDoneBeforeProcessAnswered => "revoke-done-before-process-answered",
             Mutant::ForgetClosedSessionAccess => "forget-closed-session-access",
+            Mutant::RevokeDespiteGrantInFlight => "revoke-despite-grant-in-flight",
         }
     }
 
@@ -68,6 +73,9 @@ impl Mutant {
             }
             Mutant::ForgetClosedSessionAccess => {
                 "host forgets the access of a process whose main connection closed"
+            }
+            Mutant::RevokeDespiteGrantInFlight => {
+                "host revokes a page while a grant of it is still being applied"
             }
         }
     }

@@ -100,7 +100,10 @@ pub fn run(options: &RunOptions<'_>) -> Result<i32, String> {
         .args(args)
         .env("LD_PRELOAD", ld_preload)
         .env("GALLOCY_SOCKET", &socket)
-        .env("GALLOCY_SPACE", options.space);
+        .env("GALLOCY_SPACE", options.space)
+        // Only the program itself attaches; what it execs gets a private heap unless
+        // GALLOCY_CHILDREN=share (preload/interpose, `is_exec_descendant`).
+        .env("GALLOCY_RUN_PARENT", std::process::id().to_string());
     // The program gets the terminal's signals itself (it is in our process group), as
     // it would without gallocy: restore the defaults we changed.
     // SAFETY: signal() is async-signal-safe; this runs in the child before exec.

@@ -360,3 +360,54 @@ fn gallocy_run_stopped_by_sigterm_stops_the_program_and_its_cluster() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Chunks node 1 leased in the run's space, from `--stats` output.
+fn chunks_leased(output: &Output) -> u64 {
+    let stats = String::from_utf8_lossy(&output.stderr);
+    let line = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("gallocy-stats: "))
+        .unwrap_or_else(|| panic!("no stats:\n{stats}"));
+    let doc: serde_json::Value = serde_json::from_str(line).unwrap();
+    doc["spaces"][0]["chunks_per_node"]["1"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// A program that runs 1,000 other programs leaks nothing into the space: what it execs
+/// gets a private heap by default. With `GALLOCY_CHILDREN=share` every child attaches to
+/// the space and leases chunks that outlive it (which shows the check can fail).
+#[test]
+fn a_thousand_subprocesses_leak_no_chunks() {
+    let dir = temp_dir("spawn");
+    let spawner = common::build_c(&dir.join("spawner"), &["spawner.c"], &[]);
+    let spawner = spawner.to_str().unwrap();
+    let none = gallocy_run(&["--stats"], &[spawner, "0"], &dir, None);
+    assert!(none.status.success(), "{}", describe(&none));
+    let thousand = gallocy_run(&["--stats"], &[spawner, "1000"], &dir, None);
+    assert!(thousand.status.success(), "{}", describe(&thousand));
+    assert_eq!(String::from_utf8_lossy(&thousand.stdout), "spawned 1000\n");
+    let (before, after) = (chunks_leased(&none), chunks_leased(&thousand));
+    assert!(before >= 1, "{}", describe(&none));
+    assert!(
+        after <= before + 1,
+        "1000 subprocesses left {after} chunks leased against {before} without them"
+    );
+    let mut command = Command::new(env!("CARGO_BIN_EXE_gallocy"));
+    let shared = command
+        .args(["run", "--stats", "--", spawner, "20"])
+        .current_dir(&dir)
+        .env("GALLOCY_PRELOAD", common::libgallocy_preload())
+        .env("GALLOCYD", env!("CARGO_BIN_EXE_gallocyd"))
+        .env("GALLOCY_CHILDREN", "share")
+        .env_remove("GALLOCY_SOCKET")
+        .output()
+        .unwrap();
+    assert!(shared.status.success(), "{}", describe(&shared));
+    assert!(
+        chunks_leased(&shared) >= before + 20,
+        "sharing children should each lease: {} against {before}",
+        chunks_leased(&shared)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -364,6 +364,10 @@ extern "C" fn init() {
         start_local();
         return;
     }
+    if is_exec_descendant() {
+        start_local();
+        return;
+    }
     let rc = runtime::attach(space, true);
     if rc == 0 && runtime::chunk_size() == CHUNK_BYTES {
         HEAP.set_process_token(((runtime::node_id() as u64) << 32) | runtime::session());
@@ -393,6 +397,32 @@ extern "C" fn init() {
         .str("; set GALLOCY_FALLBACK=local to run on a private heap instead");
     message.emit();
     sys::exit_now(EXIT_NO_DAEMON);
+}
+
+/// Whether this process is a program exec'd by the program `gallocy run` started (a
+/// shell command, a compiler, a worker script), not that program itself. It is not part
+/// of the distributed program: it shares no pointer with its parent, so by default it
+/// gets a private heap, which the kernel reclaims when it exits (an attached process
+/// would lease chunks that outlive it). `GALLOCY_CHILDREN=share` attaches it to the
+/// parent's space instead. Without `GALLOCY_RUN_PARENT` (LD_PRELOAD set by hand) every
+/// process attaches.
+fn is_exec_descendant() -> bool {
+    let Some(parent) = getenv(c"GALLOCY_RUN_PARENT") else {
+        return false;
+    };
+    if getenv(c"GALLOCY_CHILDREN") == Some(b"share") {
+        return false;
+    }
+    let mut pid: i64 = 0;
+    for &digit in parent {
+        if !digit.is_ascii_digit() || pid > i32::MAX as i64 {
+            return false;
+        }
+        pid = pid * 10 + (digit - b'0') as i64;
+    }
+    // SAFETY: getppid has no preconditions and does not allocate.
+    let ppid = unsafe { libc::getppid() } as i64;
+    ppid != pid
 }
 
 fn start_local() {
