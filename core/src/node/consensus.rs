@@ -139,8 +139,10 @@ impl Node {
                 | MessageType::MsgHeartbeatResponse
         );
         // Term 0 marks a message raft-rs handles without a term check: only a proposal a
-        // follower forwards carries it.
-        if !used || (message.term == 0 && message.get_msg_type() != MessageType::MsgPropose) {
+        // follower forwards carries it, and a proposal always does (raft-rs aborts when
+        // it forwards one that names a term).
+        let is_proposal = message.get_msg_type() == MessageType::MsgPropose;
+        if !used || (message.term == 0) != is_proposal {
             return false;
         }
         match message.get_msg_type() {
