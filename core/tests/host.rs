@@ -164,6 +164,19 @@ impl Net {
         }
     }
 
+    /// The thread of `conn` reports the root page's grant applied.
+    fn grant_applied(&mut self, h: usize, conn: u64) {
+        self.send(
+            h,
+            conn,
+            0,
+            IpcMessage::GrantApplied {
+                page_addr: BASE,
+                pages: 1,
+            },
+        );
+    }
+
     fn answered(&self, h: usize, conn: u64, request_id: u64) -> bool {
         self.app
             .iter()
@@ -202,15 +215,7 @@ fn writer_closes_while_revoked(state: ProcessState) -> (Net, SessionId) {
     let writer = net.attach(0, 10, 100);
     net.fault(0, 12, 50, true);
     assert!(granted(net.reply(0, 12)), "{:?}", net.reply(0, 12));
-    net.send(
-        0,
-        12,
-        0,
-        IpcMessage::GrantApplied {
-            page_addr: BASE,
-            pages: 1,
-        },
-    );
+    net.grant_applied(0, 12);
     net.attach(1, 20, 200);
     read_fault(&mut net);
     // The writer's service thread was asked to give the page up; it does not answer.
@@ -259,15 +264,7 @@ fn a_process_that_does_not_answer_in_time_is_killed() {
     let mut net = Net::new();
     let writer = net.attach(0, 10, 100);
     net.fault(0, 12, 50, true);
-    net.send(
-        0,
-        12,
-        0,
-        IpcMessage::GrantApplied {
-            page_addr: BASE,
-            pages: 1,
-        },
-    );
+    net.grant_applied(0, 12);
     net.attach(1, 20, 200);
     read_fault(&mut net);
     let timeout = net.hosts[0].config().node.revoke_timeout_ticks;
@@ -289,15 +286,7 @@ fn a_detach_takes_every_page_back_before_it_is_answered() {
     let mut net = Net::new();
     net.attach(0, 10, 100);
     net.fault(0, 12, 50, true);
-    net.send(
-        0,
-        12,
-        0,
-        IpcMessage::GrantApplied {
-            page_addr: BASE,
-            pages: 1,
-        },
-    );
+    net.grant_applied(0, 12);
     net.send(0, 10, 70, IpcMessage::Detach);
     let Some(IpcMessage::Revoke {
         addr,

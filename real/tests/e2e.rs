@@ -436,14 +436,7 @@ fn hello_frame(role: Role, session: u64, name: &[u8]) -> [u8; IPC_FRAME_BYTES] {
 #[test]
 fn hostile_application_frames_do_not_crash_a_daemon() {
     let cluster = Cluster::start("hostile", 3);
-    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut next = move || {
-        // xorshift64*: reproducible without a dependency.
-        seed ^= seed >> 12;
-        seed ^= seed << 25;
-        seed ^= seed >> 27;
-        seed.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    };
+    let mut next = common::xorshift(0x9e37_79b9_7f4a_7c15);
     let extremes = [
         0u64,
         1,
@@ -499,12 +492,12 @@ fn hostile_application_frames_do_not_crash_a_daemon() {
                 };
                 let mut frame = [0u8; IPC_FRAME_BYTES];
                 message.encode(100 + i, &mut frame);
-                if next() % 4 == 0 {
+                if next().is_multiple_of(4) {
                     // And some bytes that are no frame at all.
                     let at = (next() % IPC_FRAME_BYTES as u64) as usize;
                     frame[at] = next() as u8;
                 }
-                let target = if next() % 2 == 0 {
+                let target = if next().is_multiple_of(2) {
                     &mut main
                 } else {
                     &mut service

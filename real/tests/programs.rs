@@ -48,16 +48,26 @@ fn same_as_plain(program: &[&str], cwd: &Path) {
 }
 
 /// The `--stats` lines `gallocy run` printed show chunks leased and pages written.
-fn heap_was_in_the_space(output: &Output) {
+/// Node 1's status document, from `--stats` output.
+fn stats_of(output: &Output) -> serde_json::Value {
     let stats = String::from_utf8_lossy(&output.stderr);
     let line = stats
         .lines()
         .find_map(|l| l.strip_prefix("gallocy-stats: "))
         .unwrap_or_else(|| panic!("no stats:\n{stats}"));
-    let doc: serde_json::Value = serde_json::from_str(line).unwrap();
-    let chunks = doc["spaces"][0]["chunks_per_node"]["1"]
+    serde_json::from_str(line).unwrap()
+}
+
+/// Chunks node 1 leased in the run's space, from `--stats` output.
+fn chunks_leased(output: &Output) -> u64 {
+    stats_of(output)["spaces"][0]["chunks_per_node"]["1"]
         .as_u64()
-        .unwrap_or(0);
+        .unwrap_or(0)
+}
+
+fn heap_was_in_the_space(output: &Output) {
+    let doc = stats_of(output);
+    let chunks = chunks_leased(output);
     assert!(chunks >= 2, "the heap did not go to the space: {doc}");
     assert!(doc["pages"]["write"].as_u64().unwrap() > 0, "{doc}");
 }
@@ -359,19 +369,6 @@ fn gallocy_run_stopped_by_sigterm_stops_the_program_and_its_cluster() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Chunks node 1 leased in the run's space, from `--stats` output.
-fn chunks_leased(output: &Output) -> u64 {
-    let stats = String::from_utf8_lossy(&output.stderr);
-    let line = stats
-        .lines()
-        .find_map(|l| l.strip_prefix("gallocy-stats: "))
-        .unwrap_or_else(|| panic!("no stats:\n{stats}"));
-    let doc: serde_json::Value = serde_json::from_str(line).unwrap();
-    doc["spaces"][0]["chunks_per_node"]["1"]
-        .as_u64()
-        .unwrap_or(0)
 }
 
 /// A program that runs 1,000 other programs leaks nothing into the space: what it execs

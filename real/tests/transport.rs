@@ -199,13 +199,7 @@ fn a_peer_sending_garbage_is_disconnected_and_the_daemon_keeps_serving() {
 #[test]
 fn forged_peer_frames_do_not_crash_a_daemon() {
     let cluster = Cluster::start("forged", 3);
-    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut next = move || {
-        seed ^= seed >> 12;
-        seed ^= seed << 25;
-        seed ^= seed >> 27;
-        seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)
-    };
+    let mut next = common::xorshift(0x2545_f491_4f6c_dd1d);
     for target in 1..=3u64 {
         let claimed = if target == 1 { 2 } else { 1 };
         let incarnation = gallocy_real::admin::status(&cluster.socket(claimed)).unwrap()

@@ -57,6 +57,17 @@ fn built_library(package: &str, file: &str) -> PathBuf {
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// A reproducible stream of pseudo-random numbers (xorshift64*), without a dependency.
+#[allow(dead_code)]
+pub fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+    move || {
+        seed ^= seed >> 12;
+        seed ^= seed << 25;
+        seed ^= seed >> 27;
+        seed.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
 /// A fresh short directory (Unix socket paths are limited to 107 bytes).
 pub fn temp_dir(tag: &str) -> PathBuf {
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
