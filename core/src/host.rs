@@ -382,20 +382,9 @@ impl Host {
     pub fn session_count(&self) -> usize {
         self.sessions.len()
     }
-    pub fn connection_count(&self) -> usize {
-        self.conns.len()
-    }
     /// The session a connection belongs to.
     pub fn session_of(&self, conn: ConnId) -> Option<SessionId> {
         self.conns.get(&conn).and_then(|c| c.session)
-    }
-    /// What the host believes `session`'s process may do with `page` (at least what it
-    /// can: grants are recorded before they are sent).
-    pub fn granted_access(&self, session: SessionId, page: PageId) -> Access {
-        self.sessions
-            .get(&session)
-            .filter(|s| s.layout.id == page.space)
-            .map_or(Access::None, |s| s.granted_access(page.index))
     }
 
     pub fn drain_actions(&mut self, out: &mut Vec<HostAction>) {

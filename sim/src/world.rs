@@ -235,6 +235,20 @@ fn name_field() -> [u8; IPC_NAME_BYTES] {
     field
 }
 
+/// Prints `what` node `index` did to `page` if it is the page watched
+/// (GALLOCY_SIM_DEBUG_PAGE).
+fn watch(
+    debug_page: Option<u64>,
+    now_ticks: u64,
+    page: PageId,
+    index: usize,
+    what: std::fmt::Arguments<'_>,
+) {
+    if debug_page == Some(page.index) {
+        eprintln!("[t={now_ticks}] node {} {what}", index + 1);
+    }
+}
+
 fn encode(request_id: u64, message: IpcMessage) -> Frame {
     let mut frame = [0u8; IPC_FRAME_BYTES];
     message.encode(request_id, &mut frame);
@@ -420,13 +434,13 @@ impl World {
             }
             HostAction::WritePage { page, bytes } => {
                 self.trace.event(3, &[index as u64, page.index]);
-                if self.debug_page == Some(page.index) {
-                    eprintln!(
-                        "[t={}] node {} writes page bytes",
-                        self.now_ticks,
-                        index + 1
-                    );
-                }
+                watch(
+                    self.debug_page,
+                    self.now_ticks,
+                    page,
+                    index,
+                    format_args!("writes page bytes"),
+                );
                 // No process of this node may write a page while it is being installed.
                 if let Some((pid, access)) = self.slots[index]
                     .processes
@@ -459,13 +473,13 @@ impl World {
                         .unwrap_or_else(|| Box::new([0u8; PAGE_SIZE_BYTES]))
                 });
                 self.trace.event(4, &[index as u64, page.index]);
-                if self.debug_page == Some(page.index) {
-                    eprintln!(
-                        "[t={}] node {} revocation {token} done",
-                        self.now_ticks,
-                        index + 1
-                    );
-                }
+                watch(
+                    self.debug_page,
+                    self.now_ticks,
+                    page,
+                    index,
+                    format_args!("revocation {token} done"),
+                );
                 let now = self.now_ticks;
                 if let Some(host) = self.slots[index].host.as_mut() {
                     host.revoke_finished(now, token, bytes);
@@ -793,13 +807,13 @@ impl World {
             } else {
                 process.access.insert(*page, access);
             }
-            if self.debug_page == Some(page.index) {
-                eprintln!(
-                    "[t={}] node {} process {pid} revoked to {access:?}",
-                    self.now_ticks,
-                    index + 1
-                );
-            }
+            watch(
+                self.debug_page,
+                self.now_ticks,
+                *page,
+                index,
+                format_args!("process {pid} revoked to {access:?}"),
+            );
         }
         let service = process.service;
         let alive = process.phase != ProcPhase::Dying;
@@ -834,13 +848,13 @@ impl World {
         let access = if write { Access::Write } else { Access::Read };
         for page in &page_list {
             process.access.insert(*page, access);
-            if self.debug_page == Some(page.index) {
-                eprintln!(
-                    "[t={}] node {} process {pid} granted {access:?}",
-                    self.now_ticks,
-                    index + 1
-                );
-            }
+            watch(
+                self.debug_page,
+                self.now_ticks,
+                *page,
+                index,
+                format_args!("process {pid} granted {access:?}"),
+            );
         }
         let conn = process.threads[thread].conn;
         for page in page_list {
