@@ -173,7 +173,8 @@ impl Harness {
                     | HostAction::Welcome { .. }
                     | HostAction::Status { .. }
                     | HostAction::WritePage { .. }
-                    | HostAction::SessionEnded { .. } => {}
+                    | HostAction::SessionEnded { .. }
+                    | HostAction::DropSpace { .. } => {}
                 }
             }
             self.actions = actions;
@@ -198,7 +199,9 @@ impl Harness {
         name[..3].copy_from_slice(b"fz0");
         name[2] = b'0' + r.u8() % 3;
         match r.u8() % 13 {
-            0 => IpcMessage::Hello {
+            0 => {
+                let flags = r.u8();
+                IpcMessage::Hello {
                 role: match r.u8() % 4 {
                     0 => Role::Main,
                     1 => Role::Thread,
@@ -207,9 +210,11 @@ impl Harness {
                 },
                 session: r.u8() as u64 % 8,
                 pid: 100 + r.u8() as u32 % 4,
-                create: !r.u8().is_multiple_of(4),
+                create: !flags.is_multiple_of(4),
+                persistent: flags & 4 != 0,
                 name,
-            },
+            }
+            }
             1 => IpcMessage::Allocate {
                 size_bytes: r.number(),
                 align_bytes: r.number(),
@@ -371,7 +376,7 @@ impl Harness {
             } else {
                 from
             };
-            let command = match r.u8() % 3 {
+            let command = match r.u8() % 5 {
                 0 => Command::LeaseChunks {
                     space: r.u8() as u32 % 3,
                     node: r.u8() as u64 % 4,
@@ -380,6 +385,10 @@ impl Harness {
                 1 => Command::MarkDown {
                     node: r.u8() as u64 % 4,
                 },
+                2 => Command::Attach { name: "fz".into() },
+                3 => Command::Detach {
+                    space: r.u8() as u32 % 3,
+                },
                 _ => Command::CreateSpace {
                     name: "fz".into(),
                     base_addr: SPACE_BASE_ADDR,
@@ -387,6 +396,7 @@ impl Harness {
                     chunk_size_bytes: CHUNK_SIZE_BYTES,
                     root_size_bytes: 65536,
                     flexible_base: r.u8() & 1 == 1,
+                    persistent: false,
                 },
             };
             entry.data = Proposal {

@@ -38,6 +38,7 @@ enum Mutant {
     ForgetClosedSessionAccess,
     RevokeDoneBeforeProcessAnswered,
     RevokeDespiteGrantInFlight,
+    LeaveSpaceWhileProcessEnding,
 }
 
 /// The driver's name for one application connection.
@@ -108,6 +109,8 @@ pub enum KillReason {
     RevokeTimeout,
     /// Its Main or Service connection closed while it still maps the space.
     ClosedWhileMapped,
+    /// Its space was destroyed while it was attached (this node was declared down).
+    SpaceDestroyed,
 }
 
 impl KillReason {
@@ -117,6 +120,7 @@ impl KillReason {
             KillReason::ClosedWhileMapped => {
                 "it closed its daemon connection while still mapping the space"
             }
+            KillReason::SpaceDestroyed => "its space was destroyed (this node was declared down)",
         }
     }
 }
@@ -174,6 +178,8 @@ pub enum HostAction {
         pid: i32,
         reason: KillReason,
     },
+    /// The space is destroyed and no process of this node maps it: its memory can go.
+    DropSpace { space: SpaceId },
 }
 
 /// Host counters, for status displays.
@@ -259,7 +265,15 @@ struct ServiceRevoke {
 }
 
 enum Pending {
-    Join { conn: ConnId, request_id: u64 },
+    Join {
+        conn: ConnId,
+        request_id: u64,
+        name: String,
+    },
+    /// This node's `DetachSpace` for the space named `name`.
+    Leave {
+        name: String,
+    },
     Request { conn: ConnId, request_id: u64 },
     FaultPart { group: u64, page_index: u64 },
 }
@@ -274,6 +288,25 @@ struct FaultGroup {
     remaining: u32,
     granted: Vec<u64>,
     error: Option<IpcMessage>,
+}
+
+/// A `Main` hello waiting for this node's membership of its space to settle.
+struct Join {
+    conn: ConnId,
+    request_id: u64,
+    create: bool,
+    persistent: bool,
+}
+
+/// This node's membership of the space with one name, while it changes. One change
+/// (create, attach or detach) is in flight at a time: two of them could commit in
+/// either order, and a detach that commits after an attach would leave a process
+/// attached to a space the cluster may destroy.
+#[derive(Default)]
+struct Membership {
+    changing: bool,
+    /// Hellos that wait for the change (at most one per connection).
+    waiting: VecDeque<Join>,
 }
 
 struct RevokeWait {
@@ -298,6 +331,11 @@ pub struct Host {
     next_service_token: u64,
     /// The incarnation each peer had when first heard (see `PeerHello`).
     peer_incarnations: BTreeMap<NodeId, u64>,
+    memberships: BTreeMap<String, Membership>,
+    /// Names whose membership change was refused at once (`Busy`): tried again at
+    /// `membership_retry_tick`, never in a loop within one input.
+    membership_retry: BTreeSet<String>,
+    membership_retry_tick: u64,
     actions: Vec<HostAction>,
     node_actions: Vec<Action>,
     counters: HostCounters,
@@ -350,6 +388,9 @@ impl Host {
             service_revokes: BTreeMap::new(),
             next_service_token: 1,
             peer_incarnations: BTreeMap::new(),
+            memberships: BTreeMap::new(),
+            membership_retry: BTreeSet::new(),
+            membership_retry_tick: 0,
             actions: Vec::new(),
             node_actions: Vec::new(),
             counters: HostCounters::default(),
@@ -408,9 +449,11 @@ impl Host {
             .values()
             .filter(|c| c.role.is_none())
             .map(|c| c.hello_deadline_tick);
+        let retry = (!self.membership_retry.is_empty()).then_some(self.membership_retry_tick);
         // A deadline already past is due now (the next tick).
         let own = revokes
             .chain(hellos)
+            .chain(retry)
             .min()
             .map(|t| t.max(self.now_ticks + 1));
         match (own, self.node.poll_timeout()) {
@@ -433,6 +476,12 @@ impl Host {
         self.process_node_actions();
         self.kill_unresponsive();
         self.close_silent_connections();
+        if !self.membership_retry.is_empty() && self.membership_retry_tick <= self.now_ticks {
+            for name in std::mem::take(&mut self.membership_retry) {
+                self.membership_settled(&name);
+            }
+            self.process_node_actions();
+        }
     }
 
     /// A process that does not apply a revocation in time holds pages other nodes wait
@@ -793,6 +842,11 @@ impl Host {
         for node_token in waits {
             self.revoke_progress(node_token, session_id);
         }
+        if self.node.meta().spaces.contains_key(&session.layout.id) {
+            self.maybe_leave(&session.layout.name);
+        } else {
+            self.drop_space_memory_if_unmapped(session.layout.id);
+        }
     }
 
     fn on_app_message(&mut self, conn: ConnId, request_id: u64, message: IpcMessage) {
@@ -806,6 +860,7 @@ impl Host {
                 IpcMessage::Hello {
                     role: Role::Main,
                     create,
+                    persistent,
                     name,
                     ..
                 },
@@ -819,21 +874,13 @@ impl Host {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.role = Some(Role::Main);
                 }
-                if let Some(layout) = self.node.meta().space_by_name(&name).cloned() {
-                    return self.welcome(conn, request_id, creds.pid, layout);
-                }
-                let request = if create {
-                    AppRequest::CreateSpace {
-                        name,
-                        base_addr: self.config.space_base_addr,
-                        size_bytes: self.config.space_size_bytes,
-                        chunk_size_bytes: self.config.space_chunk_size_bytes,
-                        flexible_base: true,
-                    }
-                } else {
-                    AppRequest::LookupSpace { name }
+                let join = Join {
+                    conn,
+                    request_id,
+                    create,
+                    persistent,
                 };
-                self.submit(Pending::Join { conn, request_id }, request);
+                self.join(name, join);
             }
             (
                 None,
@@ -932,6 +979,139 @@ impl Host {
                 self.submit(Pending::Request { conn, request_id }, request);
             }
             _ => self.send_app(conn, request_id, refusal(ErrorCode::NotAttached)),
+        }
+    }
+
+    // -----------------------------------------------------------------------------
+    // Membership: which spaces this node is attached to, through Raft. A process is
+    // welcomed only once the node is in the space's attach set, and the node leaves it
+    // when its last process of the space has gone; the space is destroyed everywhere
+    // when its set empties (unless persistent).
+
+    fn join(&mut self, name: String, join: Join) {
+        if !self.conns.contains_key(&join.conn) {
+            return;
+        }
+        let membership = self.memberships.entry(name.clone()).or_default();
+        if membership.changing {
+            membership.waiting.push_back(join);
+            return;
+        }
+        let me = self.config.node.id;
+        let meta = self.node.meta();
+        if let Some(layout) = meta.space_by_name(&name) {
+            if meta.is_attached(layout.id, me) {
+                let layout = layout.clone();
+                let pid = self.conns[&join.conn].creds.pid;
+                return self.welcome(join.conn, join.request_id, pid, layout);
+            }
+        }
+        let request = if join.create {
+            AppRequest::CreateSpace {
+                name: name.clone(),
+                base_addr: self.config.space_base_addr,
+                size_bytes: self.config.space_size_bytes,
+                chunk_size_bytes: self.config.space_chunk_size_bytes,
+                flexible_base: true,
+                persistent: join.persistent,
+            }
+        } else {
+            AppRequest::AttachSpace { name: name.clone() }
+        };
+        self.memberships.get_mut(&name).expect("entry").changing = true;
+        let pending = Pending::Join {
+            conn: join.conn,
+            request_id: join.request_id,
+            name,
+        };
+        self.submit(pending, request);
+    }
+
+    /// A membership change of `name` is over: the hellos behind it go on, and the node
+    /// leaves the space if no process of it is left here.
+    fn membership_settled(&mut self, name: &str) {
+        let Some(membership) = self.memberships.get_mut(name) else {
+            return;
+        };
+        if membership.changing {
+            return;
+        }
+        let waiting = std::mem::take(&mut membership.waiting);
+        for join in waiting {
+            self.join(name.to_string(), join);
+        }
+        self.maybe_leave(name);
+        if self
+            .memberships
+            .get(name)
+            .is_some_and(|m| !m.changing && m.waiting.is_empty())
+        {
+            self.memberships.remove(name);
+        }
+    }
+
+    /// A change refused at once is tried again later, so a refusal never loops.
+    fn retry_membership_later(&mut self, name: String) {
+        if self.membership_retry.is_empty() {
+            self.membership_retry_tick = self.now_ticks + self.config.node.retry_base_ticks;
+        }
+        self.membership_retry.insert(name);
+    }
+
+    /// Leaves the attach set of `name` if this node is in it and has no process of it.
+    fn maybe_leave(&mut self, name: &str) {
+        if self
+            .memberships
+            .get(name)
+            .is_some_and(|m| m.changing || !m.waiting.is_empty())
+        {
+            return;
+        }
+        let me = self.config.node.id;
+        let meta = self.node.meta();
+        let Some(space) = meta.space_by_name(name).map(|l| l.id) else {
+            return;
+        };
+        let only_live = self.mutant(Mutant::LeaveSpaceWhileProcessEnding);
+        let has_process = self
+            .sessions
+            .values()
+            .any(|s| s.layout.id == space && (!only_live || s.phase == Phase::Live));
+        if !meta.is_attached(space, me) || has_process {
+            return;
+        }
+        self.memberships
+            .entry(name.to_string())
+            .or_default()
+            .changing = true;
+        let pending = Pending::Leave {
+            name: name.to_string(),
+        };
+        self.submit(pending, AppRequest::DetachSpace { space });
+    }
+
+    /// The space is gone on every node. Only a node declared down can still have a
+    /// process of it (its own mark-down left every attach set): those are killed.
+    fn on_space_dropped(&mut self, space: SpaceId) {
+        let orphans: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.layout.id == space)
+            .map(|(&id, _)| id)
+            .collect();
+        for session in orphans {
+            self.kill(session, KillReason::SpaceDestroyed);
+        }
+        // The node has forgotten these revocations: nobody waits for them.
+        self.revokes.retain(|_, wait| wait.page.space != space);
+        self.drop_space_memory_if_unmapped(space);
+    }
+
+    /// Once a destroyed space has no process left here, the driver may free its memory.
+    fn drop_space_memory_if_unmapped(&mut self, space: SpaceId) {
+        let destroyed = !self.node.meta().spaces.contains_key(&space);
+        if destroyed && self.sessions.values().all(|s| s.layout.id != space) {
+            self.actions.push(HostAction::DropSpace { space });
         }
     }
 
@@ -1294,6 +1474,7 @@ impl Host {
                 token,
                 want_bytes,
             } => self.lower(page, access, Some((token, want_bytes))),
+            Action::DropSpace { space } => self.on_space_dropped(space),
         }
     }
 
@@ -1305,8 +1486,16 @@ impl Host {
             Pending::FaultPart { group, page_index } => {
                 self.fault_part_done(group, page_index, reply)
             }
-            Pending::Join { conn, request_id } => {
+            Pending::Join {
+                conn,
+                request_id,
+                name,
+            } => {
+                if let Some(membership) = self.memberships.get_mut(&name) {
+                    membership.changing = false;
+                }
                 let pid = self.conns.get(&conn).map(|c| c.creds.pid);
+                let refused_at_once = matches!(reply, AppReply::Error(AppError::Busy));
                 match (reply, pid) {
                     (AppReply::Space(layout), Some(pid)) => {
                         self.welcome(conn, request_id, pid, layout)
@@ -1314,6 +1503,21 @@ impl Host {
                     (AppReply::Error(e), _) => self.send_app(conn, request_id, error_message(e)),
                     (_, None) => {}
                     _ => self.send_app(conn, request_id, refusal(ErrorCode::Internal)),
+                }
+                if refused_at_once {
+                    self.retry_membership_later(name);
+                } else {
+                    self.membership_settled(&name);
+                }
+            }
+            Pending::Leave { name } => {
+                if let Some(membership) = self.memberships.get_mut(&name) {
+                    membership.changing = false;
+                }
+                if reply == AppReply::Error(AppError::Busy) {
+                    self.retry_membership_later(name);
+                } else {
+                    self.membership_settled(&name);
                 }
             }
             Pending::Request { conn, request_id } => {
@@ -1326,7 +1530,9 @@ impl Host {
                         IpcMessage::Leased { addr, size_bytes }
                     }
                     AppReply::Error(e) => error_message(e),
-                    AppReply::Granted { .. } | AppReply::Space(_) => refusal(ErrorCode::Internal),
+                    AppReply::Granted { .. } | AppReply::Space(_) | AppReply::Detached { .. } => {
+                        refusal(ErrorCode::Internal)
+                    }
                 };
                 self.send_app(conn, request_id, message);
             }

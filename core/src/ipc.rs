@@ -19,6 +19,10 @@ pub const MAX_FAULT_PAGES: u32 = 4096;
 
 pub type Frame = [u8; IPC_FRAME_BYTES];
 
+/// `Hello` flag bits.
+const HELLO_CREATE: u8 = 1;
+const HELLO_PERSISTENT: u8 = 2;
+
 /// What a connection is for, named in its `Hello`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Role {
@@ -123,6 +127,9 @@ pub enum IpcMessage {
         pid: u32,
         /// Create the space with the daemon's default layout if it does not exist.
         create: bool,
+        /// With `create`: a space this hello creates stays when its last process has
+        /// gone (otherwise it is destroyed on every node then).
+        persistent: bool,
         name: [u8; IPC_NAME_BYTES],
     },
     Allocate {
@@ -326,10 +333,11 @@ impl IpcMessage {
                 session,
                 pid,
                 create,
+                persistent,
                 name,
             } => {
                 out.u8(role as u8);
-                out.u8(create as u8);
+                out.u8(create as u8 | (persistent as u8) << 1);
                 out.u64(session);
                 out.u32(pid);
                 out.bytes(&name);
@@ -443,7 +451,12 @@ impl IpcMessage {
                     4 => Role::Admin,
                     _ => return Err(IpcDecodeError::Invalid),
                 };
-                let create = r.bool()?;
+                let flags = r.u8();
+                if flags & !(HELLO_CREATE | HELLO_PERSISTENT) != 0 {
+                    return Err(IpcDecodeError::Invalid);
+                }
+                let create = flags & HELLO_CREATE != 0;
+                let persistent = flags & HELLO_PERSISTENT != 0;
                 let session = r.u64();
                 let pid = r.u32();
                 let mut name = [0u8; IPC_NAME_BYTES];
@@ -453,6 +466,7 @@ impl IpcMessage {
                     session,
                     pid,
                     create,
+                    persistent,
                     name,
                 }
             }

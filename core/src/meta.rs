@@ -4,7 +4,7 @@
 //! the same `MetaState`. Commands are idempotent per `(origin, proposal_id)`: a proposer
 //! that retries after a leader change gets the first outcome back and never a second lease.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::dedupe::{Dedupe, Seen};
@@ -28,7 +28,15 @@ pub enum Command {
         /// Place the space at the lowest free range at or above `base_addr` instead of
         /// exactly there; joining then needs only the size to agree.
         flexible_base: bool,
+        /// Keep the space when its last process has gone (set by whoever creates it).
+        persistent: bool,
     },
+    /// The origin has a process that joins the space named `name`: add the origin to
+    /// its attach set. Creating (or joining by `CreateSpace`) attaches too.
+    Attach { name: String },
+    /// The origin's last process of `space` has gone: remove the origin from the
+    /// attach set. The space is destroyed when the set empties, unless persistent.
+    Detach { space: SpaceId },
     /// Lease `count` contiguous free chunks of `space` to `node`.
     LeaseChunks {
         space: SpaceId,
@@ -36,7 +44,7 @@ pub enum Command {
         count: u32,
     },
     /// `node` stopped answering: its leases stay (nothing is reused), its page copies
-    /// are void, and pages only it held are lost.
+    /// are void, and pages only it held are lost. It leaves every attach set.
     MarkDown { node: NodeId },
 }
 
@@ -59,6 +67,11 @@ pub enum Outcome {
         count: u32,
     },
     LeaseRejected(&'static str),
+    /// The origin left the space's attach set; `destroyed` if the space went with it.
+    Detached {
+        space: SpaceId,
+        destroyed: bool,
+    },
     MarkedDown(NodeId),
     /// A stale duplicate beyond the dedupe window: not executed again.
     Stale,
@@ -85,6 +98,16 @@ pub struct MetaState {
     pub spaces: BTreeMap<SpaceId, SpaceLayout>,
     pub space_ids_by_name: BTreeMap<String, SpaceId>,
     pub chunks: BTreeMap<(SpaceId, u64), ChunkRecord>,
+    /// Per space, the nodes with a process attached (as they proposed it).
+    pub attached: BTreeMap<SpaceId, BTreeSet<NodeId>>,
+    /// Spaces kept when their attach set empties.
+    pub persistent: BTreeSet<SpaceId>,
+    /// Ids are never reused, so a message about a destroyed space can never be taken
+    /// for one about a later space.
+    pub next_space_id: SpaceId,
+    /// Spaces destroyed by the commands applied since the last `take_destroyed`: every
+    /// node drops what it holds of them.
+    destroyed: Vec<SpaceId>,
     /// Outcomes of proposals still possibly retried, for exactly-once execution.
     outcomes: Dedupe<Outcome>,
     pub applied_commands: u64,
@@ -94,7 +117,10 @@ pub struct MetaState {
 
 impl MetaState {
     pub fn new(members: &[NodeId]) -> MetaState {
-        let mut state = MetaState::default();
+        let mut state = MetaState {
+            next_space_id: 1,
+            ..MetaState::default()
+        };
         for &node in members {
             state.nodes.insert(node, NodeStatus::Up);
         }
@@ -107,6 +133,49 @@ impl MetaState {
 
     pub fn chunk(&self, space: SpaceId, chunk: u64) -> Option<ChunkRecord> {
         self.chunks.get(&(space, chunk)).copied()
+    }
+
+    /// Whether `node` is in the attach set of `space`.
+    pub fn is_attached(&self, space: SpaceId, node: NodeId) -> bool {
+        self.attached.get(&space).is_some_and(|set| set.contains(&node))
+    }
+
+    /// The spaces destroyed since the last call, in the order they went.
+    pub fn take_destroyed(&mut self) -> Vec<SpaceId> {
+        std::mem::take(&mut self.destroyed)
+    }
+
+    /// Drops a space and every chunk record of it; its range is free again.
+    fn destroy(&mut self, space: SpaceId) {
+        let Some(layout) = self.spaces.remove(&space) else {
+            return;
+        };
+        self.space_ids_by_name.remove(&layout.name);
+        self.attached.remove(&space);
+        self.persistent.remove(&space);
+        let chunks: Vec<(SpaceId, u64)> = self
+            .chunks
+            .range((space, 0)..=(space, u64::MAX))
+            .map(|(&k, _)| k)
+            .collect();
+        for key in chunks {
+            self.chunks.remove(&key);
+        }
+        self.destroyed.push(space);
+    }
+
+    /// Removes `node` from the attach set of `space`; destroys the space if that
+    /// empties it and it is not persistent. Returns whether it was destroyed.
+    fn leave(&mut self, space: SpaceId, node: NodeId) -> bool {
+        let Some(set) = self.attached.get_mut(&space) else {
+            return false;
+        };
+        set.remove(&node);
+        if set.is_empty() && !self.persistent.contains(&space) {
+            self.destroy(space);
+            return true;
+        }
+        false
     }
 
     pub fn space_by_name(&self, name: &str) -> Option<&SpaceLayout> {
@@ -146,12 +215,20 @@ impl MetaState {
                 chunk_size_bytes,
                 root_size_bytes,
                 flexible_base,
+                persistent,
             } => {
-                if let Some(existing) = self.space_by_name(name) {
+                if !self.is_up(proposal.origin) {
+                    return Outcome::SpaceRejected("creating node is down");
+                }
+                if let Some(existing) = self.space_by_name(name).cloned() {
                     // Creating a space that exists is joining it, if the layout agrees.
                     let base_agrees = *flexible_base || existing.base_addr == *base_addr;
                     if base_agrees && existing.size_bytes == *size_bytes {
-                        return Outcome::SpaceCreated(existing.clone());
+                        self.attached
+                            .entry(existing.id)
+                            .or_default()
+                            .insert(proposal.origin);
+                        return Outcome::SpaceCreated(existing);
                     }
                     return Outcome::SpaceRejected(
                         "a space with this name and another layout exists",
@@ -160,7 +237,10 @@ impl MetaState {
                 if self.spaces.len() >= MAX_SPACES {
                     return Outcome::SpaceRejected("too many spaces");
                 }
-                let id = self.spaces.keys().next_back().map_or(1, |last| last + 1);
+                let id = self.next_space_id;
+                if id == SpaceId::MAX {
+                    return Outcome::SpaceRejected("space ids exhausted");
+                }
                 let base_addr = if *flexible_base {
                     self.free_base(*base_addr, *size_bytes, *chunk_size_bytes)
                 } else {
@@ -183,9 +263,7 @@ impl MetaState {
                 if overlaps {
                     return Outcome::SpaceRejected("range overlaps another space");
                 }
-                if !self.is_up(proposal.origin) {
-                    return Outcome::SpaceRejected("creating node is down");
-                }
+                self.next_space_id = id + 1;
                 // Chunk 0 holds the root block; its home is the creator.
                 self.chunks.insert(
                     (id, 0),
@@ -196,8 +274,29 @@ impl MetaState {
                 );
                 self.space_ids_by_name.insert(name.clone(), id);
                 self.spaces.insert(id, layout.clone());
+                self.attached.insert(id, BTreeSet::from([proposal.origin]));
+                if *persistent {
+                    self.persistent.insert(id);
+                }
                 Outcome::SpaceCreated(layout)
             }
+            Command::Attach { name } => {
+                if !self.is_up(proposal.origin) {
+                    return Outcome::SpaceRejected("attaching node is down");
+                }
+                let Some(layout) = self.space_by_name(name).cloned() else {
+                    return Outcome::SpaceRejected("unknown space");
+                };
+                self.attached
+                    .entry(layout.id)
+                    .or_default()
+                    .insert(proposal.origin);
+                Outcome::SpaceCreated(layout)
+            }
+            Command::Detach { space } => Outcome::Detached {
+                space: *space,
+                destroyed: self.leave(*space, proposal.origin),
+            },
             Command::LeaseChunks { space, node, count } => {
                 let Some(layout) = self.spaces.get(space) else {
                     return Outcome::LeaseRejected("unknown space");
@@ -231,6 +330,10 @@ impl MetaState {
             Command::MarkDown { node } => {
                 if let Some(status) = self.nodes.get_mut(node) {
                     *status = NodeStatus::Down;
+                }
+                let spaces: Vec<SpaceId> = self.attached.keys().copied().collect();
+                for space in spaces {
+                    self.leave(space, *node);
                 }
                 Outcome::MarkedDown(*node)
             }
@@ -293,7 +396,9 @@ impl MetaState {
 const CMD_CREATE_SPACE: u8 = 1;
 const CMD_LEASE_CHUNKS: u8 = 2;
 const CMD_MARK_DOWN: u8 = 3;
-const ENTRY_VERSION: u8 = 1;
+const CMD_ATTACH: u8 = 4;
+const CMD_DETACH: u8 = 5;
+const ENTRY_VERSION: u8 = 2;
 
 impl Proposal {
     pub fn encode(&self) -> Vec<u8> {
@@ -310,6 +415,7 @@ impl Proposal {
                 chunk_size_bytes,
                 root_size_bytes,
                 flexible_base,
+                persistent,
             } => {
                 w.u8(CMD_CREATE_SPACE);
                 w.blob(name.as_bytes());
@@ -318,6 +424,15 @@ impl Proposal {
                 w.u64(*chunk_size_bytes);
                 w.u64(*root_size_bytes);
                 w.bool(*flexible_base);
+                w.bool(*persistent);
+            }
+            Command::Attach { name } => {
+                w.u8(CMD_ATTACH);
+                w.blob(name.as_bytes());
+            }
+            Command::Detach { space } => {
+                w.u8(CMD_DETACH);
+                w.u32(*space);
             }
             Command::LeaseChunks { space, node, count } => {
                 w.u8(CMD_LEASE_CHUNKS);
@@ -343,20 +458,19 @@ impl Proposal {
         let proposal_id = r.u64()?;
         let oldest_in_flight = r.u64()?;
         let command = match r.u8()? {
-            CMD_CREATE_SPACE => {
-                let name = r.blob(SPACE_NAME_MAX_BYTES)?;
-                let name = std::str::from_utf8(name)
-                    .map_err(|_| DecodeError::Invalid("space name is not UTF-8"))?
-                    .to_string();
-                Command::CreateSpace {
-                    name,
-                    base_addr: r.u64()?,
-                    size_bytes: r.u64()?,
-                    chunk_size_bytes: r.u64()?,
-                    root_size_bytes: r.u64()?,
-                    flexible_base: r.bool()?,
-                }
-            }
+            CMD_CREATE_SPACE => Command::CreateSpace {
+                name: space_name(&mut r)?,
+                base_addr: r.u64()?,
+                size_bytes: r.u64()?,
+                chunk_size_bytes: r.u64()?,
+                root_size_bytes: r.u64()?,
+                flexible_base: r.bool()?,
+                persistent: r.bool()?,
+            },
+            CMD_ATTACH => Command::Attach {
+                name: space_name(&mut r)?,
+            },
+            CMD_DETACH => Command::Detach { space: r.u32()? },
             CMD_LEASE_CHUNKS => Command::LeaseChunks {
                 space: r.u32()?,
                 node: r.u64()?,
@@ -373,4 +487,11 @@ impl Proposal {
             command,
         })
     }
+}
+
+fn space_name(r: &mut Reader) -> Result<String, DecodeError> {
+    let name = r.blob(SPACE_NAME_MAX_BYTES)?;
+    std::str::from_utf8(name)
+        .map(str::to_string)
+        .map_err(|_| DecodeError::Invalid("space name is not UTF-8"))
 }

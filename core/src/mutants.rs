@@ -25,10 +25,13 @@ pub enum Mutant {
     /// The host sends a revocation while a grant of the page is still being applied by
     /// the process, so the grant's mprotect can land after the revocation's.
     RevokeDespiteGrantInFlight,
+    /// The host leaves a space's attach set while a process of it is still detaching
+    /// or being killed, so the space can be destroyed under it.
+    LeaveSpaceWhileProcessEnding,
 }
 
 impl Mutant {
-    pub const ALL: [Mutant; 9] = [
+    pub const ALL: [Mutant; 10] = [
         Mutant::GrantWriteWithoutInvalidate,
         Mutant::AckInvalidateBeforeRevoke,
         Mutant::AcceptStaleGrant,
@@ -38,6 +41,7 @@ impl Mutant {
         Mutant::RevokeDoneBeforeProcessAnswered,
         Mutant::ForgetClosedSessionAccess,
         Mutant::RevokeDespiteGrantInFlight,
+        Mutant::LeaveSpaceWhileProcessEnding,
     ];
 
     pub fn name(self) -> &'static str {
@@ -51,6 +55,7 @@ impl Mutant {
             Mutant::RevokeDoneBeforeProcessAnswered => "revoke-done-before-process-answered",
             Mutant::ForgetClosedSessionAccess => "forget-closed-session-access",
             Mutant::RevokeDespiteGrantInFlight => "revoke-despite-grant-in-flight",
+            Mutant::LeaveSpaceWhileProcessEnding => "leave-space-while-process-ending",
         }
     }
 
@@ -76,6 +81,9 @@ impl Mutant {
             }
             Mutant::RevokeDespiteGrantInFlight => {
                 "host revokes a page while a grant of it is still being applied"
+            }
+            Mutant::LeaveSpaceWhileProcessEnding => {
+                "host leaves a space while a process of it is still detaching or dying"
             }
         }
     }

@@ -126,6 +126,7 @@ impl Net {
             session,
             pid: pid as u32,
             create: true,
+            persistent: false,
             name,
         };
         self.send(h, conn, 1, hello(Role::Main, 0));
@@ -347,6 +348,7 @@ fn forged_grant_reports_and_faults_are_refused_without_harm() {
             session,
             pid: 999,
             create: false,
+            persistent: false,
             name: [0u8; IPC_NAME_BYTES],
         },
     );

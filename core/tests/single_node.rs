@@ -24,6 +24,7 @@ fn create_space(node: &mut Node) -> u32 {
             size_bytes: 64 << 20,
             chunk_size_bytes: 64 << 10,
             flexible_base: false,
+            persistent: false,
         },
     );
     match replies(node).pop() {
@@ -120,6 +121,7 @@ fn an_exact_fit_takes_the_last_chunk() {
             size_bytes: 128 << 10,
             chunk_size_bytes: 64 << 10,
             flexible_base: false,
+            persistent: false,
         },
     );
     let space = match replies(&mut node).pop() {

@@ -215,6 +215,7 @@ fn hello(
     role: Role,
     session: u64,
     create: bool,
+    persistent: bool,
     name: [u8; gallocy_core::ipc::IPC_NAME_BYTES],
 ) -> Result<u64, Errno> {
     let request_id = RT.next_request_id.fetch_add(1, Ordering::Relaxed);
@@ -224,6 +225,7 @@ fn hello(
         session,
         pid: sys::getpid() as u32,
         create,
+        persistent,
         name,
     }
     .encode(request_id, &mut frame);
@@ -238,7 +240,7 @@ fn open_session_connection(role: Role) -> Result<i32, CallError> {
     let fd = sys::connect_unix(socket_path()).map_err(CallError::Sys)?;
     let session = RT.session.load(Ordering::Acquire);
     let name = [0u8; gallocy_core::ipc::IPC_NAME_BYTES];
-    if let Err(e) = hello(fd, role, session, false, name) {
+    if let Err(e) = hello(fd, role, session, false, false, name) {
         sys::close(fd);
         return Err(CallError::Sys(e));
     }
@@ -685,7 +687,13 @@ pub fn attach(space: &[u8], create: bool) -> i32 {
             })
         }
     };
-    if hello(main_fd, Role::Main, 0, create, name).is_err() {
+    // A space this process creates outlives its last process only if asked.
+    // SAFETY: getenv returns a pointer into the environment or null; no allocation.
+    let persistent_env = unsafe { libc::getenv(c"GALLOCY_PERSISTENT".as_ptr()) };
+    // SAFETY: a non-null getenv result is a NUL-terminated string.
+    let persistent = !persistent_env.is_null()
+        && unsafe { CStr::from_ptr(persistent_env) }.to_bytes() == b"1";
+    if hello(main_fd, Role::Main, 0, create, persistent, name).is_err() {
         sys::close(main_fd);
         return fail(libc::ECONNRESET, |m| {
             m.str("the daemon at ")

@@ -161,6 +161,9 @@ impl Cluster {
                     });
                 }
                 Action::Reply { token, reply } => self.on_reply(index, token, reply),
+                Action::DropSpace { space } => {
+                    self.violate(format!("node {id} dropped space {space}: nobody detached"));
+                }
                 Action::Install {
                     page,
                     access,
@@ -374,6 +377,7 @@ impl Cluster {
                 // The 64 KiB root block fills chunk 0, so the allocation must lease.
                 chunk_size_bytes: 1 << 16,
                 flexible_base: false,
+                persistent: false,
             },
         );
         self.settle_until("space created", |c| c.answers.contains_key(&create))?;

@@ -28,15 +28,19 @@ fn message() -> impl Strategy<Value = IpcMessage> {
             any::<u64>(),
             any::<u32>(),
             any::<bool>(),
+            any::<bool>(),
             any::<[u8; IPC_NAME_BYTES]>()
         )
-            .prop_map(|(role, session, pid, create, name)| IpcMessage::Hello {
-                role,
-                session,
-                pid,
-                create,
-                name
-            }),
+            .prop_map(
+                |(role, session, pid, create, persistent, name)| IpcMessage::Hello {
+                    role,
+                    session,
+                    pid,
+                    create,
+                    persistent,
+                    name
+                }
+            ),
         (any::<u64>(), any::<u64>()).prop_map(|(size_bytes, align_bytes)| IpcMessage::Allocate {
             size_bytes,
             align_bytes

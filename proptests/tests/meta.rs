@@ -3,7 +3,7 @@
 //! proposal runs exactly once however often it is retried or duplicated in the log;
 //! replicas fed the same log agree.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use gallocy_core::meta::{ChunkRecord, Command, MetaState, NodeStatus, Outcome, Proposal};
 use gallocy_core::types::{NodeId, SpaceId, SpaceLayout};
@@ -54,9 +54,19 @@ fn create_space(overlong_names: bool) -> impl Strategy<Value = Command> {
         0u64..=3,
         any::<bool>(),
         prop::bool::weighted(0.3),
+        prop::bool::weighted(0.3),
     )
         .prop_map(
-            |(name, chunks, base_units, chunk_size_bytes, root_pages, misalign, flexible_base)| {
+            |(
+                name,
+                chunks,
+                base_units,
+                chunk_size_bytes,
+                root_pages,
+                misalign,
+                flexible_base,
+                persistent,
+            )| {
                 // Bases on a 1 MiB grid so different spaces overlap or abut.
                 let base_addr = base_units * (1 << 20) + if misalign { 4096 } else { 0 };
                 Command::CreateSpace {
@@ -66,6 +76,7 @@ fn create_space(overlong_names: bool) -> impl Strategy<Value = Command> {
                     chunk_size_bytes,
                     root_size_bytes: root_pages * 4096,
                     flexible_base,
+                    persistent,
                 }
             },
         )
@@ -78,6 +89,9 @@ fn command(overlong_names: bool) -> impl Strategy<Value = Command> {
         6 => (0u32..=4, 1u64..=4, prop_oneof![4 => 1u32..=4, 1 => 0u32..=70_000])
             .prop_map(|(space, node, count)| Command::LeaseChunks { space, node, count }),
         1 => (1u64..=4).prop_map(|node| Command::MarkDown { node }),
+        2 => prop::sample::select(vec!["a", "b", "c", "e"])
+            .prop_map(|name| Command::Attach { name: name.to_string() }),
+        3 => (0u32..=6).prop_map(|space| Command::Detach { space }),
     ]
 }
 
@@ -98,6 +112,9 @@ struct Snapshot {
     spaces: BTreeMap<SpaceId, SpaceLayout>,
     names: BTreeMap<String, SpaceId>,
     chunks: BTreeMap<(SpaceId, u64), ChunkRecord>,
+    attached: BTreeMap<SpaceId, BTreeSet<NodeId>>,
+    persistent: BTreeSet<SpaceId>,
+    next_space_id: SpaceId,
     applied: u64,
 }
 
@@ -107,6 +124,9 @@ fn snapshot(state: &MetaState) -> Snapshot {
         spaces: state.spaces.clone(),
         names: state.space_ids_by_name.clone(),
         chunks: state.chunks.clone(),
+        attached: state.attached.clone(),
+        persistent: state.persistent.clone(),
+        next_space_id: state.next_space_id,
         applied: state.applied_commands,
     }
 }
@@ -167,7 +187,49 @@ fn check_state(state: &MetaState) -> Result<(), TestCaseError> {
         }
     }
     prop_assert_eq!(state.space_ids_by_name.len(), state.spaces.len());
+    // A space lives while a node is attached to it, or for good if persistent.
+    for id in state.spaces.keys() {
+        prop_assert!(*id < state.next_space_id, "space id {id} not below the next id");
+        let attached = state.attached.get(id).map_or(0, |set| set.len());
+        prop_assert!(
+            attached > 0 || state.persistent.contains(id),
+            "space {id} lives with no node attached and is not persistent"
+        );
+    }
+    for id in state.attached.keys().chain(state.persistent.iter()) {
+        prop_assert!(state.spaces.contains_key(id), "attach record of gone space {id}");
+    }
     Ok(())
+}
+
+/// Spaces present before and gone after: they must have been left by all but `leaver`
+/// (or by nobody) and not be persistent; their chunks leave the model.
+fn check_destroyed(
+    before: &Snapshot,
+    state: &MetaState,
+    leaver: NodeId,
+    owners: &mut BTreeMap<(SpaceId, u64), NodeId>,
+) -> Result<Vec<SpaceId>, TestCaseError> {
+    let gone: Vec<SpaceId> = before
+        .spaces
+        .keys()
+        .copied()
+        .filter(|id| !state.spaces.contains_key(id))
+        .collect();
+    for &id in &gone {
+        let set = before.attached.get(&id).cloned().unwrap_or_default();
+        prop_assert!(
+            set.iter().all(|&n| n == leaver),
+            "space {id} destroyed while {set:?} were attached"
+        );
+        prop_assert!(!before.persistent.contains(&id), "persistent space {id} destroyed");
+        prop_assert!(
+            !state.chunks.keys().any(|&(s, _)| s == id),
+            "destroyed space {id} kept chunks"
+        );
+        owners.retain(|&(s, _), _| s != id);
+    }
+    Ok(gone)
 }
 
 /// What one proposing node knows: the model of `Node`'s proposal bookkeeping.
@@ -415,6 +477,7 @@ fn check_fresh(
             prop_assert_eq!(&layout.name, name);
             prop_assert_eq!(layout.size_bytes, *size_bytes);
             prop_assert_eq!(state.spaces.get(&layout.id), Some(layout));
+            prop_assert!(state.is_attached(layout.id, proposal.origin));
             match before.spaces.get(&layout.id) {
                 // Joining an existing space: it is returned unchanged, at its base
                 // unless the request let the base float.
@@ -433,6 +496,7 @@ fn check_fresh(
                     }
                     let previous = owners.insert((layout.id, 0), proposal.origin);
                     prop_assert_eq!(previous, None, "new space id {} reused", layout.id);
+                    prop_assert!(layout.id >= before.next_space_id, "space id reused");
                 }
             }
         }
@@ -447,7 +511,35 @@ fn check_fresh(
         (Command::MarkDown { node }, Outcome::MarkedDown(marked)) => {
             prop_assert_eq!(marked, node);
             prop_assert!(!state.is_up(*node));
-            prop_assert_eq!(&state.chunks, &before.chunks, "mark-down moved leases");
+            let gone = check_destroyed(before, state, *node, owners)?;
+            let kept: BTreeMap<_, _> = before
+                .chunks
+                .iter()
+                .filter(|((s, _), _)| !gone.contains(s))
+                .map(|(&k, &v)| (k, v))
+                .collect();
+            prop_assert_eq!(&state.chunks, &kept, "mark-down moved leases");
+            prop_assert!(
+                state.attached.values().all(|set| !set.contains(node)),
+                "a node marked down is still attached"
+            );
+        }
+        (Command::Attach { name }, Outcome::SpaceCreated(layout)) => {
+            prop_assert_eq!(&layout.name, name);
+            prop_assert_eq!(before.spaces.get(&layout.id), Some(layout));
+            prop_assert!(state.is_attached(layout.id, proposal.origin));
+            prop_assert_eq!(&state.chunks, &before.chunks, "attach moved leases");
+        }
+        (Command::Attach { .. }, Outcome::SpaceRejected(_)) => {
+            prop_assert_eq!(&state.spaces, &before.spaces, "refused attach changed spaces");
+            prop_assert_eq!(&state.attached, &before.attached, "refused attach attached");
+        }
+        (Command::Detach { space }, Outcome::Detached { space: got, destroyed }) => {
+            prop_assert_eq!(got, space);
+            prop_assert!(!state.is_attached(*space, proposal.origin));
+            let gone = check_destroyed(before, state, proposal.origin, owners)?;
+            prop_assert_eq!(*destroyed, gone == vec![*space], "destroyed {:?}", gone);
+            prop_assert!(gone.len() <= 1, "one detach destroyed {:?}", gone);
         }
         (command, outcome) => {
             return Err(TestCaseError::fail(format!(
@@ -514,6 +606,7 @@ fn create_space_with_overlong_name_is_answered() {
             size_bytes: 1 << 20,
             chunk_size_bytes: 1 << 16,
             flexible_base: false,
+            persistent: false,
         },
     );
     let mut actions = Vec::new();

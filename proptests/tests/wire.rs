@@ -159,6 +159,7 @@ fn command() -> impl Strategy<Value = Command> {
             any::<u64>(),
             any::<u64>(),
             any::<bool>(),
+            any::<bool>(),
         )
             .prop_map(
                 |(
@@ -168,6 +169,7 @@ fn command() -> impl Strategy<Value = Command> {
                     chunk_size_bytes,
                     root_size_bytes,
                     flexible_base,
+                    persistent,
                 )| {
                     Command::CreateSpace {
                         name,
@@ -176,9 +178,12 @@ fn command() -> impl Strategy<Value = Command> {
                         chunk_size_bytes,
                         root_size_bytes,
                         flexible_base,
+                        persistent,
                     }
                 }
             ),
+        space_name().prop_map(|name| Command::Attach { name }),
+        any::<u32>().prop_map(|space| Command::Detach { space }),
         (any::<u32>(), any::<u64>(), any::<u32>())
             .prop_map(|(space, node, count)| Command::LeaseChunks { space, node, count }),
         any::<u64>().prop_map(|node| Command::MarkDown { node }),
@@ -374,6 +379,7 @@ proptest! {
                 chunk_size_bytes: 1 << 16,
                 root_size_bytes: 1 << 16,
                 flexible_base: false,
+                persistent: false,
             },
         };
         prop_assert!(Proposal::decode(&proposal.encode()).is_err());

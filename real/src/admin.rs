@@ -42,6 +42,7 @@ pub fn status(socket: &Path) -> Result<serde_json::Value, String> {
             session: 0,
             pid: std::process::id(),
             create: false,
+            persistent: false,
             name: [0u8; IPC_NAME_BYTES],
         },
     )?;

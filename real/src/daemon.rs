@@ -460,6 +460,13 @@ impl Daemon {
                 pid,
                 reason,
             } => self.kill(session, pid, reason.describe()),
+            HostAction::DropSpace { space } => {
+                // No process of this node maps it any more: closing the memfd gives
+                // its memory back.
+                if self.spaces.remove(&space).is_some() {
+                    info!(space, "space destroyed: its memory is given back");
+                }
+            }
         }
     }
 

@@ -150,6 +150,7 @@ fn errors_users_meet_are_clear() {
         session: 0,
         pid: 0,
         create: false,
+        persistent: false,
         name: [0u8; IPC_NAME_BYTES],
     }
     .encode(7, &mut frame);
@@ -425,6 +426,7 @@ fn hello_frame(role: Role, session: u64, name: &[u8]) -> [u8; IPC_FRAME_BYTES] {
         session,
         pid: std::process::id(),
         create: true,
+        persistent: false,
         name: field,
     }
     .encode(1, &mut frame);
@@ -486,6 +488,7 @@ fn hostile_application_frames_do_not_crash_a_daemon() {
                         session: a,
                         pid: b as u32,
                         create: false,
+                        persistent: false,
                         name: [0u8; IPC_NAME_BYTES],
                     },
                     _ => IpcMessage::Stats,

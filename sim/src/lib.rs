@@ -34,6 +34,10 @@ impl RunReport {
             c.processes_started, c.processes_exited, c.processes_killed, c.detaches
         ));
         out.push_str(&format!(
+            "spaces:       {} drains of every process, {} space drops on nodes, {} new spaces after one was destroyed\n",
+            c.drains, c.spaces_dropped, c.new_spaces
+        ));
+        out.push_str(&format!(
             "messages:     {} sent, {} delivered, {} retries, {} rejected, {} malformed; {} page faults to the node, {} revocations\n",
             c.frames_sent, c.frames_delivered, self.retries, self.rejected_messages, self.malformed_frames, c.faults_requested, c.revokes
         ));
@@ -49,7 +53,7 @@ impl RunReport {
             c.frames_delivered as f64 / wall_s
         ));
         match &self.violation {
-            None => out.push_str("checkers:     coherence, memory consistency, allocation safety, liveness: all hold\n"),
+            None => out.push_str("checkers:     coherence, memory consistency, allocation safety, space lifetime, liveness: all hold\n"),
             Some(v) => out.push_str(&format!(
                 "VIOLATION:    {} broken at step {} (tick {}), seed {}: {}\n",
                 v.checker, v.step, v.tick, self.params.seed, v.detail

@@ -267,6 +267,7 @@ fn run_unguarded(params: RunParams) -> RunReport {
             w.step = now / STEP_MS;
             w.tick(now);
             w.check_coherence();
+            w.check_space_lifetime();
             if now.is_multiple_of(128) {
                 w.check_allocators();
             }
@@ -393,6 +394,7 @@ fn run_unguarded(params: RunParams) -> RunReport {
     let mut w = world.borrow_mut();
     if w.violation.is_none() {
         w.check_coherence();
+        w.check_space_lifetime();
         w.check_allocators();
     }
     let (mut malformed, mut rejected, mut retries) = (0, 0, 0);

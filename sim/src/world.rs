@@ -72,6 +72,12 @@ pub struct Counters {
     pub processes_killed: u64,
     pub processes_exited: u64,
     pub detaches: u64,
+    /// Times every process of the cluster was ended at once, so the space must go.
+    pub drains: u64,
+    /// `DropSpace` actions (one per node per destroyed space).
+    pub spaces_dropped: u64,
+    /// Times processes were welcomed into a new space after the old one was destroyed.
+    pub new_spaces: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,6 +140,8 @@ struct Process {
     service_free_tick: u64,
     /// Revocations received and not applied yet.
     revokes_queued: u32,
+    /// The space it was welcomed into.
+    space: Option<SpaceId>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -189,6 +197,10 @@ pub struct WorldParams {
     pub mutant: Option<Mutant>,
 }
 
+/// How many ticks a drain waits for the space to be destroyed before processes may
+/// start again (a partitioned node may hold its detach back for long).
+const DRAIN_WAIT_TICKS: u64 = 4_000;
+
 pub struct World {
     pub params: WorldParams,
     pub now_ticks: u64,
@@ -227,6 +239,12 @@ pub struct World {
     /// Print every access change of one page (GALLOCY_SIM_DEBUG_PAGE=N).
     pub debug_page: Option<u64>,
     actions_buffer: Vec<HostAction>,
+    /// The space the processes of the current generation were welcomed into.
+    generation_space: Option<SpaceId>,
+    /// When (in operations issued) every process ends at once, if in this run.
+    drain_at_ops: Option<u64>,
+    /// Tick the drain started, while it runs.
+    draining_since: Option<u64>,
 }
 
 fn name_field() -> [u8; IPC_NAME_BYTES] {
@@ -307,7 +325,20 @@ impl World {
                 .ok()
                 .and_then(|v| v.parse().ok()),
             actions_buffer: Vec::new(),
+            generation_space: None,
+            drain_at_ops: None,
+            draining_since: None,
         }
+        .with_drain()
+    }
+
+    /// Half the runs end every process once, in the middle of the workload.
+    fn with_drain(mut self) -> World {
+        let ops = self.params.ops;
+        if ops >= 8 && self.rng.gen_bool(0.5) {
+            self.drain_at_ops = Some(self.rng.gen_range(ops / 4..ops * 3 / 4));
+        }
+        self
     }
 
     pub fn node(&self, index: usize) -> Option<&Node> {
@@ -422,6 +453,7 @@ impl World {
                 self.inbox.push_back((index, conn, frame))
             }
             HostAction::Status { .. } | HostAction::SessionEnded { .. } => {}
+            HostAction::DropSpace { space } => self.on_drop_space(index, space),
             HostAction::CloseApp { conn, why } => {
                 if self.debug {
                     eprintln!(
@@ -519,6 +551,90 @@ impl World {
         }
     }
 
+    /// The host says space `space` is destroyed and unmapped here: its memory goes.
+    fn on_drop_space(&mut self, index: usize, space: SpaceId) {
+        self.counters.spaces_dropped += 1;
+        self.trace.event(15, &[index as u64, space as u64]);
+        if self.debug {
+            eprintln!(
+                "[t={}] node {} drops space {space}",
+                self.now_ticks,
+                index + 1
+            );
+        }
+        let slot = &mut self.slots[index];
+        slot.memory.retain(|page, _| page.space != space);
+        let holder = slot.processes.values().find(|p| {
+            p.access
+                .iter()
+                .any(|(page, &a)| page.space == space && a != Access::None)
+        });
+        if let Some(process) = holder {
+            let detail = format!(
+                "node {} drops space {space} while its process {} can still access it",
+                index + 1,
+                process.pid
+            );
+            return self.violate("space lifetime", detail);
+        }
+        if let Some(host) = slot.host.as_ref() {
+            if host.node().holds_space(space) {
+                let detail = format!("node {} keeps state of destroyed space {space}", index + 1);
+                self.violate("space lifetime", detail);
+            }
+        }
+    }
+
+    /// A process was welcomed into `space`. A space other than the current one means
+    /// the old one was destroyed, which only a cluster with no process left in it may
+    /// do: the ghost starts over with the new space.
+    fn enter_space(&mut self, space: SpaceId) {
+        let Some(old) = self.generation_space else {
+            self.generation_space = Some(space);
+            return;
+        };
+        if old == space {
+            return;
+        }
+        self.counters.new_spaces += 1;
+        for (index, slot) in self.slots.iter().enumerate() {
+            let Some(host) = slot.host.as_ref() else {
+                continue;
+            };
+            // A node declared down leaves every attach set while its processes live on
+            // (fenced, holding nothing) until it kills them.
+            if host.node().is_evicted() {
+                continue;
+            }
+            let attached = slot.processes.values().find(|p| {
+                p.space == Some(old)
+                    && (p.phase == ProcPhase::Live
+                        || p.access
+                            .iter()
+                            .any(|(page, &a)| page.space == old && a != Access::None))
+            });
+            if let Some(process) = attached {
+                let detail = format!(
+                    "space {old} was replaced by space {space} while process {} on node {} is attached to it",
+                    process.pid,
+                    index + 1
+                );
+                return self.violate("space lifetime", detail);
+            }
+        }
+        self.generation_space = Some(space);
+        for slot in &mut self.slots {
+            slot.space = None;
+        }
+        self.truth.retain(|page, _| page.space != old);
+        self.dirty_pages.retain(|page| page.space != old);
+        self.live.clear();
+        self.published.clear();
+        self.freeing.clear();
+        self.limbo.clear();
+        self.recently_freed.clear();
+    }
+
     /// The host closed `conn`.
     fn closed_by_host(&mut self, index: usize, conn: ConnId) {
         let Some((pid, _)) = self.slots[index].conns.remove(&conn) else {
@@ -591,6 +707,7 @@ impl World {
             max_grant_delay_ticks,
             service_free_tick: 0,
             revokes_queued: 0,
+            space: None,
         };
         self.slots[index].processes.insert(pid, process);
         let main = self.open_conn(index, pid, ConnKind::Main);
@@ -606,6 +723,7 @@ impl World {
                 session: 0,
                 pid: pid as u32,
                 create: true,
+                persistent: false,
                 name: name_field(),
             },
         );
@@ -674,8 +792,19 @@ impl World {
         }
     }
 
-    /// Starts processes where few are attached, and ends some at random.
+    /// Starts processes where few are attached, and ends some at random. Once in some
+    /// runs, ends every process of the cluster so that the space is destroyed, then lets
+    /// new ones start (and create it again).
     fn manage_processes(&mut self) {
+        if self.drain_at_ops.is_some_and(|at| self.counters.ops_issued >= at) {
+            self.drain_at_ops = None;
+            self.draining_since = Some(self.now_ticks);
+            self.counters.drains += 1;
+        }
+        if let Some(since) = self.draining_since {
+            self.drain_step(since);
+            return;
+        }
         for index in 0..self.slots.len() {
             if self.slots[index].host.is_none() {
                 continue;
@@ -736,6 +865,59 @@ impl World {
                 }
                 self.settle();
             }
+        }
+    }
+
+    /// Ends every live process (a detach or an exit); the drain is over once none is
+    /// left and the space is gone from every node still serving (or after a bound).
+    fn drain_step(&mut self, since: u64) {
+        for index in 0..self.slots.len() {
+            let pids: Vec<i32> = self.slots[index]
+                .processes
+                .iter()
+                .filter(|(_, p)| p.phase == ProcPhase::Live)
+                .map(|(&pid, _)| pid)
+                .collect();
+            // Detaches first, some of them slow to give pages back (but within the
+            // revocation timeout), then exits: the node's last exit then comes while
+            // processes of the space are still detaching.
+            let (detachers, leavers): (Vec<i32>, Vec<i32>) =
+                pids.into_iter().partition(|_| self.rng.gen_bool(0.4));
+            let Some(revoke_timeout_ticks) = self.slots[index]
+                .host
+                .as_ref()
+                .map(|h| h.config().node.revoke_timeout_ticks)
+            else {
+                continue;
+            };
+            let slow_revoke_ticks = revoke_timeout_ticks / 2;
+            for pid in detachers {
+                self.counters.detaches += 1;
+                let slow = self.rng.gen_bool(0.5);
+                let process = self.slots[index].processes.get_mut(&pid).expect("listed");
+                process.phase = ProcPhase::Detaching;
+                if slow {
+                    process.max_revoke_delay_ticks = slow_revoke_ticks;
+                }
+                let main = process.main;
+                let id = self.next_op_id;
+                self.next_op_id += 1;
+                self.send(index, main, id, IpcMessage::Detach);
+                self.settle();
+            }
+            for pid in leavers {
+                self.process_exits(index, pid, "drain");
+                self.settle();
+            }
+        }
+        let processes_left = self.slots.iter().any(|s| !s.processes.is_empty());
+        let space_left = self.slots.iter().any(|s| {
+            s.host.as_ref().is_some_and(|h| {
+                !h.node().is_evicted() && h.node().meta().space_by_name(SPACE_NAME).is_some()
+            })
+        });
+        if !processes_left && (!space_left || self.now_ticks >= since + DRAIN_WAIT_TICKS) {
+            self.draining_since = None;
         }
     }
 
@@ -923,8 +1105,8 @@ impl World {
         };
         let phase = process.phase;
         match (kind, message) {
-            (ConnKind::Main, IpcMessage::Welcome { session, .. }) => {
-                self.on_welcome(index, pid, session);
+            (ConnKind::Main, IpcMessage::Welcome { session, space, .. }) => {
+                self.on_welcome(index, pid, session, space);
             }
             (ConnKind::Main, IpcMessage::Error { code, .. }) if phase == ProcPhase::Joining => {
                 // Not yet joinable (no leader, a fenced node): try again later.
@@ -1013,18 +1195,24 @@ impl World {
         }
     }
 
-    fn on_welcome(&mut self, index: usize, pid: i32, session: SessionId) {
+    fn on_welcome(&mut self, index: usize, pid: i32, session: SessionId, space: SpaceId) {
+        self.enter_space(space);
         if self.slots[index].space.is_none() {
             let layout = self.slots[index]
                 .host
                 .as_ref()
-                .and_then(|h| h.node().meta().space_by_name(SPACE_NAME).cloned());
+                .and_then(|h| h.node().meta().spaces.get(&space).cloned());
+            if layout.is_none() {
+                let detail = format!("node {} welcomed a process into unknown space {space}", index + 1);
+                return self.violate("protocol", detail);
+            }
             self.slots[index].space = layout;
         }
         let threads = self.params.threads_per_process;
         if let Some(process) = self.slots[index].processes.get_mut(&pid) {
             process.session = Some(session);
             process.phase = ProcPhase::Live;
+            process.space = Some(space);
         }
         let service = self.open_conn(index, pid, ConnKind::Service);
         if let Some(process) = self.slots[index].processes.get_mut(&pid) {
@@ -1039,6 +1227,7 @@ impl World {
                 session,
                 pid: pid as u32,
                 create: false,
+                persistent: false,
                 name: [0u8; IPC_NAME_BYTES],
             },
         );
@@ -1062,6 +1251,7 @@ impl World {
                     session,
                     pid: pid as u32,
                     create: false,
+                    persistent: false,
                     name: [0u8; IPC_NAME_BYTES],
                 },
             );
@@ -1616,6 +1806,56 @@ impl World {
                     return;
                 }
             }
+        }
+    }
+
+    /// A space is destroyed only when no process can touch it: once any serving node
+    /// has applied its destruction, no process anywhere is still attached to it or
+    /// holds access to one of its pages (a node declared down excepted: it kills its
+    /// processes, which hold nothing once it fenced itself).
+    pub fn check_space_lifetime(&mut self) {
+        let mut problem = None;
+        'scan: for (index, slot) in self.slots.iter().enumerate() {
+            let Some(host) = slot.host.as_ref() else {
+                continue;
+            };
+            if host.node().is_evicted() {
+                continue;
+            }
+            for process in slot.processes.values() {
+                let Some(space) = process.space else {
+                    continue;
+                };
+                let holds = process.phase == ProcPhase::Live
+                    || process
+                        .access
+                        .iter()
+                        .any(|(page, &a)| page.space == space && a != Access::None);
+                if !holds {
+                    continue;
+                }
+                let destroyed_at = self.slots.iter().position(|other| {
+                    other.host.as_ref().is_some_and(|h| {
+                        let meta = h.node().meta();
+                        !h.node().is_evicted()
+                            && space < meta.next_space_id
+                            && !meta.spaces.contains_key(&space)
+                    })
+                });
+                if let Some(other) = destroyed_at {
+                    problem = Some(format!(
+                        "node {} destroyed space {space} while process {} on node {} ({:?}) is attached to it",
+                        other + 1,
+                        process.pid,
+                        index + 1,
+                        process.phase
+                    ));
+                    break 'scan;
+                }
+            }
+        }
+        if let Some(detail) = problem {
+            self.violate("space lifetime", detail);
         }
     }
 

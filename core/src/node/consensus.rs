@@ -220,6 +220,9 @@ impl Node {
                 _ => false,
             };
             let outcome = self.meta.apply(&proposal);
+            for space in self.meta.take_destroyed() {
+                self.drop_space(space);
+            }
             // On the Up→Down transition only: a retried or second leader's MarkDown
             // must not postpone the void or rescan the directory again.
             if let Command::MarkDown { node } = proposal.command {
@@ -244,6 +247,18 @@ impl Node {
             }
             (Purpose::CreateSpace { token }, Outcome::SpaceRejected(why)) => {
                 self.reply_error(token, AppError::SpaceRejected(why));
+            }
+            (Purpose::Attach { token }, Outcome::SpaceCreated(layout)) => {
+                self.reply(token, AppReply::Space(layout));
+            }
+            (Purpose::Attach { token }, Outcome::SpaceRejected("unknown space")) => {
+                self.reply_error(token, AppError::UnknownSpace);
+            }
+            (Purpose::Attach { token }, Outcome::SpaceRejected(why)) => {
+                self.reply_error(token, AppError::SpaceRejected(why));
+            }
+            (Purpose::Detach { token }, Outcome::Detached { destroyed, .. }) => {
+                self.reply(token, AppReply::Detached { destroyed });
             }
             (
                 Purpose::LeaseForAllocator { space, .. },
@@ -274,7 +289,12 @@ impl Node {
                 // The lease was refused: the head fails only if it needs at least as
                 // many chunks (it may have been served since, by a free); the requests
                 // behind it may fit what is free or a smaller lease.
-                let chunk_size_bytes = self.meta.spaces[&space].chunk_size_bytes;
+                let Some(chunk_size_bytes) =
+                    self.meta.spaces.get(&space).map(|l| l.chunk_size_bytes)
+                else {
+                    // Destroyed: `drop_space` answered the queue.
+                    return;
+                };
                 let queue = self.pending_allocations.entry(space).or_default();
                 let head_needs_as_many = queue
                     .front()
@@ -302,9 +322,12 @@ impl Node {
             }
             (Purpose::LeaseForApp { token }, _) => self.reply_error(token, AppError::OutOfMemory),
             (Purpose::MarkDown, _) => {}
-            (Purpose::CreateSpace { token }, _) => {
-                self.reply_error(token, AppError::SpaceRejected("unexpected outcome"))
-            }
+            (
+                Purpose::CreateSpace { token }
+                | Purpose::Attach { token }
+                | Purpose::Detach { token },
+                _,
+            ) => self.reply_error(token, AppError::SpaceRejected("unexpected outcome")),
         }
     }
 
@@ -379,6 +402,60 @@ impl Node {
                 self.advance_local(page);
             }
         }
+    }
+
+    /// The space was destroyed (every node applies the same entry): drop everything
+    /// held of it and answer what waits on it. Messages about it that are still in
+    /// flight find no page and no chunk, and are rejected like any unknown page.
+    pub(super) fn drop_space(&mut self, space: SpaceId) {
+        let range = PageId { space, index: 0 }..=PageId {
+            space,
+            index: u64::MAX,
+        };
+        self.allocators.remove(&space);
+        self.lease_in_flight.remove(&space);
+        for waiting in self.pending_allocations.remove(&space).unwrap_or_default() {
+            self.reply_error(waiting.token, AppError::UnknownSpace);
+        }
+        let pages: Vec<PageId> = self.pages.range(range.clone()).map(|(&id, _)| id).collect();
+        for page_id in pages {
+            let page = self.pages.remove(&page_id).expect("listed");
+            for (token, _) in page.waiters {
+                self.reply_error(token, AppError::UnknownSpace);
+            }
+            if let Some((token, _)) = page.revoke {
+                self.revokes.remove(&token);
+            }
+            self.requesting.remove(&page_id);
+        }
+        let entries: Vec<PageId> = self
+            .directory
+            .range(range)
+            .map(|(&id, _)| id)
+            .collect();
+        for page_id in entries {
+            self.directory.remove(&page_id);
+            self.busy.remove(&page_id);
+        }
+        let (gone, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.unmapped)
+            .into_iter()
+            .partition(|fault| fault.space == space);
+        self.unmapped = kept;
+        for fault in gone {
+            self.reply_error(fault.token, AppError::UnknownSpace);
+        }
+        let frees: Vec<u64> = self
+            .remote_frees
+            .iter()
+            .filter(|(_, free)| free.space == space)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in frees {
+            let free = self.remote_frees.remove(&id).expect("listed");
+            self.reply_error(free.token, AppError::UnknownSpace);
+        }
+        debug_assert!(self.revokes.values().all(|page| page.space != space));
+        self.actions.push(Action::DropSpace { space });
     }
 
     pub(super) fn on_node_down(&mut self, node: NodeId) {
@@ -460,9 +537,10 @@ impl Node {
             std::mem::take(&mut self.proposals).into_iter().collect();
         for (id, proposal) in proposals {
             match proposal.purpose {
-                Purpose::CreateSpace { token } | Purpose::LeaseForApp { token } => {
-                    self.reply_error(token, AppError::Evicted)
-                }
+                Purpose::CreateSpace { token }
+                | Purpose::LeaseForApp { token }
+                | Purpose::Attach { token }
+                | Purpose::Detach { token } => self.reply_error(token, AppError::Evicted),
                 Purpose::LeaseForAllocator { .. } => {}
                 Purpose::MarkDown => {
                     self.proposals.insert(id, proposal);

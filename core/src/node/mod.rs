@@ -166,9 +166,17 @@ pub enum AppRequest {
         chunk_size_bytes: u64,
         /// Place it at the lowest free range at or above `base_addr`.
         flexible_base: bool,
+        /// Keep it when its last process has gone.
+        persistent: bool,
     },
-    LookupSpace {
+    /// Join the existing space `name`: this node enters its attach set.
+    AttachSpace {
         name: String,
+    },
+    /// This node's last process of `space` has gone: leave its attach set (which
+    /// destroys the space if the set empties and it is not persistent).
+    DetachSpace {
+        space: SpaceId,
     },
     Allocate {
         space: SpaceId,
@@ -219,6 +227,8 @@ pub enum AppReply {
     Freed,
     Granted { page: PageId, access: Access },
     Leased { addr: u64, size_bytes: u64 },
+    /// Left the attach set; `destroyed` if the space went with it.
+    Detached { destroyed: bool },
     Error(AppError),
 }
 
@@ -256,6 +266,10 @@ pub enum Action {
         token: u64,
         want_bytes: bool,
     },
+    /// The space was destroyed: this node holds nothing of it any more (pending
+    /// requests on it were answered `UnknownSpace`, revocations of its pages dropped).
+    /// Its memory can be given back.
+    DropSpace { space: SpaceId },
 }
 
 /// Counters for status displays and the simulator's summary.
@@ -471,6 +485,12 @@ enum Purpose {
         count: u64,
     },
     LeaseForApp {
+        token: AppToken,
+    },
+    Attach {
+        token: AppToken,
+    },
+    Detach {
         token: AppToken,
     },
     MarkDown,
@@ -695,6 +715,20 @@ impl Node {
             .filter(|(_, p)| p.held != Access::None)
             .map(|(&id, p)| (id, p.held))
     }
+    /// Whether this node holds any state of `space` (pages, directory entries, an
+    /// allocator, requests waiting on it).
+    pub fn holds_space(&self, space: SpaceId) -> bool {
+        let first = PageId { space, index: 0 };
+        let in_space = |page: &PageId| page.space == space;
+        self.allocators.contains_key(&space)
+            || self.pending_allocations.contains_key(&space)
+            || self.lease_in_flight.contains(&space)
+            || self.pages.range(first..).next().is_some_and(|(p, _)| in_space(p))
+            || self.directory.range(first..).next().is_some_and(|(p, _)| in_space(p))
+            || self.unmapped.iter().any(|f| f.space == space)
+            || self.remote_frees.values().any(|f| f.space == space)
+    }
+
     pub fn directory_len(&self) -> usize {
         self.directory.len()
     }

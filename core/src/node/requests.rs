@@ -19,6 +19,7 @@ impl Node {
                 size_bytes,
                 chunk_size_bytes,
                 flexible_base,
+                persistent,
             } => {
                 // Checked here too: a command the log cannot carry would never commit.
                 if name.is_empty() || name.len() > crate::types::SPACE_NAME_MAX_BYTES {
@@ -34,19 +35,34 @@ impl Node {
                     size_bytes,
                     chunk_size_bytes,
                     flexible_base,
+                    persistent,
                     root_size_bytes: DEFAULT_ROOT_SIZE_BYTES.min(chunk_size_bytes),
                 };
                 if let Err(error) = self.propose(command, Purpose::CreateSpace { token }) {
                     self.reply_error(token, error);
                 }
             }
-            AppRequest::LookupSpace { name } => match self.meta.space_by_name(&name) {
-                Some(layout) => {
-                    let layout = layout.clone();
-                    self.reply(token, AppReply::Space(layout));
+            AppRequest::AttachSpace { name } => {
+                if self.meta.space_by_name(&name).is_none() {
+                    // It may be created meanwhile; joining it then takes a new hello.
+                    self.reply_error(token, AppError::UnknownSpace);
+                    return;
                 }
-                None => self.reply_error(token, AppError::UnknownSpace),
-            },
+                if let Err(error) = self.propose(Command::Attach { name }, Purpose::Attach { token })
+                {
+                    self.reply_error(token, error);
+                }
+            }
+            AppRequest::DetachSpace { space } => {
+                if !self.meta.spaces.contains_key(&space) {
+                    self.reply_error(token, AppError::UnknownSpace);
+                    return;
+                }
+                if let Err(error) = self.propose(Command::Detach { space }, Purpose::Detach { token })
+                {
+                    self.reply_error(token, error);
+                }
+            }
             AppRequest::Allocate {
                 space,
                 size_bytes,
