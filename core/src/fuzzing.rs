@@ -202,18 +202,18 @@ impl Harness {
             0 => {
                 let flags = r.u8();
                 IpcMessage::Hello {
-                role: match r.u8() % 4 {
-                    0 => Role::Main,
-                    1 => Role::Thread,
-                    2 => Role::Service,
-                    _ => Role::Admin,
-                },
-                session: r.u8() as u64 % 8,
-                pid: 100 + r.u8() as u32 % 4,
-                create: !flags.is_multiple_of(4),
-                persistent: flags & 4 != 0,
-                name,
-            }
+                    role: match r.u8() % 4 {
+                        0 => Role::Main,
+                        1 => Role::Thread,
+                        2 => Role::Service,
+                        _ => Role::Admin,
+                    },
+                    session: r.u8() as u64 % 8,
+                    pid: 100 + r.u8() as u32 % 4,
+                    create: !flags.is_multiple_of(4),
+                    persistent: flags & 4 != 0,
+                    name,
+                }
             }
             1 => IpcMessage::Allocate {
                 size_bytes: r.number(),

@@ -274,8 +274,14 @@ enum Pending {
     Leave {
         name: String,
     },
-    Request { conn: ConnId, request_id: u64 },
-    FaultPart { group: u64, page_index: u64 },
+    Request {
+        conn: ConnId,
+        request_id: u64,
+    },
+    FaultPart {
+        group: u64,
+        page_index: u64,
+    },
 }
 
 struct FaultGroup {

@@ -137,7 +137,9 @@ impl MetaState {
 
     /// Whether `node` is in the attach set of `space`.
     pub fn is_attached(&self, space: SpaceId, node: NodeId) -> bool {
-        self.attached.get(&space).is_some_and(|set| set.contains(&node))
+        self.attached
+            .get(&space)
+            .is_some_and(|set| set.contains(&node))
     }
 
     /// The spaces destroyed since the last call, in the order they went.

@@ -691,8 +691,8 @@ pub fn attach(space: &[u8], create: bool) -> i32 {
     // SAFETY: getenv returns a pointer into the environment or null; no allocation.
     let persistent_env = unsafe { libc::getenv(c"GALLOCY_PERSISTENT".as_ptr()) };
     // SAFETY: a non-null getenv result is a NUL-terminated string.
-    let persistent = !persistent_env.is_null()
-        && unsafe { CStr::from_ptr(persistent_env) }.to_bytes() == b"1";
+    let persistent =
+        !persistent_env.is_null() && unsafe { CStr::from_ptr(persistent_env) }.to_bytes() == b"1";
     if hello(main_fd, Role::Main, 0, create, persistent, name).is_err() {
         sys::close(main_fd);
         return fail(libc::ECONNRESET, |m| {

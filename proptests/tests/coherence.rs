@@ -162,7 +162,7 @@ impl Cluster {
                 }
                 Action::Reply { token, reply } => self.on_reply(index, token, reply),
                 Action::DropSpace { space } => {
-                    self.violate(format!("node {id} dropped space {space}: nobody detached"));
+                    self.violate(format!("node {id} dropped space {space}: it is persistent"));
                 }
                 Action::Install {
                     page,
@@ -377,7 +377,9 @@ impl Cluster {
                 // The 64 KiB root block fills chunk 0, so the allocation must lease.
                 chunk_size_bytes: 1 << 16,
                 flexible_base: false,
-                persistent: false,
+                // Nodes here use the space without attaching: it must outlive the
+                // creator's mark-down.
+                persistent: true,
             },
         );
         self.settle_until("space created", |c| c.answers.contains_key(&create))?;

@@ -189,7 +189,10 @@ fn check_state(state: &MetaState) -> Result<(), TestCaseError> {
     prop_assert_eq!(state.space_ids_by_name.len(), state.spaces.len());
     // A space lives while a node is attached to it, or for good if persistent.
     for id in state.spaces.keys() {
-        prop_assert!(*id < state.next_space_id, "space id {id} not below the next id");
+        prop_assert!(
+            *id < state.next_space_id,
+            "space id {id} not below the next id"
+        );
         let attached = state.attached.get(id).map_or(0, |set| set.len());
         prop_assert!(
             attached > 0 || state.persistent.contains(id),
@@ -197,7 +200,10 @@ fn check_state(state: &MetaState) -> Result<(), TestCaseError> {
         );
     }
     for id in state.attached.keys().chain(state.persistent.iter()) {
-        prop_assert!(state.spaces.contains_key(id), "attach record of gone space {id}");
+        prop_assert!(
+            state.spaces.contains_key(id),
+            "attach record of gone space {id}"
+        );
     }
     Ok(())
 }
@@ -222,7 +228,10 @@ fn check_destroyed(
             set.iter().all(|&n| n == leaver),
             "space {id} destroyed while {set:?} were attached"
         );
-        prop_assert!(!before.persistent.contains(&id), "persistent space {id} destroyed");
+        prop_assert!(
+            !before.persistent.contains(&id),
+            "persistent space {id} destroyed"
+        );
         prop_assert!(
             !state.chunks.keys().any(|&(s, _)| s == id),
             "destroyed space {id} kept chunks"
@@ -531,10 +540,20 @@ fn check_fresh(
             prop_assert_eq!(&state.chunks, &before.chunks, "attach moved leases");
         }
         (Command::Attach { .. }, Outcome::SpaceRejected(_)) => {
-            prop_assert_eq!(&state.spaces, &before.spaces, "refused attach changed spaces");
+            prop_assert_eq!(
+                &state.spaces,
+                &before.spaces,
+                "refused attach changed spaces"
+            );
             prop_assert_eq!(&state.attached, &before.attached, "refused attach attached");
         }
-        (Command::Detach { space }, Outcome::Detached { space: got, destroyed }) => {
+        (
+            Command::Detach { space },
+            Outcome::Detached {
+                space: got,
+                destroyed,
+            },
+        ) => {
             prop_assert_eq!(got, space);
             prop_assert!(!state.is_attached(*space, proposal.origin));
             let gone = check_destroyed(before, state, proposal.origin, owners)?;

@@ -1096,10 +1096,16 @@ impl Daemon {
                 for (_, record) in meta.chunks.range((s.id, 0)..=(s.id, u64::MAX)) {
                     *chunks.entry(record.lessee).or_default() += 1;
                 }
+                let attached: Vec<u64> = meta
+                    .attached
+                    .get(&s.id)
+                    .map(|set| set.iter().copied().collect())
+                    .unwrap_or_default();
                 json!({
                     "id": s.id, "name": s.name, "base": format!("{:#x}", s.base_addr),
                     "size_bytes": s.size_bytes, "chunk_size_bytes": s.chunk_size_bytes,
-                    "chunks_per_node": chunks,
+                    "chunks_per_node": chunks, "attached_nodes": attached,
+                    "persistent": meta.persistent.contains(&s.id),
                 })
             })
             .collect();
@@ -1125,6 +1131,8 @@ impl Daemon {
             "spaces": spaces,
             "pages": {"read": read, "write": write, "homed": node.directory_len()},
             "sessions": self.host.session_count(),
+            // Spaces this daemon holds memory for (a memfd each).
+            "backed_spaces": self.spaces.len(),
             "counters": {
                 "faults_local": stats.faults_local,
                 "faults_remote": stats.faults_remote,

@@ -104,6 +104,11 @@ pub fn run(options: &RunOptions<'_>) -> Result<i32, String> {
         // Only the program itself attaches; what it execs gets a private heap unless
         // GALLOCY_CHILDREN=share (preload/interpose, `is_exec_descendant`).
         .env("GALLOCY_RUN_PARENT", std::process::id().to_string());
+    if embedded.is_some() && std::env::var_os("GALLOCY_PERSISTENT").is_none() {
+        // The embedded cluster ends with the run anyway; keeping the space until then
+        // lets `--stats` show what the program left in it.
+        child.env("GALLOCY_PERSISTENT", "1");
+    }
     // The program gets the terminal's signals itself (it is in our process group), as
     // it would without gallocy: restore the defaults we changed.
     // SAFETY: signal() is async-signal-safe; this runs in the child before exec.

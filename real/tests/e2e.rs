@@ -44,12 +44,77 @@ fn processes_on_two_nodes_share_blocks_and_free_each_others() {
         status["counters"]["remote_frees"].as_u64().unwrap() >= 16,
         "{status}"
     );
-    let space = &status["spaces"][0];
-    assert_eq!(space["name"], "e2e");
-    assert!(
-        space["chunks_per_node"]["1"].as_u64().unwrap() >= 1,
-        "{status}"
+    // Both processes have gone: the space is destroyed on every node, its memory
+    // given back.
+    for node in 1..=3 {
+        cluster.wait_for_status(node, LIMIT, "space reclaimed", |status| {
+            status["spaces"].as_array().is_some_and(|s| s.is_empty())
+                && status["backed_spaces"] == 0
+        });
+    }
+}
+
+/// A space goes when its last process has gone, on every node with its memory, unless
+/// its creator asked for it to stay (`GALLOCY_PERSISTENT=1`).
+#[test]
+fn a_space_ends_with_its_last_process_unless_persistent() {
+    let cluster = Cluster::start("reclaim", 3);
+    let program = e2e_program(&cluster.dir);
+    let no_spaces = |status: &serde_json::Value| {
+        status["spaces"].as_array().is_some_and(|s| s.is_empty()) && status["backed_spaces"] == 0
+    };
+    // Twenty programs in a row, each leaving 8 MiB of heap: the cluster holds nothing
+    // after each one.
+    for round in 0..20u64 {
+        let node = 1 + round % 3;
+        let value = (100 + round).to_string();
+        let output = finish(
+            cluster
+                .command(node, &program, &["leave", "e2e-gone", &value, "8"])
+                .spawn()
+                .unwrap(),
+            LIMIT,
+        );
+        assert!(output.status.success(), "{}", describe(&output));
+        for node in 1..=3 {
+            cluster.wait_for_status(node, LIMIT, "space reclaimed", no_spaces);
+        }
+    }
+    let output = finish(
+        cluster
+            .command(2, &program, &["find", "e2e-gone"])
+            .spawn()
+            .unwrap(),
+        LIMIT,
     );
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("unknown space"), "{}", describe(&output));
+
+    // A persistent space keeps its contents for the next process, on any node.
+    let output = finish(
+        cluster
+            .command(1, &program, &["leave", "e2e-kept", "42", "2"])
+            .env("GALLOCY_PERSISTENT", "1")
+            .spawn()
+            .unwrap(),
+        LIMIT,
+    );
+    assert!(output.status.success(), "{}", describe(&output));
+    let status = cluster.wait_for_status(1, LIMIT, "node 1 detached", |status| {
+        status["spaces"][0]["attached_nodes"]
+            .as_array()
+            .is_some_and(|a| a.is_empty())
+    });
+    assert_eq!(status["spaces"][0]["persistent"], true, "{status}");
+    let output = finish(
+        cluster
+            .command(3, &program, &["find", "e2e-kept"])
+            .spawn()
+            .unwrap(),
+        LIMIT,
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("found 42"), "{}", describe(&output));
 }
 
 #[test]

@@ -796,7 +796,10 @@ impl World {
     /// runs, ends every process of the cluster so that the space is destroyed, then lets
     /// new ones start (and create it again).
     fn manage_processes(&mut self) {
-        if self.drain_at_ops.is_some_and(|at| self.counters.ops_issued >= at) {
+        if self
+            .drain_at_ops
+            .is_some_and(|at| self.counters.ops_issued >= at)
+        {
             self.drain_at_ops = None;
             self.draining_since = Some(self.now_ticks);
             self.counters.drains += 1;
@@ -1203,7 +1206,10 @@ impl World {
                 .as_ref()
                 .and_then(|h| h.node().meta().spaces.get(&space).cloned());
             if layout.is_none() {
-                let detail = format!("node {} welcomed a process into unknown space {space}", index + 1);
+                let detail = format!(
+                    "node {} welcomed a process into unknown space {space}",
+                    index + 1
+                );
                 return self.violate("protocol", detail);
             }
             self.slots[index].space = layout;

@@ -428,11 +428,7 @@ impl Node {
             }
             self.requesting.remove(&page_id);
         }
-        let entries: Vec<PageId> = self
-            .directory
-            .range(range)
-            .map(|(&id, _)| id)
-            .collect();
+        let entries: Vec<PageId> = self.directory.range(range).map(|(&id, _)| id).collect();
         for page_id in entries {
             self.directory.remove(&page_id);
             self.busy.remove(&page_id);

@@ -223,12 +223,23 @@ pub enum AppError {
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub enum AppReply {
     Space(SpaceLayout),
-    Allocated { addr: u64, size_bytes: u64 },
+    Allocated {
+        addr: u64,
+        size_bytes: u64,
+    },
     Freed,
-    Granted { page: PageId, access: Access },
-    Leased { addr: u64, size_bytes: u64 },
+    Granted {
+        page: PageId,
+        access: Access,
+    },
+    Leased {
+        addr: u64,
+        size_bytes: u64,
+    },
     /// Left the attach set; `destroyed` if the space went with it.
-    Detached { destroyed: bool },
+    Detached {
+        destroyed: bool,
+    },
     Error(AppError),
 }
 
@@ -723,8 +734,16 @@ impl Node {
         self.allocators.contains_key(&space)
             || self.pending_allocations.contains_key(&space)
             || self.lease_in_flight.contains(&space)
-            || self.pages.range(first..).next().is_some_and(|(p, _)| in_space(p))
-            || self.directory.range(first..).next().is_some_and(|(p, _)| in_space(p))
+            || self
+                .pages
+                .range(first..)
+                .next()
+                .is_some_and(|(p, _)| in_space(p))
+            || self
+                .directory
+                .range(first..)
+                .next()
+                .is_some_and(|(p, _)| in_space(p))
             || self.unmapped.iter().any(|f| f.space == space)
             || self.remote_frees.values().any(|f| f.space == space)
     }

@@ -48,7 +48,8 @@ impl Node {
                     self.reply_error(token, AppError::UnknownSpace);
                     return;
                 }
-                if let Err(error) = self.propose(Command::Attach { name }, Purpose::Attach { token })
+                if let Err(error) =
+                    self.propose(Command::Attach { name }, Purpose::Attach { token })
                 {
                     self.reply_error(token, error);
                 }
@@ -58,7 +59,8 @@ impl Node {
                     self.reply_error(token, AppError::UnknownSpace);
                     return;
                 }
-                if let Err(error) = self.propose(Command::Detach { space }, Purpose::Detach { token })
+                if let Err(error) =
+                    self.propose(Command::Detach { space }, Purpose::Detach { token })
                 {
                     self.reply_error(token, error);
                 }

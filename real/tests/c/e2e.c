@@ -172,6 +172,32 @@ static int clash(void) {
     return rc == -EEXIST ? 0 : 41;
 }
 
+/* Creates (or joins) `space`, leaves `value` in the root block and `mib` MiB of
+ * written heap behind, and exits without detaching. */
+static int leave(const char *space, uint64_t value, int mib) {
+    attach(space);
+    for (int i = 0; i < mib; i++) {
+        unsigned char *block = gallocy_malloc(1 << 20);
+        if (!block) { fprintf(stderr, "malloc: %s\n", gallocy_last_error()); return 11; }
+        memset(block, 0x5a, 1 << 20);
+    }
+    root[0] = value;
+    printf("left %llu\n", (unsigned long long)value);
+    return 0;
+}
+
+/* Joins an existing `space` and prints what its root block holds. */
+static int find(const char *space) {
+    int rc = gallocy_attach_existing(space);
+    if (rc != 0) {
+        printf("attach: %d (%s): %s\n", rc, gallocy_strerror(rc), gallocy_last_error());
+        return 0;
+    }
+    root = (volatile uint64_t *)gallocy_root();
+    printf("found %llu\n", (unsigned long long)root[0]);
+    return 0;
+}
+
 /* Errors: no daemon, unknown space. */
 static int expect_error(const char *space, int expected) {
     int rc = gallocy_attach_existing(space);
@@ -263,6 +289,8 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "clash")) return clash();
     if (!strcmp(argv[1], "expect-error")) return expect_error(argv[2], atoi(argv[3]));
     if (!strcmp(argv[1], "orphan")) return orphan();
+    if (!strcmp(argv[1], "leave")) return leave(argv[2], strtoull(argv[3], 0, 10), atoi(argv[4]));
+    if (!strcmp(argv[1], "find")) return find(argv[2]);
     if (!strcmp(argv[1], "survive-writer")) return survive_writer();
     if (!strcmp(argv[1], "survive-reader")) return survive_reader();
     return 2;

@@ -154,6 +154,30 @@ impl Cluster {
             .unwrap_or_default()
     }
 
+    /// Polls node `node`'s status until `done` holds (every 20 ms, at most `limit`);
+    /// panics with the last status otherwise.
+    #[allow(dead_code)]
+    pub fn wait_for_status(
+        &self,
+        node: u64,
+        limit: Duration,
+        what: &str,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let status = gallocy_real::admin::status(&self.socket(node)).expect("status");
+            if done(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {node}: {what} not reached within {limit:?}; status: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Runs `program args` attached to `node`.
     pub fn command(&self, node: u64, program: &Path, args: &[&str]) -> Command {
         let mut command = Command::new(program);
