@@ -140,6 +140,38 @@ impl ExtentAllocator {
         Ok(len)
     }
 
+    /// The leased region that holds `addr`: (start, length).
+    pub fn region_of(&self, addr: u64) -> Option<(u64, u64)> {
+        let (&start, &len) = self.regions.range(..=addr).next_back()?;
+        (addr < start + len).then_some((start, len))
+    }
+
+    /// Whether no live or reserved byte lies in `[start, start+len)`.
+    pub fn is_free_range(&self, start: u64, len: u64) -> bool {
+        self.free
+            .range(..=start)
+            .next_back()
+            .is_some_and(|(&s, &l)| s + l >= start + len)
+    }
+
+    /// Takes back a region that holds no block (to give it back to the cluster).
+    /// Returns false, changing nothing, if it is not a region or not empty.
+    pub fn remove_region(&mut self, start: u64) -> bool {
+        let Some(&len) = self.regions.get(&start) else {
+            return false;
+        };
+        let Some((&free_start, &free_len)) = self.free.range(..=start).next_back() else {
+            return false;
+        };
+        if free_start + free_len < start + len {
+            return false;
+        }
+        self.carve(free_start, free_len, start, len);
+        self.regions.remove(&start);
+        self.region_bytes -= len;
+        true
+    }
+
     pub fn size_of(&self, addr: u64) -> Option<u64> {
         self.live.get(&addr).copied()
     }
@@ -191,6 +223,14 @@ impl ExtentAllocator {
         let live: u64 = self.live.values().sum();
         if live != self.live_bytes {
             return Err("live byte count drifted".into());
+        }
+        let regions: u64 = self.regions.values().sum();
+        let covered: u64 = spans.iter().map(|&(_, l, _)| l).sum();
+        if regions != self.region_bytes || covered != regions {
+            return Err(format!(
+                "regions hold {regions:#x} bytes (counted {:#x}) but extents cover {covered:#x}",
+                self.region_bytes
+            ));
         }
         Ok(())
     }

@@ -164,6 +164,9 @@ impl Harness {
                         let bytes = want_bytes.then(|| Box::new([7u8; PAGE_SIZE_BYTES]));
                         self.hosts[h].revoke_finished(self.now, token, bytes);
                     }
+                    HostAction::DropPages { token, .. } => {
+                        self.hosts[h].pages_dropped(self.now, token);
+                    }
                     HostAction::Probe { session, .. } | HostAction::Kill { session, .. } => {
                         if self.asked.len() < 256 {
                             self.asked.push((h, session));
@@ -311,10 +314,10 @@ impl Harness {
             },
             8 => PeerMessage::FreeReply {
                 request_id: r.number(),
-                outcome: if r.u8() & 1 == 1 {
-                    FreeOutcome::Freed
-                } else {
-                    FreeOutcome::InvalidFree
+                outcome: match r.u8() % 3 {
+                    0 => FreeOutcome::InvalidFree,
+                    1 => FreeOutcome::Freed,
+                    _ => FreeOutcome::NotLessee,
                 },
             },
             9 => PeerMessage::LeaseRequest {
@@ -376,7 +379,7 @@ impl Harness {
             } else {
                 from
             };
-            let command = match r.u8() % 5 {
+            let command = match r.u8() % 7 {
                 0 => Command::LeaseChunks {
                     space: r.u8() as u32 % 3,
                     node: r.u8() as u64 % 4,
@@ -388,6 +391,15 @@ impl Harness {
                 2 => Command::Attach { name: "fz".into() },
                 3 => Command::Detach {
                     space: r.u8() as u32 % 3,
+                },
+                4 => Command::ReleaseChunks {
+                    space: r.u8() as u32 % 3,
+                    first_chunk: r.u8() as u64 % 8,
+                    count: r.u8() as u32 % 4,
+                },
+                5 => Command::ReleaseDone {
+                    space: r.u8() as u32 % 3,
+                    first_chunk: r.u8() as u64 % 8,
                 },
                 _ => Command::CreateSpace {
                     name: "fz".into(),

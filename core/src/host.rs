@@ -180,6 +180,15 @@ pub enum HostAction {
     },
     /// The space is destroyed and no process of this node maps it: its memory can go.
     DropSpace { space: SpaceId },
+    /// No process of this node can access these pages of a released run any more:
+    /// zero this node's memory of them (punching a hole gives it back), then call
+    /// `pages_dropped(token)`.
+    DropPages {
+        space: SpaceId,
+        first_page: u64,
+        pages: u64,
+        token: u64,
+    },
 }
 
 /// Host counters, for status displays.
@@ -262,6 +271,20 @@ struct ServiceRevoke {
     /// access again after this revocation's `mprotect`.
     issued_before: u64,
     sent_tick: u64,
+    /// The release (`ReleaseWait`) waiting for it, or 0.
+    release_token: u64,
+}
+
+/// A released run whose pages every process of this node must give up.
+struct ReleaseWait {
+    space: SpaceId,
+    first_index: u64,
+    pages: u64,
+    since_tick: u64,
+    /// Sessions with a grant of these pages still being applied: revoked once applied.
+    blocked: BTreeSet<SessionId>,
+    /// Sessions whose revocation of the run was sent (or that are ending), until done.
+    waiting: BTreeSet<SessionId>,
 }
 
 enum Pending {
@@ -334,6 +357,8 @@ pub struct Host {
     next_fault_group: u64,
     revokes: BTreeMap<u64, RevokeWait>,
     service_revokes: BTreeMap<u64, ServiceRevoke>,
+    /// Released runs, by the node's token.
+    release_waits: BTreeMap<u64, ReleaseWait>,
     next_service_token: u64,
     /// The incarnation each peer had when first heard (see `PeerHello`).
     peer_incarnations: BTreeMap<NodeId, u64>,
@@ -392,6 +417,7 @@ impl Host {
             next_fault_group: 1,
             revokes: BTreeMap::new(),
             service_revokes: BTreeMap::new(),
+            release_waits: BTreeMap::new(),
             next_service_token: 1,
             peer_incarnations: BTreeMap::new(),
             memberships: BTreeMap::new(),
@@ -450,6 +476,11 @@ impl Host {
                     .values()
                     .flat_map(|s| s.deferred.iter().map(|d| d.since_tick + timeout)),
             );
+        let releases = self
+            .release_waits
+            .values()
+            .filter(|w| !w.blocked.is_empty())
+            .map(|w| w.since_tick + timeout);
         let hellos = self
             .conns
             .values()
@@ -458,6 +489,7 @@ impl Host {
         let retry = (!self.membership_retry.is_empty()).then_some(self.membership_retry_tick);
         // A deadline already past is due now (the next tick).
         let own = revokes
+            .chain(releases)
             .chain(hellos)
             .chain(retry)
             .min()
@@ -512,6 +544,12 @@ impl Host {
                 })
                 .map(|(&id, _)| id),
         );
+        // A grant never reported applied holds a release back like a revocation.
+        for wait in self.release_waits.values() {
+            if now.saturating_sub(wait.since_tick) > timeout {
+                stalled.extend(wait.blocked.iter().copied());
+            }
+        }
         for session in stalled {
             self.kill(session, KillReason::RevokeTimeout);
         }
@@ -683,6 +721,13 @@ impl Host {
         self.process_node_actions();
     }
 
+    /// The driver zeroed this node's memory of a released run (`HostAction::DropPages`).
+    pub fn pages_dropped(&mut self, now_ticks: u64, token: u64) {
+        self.set_now(now_ticks);
+        self.node.handle_release_done(self.now_ticks, token);
+        self.process_node_actions();
+    }
+
     /// The bytes of a finished revocation (`HostAction::FinishRevoke`).
     pub fn revoke_finished(&mut self, now_ticks: u64, token: u64, bytes: Option<Box<PageBytes>>) {
         self.set_now(now_ticks);
@@ -847,6 +892,18 @@ impl Host {
             .collect();
         for node_token in waits {
             self.revoke_progress(node_token, session_id);
+        }
+        let releases: Vec<u64> = self
+            .release_waits
+            .iter()
+            .filter(|(_, w)| w.blocked.contains(&session_id) || w.waiting.contains(&session_id))
+            .map(|(&t, _)| t)
+            .collect();
+        for token in releases {
+            let wait = self.release_waits.get_mut(&token).expect("listed");
+            wait.blocked.remove(&session_id);
+            wait.waiting.remove(&session_id);
+            self.release_progress(token);
         }
         if self.node.meta().spaces.contains_key(&session.layout.id) {
             self.maybe_leave(&session.layout.name);
@@ -1108,8 +1165,9 @@ impl Host {
         for session in orphans {
             self.kill(session, KillReason::SpaceDestroyed);
         }
-        // The node has forgotten these revocations: nobody waits for them.
+        // The node has forgotten these revocations and releases: nobody waits for them.
         self.revokes.retain(|_, wait| wait.page.space != space);
+        self.release_waits.retain(|_, wait| wait.space != space);
         self.drop_space_memory_if_unmapped(space);
     }
 
@@ -1387,6 +1445,7 @@ impl Host {
                 }
             }
         }
+        self.unblock_releases(session_id);
         self.detach_progress(session_id);
     }
 
@@ -1481,6 +1540,12 @@ impl Host {
                 want_bytes,
             } => self.lower(page, access, Some((token, want_bytes))),
             Action::DropSpace { space } => self.on_space_dropped(space),
+            Action::ReleasePages {
+                space,
+                first_page,
+                pages,
+                token,
+            } => self.start_release(space, first_page, pages, token),
         }
     }
 
@@ -1600,6 +1665,102 @@ impl Host {
         }
     }
 
+    /// Every process of this node gives up the pages of a released run; the node has
+    /// already stopped granting them.
+    fn start_release(&mut self, space: SpaceId, first_index: u64, pages: u64, token: u64) {
+        let end = first_index + pages;
+        let mut wait = ReleaseWait {
+            space,
+            first_index,
+            pages,
+            since_tick: self.now_ticks,
+            blocked: BTreeSet::new(),
+            waiting: BTreeSet::new(),
+        };
+        let targets: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                s.layout.id == space
+                    && (s.granted.range(first_index..end).next().is_some()
+                        || s.granting.range(first_index..end).next().is_some())
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for session_id in targets {
+            let session = &self.sessions[&session_id];
+            if let Phase::Ending { .. } = session.phase {
+                // Unreachable until the driver says it is gone: `end_session` counts it.
+                wait.waiting.insert(session_id);
+            } else if session.granting.range(first_index..end).next().is_some() {
+                wait.blocked.insert(session_id);
+            } else if let Some(service_token) =
+                self.send_revoke(session_id, first_index, pages, Access::None, 0)
+            {
+                let revoke = self.service_revokes.get_mut(&service_token).expect("sent");
+                revoke.release_token = token;
+                wait.waiting.insert(session_id);
+            }
+        }
+        let previous = self.release_waits.insert(token, wait);
+        assert!(previous.is_none(), "release token {token} reused");
+        self.release_progress(token);
+    }
+
+    /// A session's grants of a released run are all applied: its revocation goes out.
+    fn unblock_releases(&mut self, session_id: SessionId) {
+        let Some(session) = self.sessions.get(&session_id) else {
+            return;
+        };
+        let ready: Vec<u64> = self
+            .release_waits
+            .iter()
+            .filter(|(_, w)| {
+                w.blocked.contains(&session_id)
+                    && session
+                        .granting
+                        .range(w.first_index..w.first_index + w.pages)
+                        .next()
+                        .is_none()
+            })
+            .map(|(&t, _)| t)
+            .collect();
+        for token in ready {
+            let (first_index, pages) = {
+                let wait = self.release_waits.get_mut(&token).expect("listed");
+                wait.blocked.remove(&session_id);
+                (wait.first_index, wait.pages)
+            };
+            if let Some(service_token) =
+                self.send_revoke(session_id, first_index, pages, Access::None, 0)
+            {
+                let revoke = self.service_revokes.get_mut(&service_token).expect("sent");
+                revoke.release_token = token;
+                let wait = self.release_waits.get_mut(&token).expect("listed");
+                wait.waiting.insert(session_id);
+            }
+            self.release_progress(token);
+        }
+    }
+
+    fn release_progress(&mut self, token: u64) {
+        let Some(wait) = self.release_waits.get(&token) else {
+            return;
+        };
+        if !wait.blocked.is_empty() || !wait.waiting.is_empty() {
+            return;
+        }
+        let wait = self.release_waits.remove(&token).expect("present");
+        self.actions.push(HostAction::DropPages {
+            space: wait.space,
+            first_page: wait.first_index,
+            pages: wait.pages,
+            token,
+        });
+    }
+
+    /// Sends a revocation to the session's service thread; its token, or None if the
+    /// session cannot be reached (ending) or was never granted anything.
     fn send_revoke(
         &mut self,
         session_id: SessionId,
@@ -1607,11 +1768,11 @@ impl Host {
         pages: u64,
         access: Access,
         node_token: u64,
-    ) {
+    ) -> Option<u64> {
         let session = &self.sessions[&session_id];
         if let Phase::Ending { .. } = session.phase {
             // Unreachable until the driver says it is gone: `end_session` counts it.
-            return;
+            return None;
         }
         let Some(service) = session.service else {
             // A live session without its service thread yet was never granted a page
@@ -1619,7 +1780,7 @@ impl Host {
             if node_token != 0 {
                 self.revoke_progress(node_token, session_id);
             }
-            return;
+            return None;
         };
         // The service thread sets the protection it is told: a revocation must never
         // raise what an earlier one, still in flight, lowers to.
@@ -1646,6 +1807,7 @@ impl Host {
                 node_token,
                 issued_before: session.grants_issued,
                 sent_tick: self.now_ticks,
+                release_token: 0,
             },
         );
         self.counters.revocations_sent += 1;
@@ -1659,6 +1821,7 @@ impl Host {
                 token,
             },
         );
+        Some(token)
     }
 
     fn on_revoke_done(&mut self, token: u64) {
@@ -1679,6 +1842,12 @@ impl Host {
         }
         if revoke.node_token != 0 {
             self.revoke_progress(revoke.node_token, revoke.session);
+        }
+        if revoke.release_token != 0 {
+            if let Some(wait) = self.release_waits.get_mut(&revoke.release_token) {
+                wait.waiting.remove(&revoke.session);
+            }
+            self.release_progress(revoke.release_token);
         }
         self.detach_progress(revoke.session);
     }

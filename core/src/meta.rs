@@ -43,6 +43,17 @@ pub enum Command {
         node: NodeId,
         count: u32,
     },
+    /// The origin, lessee of `count` chunks from `first_chunk`, holds no block in them
+    /// any more: every node drops its copies of their pages and says so with
+    /// `ReleaseDone`; the chunks are free once all nodes up have (see "Chunk release").
+    ReleaseChunks {
+        space: SpaceId,
+        first_chunk: u64,
+        count: u32,
+    },
+    /// The origin holds nothing of the released run starting at `first_chunk` any more:
+    /// no page state, no process access, its memory of the pages zeroed.
+    ReleaseDone { space: SpaceId, first_chunk: u64 },
     /// `node` stopped answering: its leases stay (nothing is reused), its page copies
     /// are void, and pages only it held are lost. It leaves every attach set.
     MarkDown { node: NodeId },
@@ -72,6 +83,17 @@ pub enum Outcome {
         space: SpaceId,
         destroyed: bool,
     },
+    /// The run is being released: its pages are served to nobody any more.
+    Releasing {
+        space: SpaceId,
+        first_chunk: u64,
+        count: u32,
+    },
+    ReleaseRejected(&'static str),
+    /// `freed`: this acknowledgement was the last one, and the chunks are free.
+    ReleaseAcknowledged {
+        freed: bool,
+    },
     MarkedDown(NodeId),
     /// A stale duplicate beyond the dedupe window: not executed again.
     Stale,
@@ -84,6 +106,15 @@ pub struct ChunkRecord {
     /// The node that manages coherence of this chunk's pages (owner and copy set).
     /// Today the lessee; kept separate so replication can move it.
     pub home: NodeId,
+}
+
+/// A run of chunks being released, until every node up has dropped its pages.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Release {
+    pub count: u32,
+    /// Nodes that have not said `ReleaseDone` yet (only nodes up; a node marked down
+    /// leaves the set).
+    pub waiting: BTreeSet<NodeId>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -102,6 +133,9 @@ pub struct MetaState {
     pub attached: BTreeMap<SpaceId, BTreeSet<NodeId>>,
     /// Spaces kept when their attach set empties.
     pub persistent: BTreeSet<SpaceId>,
+    /// Runs being released, by (space, first chunk). Their chunk records stay (nobody
+    /// may lease them) until the run is free.
+    pub releasing: BTreeMap<(SpaceId, u64), Release>,
     /// Ids are never reused, so a message about a destroyed space can never be taken
     /// for one about a later space.
     pub next_space_id: SpaceId,
@@ -142,6 +176,28 @@ impl MetaState {
             .is_some_and(|set| set.contains(&node))
     }
 
+    /// The released run that holds `chunk`, if any: (first chunk, count).
+    pub fn releasing_run(&self, space: SpaceId, chunk: u64) -> Option<(u64, u32)> {
+        let (&(s, first), release) = self.releasing.range(..=(space, chunk)).next_back()?;
+        (s == space && chunk < first + release.count as u64).then_some((first, release.count))
+    }
+
+    /// Frees the chunks of a released run once no node is left to drop it.
+    fn free_if_released(&mut self, space: SpaceId, first_chunk: u64) -> bool {
+        let Some(release) = self.releasing.get(&(space, first_chunk)) else {
+            return false;
+        };
+        if !release.waiting.is_empty() {
+            return false;
+        }
+        let count = release.count as u64;
+        self.releasing.remove(&(space, first_chunk));
+        for chunk in first_chunk..first_chunk + count {
+            self.chunks.remove(&(space, chunk));
+        }
+        true
+    }
+
     /// The spaces destroyed since the last call, in the order they went.
     pub fn take_destroyed(&mut self) -> Vec<SpaceId> {
         std::mem::take(&mut self.destroyed)
@@ -155,6 +211,7 @@ impl MetaState {
         self.space_ids_by_name.remove(&layout.name);
         self.attached.remove(&space);
         self.persistent.remove(&space);
+        self.releasing.retain(|&(s, _), _| s != space);
         let chunks: Vec<(SpaceId, u64)> = self
             .chunks
             .range((space, 0)..=(space, u64::MAX))
@@ -295,6 +352,57 @@ impl MetaState {
                     .insert(proposal.origin);
                 Outcome::SpaceCreated(layout)
             }
+            Command::ReleaseChunks {
+                space,
+                first_chunk,
+                count,
+            } => {
+                let Some(layout) = self.spaces.get(space) else {
+                    return Outcome::ReleaseRejected("unknown space");
+                };
+                let first = *first_chunk;
+                let count = *count;
+                let in_space = first
+                    .checked_add(count as u64)
+                    .is_some_and(|end| end <= layout.chunk_count());
+                if count == 0 || count > MAX_CHUNKS_PER_LEASE || !in_space {
+                    return Outcome::ReleaseRejected("bad chunk range");
+                }
+                if first == 0 {
+                    return Outcome::ReleaseRejected("chunk 0 holds the root block");
+                }
+                let all_leased_to_origin = (first..first + count as u64).all(|chunk| {
+                    self.chunks
+                        .get(&(*space, chunk))
+                        .is_some_and(|r| r.lessee == proposal.origin)
+                        && self.releasing_run(*space, chunk).is_none()
+                });
+                if !all_leased_to_origin {
+                    return Outcome::ReleaseRejected("not leased to the origin");
+                }
+                let waiting: BTreeSet<NodeId> = self
+                    .nodes
+                    .iter()
+                    .filter(|(_, &status)| status == NodeStatus::Up)
+                    .map(|(&node, _)| node)
+                    .collect();
+                self.releasing
+                    .insert((*space, first), Release { count, waiting });
+                Outcome::Releasing {
+                    space: *space,
+                    first_chunk: first,
+                    count,
+                }
+            }
+            Command::ReleaseDone { space, first_chunk } => {
+                let Some(release) = self.releasing.get_mut(&(*space, *first_chunk)) else {
+                    return Outcome::ReleaseAcknowledged { freed: false };
+                };
+                release.waiting.remove(&proposal.origin);
+                Outcome::ReleaseAcknowledged {
+                    freed: self.free_if_released(*space, *first_chunk),
+                }
+            }
             Command::Detach { space } => Outcome::Detached {
                 space: *space,
                 destroyed: self.leave(*space, proposal.origin),
@@ -336,6 +444,14 @@ impl MetaState {
                 let spaces: Vec<SpaceId> = self.attached.keys().copied().collect();
                 for space in spaces {
                     self.leave(space, *node);
+                }
+                // A node down drops nothing any more: its processes were fenced.
+                let runs: Vec<(SpaceId, u64)> = self.releasing.keys().copied().collect();
+                for (space, first) in runs {
+                    if let Some(release) = self.releasing.get_mut(&(space, first)) {
+                        release.waiting.remove(node);
+                    }
+                    self.free_if_released(space, first);
                 }
                 Outcome::MarkedDown(*node)
             }
@@ -400,6 +516,8 @@ const CMD_LEASE_CHUNKS: u8 = 2;
 const CMD_MARK_DOWN: u8 = 3;
 const CMD_ATTACH: u8 = 4;
 const CMD_DETACH: u8 = 5;
+const CMD_RELEASE_CHUNKS: u8 = 6;
+const CMD_RELEASE_DONE: u8 = 7;
 const ENTRY_VERSION: u8 = 2;
 
 impl Proposal {
@@ -435,6 +553,21 @@ impl Proposal {
             Command::Detach { space } => {
                 w.u8(CMD_DETACH);
                 w.u32(*space);
+            }
+            Command::ReleaseChunks {
+                space,
+                first_chunk,
+                count,
+            } => {
+                w.u8(CMD_RELEASE_CHUNKS);
+                w.u32(*space);
+                w.u64(*first_chunk);
+                w.u32(*count);
+            }
+            Command::ReleaseDone { space, first_chunk } => {
+                w.u8(CMD_RELEASE_DONE);
+                w.u32(*space);
+                w.u64(*first_chunk);
             }
             Command::LeaseChunks { space, node, count } => {
                 w.u8(CMD_LEASE_CHUNKS);
@@ -473,6 +606,15 @@ impl Proposal {
                 name: space_name(&mut r)?,
             },
             CMD_DETACH => Command::Detach { space: r.u32()? },
+            CMD_RELEASE_CHUNKS => Command::ReleaseChunks {
+                space: r.u32()?,
+                first_chunk: r.u64()?,
+                count: r.u32()?,
+            },
+            CMD_RELEASE_DONE => Command::ReleaseDone {
+                space: r.u32()?,
+                first_chunk: r.u64()?,
+            },
             CMD_LEASE_CHUNKS => Command::LeaseChunks {
                 space: r.u32()?,
                 node: r.u64()?,

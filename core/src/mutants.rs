@@ -28,10 +28,13 @@ pub enum Mutant {
     /// The host leaves a space's attach set while a process of it is still detaching
     /// or being killed, so the space can be destroyed under it.
     LeaveSpaceWhileProcessEnding,
+    /// A node acknowledges a released run before its processes gave the pages up and
+    /// its memory of them was zeroed, so the run can be leased again under them.
+    AckReleaseBeforePagesDropped,
 }
 
 impl Mutant {
-    pub const ALL: [Mutant; 10] = [
+    pub const ALL: [Mutant; 11] = [
         Mutant::GrantWriteWithoutInvalidate,
         Mutant::AckInvalidateBeforeRevoke,
         Mutant::AcceptStaleGrant,
@@ -42,6 +45,7 @@ impl Mutant {
         Mutant::ForgetClosedSessionAccess,
         Mutant::RevokeDespiteGrantInFlight,
         Mutant::LeaveSpaceWhileProcessEnding,
+        Mutant::AckReleaseBeforePagesDropped,
     ];
 
     pub fn name(self) -> &'static str {
@@ -56,6 +60,7 @@ impl Mutant {
             Mutant::ForgetClosedSessionAccess => "forget-closed-session-access",
             Mutant::RevokeDespiteGrantInFlight => "revoke-despite-grant-in-flight",
             Mutant::LeaveSpaceWhileProcessEnding => "leave-space-while-process-ending",
+            Mutant::AckReleaseBeforePagesDropped => "ack-release-before-pages-dropped",
         }
     }
 
@@ -84,6 +89,9 @@ impl Mutant {
             }
             Mutant::LeaveSpaceWhileProcessEnding => {
                 "host leaves a space while a process of it is still detaching or dying"
+            }
+            Mutant::AckReleaseBeforePagesDropped => {
+                "node acknowledges a released run before its processes gave the pages up"
             }
         }
     }

@@ -80,6 +80,9 @@ pub enum FreeOutcome {
     Freed = 1,
     /// Not the start of a live block: a double free or a wild pointer.
     InvalidFree = 2,
+    /// The chunk is not (or no longer) leased to the node asked: the asker's metadata
+    /// is behind (the chunk was released and leased again), so it waits to catch up.
+    NotLessee = 3,
 }
 
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -417,6 +420,7 @@ impl Envelope {
                 outcome: match r.u8()? {
                     1 => FreeOutcome::Freed,
                     2 => FreeOutcome::InvalidFree,
+                    3 => FreeOutcome::NotLessee,
                     _ => return Err(DecodeError::Invalid("free outcome")),
                 },
             },

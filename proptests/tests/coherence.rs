@@ -161,6 +161,11 @@ impl Cluster {
                     });
                 }
                 Action::Reply { token, reply } => self.on_reply(index, token, reply),
+                Action::ReleasePages { first_page, .. } => {
+                    self.violate(format!(
+                        "node {id} released page {first_page}: nothing was freed"
+                    ));
+                }
                 Action::DropSpace { space } => {
                     self.violate(format!("node {id} dropped space {space}: it is persistent"));
                 }

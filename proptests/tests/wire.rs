@@ -126,7 +126,11 @@ fn peer_message() -> impl Strategy<Value = PeerMessage> {
         ),
         (
             any::<u64>(),
-            prop_oneof![Just(FreeOutcome::Freed), Just(FreeOutcome::InvalidFree)]
+            prop_oneof![
+                Just(FreeOutcome::Freed),
+                Just(FreeOutcome::InvalidFree),
+                Just(FreeOutcome::NotLessee)
+            ]
         )
             .prop_map(|(request_id, outcome)| PeerMessage::FreeReply {
                 request_id,

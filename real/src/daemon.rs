@@ -460,6 +460,24 @@ impl Daemon {
                 pid,
                 reason,
             } => self.kill(session, pid, reason.describe()),
+            HostAction::DropPages {
+                space,
+                first_page,
+                pages,
+                token,
+            } => {
+                // A space this daemon never backed has nothing to zero. One it backs
+                // must be zeroed: a page the core later treats as never written must
+                // read as zeroes.
+                if let Some(memory) = self.spaces.get(&space) {
+                    if !memory.drop_pages(first_page, pages) {
+                        warn!(space, first_page, pages, "cannot zero released pages");
+                        memory.zero_pages(first_page, pages);
+                    }
+                }
+                debug!(space, first_page, pages, "released pages dropped");
+                self.host.pages_dropped(self.now_ms, token);
+            }
             HostAction::DropSpace { space } => {
                 // No process of this node maps it any more: closing the memfd gives
                 // its memory back.

@@ -77,6 +77,43 @@ impl SpaceMemory {
     }
 }
 
+impl SpaceMemory {
+    /// Zeroes `pages` pages from `first_page` and gives their memory back to the
+    /// kernel (a hole punched in the memfd reads as zeroes). False if out of range or
+    /// the kernel refused.
+    pub fn drop_pages(&self, first_page: u64, pages: u64) -> bool {
+        let page = PAGE_SIZE_BYTES as u64;
+        let (Some(offset), Some(len)) = (first_page.checked_mul(page), pages.checked_mul(page))
+        else {
+            return false;
+        };
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.size_bytes)
+        {
+            return false;
+        }
+        rustix::fs::fallocate(
+            &self.fd,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        )
+        .is_ok()
+    }
+
+    /// Writes zeroes over the pages (when punching a hole is refused).
+    pub fn zero_pages(&self, first_page: u64, pages: u64) {
+        for index in first_page..first_page.saturating_add(pages) {
+            let Some(ptr) = self.page_ptr(index) else {
+                return;
+            };
+            // SAFETY: inside our mapping; no application has access to a released page.
+            unsafe { std::ptr::write_bytes(ptr, 0, PAGE_SIZE_BYTES) };
+        }
+    }
+}
+
 impl Drop for SpaceMemory {
     fn drop(&mut self) {
         // SAFETY: unmapping the range mapped in `create`, which no reference outlives.

@@ -78,6 +78,10 @@ pub struct Counters {
     pub spaces_dropped: u64,
     /// Times processes were welcomed into a new space after the old one was destroyed.
     pub new_spaces: u64,
+    /// Runs of chunks given back to the cluster (counted once, at the first node that
+    /// dropped their pages), and how many of them are free again.
+    pub runs_released: u64,
+    pub runs_freed: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -245,6 +249,11 @@ pub struct World {
     drain_at_ops: Option<u64>,
     /// Tick the drain started, while it runs.
     draining_since: Option<u64>,
+    /// Released runs not yet free again, by (space, first page): (pages, the nodes
+    /// that have dropped them). Their pages hold no live block: the ghost forgot them
+    /// when the first node dropped them, and the coherence checker skips them until
+    /// they are free (a node that has not dropped them yet still shows the old bytes).
+    releasing_runs: BTreeMap<(SpaceId, u64), (u64, BTreeSet<usize>)>,
 }
 
 fn name_field() -> [u8; IPC_NAME_BYTES] {
@@ -328,6 +337,7 @@ impl World {
             generation_space: None,
             drain_at_ops: None,
             draining_since: None,
+            releasing_runs: BTreeMap::new(),
         }
         .with_drain()
     }
@@ -454,6 +464,12 @@ impl World {
             }
             HostAction::Status { .. } | HostAction::SessionEnded { .. } => {}
             HostAction::DropSpace { space } => self.on_drop_space(index, space),
+            HostAction::DropPages {
+                space,
+                first_page,
+                pages,
+                token,
+            } => self.on_drop_pages(index, space, first_page, pages, token),
             HostAction::CloseApp { conn, why } => {
                 if self.debug {
                     eprintln!(
@@ -585,6 +601,112 @@ impl World {
         }
     }
 
+    /// Node `index` zeroes its memory of a released run: none of its processes may
+    /// still access a page of it.
+    fn on_drop_pages(
+        &mut self,
+        index: usize,
+        space: SpaceId,
+        first_page: u64,
+        pages: u64,
+        token: u64,
+    ) {
+        self.trace.event(16, &[index as u64, first_page, pages]);
+        if self.debug {
+            eprintln!(
+                "[t={}] node {} drops released pages {first_page}+{pages} of space {space}",
+                self.now_ticks,
+                index + 1
+            );
+        }
+        let range = PageId {
+            space,
+            index: first_page,
+        }..PageId {
+            space,
+            index: first_page + pages,
+        };
+        let holder = self.slots[index].processes.values().find_map(|p| {
+            p.access
+                .range(range.clone())
+                .find(|(_, &a)| a != Access::None)
+                .map(|(page, &a)| (p.pid, page.index, a))
+        });
+        if let Some((pid, page, access)) = holder {
+            let detail = format!(
+                "node {} zeroes released page {page} while its process {pid} has {access:?} access",
+                index + 1
+            );
+            return self.violate("coherence", detail);
+        }
+        self.slots[index]
+            .memory
+            .retain(|page, _| !range.contains(page));
+        // A node declared down may apply the release after the run was freed without
+        // it (and leased again): its drop says nothing about the ghost.
+        let evicted = self.slots[index]
+            .host
+            .as_ref()
+            .is_none_or(|h| h.node().is_evicted());
+        if evicted {
+            let now = self.now_ticks;
+            if let Some(host) = self.slots[index].host.as_mut() {
+                host.pages_dropped(now, token);
+            }
+            return self.pump(index);
+        }
+        let run = self
+            .releasing_runs
+            .entry((space, first_page))
+            .or_insert_with(|| (pages, BTreeSet::new()));
+        if run.1.is_empty() {
+            self.counters.runs_released += 1;
+            self.truth.retain(|page, _| !range.contains(page));
+        }
+        run.1.insert(index);
+        let now = self.now_ticks;
+        if let Some(host) = self.slots[index].host.as_mut() {
+            host.pages_dropped(now, token);
+        }
+        self.pump(index);
+    }
+
+    /// Released runs that are free again (on a node that had dropped them, so in the
+    /// log after every node did): the coherence checker covers their pages again.
+    fn track_releases(&mut self) {
+        let mut freed = Vec::new();
+        for (&(space, first_page), (_, seen_by)) in &self.releasing_runs {
+            let done = seen_by.iter().any(|&i| {
+                self.slots[i].host.as_ref().is_some_and(|h| {
+                    let meta = h.node().meta();
+                    match meta.spaces.get(&space) {
+                        None => true,
+                        Some(layout) => {
+                            let chunk = layout.chunk_of_page(first_page);
+                            meta.releasing_run(space, chunk).is_none()
+                        }
+                    }
+                })
+            });
+            if done {
+                freed.push((space, first_page));
+            }
+        }
+        for key in freed {
+            self.releasing_runs.remove(&key);
+            self.counters.runs_freed += 1;
+        }
+    }
+
+    fn is_releasing(&self, page: PageId) -> bool {
+        self.releasing_runs
+            .range(..=(page.space, page.index))
+            .next_back()
+            .is_some_and(|(&(space, first), &(pages, _))| {
+                space == page.space && page.index < first + pages
+            })
+    }
+
     /// A process was welcomed into `space`. A space other than the current one means
     /// the old one was destroyed, which only a cluster with no process left in it may
     /// do: the ghost starts over with the new space.
@@ -694,6 +816,17 @@ impl World {
         } else {
             self.rng.gen_range(0..=6)
         };
+        // One process in six is slow to give pages back (a busy service thread), but
+        // within the revocation timeout: it is not killed, others wait for it.
+        let slow_revoke_ticks = self.slots[index]
+            .host
+            .as_ref()
+            .map_or(0, |h| h.config().node.revoke_timeout_ticks / 2);
+        let max_revoke_delay_ticks = if self.rng.gen_ratio(1, 6) {
+            slow_revoke_ticks
+        } else {
+            self.params.max_revoke_delay_ticks
+        };
         let process = Process {
             pid,
             main: 0,
@@ -702,7 +835,7 @@ impl World {
             threads: Vec::new(),
             phase: ProcPhase::Joining,
             access: BTreeMap::new(),
-            max_revoke_delay_ticks: self.params.max_revoke_delay_ticks,
+            max_revoke_delay_ticks,
             stalled,
             max_grant_delay_ticks,
             service_free_tick: 0,
@@ -1354,8 +1487,8 @@ impl World {
         self.counters.ops_issued += 1;
         if roll < 14 || !have_blocks {
             let size_bytes = match self.rng.gen_range(0..100) {
-                0..=1 => self.rng.gen_range(CHUNK_SIZE_BYTES..3 * CHUNK_SIZE_BYTES),
-                2..=9 => self.rng.gen_range(512..8192),
+                0..=4 => self.rng.gen_range(CHUNK_SIZE_BYTES..3 * CHUNK_SIZE_BYTES),
+                5..=12 => self.rng.gen_range(512..8192),
                 _ => self.rng.gen_range(8..512),
             };
             let op = self.new_op(index, pid, thread, OpKind::Allocate { size_bytes });
@@ -1401,7 +1534,7 @@ impl World {
                 !self.live.contains_key(a)
                     && !self.limbo.contains(a)
                     && !self.freeing.values().any(|f| f.0 == *a)
-                    && self.owner_of(*a) == Some(node_id)
+                    && self.owner_of(index, *a) == Some(node_id)
                     && allocator.is_some_and(|al| al.size_of(*a).is_none())
             });
             let wild = self.published.iter().copied().find(|a| {
@@ -1441,20 +1574,19 @@ impl World {
         }
     }
 
-    /// The node whose chunk holds `addr`, per the first live node's lease table.
-    fn owner_of(&self, addr: u64) -> Option<NodeId> {
-        let slot = self
-            .slots
-            .iter()
-            .find(|s| s.host.is_some() && s.space.is_some())?;
+    /// The node whose chunk holds `addr`, per node `index`'s lease table (chunks are
+    /// leased again after a release, so only the asking node's own view tells where
+    /// its free will go). A chunk being given back has no lessee here: a free of it waits for the
+    /// metadata (the chunk may have been leased again), so its outcome is not known.
+    fn owner_of(&self, index: usize, addr: u64) -> Option<NodeId> {
+        let slot = &self.slots[index];
         let layout = slot.space.as_ref()?;
         let chunk = layout.chunk_of_addr(addr)?;
-        slot.host
-            .as_ref()?
-            .node()
-            .meta()
-            .chunk(layout.id, chunk)
-            .map(|r| r.lessee)
+        let meta = slot.host.as_ref()?.node().meta();
+        if meta.releasing_run(layout.id, chunk).is_some() {
+            return None;
+        }
+        meta.chunk(layout.id, chunk).map(|r| r.lessee)
     }
 
     /// A word inside a live block; half the time from a small hot set, so nodes contend.
@@ -1510,10 +1642,21 @@ impl World {
             );
             return;
         }
+        // A block freed while this access waited, in a run now being given back: its
+        // bytes mean nothing (the ghost forgot them) and a write to it is lost with the
+        // run. It reads and writes this node's memory only.
+        let releasing = self.is_releasing(page);
         let memory = self.slots[index]
             .memory
             .entry(page)
             .or_insert_with(|| Box::new([0u8; PAGE_SIZE_BYTES]));
+        if releasing {
+            if let OpKind::Write { value, .. } = op.kind {
+                memory[offset..offset + 8].copy_from_slice(&value.to_le_bytes());
+            }
+            self.finish_op(index, pid, thread);
+            return;
+        }
         let truth = self
             .truth
             .entry(page)
@@ -1761,8 +1904,12 @@ impl World {
     /// any access to it, and every process that can access a page sees its latest bytes.
     /// (Processes of one node share the node's memory, so they may all write.)
     pub fn check_coherence(&mut self) {
+        self.track_releases();
         let dirty = std::mem::take(&mut self.dirty_pages);
         for page in dirty {
+            if self.is_releasing(page) {
+                continue;
+            }
             let mut writers: Vec<(usize, i32)> = Vec::new();
             let mut readers: Vec<(usize, i32)> = Vec::new();
             for (index, slot) in self.slots.iter().enumerate() {
@@ -1903,7 +2050,15 @@ impl World {
             self.violate("allocation safety", detail);
             return;
         }
-        // Every node's replicated chunk table agrees with the carving nodes.
+        // Every node's replicated chunk table agrees with the carving nodes, if it has
+        // applied at least as much of the log (chunks given back are leased again, so a
+        // node behind may still name an earlier lessee).
+        let applied = |index: usize| {
+            self.slots[index]
+                .host
+                .as_ref()
+                .map_or(0, |h| h.node().meta().applied_commands)
+        };
         for slot in &self.slots {
             let Some(host) = slot.host.as_ref() else {
                 continue;
@@ -1912,6 +2067,9 @@ impl World {
             for (&(space, chunk), &owner) in &owners {
                 if problem.is_some() {
                     break;
+                }
+                if node.meta().applied_commands < applied(owner) {
+                    continue;
                 }
                 if let Some(record) = node.meta().chunk(space, chunk) {
                     if record.lessee != owner as NodeId + 1 {

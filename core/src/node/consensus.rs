@@ -219,9 +219,21 @@ impl Node {
                 Command::MarkDown { node } => self.meta.is_up(node),
                 _ => false,
             };
+            let executed_before = self.meta.applied_commands;
             let outcome = self.meta.apply(&proposal);
             for space in self.meta.take_destroyed() {
                 self.drop_space(space);
+            }
+            // Every node drops the released run, on its first execution only.
+            if let Outcome::Releasing {
+                space,
+                first_chunk,
+                count,
+            } = outcome
+            {
+                if self.meta.applied_commands > executed_before {
+                    self.begin_release(space, first_chunk, count);
+                }
             }
             // On the Up→Down transition only: a retried or second leader's MarkDown
             // must not postpone the void or rescan the directory again.
@@ -321,6 +333,30 @@ impl Node {
                 self.reply(token, reply);
             }
             (Purpose::LeaseForApp { token }, _) => self.reply_error(token, AppError::OutOfMemory),
+            (Purpose::ReleaseRegion { .. }, Outcome::Releasing { count, .. }) => {
+                self.stats.chunks_released += count as u64;
+            }
+            (Purpose::ReleaseRegion { space, start, len }, _) => {
+                // Refused (the space went, or a lease changed): keep the region if the
+                // chunks are still ours to carve.
+                let me = self.config.id;
+                let ours = self.meta.spaces.get(&space).is_some_and(|layout| {
+                    let first = (start - layout.base_addr) / layout.chunk_size_bytes;
+                    let count = len / layout.chunk_size_bytes;
+                    (first..first + count).all(|c| {
+                        self.meta.chunk(space, c).is_some_and(|r| r.lessee == me)
+                            && self.meta.releasing_run(space, c).is_none()
+                    })
+                });
+                if ours {
+                    self.allocators
+                        .entry(space)
+                        .or_default()
+                        .add_region(start, len);
+                    self.serve_pending_allocations(space);
+                }
+            }
+            (Purpose::ReleaseDone, _) => {}
             (Purpose::MarkDown, _) => {}
             (
                 Purpose::CreateSpace { token }
@@ -404,6 +440,64 @@ impl Node {
         }
     }
 
+    /// A run of chunks is being released (every node applies the same entry): drop
+    /// every page state of it, answer what waits on its pages, and have the driver
+    /// take the pages from the processes and zero them before `ReleaseDone`.
+    pub(super) fn begin_release(&mut self, space: SpaceId, first_chunk: u64, count: u32) {
+        let Some(layout) = self.meta.spaces.get(&space).cloned() else {
+            return;
+        };
+        let pages_per_chunk = layout.chunk_size_bytes / PAGE_SIZE_BYTES as u64;
+        let first_page = first_chunk * pages_per_chunk;
+        let pages = count as u64 * pages_per_chunk;
+        debug_assert!(
+            self.allocators.get(&space).is_none_or(|a| {
+                let start = layout.chunk_addr(first_chunk);
+                a.region_of(start).is_none()
+            }),
+            "a released run is still an allocator region"
+        );
+        let range = PageId {
+            space,
+            index: first_page,
+        }..PageId {
+            space,
+            index: first_page + pages,
+        };
+        let held: Vec<PageId> = self.pages.range(range.clone()).map(|(&id, _)| id).collect();
+        for page_id in held {
+            let page = self.pages.remove(&page_id).expect("listed");
+            // Nothing is allocated there any more, unless this node is behind and the
+            // run was leased again already: wait for the metadata (bounded).
+            let addr = layout.page_addr(page_id.index);
+            for (token, access) in page.waiters {
+                self.wait_for_metadata(token, space, addr, Some(access));
+            }
+            if let Some((token, _)) = page.revoke {
+                self.revokes.remove(&token);
+            }
+            self.requesting.remove(&page_id);
+        }
+        let homed: Vec<PageId> = self.directory.range(range).map(|(&id, _)| id).collect();
+        for page_id in homed {
+            self.directory.remove(&page_id);
+            self.busy.remove(&page_id);
+        }
+        let token = self.next_release_token;
+        self.next_release_token += 1;
+        if self.mutant(Mutant::AckReleaseBeforePagesDropped) {
+            self.acknowledge_release(space, first_chunk);
+        } else {
+            self.releases.insert(token, (space, first_chunk));
+        }
+        self.actions.push(Action::ReleasePages {
+            space,
+            first_page,
+            pages,
+            token,
+        });
+    }
+
     /// The space was destroyed (every node applies the same entry): drop everything
     /// held of it and answer what waits on it. Messages about it that are still in
     /// flight find no page and no chunk, and are rejected like any unknown page.
@@ -451,6 +545,8 @@ impl Node {
             self.reply_error(free.token, AppError::UnknownSpace);
         }
         debug_assert!(self.revokes.values().all(|page| page.space != space));
+        self.releases.retain(|_, (s, _)| *s != space);
+        self.release_acks_due.retain(|(s, _)| *s != space);
         self.actions.push(Action::DropSpace { space });
     }
 
@@ -537,7 +633,9 @@ impl Node {
                 | Purpose::LeaseForApp { token }
                 | Purpose::Attach { token }
                 | Purpose::Detach { token } => self.reply_error(token, AppError::Evicted),
-                Purpose::LeaseForAllocator { .. } => {}
+                Purpose::LeaseForAllocator { .. }
+                | Purpose::ReleaseRegion { .. }
+                | Purpose::ReleaseDone => {}
                 Purpose::MarkDown => {
                     self.proposals.insert(id, proposal);
                 }

@@ -247,7 +247,9 @@ impl From<FreeOutcome> for AppReply {
     fn from(outcome: FreeOutcome) -> AppReply {
         match outcome {
             FreeOutcome::Freed => AppReply::Freed,
-            FreeOutcome::InvalidFree => AppReply::Error(AppError::InvalidFree),
+            FreeOutcome::InvalidFree | FreeOutcome::NotLessee => {
+                AppReply::Error(AppError::InvalidFree)
+            }
         }
     }
 }
@@ -277,6 +279,15 @@ pub enum Action {
         token: u64,
         want_bytes: bool,
     },
+    /// A released run: lower every process's access to these pages to `None`, then
+    /// zero this node's memory of them (giving it back), then call
+    /// `handle_release_done(token)`. The node already holds no state of them.
+    ReleasePages {
+        space: SpaceId,
+        first_page: u64,
+        pages: u64,
+        token: u64,
+    },
     /// The space was destroyed: this node holds nothing of it any more (pending
     /// requests on it were answered `UnknownSpace`, revocations of its pages dropped).
     /// Its memory can be given back.
@@ -304,6 +315,8 @@ pub struct Stats {
     pub remote_frees: u64,
     pub proposals: u64,
     pub raft_errors: u64,
+    /// Chunks this node's allocator gave back to the cluster.
+    pub chunks_released: u64,
 }
 
 // ---------------------------------------------------------------------------------
@@ -504,6 +517,13 @@ enum Purpose {
     Detach {
         token: AppToken,
     },
+    /// The allocator region `[start, start + len)` holds no block and goes back.
+    ReleaseRegion {
+        space: SpaceId,
+        start: u64,
+        len: u64,
+    },
+    ReleaseDone,
     MarkDown,
 }
 
@@ -540,6 +560,9 @@ struct UnmappedFault {
     addr: u64,
     access: Option<Access>,
     deadline_tick: u64,
+    /// For a free: the node that said it is not the lessee. Waits until this node's
+    /// metadata names another (the chunk was released and leased again).
+    stale_lessee: Option<NodeId>,
 }
 
 pub struct Node {
@@ -581,6 +604,11 @@ pub struct Node {
 
     remote_frees: BTreeMap<u64, RemoteFree>,
     free_outcomes: Dedupe<FreeOutcome>,
+    /// Released runs whose pages the driver is dropping: token → (space, first chunk).
+    releases: BTreeMap<u64, (SpaceId, u64)>,
+    next_release_token: u64,
+    /// `ReleaseDone`s refused at once (`Busy`), proposed again on the next tick.
+    release_acks_due: VecDeque<(SpaceId, u64)>,
     next_free_id: u64,
 
     pending_app_requests: usize,
@@ -659,6 +687,9 @@ impl Node {
             unmapped: VecDeque::new(),
             remote_frees: BTreeMap::new(),
             free_outcomes: Dedupe::default(),
+            releases: BTreeMap::new(),
+            next_release_token: 1,
+            release_acks_due: VecDeque::new(),
             next_free_id: 1,
             pending_app_requests: 0,
             in_ready: false,
@@ -789,6 +820,10 @@ impl Node {
         self.update_fence();
         self.void_due();
         self.retry_due();
+        for _ in 0..self.release_acks_due.len() {
+            let (space, first_chunk) = self.release_acks_due.pop_front().expect("counted");
+            self.acknowledge_release(space, first_chunk);
+        }
         // An evicted node still votes and may lead: it keeps detecting failures so the
         // cluster's metadata moves on.
         if self.is_leader {
@@ -933,6 +968,33 @@ impl Node {
         }
         self.advance_local(page_id);
         self.run_loopback();
+    }
+
+    /// The driver finished an `Action::ReleasePages`: this node holds nothing of the run.
+    pub fn handle_release_done(&mut self, now_ticks: u64, token: u64) {
+        self.set_now(now_ticks);
+        let Some((space, first_chunk)) = self.releases.remove(&token) else {
+            self.stats.messages_rejected += 1;
+            return;
+        };
+        self.acknowledge_release(space, first_chunk);
+        self.run_loopback();
+    }
+
+    fn acknowledge_release(&mut self, space: SpaceId, first_chunk: u64) {
+        let me = self.config.id;
+        let waited_for = self
+            .meta
+            .releasing
+            .get(&(space, first_chunk))
+            .is_some_and(|r| r.waiting.contains(&me));
+        if self.evicted || !waited_for {
+            return;
+        }
+        let command = Command::ReleaseDone { space, first_chunk };
+        if self.propose(command, Purpose::ReleaseDone).is_err() {
+            self.release_acks_due.push_back((space, first_chunk));
+        }
     }
 
     /// Holds a home message back while a revocation of the page runs. True if deferred.
@@ -1115,7 +1177,13 @@ impl Node {
                 .spaces
                 .get(&fault.space)
                 .and_then(|l| l.chunk_of_addr(fault.addr))
-                .is_some_and(|chunk| self.meta.chunk(fault.space, chunk).is_some());
+                .is_some_and(|chunk| {
+                    self.meta.releasing_run(fault.space, chunk).is_none()
+                        && self
+                            .meta
+                            .chunk(fault.space, chunk)
+                            .is_some_and(|r| Some(r.lessee) != fault.stale_lessee)
+                });
             if mapped {
                 match fault.access {
                     Some(access) => self.fault(fault.token, fault.space, fault.addr, access),
@@ -1144,4 +1212,5 @@ enum Mutant {
     AcceptStaleGrant,
     SkipVersionBump,
     ReplyBeforeCommit,
+    AckReleaseBeforePagesDropped,
 }

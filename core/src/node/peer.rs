@@ -398,12 +398,17 @@ impl Node {
                     .spaces
                     .get(&space)
                     .and_then(|l| l.chunk_of_addr(addr))
-                    .and_then(|chunk| self.meta.chunk(space, chunk))
-                    .is_some_and(|r| r.lessee == self.config.id);
+                    .is_some_and(|chunk| {
+                        self.meta.releasing_run(space, chunk).is_none()
+                            && self
+                                .meta
+                                .chunk(space, chunk)
+                                .is_some_and(|r| r.lessee == self.config.id)
+                    });
                 let outcome = if owned {
                     self.free_local(space, addr)
                 } else {
-                    FreeOutcome::InvalidFree
+                    FreeOutcome::NotLessee
                 };
                 self.free_outcomes.record(from, request_id, outcome);
                 outcome
@@ -428,6 +433,10 @@ impl Node {
             return;
         }
         let free = self.remote_frees.remove(&request_id).expect("checked");
+        if outcome == FreeOutcome::NotLessee {
+            // Asked the node this node's metadata names; it knows better.
+            return self.wait_for_lease(free.token, free.space, free.addr, None, Some(from));
+        }
         self.reply(free.token, AppReply::from(outcome));
     }
 }

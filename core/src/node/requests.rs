@@ -233,6 +233,12 @@ impl Node {
             self.wait_for_metadata(token, space, addr, None);
             return;
         };
+        if self.meta.releasing_run(space, chunk).is_some() {
+            // Given back: no block is live there, unless this node is behind and the
+            // chunk was leased again (the pointer came faster than the metadata).
+            self.wait_for_metadata(token, space, addr, None);
+            return;
+        }
         if record.lessee == self.config.id {
             let outcome = self.free_local(space, addr);
             self.reply(token, AppReply::from(outcome));
@@ -281,6 +287,19 @@ impl Node {
         addr: u64,
         access: Option<Access>,
     ) {
+        self.wait_for_lease(token, space, addr, access, None);
+    }
+
+    /// Waits (bounded) for this node's metadata to show `addr`'s chunk leased, and
+    /// leased to another node than `stale_lessee`.
+    pub(super) fn wait_for_lease(
+        &mut self,
+        token: AppToken,
+        space: SpaceId,
+        addr: u64,
+        access: Option<Access>,
+        stale_lessee: Option<NodeId>,
+    ) {
         if self.unmapped.len() >= MAX_WAITERS_PER_PAGE {
             self.reply_error(token, AppError::Busy);
             return;
@@ -291,6 +310,7 @@ impl Node {
             addr,
             access,
             deadline_tick: self.now_ticks + self.config.metadata_wait_ticks,
+            stale_lessee,
         });
     }
 
@@ -298,16 +318,55 @@ impl Node {
         match self.allocators.get_mut(&space).map(|a| a.free(addr)) {
             Some(Ok(_)) => {
                 self.stats.frees += 1;
+                self.release_if_empty(space, addr);
                 FreeOutcome::Freed
             }
             _ => FreeOutcome::InvalidFree,
         }
     }
 
+    /// The node that serves the page: none while its chunk is unleased or released.
     pub(super) fn home_of(&self, page: PageId) -> Option<NodeId> {
         let layout = self.meta.spaces.get(&page.space)?;
         let chunk = layout.chunk_of_page(page.index);
+        if self.meta.releasing_run(page.space, chunk).is_some() {
+            return None;
+        }
         self.meta.chunk(page.space, chunk).map(|r| r.home)
+    }
+
+    /// After a free: an allocator region left without a block goes back to the
+    /// cluster (the root block's chunk never does).
+    pub(super) fn release_if_empty(&mut self, space: SpaceId, addr: u64) {
+        let Some(layout) = self.meta.spaces.get(&space) else {
+            return;
+        };
+        let chunk_size = layout.chunk_size_bytes;
+        let base = layout.base_addr;
+        let Some(allocator) = self.allocators.get_mut(&space) else {
+            return;
+        };
+        let Some((start, len)) = allocator.region_of(addr) else {
+            return;
+        };
+        if start == base || !allocator.is_free_range(start, len) {
+            return;
+        }
+        let removed = allocator.remove_region(start);
+        debug_assert!(removed, "an empty region is removable");
+        let command = Command::ReleaseChunks {
+            space,
+            first_chunk: (start - base) / chunk_size,
+            count: (len / chunk_size) as u32,
+        };
+        let purpose = Purpose::ReleaseRegion { space, start, len };
+        if self.propose(command, purpose).is_err() {
+            // Too many proposals in flight: keep the region for now.
+            self.allocators
+                .get_mut(&space)
+                .expect("present")
+                .add_region(start, len);
+        }
     }
 
     pub(super) fn fault(&mut self, token: AppToken, space: SpaceId, addr: u64, access: Access) {
@@ -329,6 +388,9 @@ impl Node {
             );
             return;
         }
+        // Unleased, or given back: nothing is allocated there unless this node is
+        // behind (the chunk was leased, or leased again, and the pointer came faster
+        // than the metadata). `home_of` is None for both.
         if self.home_of(page_id).is_none() {
             self.wait_for_metadata(token, space, addr, Some(access));
             return;
