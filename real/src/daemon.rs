@@ -1167,6 +1167,7 @@ impl Daemon {
                 "frees": stats.frees,
                 "remote_frees": stats.remote_frees,
                 "proposals": stats.proposals,
+                "chunks_released": stats.chunks_released,
                 "raft_errors": stats.raft_errors,
                 "app_requests": host.app_requests,
                 "bad_app_frames": host.bad_app_frames,

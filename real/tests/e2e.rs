@@ -117,6 +117,57 @@ fn a_space_ends_with_its_last_process_unless_persistent() {
     assert!(text.contains("found 42"), "{}", describe(&output));
 }
 
+/// Blocks freed give their chunks back to the cluster while the program runs, and a
+/// chunk leased again starts zeroed.
+#[test]
+fn freed_blocks_give_their_chunks_back() {
+    use std::io::{BufRead, BufReader, Write};
+    let cluster = Cluster::start("release", 3);
+    let program = e2e_program(&cluster.dir);
+    let mut child = cluster
+        .command(2, &program, &["churn", "64"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    let chunks_of_node_2 = |status: &serde_json::Value| {
+        status["spaces"][0]["chunks_per_node"]["2"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "allocated\n");
+    // 64 blocks of 1 MiB and a header each (adjacent leases coalesce, so blocks
+    // straddle chunks): at least 64 chunks besides the root's, as every node sees it.
+    for node in 1..=3 {
+        cluster.wait_for_status(node, LIMIT, "the leases", |s| chunks_of_node_2(s) > 64);
+    }
+    writeln!(stdin, "free").unwrap();
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "freed\n");
+    // Only the root block's chunk stays.
+    for node in 1..=3 {
+        cluster.wait_for_status(node, LIMIT, "chunks given back", |s| {
+            chunks_of_node_2(s) == 1
+        });
+    }
+    let status = gallocy_real::admin::status(&cluster.socket(2)).unwrap();
+    assert!(
+        status["counters"]["chunks_released"].as_u64().unwrap() >= 64,
+        "{status}"
+    );
+    writeln!(stdin, "again").unwrap();
+    drop(stdin);
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    let output = finish(child, LIMIT);
+    assert!(output.status.success(), "{}", describe(&output));
+    assert_eq!(line, "reused zeroed\n", "{}", describe(&output));
+}
+
 #[test]
 fn write_pingpong_with_busy_and_blocked_threads() {
     let cluster = Cluster::start("pingpong", 2);

@@ -186,6 +186,41 @@ static int leave(const char *space, uint64_t value, int mib) {
     return 0;
 }
 
+/* Allocates `mib` blocks of 1 MiB and writes them, then frees them, each step
+ * after a line on stdin, so the test can look at the cluster in between. */
+static int churn(int mib) {
+    attach("e2e-churn");
+    static unsigned char *blocks[1024];
+    char line[16];
+    if (mib > 1024) return 2;
+    for (int i = 0; i < mib; i++) {
+        blocks[i] = gallocy_malloc(1 << 20);
+        if (!blocks[i]) { fprintf(stderr, "malloc: %s\n", gallocy_last_error()); return 11; }
+        memset(blocks[i], i + 1, 1 << 20);
+    }
+    printf("allocated\n");
+    fflush(stdout);
+    if (!fgets(line, sizeof line, stdin)) return 12;
+    for (int i = 0; i < mib; i++) gallocy_free(blocks[i]);
+    printf("freed\n");
+    fflush(stdout);
+    if (!fgets(line, sizeof line, stdin)) return 13;
+    /* The chunks were leased again: a new block there reads as zeroes, past the root
+     * block's chunk (never given back; freed memory in it keeps its bytes, as malloc's
+     * does). */
+    unsigned char *again = gallocy_malloc(1 << 20);
+    if (!again) return 14;
+    uintptr_t released_from = (uintptr_t)root + (1 << 20);
+    for (int i = 0; i < (1 << 20); i += 512) {
+        if ((uintptr_t)(again + i) >= released_from && again[i] != 0) {
+            fprintf(stderr, "reused block holds %d at %d\n", again[i], i);
+            return 15;
+        }
+    }
+    printf("reused zeroed\n");
+    return 0;
+}
+
 /* Joins an existing `space` and prints what its root block holds. */
 static int find(const char *space) {
     int rc = gallocy_attach_existing(space);
@@ -291,6 +326,7 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "orphan")) return orphan();
     if (!strcmp(argv[1], "leave")) return leave(argv[2], strtoull(argv[3], 0, 10), atoi(argv[4]));
     if (!strcmp(argv[1], "find")) return find(argv[2]);
+    if (!strcmp(argv[1], "churn")) return churn(atoi(argv[2]));
     if (!strcmp(argv[1], "survive-writer")) return survive_writer();
     if (!strcmp(argv[1], "survive-reader")) return survive_reader();
     return 2;
