@@ -201,7 +201,7 @@ impl Harness {
         let mut name = [0u8; IPC_NAME_BYTES];
         name[..3].copy_from_slice(b"fz0");
         name[2] = b'0' + r.u8() % 3;
-        match r.u8() % 13 {
+        match r.u8() % 14 {
             0 => {
                 let flags = r.u8();
                 IpcMessage::Hello {
@@ -247,7 +247,11 @@ impl Harness {
                 },
             },
             11 => IpcMessage::Status,
-            _ => IpcMessage::Detach,
+            12 => IpcMessage::Detach,
+            _ => IpcMessage::ReleaseChunks {
+                addr: r.addr(),
+                count: r.number() as u32,
+            },
         }
     }
 

@@ -1037,6 +1037,9 @@ impl Host {
                     },
                     IpcMessage::Free { addr } => AppRequest::Free { space, addr },
                     IpcMessage::LeaseChunks { count } => AppRequest::LeaseChunks { space, count },
+                    IpcMessage::ReleaseChunks { addr, count } => {
+                        AppRequest::ReleaseChunks { space, addr, count }
+                    }
                     _ => return self.send_app(conn, request_id, refusal(ErrorCode::BadFrame)),
                 };
                 self.submit(Pending::Request { conn, request_id }, request);

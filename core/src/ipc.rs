@@ -149,6 +149,13 @@ pub enum IpcMessage {
     LeaseChunks {
         count: u32,
     },
+    /// Give back `count` chunks from `addr` leased with `LeaseChunks`, holding no live
+    /// block: the process touches them no more. Answered `Freed` once the release is in
+    /// the log.
+    ReleaseChunks {
+        addr: u64,
+        count: u32,
+    },
     Ping,
     Stats,
     RevokeDone {
@@ -228,6 +235,7 @@ const KIND_REVOKE_DONE: u8 = 8;
 const KIND_DETACH: u8 = 9;
 const KIND_GRANT_APPLIED: u8 = 10;
 const KIND_STATUS: u8 = 11;
+const KIND_RELEASE: u8 = 12;
 const KIND_WELCOME: u8 = 65;
 const KIND_ALLOCATED: u8 = 66;
 const KIND_FREED: u8 = 67;
@@ -300,6 +308,7 @@ impl IpcMessage {
             IpcMessage::Free { .. } => KIND_FREE,
             IpcMessage::Fault { .. } => KIND_FAULT,
             IpcMessage::LeaseChunks { .. } => KIND_LEASE,
+            IpcMessage::ReleaseChunks { .. } => KIND_RELEASE,
             IpcMessage::Ping => KIND_PING,
             IpcMessage::Stats => KIND_STATS,
             IpcMessage::RevokeDone { .. } => KIND_REVOKE_DONE,
@@ -356,6 +365,10 @@ impl IpcMessage {
                 out.u32(pages);
             }
             IpcMessage::LeaseChunks { count } => out.u32(count),
+            IpcMessage::ReleaseChunks { addr, count } => {
+                out.u64(addr);
+                out.u32(count);
+            }
             IpcMessage::Ping | IpcMessage::Stats | IpcMessage::Detach | IpcMessage::Status => {}
             IpcMessage::GrantApplied { page_addr, pages } => {
                 out.u64(page_addr);
@@ -481,6 +494,10 @@ impl IpcMessage {
                 pages: r.u32(),
             },
             KIND_LEASE => IpcMessage::LeaseChunks { count: r.u32() },
+            KIND_RELEASE => IpcMessage::ReleaseChunks {
+                addr: r.u64(),
+                count: r.u32(),
+            },
             KIND_PING => IpcMessage::Ping,
             KIND_STATS => IpcMessage::Stats,
             KIND_REVOKE_DONE => IpcMessage::RevokeDone { token: r.u64() },

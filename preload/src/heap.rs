@@ -32,6 +32,9 @@ pub const BIG_MAX_BYTES: u64 = 256 << 10;
 pub const MAX_HEAPS: usize = 256;
 /// Freed large runs kept for reuse.
 const MAX_FREE_RUNS: usize = 256;
+/// Chunks of freed large runs kept for reuse; a run freed beyond goes back to where
+/// chunks come from (the cluster), so a heap that shrinks gives memory back.
+const MAX_CACHED_RUN_CHUNKS: u64 = 16;
 /// Blocks carved from a span at once when a free list runs dry.
 const CARVE_BATCH: usize = 32;
 
@@ -39,6 +42,12 @@ const CARVE_BATCH: usize = 32;
 pub trait ChunkSource {
     /// `count` contiguous, chunk-aligned, zeroed chunks; their start address.
     fn lease(&self, count: u64) -> Option<u64>;
+    /// Gives back `count` chunks from `start` (leased by `lease`, no live block in them);
+    /// false if they stay (the caller keeps them for reuse).
+    fn release(&self, start: u64, count: u64) -> bool {
+        let _ = (start, count);
+        false
+    }
 }
 
 #[repr(C)]
@@ -180,6 +189,8 @@ struct Pool {
     span_cursor: UnsafeCell<u64>,
     span_end: UnsafeCell<u64>,
     free_runs: UnsafeCell<[(u64, u64); MAX_FREE_RUNS]>,
+    /// Chunks in `free_runs`.
+    cached_run_chunks: UnsafeCell<u64>,
 }
 
 // SAFETY: cells touched only under `lock`.
@@ -203,6 +214,7 @@ impl Heap {
                 span_cursor: UnsafeCell::new(0),
                 span_end: UnsafeCell::new(0),
                 free_runs: UnsafeCell::new([(0, 0); MAX_FREE_RUNS]),
+                cached_run_chunks: UnsafeCell::new(0),
             },
             process_token: AtomicU64::new(0),
             leased_bytes: AtomicU64::new(0),
@@ -405,6 +417,7 @@ impl Heap {
             }
             if let Some(i) = best {
                 reused = Some(runs[i]);
+                *self.pool.cached_run_chunks.get() -= runs[i].1;
                 runs[i] = (0, 0);
             }
         }
@@ -419,17 +432,18 @@ impl Heap {
         Some(start + HEADER_BYTES)
     }
 
-    /// Frees a block of this heap's allocator. `index` is the calling thread's heap.
+    /// Frees a block of this heap's allocator. `index` is the calling thread's heap;
+    /// a large run may go back to `source`.
     ///
     /// # Safety
     /// `ptr` was returned by `alloc` (of any heap, process or node) and is not freed yet.
     #[inline]
-    pub unsafe fn free(&self, index: usize, ptr: u64) {
+    pub unsafe fn free(&self, index: usize, ptr: u64, source: &dyn ChunkSource) {
         let Some((header, block)) = locate(ptr) else {
             return;
         };
         if header.kind == KIND_LARGE {
-            self.free_large(header);
+            self.free_large(header, source);
             return;
         }
         let class = header.class as usize;
@@ -463,18 +477,45 @@ impl Heap {
         }
     }
 
-    fn free_large(&self, header: &SpanHeader) {
+    fn free_large(&self, header: &SpanHeader, source: &dyn ChunkSource) {
         let start = header as *const SpanHeader as u64;
         let chunks = header.run_chunks as u64;
         self.large_blocks.fetch_sub(1, Ordering::Relaxed);
+        Heap::lock(&self.pool.lock);
+        // SAFETY: under the pool lock.
+        let cached = unsafe {
+            let runs = &mut *self.pool.free_runs.get();
+            let cached_chunks = &mut *self.pool.cached_run_chunks.get();
+            let slot = runs.iter_mut().find(|r| r.0 == 0);
+            match slot {
+                Some(slot) if *cached_chunks + chunks <= MAX_CACHED_RUN_CHUNKS => {
+                    *slot = (start, chunks);
+                    *cached_chunks += chunks;
+                    true
+                }
+                _ => false,
+            }
+        };
+        Heap::unlock(&self.pool.lock);
+        if cached {
+            return;
+        }
+        // Beyond the cache the run goes back (nothing is live in it: its only block was
+        // just freed). A run that cannot go back is kept if there is room, else it
+        // stays leased and unused.
+        if source.release(start, chunks) {
+            self.leased_bytes
+                .fetch_sub(chunks * CHUNK_BYTES, Ordering::Relaxed);
+            return;
+        }
         Heap::lock(&self.pool.lock);
         // SAFETY: under the pool lock.
         unsafe {
             let runs = &mut *self.pool.free_runs.get();
             if let Some(slot) = runs.iter_mut().find(|r| r.0 == 0) {
                 *slot = (start, chunks);
+                *self.pool.cached_run_chunks.get() += chunks;
             }
-            // A full table leaks the run (still leased to this node, never reused).
         }
         Heap::unlock(&self.pool.lock);
     }
@@ -625,7 +666,7 @@ mod tests {
         let leased = heap.leased_bytes.load(Ordering::Relaxed);
         for &(block, _, _) in &blocks {
             // SAFETY: each freed once.
-            unsafe { heap.free(index, block) };
+            unsafe { heap.free(index, block, &Private) };
         }
         for i in 0..5000u64 {
             heap.alloc(index, 1 + (i * 37) % 3000, &Private).unwrap();
@@ -652,7 +693,7 @@ mod tests {
                     let mine = heap.claim();
                     for &block in part {
                         // SAFETY: freed once, by one thread.
-                        unsafe { heap.free(mine, block) };
+                        unsafe { heap.free(mine, block, &Private) };
                     }
                     heap.release(mine);
                 });
@@ -678,7 +719,7 @@ mod tests {
         unsafe {
             assert!(usable_size(a).unwrap() >= 3 << 20);
             core::ptr::write_bytes(a as *mut u8, 1, 3 << 20);
-            heap.free(index, a);
+            heap.free(index, a, &Private);
         }
         let b = heap.alloc(index, 2 << 20, &Private).unwrap();
         assert_eq!(a, b, "the freed run is reused");

@@ -49,6 +49,8 @@ fn message() -> impl Strategy<Value = IpcMessage> {
         (any::<u64>(), any::<bool>(), any::<u32>())
             .prop_map(|(addr, write, pages)| IpcMessage::Fault { addr, write, pages }),
         any::<u32>().prop_map(|count| IpcMessage::LeaseChunks { count }),
+        (any::<u64>(), any::<u32>())
+            .prop_map(|(addr, count)| IpcMessage::ReleaseChunks { addr, count }),
         Just(IpcMessage::Ping),
         Just(IpcMessage::Stats),
         any::<u64>().prop_map(|token| IpcMessage::RevokeDone { token }),

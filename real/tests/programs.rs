@@ -168,6 +168,60 @@ fn c_threads_allocate_and_free_across_threads() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A program's heap that shrinks gives its chunks back while the program runs: large
+/// runs beyond the 16 MiB the runtime keeps for reuse go back to the cluster.
+#[test]
+fn a_heap_that_shrinks_gives_chunks_back() {
+    use std::io::{BufRead, BufReader, Write};
+    let cluster = Cluster::start("shrink", 2);
+    let program = common::build_c(&cluster.dir.join("shrink"), &["shrink.c"], &[]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gallocy"))
+        .args(["run", "--space", "shrink", "--"])
+        .arg(&program)
+        .current_dir(&cluster.dir)
+        .env("GALLOCY_PRELOAD", libgallocy_preload())
+        .env("GALLOCY_SOCKET", cluster.socket(1))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let chunks = |status: &serde_json::Value| {
+        status["spaces"][0]["chunks_per_node"]["1"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let limit = std::time::Duration::from_secs(60);
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "grown\n");
+    let grown =
+        chunks(&cluster.wait_for_status(1, limit, "the heap's chunks", |s| chunks(s) >= 128));
+    writeln!(stdin, "free").unwrap();
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "shrunk\n");
+    // Both nodes see what node 1 still holds: the root's chunk, spans, 16 chunks of runs
+    // kept for reuse.
+    for node in 1..=2 {
+        cluster.wait_for_status(node, limit, "chunks given back", |s| chunks(s) <= 24);
+    }
+    writeln!(stdin, "again").unwrap();
+    drop(stdin);
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    let output = common::finish(child, limit);
+    assert!(output.status.success(), "{}", describe(&output));
+    assert_eq!(
+        line,
+        "done\n",
+        "grown to {grown} chunks; {}",
+        describe(&output)
+    );
+}
+
 #[test]
 fn a_linked_list_built_on_one_node_is_walked_on_another() {
     let cluster = Cluster::start("list", 2);

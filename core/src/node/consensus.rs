@@ -357,6 +357,16 @@ impl Node {
                 }
             }
             (Purpose::ReleaseDone, _) => {}
+            (Purpose::ReleaseForApp { token }, Outcome::Releasing { count, .. }) => {
+                self.stats.chunks_released += count as u64;
+                self.reply(token, AppReply::Freed);
+            }
+            (Purpose::ReleaseForApp { token }, Outcome::ReleaseRejected(why)) => {
+                self.reply_error(token, AppError::InvalidArgument(why));
+            }
+            (Purpose::ReleaseForApp { token }, _) => {
+                self.reply_error(token, AppError::InvalidArgument("unexpected outcome"))
+            }
             (Purpose::MarkDown, _) => {}
             (
                 Purpose::CreateSpace { token }
@@ -631,6 +641,7 @@ impl Node {
             match proposal.purpose {
                 Purpose::CreateSpace { token }
                 | Purpose::LeaseForApp { token }
+                | Purpose::ReleaseForApp { token }
                 | Purpose::Attach { token }
                 | Purpose::Detach { token } => self.reply_error(token, AppError::Evicted),
                 Purpose::LeaseForAllocator { .. }

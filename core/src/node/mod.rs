@@ -198,6 +198,13 @@ pub enum AppRequest {
         space: SpaceId,
         count: u32,
     },
+    /// Give back `count` chunks from `addr` that an allocator in the application leased
+    /// (`LeaseChunks`) and holds no block in any more.
+    ReleaseChunks {
+        space: SpaceId,
+        addr: u64,
+        count: u32,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -524,6 +531,9 @@ enum Purpose {
         len: u64,
     },
     ReleaseDone,
+    ReleaseForApp {
+        token: AppToken,
+    },
     MarkDown,
 }
 

@@ -42,6 +42,9 @@ impl Node {
                     self.reply_error(token, error);
                 }
             }
+            AppRequest::ReleaseChunks { space, addr, count } => {
+                self.release_for_app(token, space, addr, count)
+            }
             AppRequest::AttachSpace { name } => {
                 if self.meta.space_by_name(&name).is_none() {
                     // It may be created meanwhile; joining it then takes a new hello.
@@ -333,6 +336,57 @@ impl Node {
             return None;
         }
         self.meta.chunk(page.space, chunk).map(|r| r.home)
+    }
+
+    /// An application gives back chunks it leased: they must be this node's, whole,
+    /// never the root's, and not carved by the node's own allocator.
+    fn release_for_app(&mut self, token: AppToken, space: SpaceId, addr: u64, count: u32) {
+        let Some(layout) = self.meta.spaces.get(&space) else {
+            self.reply_error(token, AppError::UnknownSpace);
+            return;
+        };
+        let chunk_size = layout.chunk_size_bytes;
+        let Some(first_chunk) = layout.chunk_of_addr(addr) else {
+            self.reply_error(
+                token,
+                AppError::InvalidArgument("address outside the space"),
+            );
+            return;
+        };
+        let in_space = first_chunk
+            .checked_add(count as u64)
+            .is_some_and(|end| end <= layout.chunk_count());
+        let aligned = layout.chunk_addr(first_chunk) == addr;
+        if count == 0 || count > crate::meta::MAX_CHUNKS_PER_LEASE || !in_space || !aligned {
+            self.reply_error(token, AppError::InvalidArgument("chunk range"));
+            return;
+        }
+        let me = self.config.id;
+        let allocator = self.allocators.get(&space);
+        let releasable = first_chunk > 0
+            && (first_chunk..first_chunk + count as u64).all(|chunk| {
+                let start = layout.base_addr + chunk * chunk_size;
+                self.meta
+                    .chunk(space, chunk)
+                    .is_some_and(|r| r.lessee == me)
+                    && self.meta.releasing_run(space, chunk).is_none()
+                    && allocator.is_none_or(|a| a.region_of(start).is_none())
+            });
+        if !releasable {
+            self.reply_error(
+                token,
+                AppError::InvalidArgument("chunks not leased to the application here"),
+            );
+            return;
+        }
+        let command = Command::ReleaseChunks {
+            space,
+            first_chunk,
+            count,
+        };
+        if let Err(error) = self.propose(command, Purpose::ReleaseForApp { token }) {
+            self.reply_error(token, error);
+        }
     }
 
     /// After a free: an allocator region left without a block goes back to the

@@ -120,6 +120,16 @@ impl ChunkSource for DaemonChunks {
         runtime::take_range(addr, size_bytes, true).ok()?;
         Some(addr)
     }
+
+    fn release(&self, start: u64, count: u64) -> bool {
+        let Ok(count) = u32::try_from(count) else {
+            return false;
+        };
+        matches!(
+            runtime::call(IpcMessage::ReleaseChunks { addr: start, count }),
+            Ok(IpcMessage::Freed)
+        )
+    }
 }
 
 /// Private chunks, when no daemon serves this process.
@@ -219,7 +229,7 @@ pub extern "C" fn free(ptr: *mut c_void) {
     }
     // SAFETY: the block is ours and freed once by contract. (Freeing makes no system
     // call, so errno is preserved.)
-    entry(|index| unsafe { HEAP.free(index, addr) });
+    entry(|index| unsafe { HEAP.free(index, addr, source(MODE.load(Ordering::Acquire))) });
 }
 
 #[no_mangle]
