@@ -83,6 +83,10 @@ pub struct Config {
     /// How long a fault on a chunk this node has not yet seen leased may wait for the
     /// metadata to arrive.
     pub metadata_wait_ticks: u64,
+    /// Chunks of empty allocator regions a node keeps per space before it gives
+    /// regions back, so a program that frees and allocates again does not pay two
+    /// Raft commits per block.
+    pub retain_empty_chunks: u64,
     #[cfg(feature = "mutants")]
     pub mutant: Option<Mutant>,
 }
@@ -102,6 +106,7 @@ impl Config {
             down_after_ticks: 4000,
             revoke_timeout_ticks: 2000,
             metadata_wait_ticks: 2000,
+            retain_empty_chunks: 4,
             #[cfg(feature = "mutants")]
             mutant: None,
         }

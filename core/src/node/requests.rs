@@ -406,6 +406,14 @@ impl Node {
         if start == base || !allocator.is_free_range(start, len) {
             return;
         }
+        let kept_chunks: u64 = allocator
+            .regions()
+            .filter(|&(s, l)| s != base && s != start && allocator.is_free_range(s, l))
+            .map(|(_, l)| l / chunk_size)
+            .sum();
+        if kept_chunks + len / chunk_size <= self.config.retain_empty_chunks {
+            return;
+        }
         let removed = allocator.remove_region(start);
         debug_assert!(removed, "an empty region is removable");
         let command = Command::ReleaseChunks {

@@ -186,6 +186,15 @@ static int leave(const char *space, uint64_t value, int mib) {
     return 0;
 }
 
+static int wait_for_nonzero(volatile uint64_t *word, double seconds) {
+    double deadline = now_s() + seconds;
+    while (*word == 0) {
+        if (now_s() > deadline) return -1;
+        usleep(1000);
+    }
+    return 0;
+}
+
 /* Allocates `mib` blocks of 1 MiB and writes them, then frees them, each step
  * after a line on stdin, so the test can look at the cluster in between. */
 static int churn(int mib) {
@@ -205,19 +214,29 @@ static int churn(int mib) {
     printf("freed\n");
     fflush(stdout);
     if (!fgets(line, sizeof line, stdin)) return 13;
-    /* The chunks were leased again: a new block there reads as zeroes, past the root
-     * block's chunk (never given back; freed memory in it keeps its bytes, as malloc's
-     * does). */
-    unsigned char *again = gallocy_malloc(1 << 20);
-    if (!again) return 14;
-    uintptr_t released_from = (uintptr_t)root + (1 << 20);
-    for (int i = 0; i < (1 << 20); i += 512) {
-        if ((uintptr_t)(again + i) >= released_from && again[i] != 0) {
+    /* Another node leased the chunks again and published a block it never wrote past
+     * its header: this node's memory of it must read as zeroes. */
+    if (wait_for_nonzero(&root[1], 20)) return 14;
+    unsigned char *again = (unsigned char *)root[1];
+    for (int i = 4096; i < (8 << 20); i += 512) {
+        if (again[i] != 0) {
             fprintf(stderr, "reused block holds %d at %d\n", again[i], i);
             return 15;
         }
     }
+    root[2] = 1;
     printf("reused zeroed\n");
+    return 0;
+}
+
+/* Allocates a block of `mib` MiB (fresh chunks on this node), publishes it in root[1]
+ * without writing it, and waits for root[2]. */
+static int lend(int mib) {
+    attach("e2e-churn");
+    unsigned char *block = gallocy_malloc((size_t)mib << 20);
+    if (!block) { fprintf(stderr, "malloc: %s\n", gallocy_last_error()); return 11; }
+    root[1] = (uint64_t)block;
+    if (wait_for(&root[2], 1, 20)) return 12;
     return 0;
 }
 
@@ -327,6 +346,7 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "leave")) return leave(argv[2], strtoull(argv[3], 0, 10), atoi(argv[4]));
     if (!strcmp(argv[1], "find")) return find(argv[2]);
     if (!strcmp(argv[1], "churn")) return churn(atoi(argv[2]));
+    if (!strcmp(argv[1], "lend")) return lend(atoi(argv[2]));
     if (!strcmp(argv[1], "survive-writer")) return survive_writer();
     if (!strcmp(argv[1], "survive-reader")) return survive_reader();
     return 2;
