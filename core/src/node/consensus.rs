@@ -146,10 +146,14 @@ impl Node {
             return false;
         }
         match message.get_msg_type() {
-            MessageType::MsgPropose => message.entries.iter().all(|entry| {
-                entry.get_entry_type() == EntryType::EntryNormal
-                    && Proposal::decode(&entry.data).is_ok_and(|p| p.origin == from)
-            }),
+            // raft-rs aborts on a proposal without entries ("stepped empty MsgProp").
+            MessageType::MsgPropose => {
+                !message.entries.is_empty()
+                    && message.entries.iter().all(|entry| {
+                        entry.get_entry_type() == EntryType::EntryNormal
+                            && Proposal::decode(&entry.data).is_ok_and(|p| p.origin == from)
+                    })
+            }
             MessageType::MsgAppend => {
                 // Term 0 holds no entries: a previous entry of term 0 past index 0
                 // would match any missing index (raft-rs reads their term as 0).
@@ -460,13 +464,16 @@ impl Node {
         let pages_per_chunk = layout.chunk_size_bytes / PAGE_SIZE_BYTES as u64;
         let first_page = first_chunk * pages_per_chunk;
         let pages = count as u64 * pages_per_chunk;
-        debug_assert!(
-            self.allocators.get(&space).is_none_or(|a| {
-                let start = layout.chunk_addr(first_chunk);
-                a.region_of(start).is_none()
-            }),
-            "a released run is still an allocator region"
-        );
+        let start = layout.chunk_addr(first_chunk);
+        let still_carved = self.allocators.get(&space).is_some_and(|a| {
+            (0..count as u64).any(|i| a.owns(start + i * layout.chunk_size_bytes))
+        });
+        if still_carved {
+            // This node's allocator never proposes a run it still carves: the entry was
+            // forged (peers are not authenticated yet). Counted; the run is dropped all
+            // the same, as on every other node.
+            self.stats.raft_errors += 1;
+        }
         let range = PageId {
             space,
             index: first_page,
