@@ -481,24 +481,11 @@ impl Node {
             space,
             index: first_page + pages,
         };
-        let held: Vec<PageId> = self.pages.range(range.clone()).map(|(&id, _)| id).collect();
-        for page_id in held {
-            let page = self.pages.remove(&page_id).expect("listed");
-            // Nothing is allocated there any more, unless this node is behind and the
-            // run was leased again already: wait for the metadata (bounded).
+        // Nothing is allocated there any more, unless this node is behind and the run was
+        // leased again already: waiters wait for the metadata (bounded).
+        for (page_id, token, access) in self.forget_pages(range) {
             let addr = layout.page_addr(page_id.index);
-            for (token, access) in page.waiters {
-                self.wait_for_metadata(token, space, addr, Some(access));
-            }
-            if let Some((token, _)) = page.revoke {
-                self.revokes.remove(&token);
-            }
-            self.requesting.remove(&page_id);
-        }
-        let homed: Vec<PageId> = self.directory.range(range).map(|(&id, _)| id).collect();
-        for page_id in homed {
-            self.directory.remove(&page_id);
-            self.busy.remove(&page_id);
+            self.wait_for_metadata(token, space, addr, Some(access));
         }
         let token = self.next_release_token;
         self.next_release_token += 1;
@@ -515,6 +502,31 @@ impl Node {
         });
     }
 
+    /// Forgets this node's state of the pages in `range`: local pages (their request,
+    /// revocation and retry entries) and directory entries. Returns the application
+    /// requests that waited on those pages, for the caller to answer or park.
+    fn forget_pages(
+        &mut self,
+        range: impl std::ops::RangeBounds<PageId> + Clone,
+    ) -> Vec<(PageId, AppToken, Access)> {
+        let mut waiting = Vec::new();
+        let held: Vec<PageId> = self.pages.range(range.clone()).map(|(&id, _)| id).collect();
+        for page_id in held {
+            let page = self.pages.remove(&page_id).expect("listed");
+            waiting.extend(page.waiters.into_iter().map(|(t, a)| (page_id, t, a)));
+            if let Some((token, _)) = page.revoke {
+                self.revokes.remove(&token);
+            }
+            self.requesting.remove(&page_id);
+        }
+        let homed: Vec<PageId> = self.directory.range(range).map(|(&id, _)| id).collect();
+        for page_id in homed {
+            self.directory.remove(&page_id);
+            self.busy.remove(&page_id);
+        }
+        waiting
+    }
+
     /// The space was destroyed (every node applies the same entry): drop everything
     /// held of it and answer what waits on it. Messages about it that are still in
     /// flight find no page and no chunk, and are rejected like any unknown page.
@@ -528,21 +540,8 @@ impl Node {
         for waiting in self.pending_allocations.remove(&space).unwrap_or_default() {
             self.reply_error(waiting.token, AppError::UnknownSpace);
         }
-        let pages: Vec<PageId> = self.pages.range(range.clone()).map(|(&id, _)| id).collect();
-        for page_id in pages {
-            let page = self.pages.remove(&page_id).expect("listed");
-            for (token, _) in page.waiters {
-                self.reply_error(token, AppError::UnknownSpace);
-            }
-            if let Some((token, _)) = page.revoke {
-                self.revokes.remove(&token);
-            }
-            self.requesting.remove(&page_id);
-        }
-        let entries: Vec<PageId> = self.directory.range(range).map(|(&id, _)| id).collect();
-        for page_id in entries {
-            self.directory.remove(&page_id);
-            self.busy.remove(&page_id);
+        for (_, token, _) in self.forget_pages(range) {
+            self.reply_error(token, AppError::UnknownSpace);
         }
         let (gone, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.unmapped)
             .into_iter()
