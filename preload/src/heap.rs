@@ -37,6 +37,11 @@ const MAX_FREE_RUNS: usize = 256;
 const MAX_CACHED_RUN_CHUNKS: u64 = 16;
 /// Blocks carved from a span at once when a free list runs dry.
 const CARVE_BATCH: usize = 32;
+/// Span chunks `give_back_at_exit` can account for (a process with more gives back
+/// only its cached runs). 8,192 chunks: 8 GiB of small and big blocks, 128 KiB of table.
+const MAX_EXIT_CHUNKS: usize = 8192;
+/// Chunks in one release request (a run of adjacent chunks).
+const MAX_RELEASE_RUN_CHUNKS: u64 = 1 << 16;
 
 /// Where chunks come from: the daemon (leases) or a private mapping (fallback).
 pub trait ChunkSource {
@@ -191,6 +196,8 @@ struct Pool {
     free_runs: UnsafeCell<[(u64, u64); MAX_FREE_RUNS]>,
     /// Chunks in `free_runs`.
     cached_run_chunks: UnsafeCell<u64>,
+    /// `give_back_at_exit`'s table: (span chunk, its blocks still live), open addressing.
+    exit_chunks: UnsafeCell<[(u64, i64); MAX_EXIT_CHUNKS]>,
 }
 
 // SAFETY: cells touched only under `lock`.
@@ -203,6 +210,8 @@ pub struct Heap {
     process_token: AtomicU64,
     pub leased_bytes: AtomicU64,
     pub large_blocks: AtomicU32,
+    /// `give_back_at_exit` ran.
+    gave_back: AtomicBool,
 }
 
 impl Heap {
@@ -215,10 +224,12 @@ impl Heap {
                 span_end: UnsafeCell::new(0),
                 free_runs: UnsafeCell::new([(0, 0); MAX_FREE_RUNS]),
                 cached_run_chunks: UnsafeCell::new(0),
+                exit_chunks: UnsafeCell::new([(0, 0); MAX_EXIT_CHUNKS]),
             },
             process_token: AtomicU64::new(0),
             leased_bytes: AtomicU64::new(0),
             large_blocks: AtomicU32::new(0),
+            gave_back: AtomicBool::new(false),
         }
     }
 
@@ -521,6 +532,233 @@ impl Heap {
     }
 }
 
+impl Heap {
+    /// At process exit, while still attached: gives back to `source` every chunk that
+    /// holds no live block, so a process that leaves a space others still use keeps out
+    /// of the cluster's reach only the chunks of its live blocks. That is the freed large
+    /// runs kept for reuse and, when no other thread holds a heap (a thread still
+    /// running could allocate from them), the span chunks all of whose blocks are free.
+    /// `own` is the calling thread's heap. What runs after (later destructors) may still
+    /// allocate: the blocks given back leave every list first. Runs once; returns the
+    /// chunks given back.
+    pub fn give_back_at_exit(&self, own: Option<usize>, source: &dyn ChunkSource) -> u64 {
+        if self.gave_back.swap(true, Ordering::AcqRel) {
+            return 0;
+        }
+        let mut claimed = [false; MAX_HEAPS];
+        let mut all_held = true;
+        for (index, heap) in self.heaps.iter().enumerate().take(MAX_HEAPS - 1) {
+            if own == Some(index) {
+                continue;
+            }
+            if heap
+                .in_use
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                claimed[index] = true;
+            } else {
+                all_held = false;
+            }
+        }
+        let shared = &self.heaps[MAX_HEAPS - 1];
+        Heap::lock(&shared.lock);
+        Heap::lock(&self.pool.lock);
+        // SAFETY: the pool's cells under its lock; the heaps' cells with every heap held
+        // (claimed, the caller's own, the shared one locked).
+        let (runs, span_chunks) = unsafe {
+            let runs = *self.pool.free_runs.get();
+            *self.pool.free_runs.get() = [(0, 0); MAX_FREE_RUNS];
+            *self.pool.cached_run_chunks.get() = 0;
+            let span_chunks = if all_held {
+                self.drop_empty_span_chunks()
+            } else {
+                0
+            };
+            (runs, span_chunks)
+        };
+        Heap::unlock(&self.pool.lock);
+        Heap::unlock(&shared.lock);
+        for (index, heap) in self.heaps.iter().enumerate() {
+            if claimed[index] {
+                heap.in_use.store(false, Ordering::Release);
+            }
+        }
+        let mut given_chunks = 0;
+        let mut give = |start: u64, chunks: u64| {
+            if source.release(start, chunks) {
+                given_chunks += chunks;
+                self.leased_bytes
+                    .fetch_sub(chunks * CHUNK_BYTES, Ordering::Relaxed);
+            }
+        };
+        for &(start, chunks) in runs.iter().filter(|run| run.0 != 0) {
+            give(start, chunks);
+        }
+        // SAFETY: only this call (once, `gave_back`) touches the table; its first
+        // `span_chunks` entries are the chunks just dropped, in address order.
+        let dropped = unsafe { &(&*self.pool.exit_chunks.get())[..span_chunks] };
+        let mut run: Option<(u64, u64)> = None;
+        for &(chunk, _) in dropped {
+            run = match run {
+                Some((start, chunks))
+                    if start + chunks * CHUNK_BYTES == chunk && chunks < MAX_RELEASE_RUN_CHUNKS =>
+                {
+                    Some((start, chunks + 1))
+                }
+                Some((start, chunks)) => {
+                    give(start, chunks);
+                    Some((chunk, 1))
+                }
+                None => Some((chunk, 1)),
+            };
+        }
+        if let Some((start, chunks)) = run {
+            give(start, chunks);
+        }
+        given_chunks
+    }
+
+    /// Finds the span chunks with no live block, takes their spans and blocks out of
+    /// every list, and leaves their addresses, sorted, at the start of the exit table.
+    /// Gives up (returns 0, changes nothing) on a table overflow or a list longer than
+    /// what was carved (a corrupted heap).
+    ///
+    /// # Safety
+    /// The caller holds every heap and the pool.
+    unsafe fn drop_empty_span_chunks(&self) -> usize {
+        let table = &mut *self.pool.exit_chunks.get();
+        table.fill((0, 0));
+        // 1. Blocks carved, per chunk.
+        let mut carved_blocks: u64 = 0;
+        let mut spans_seen: u64 = 0;
+        let span_limit = (MAX_EXIT_CHUNKS as u64) * (CHUNK_BYTES / SPAN_BYTES);
+        for heap in &self.heaps {
+            for class in 0..CLASSES {
+                let mut span = *heap.spans[class].get();
+                while span != 0 {
+                    spans_seen += 1;
+                    if spans_seen > span_limit {
+                        return 0;
+                    }
+                    let header = &*(span as *const SpanHeader);
+                    let Some(slot) = exit_slot(table, span & !(CHUNK_BYTES - 1), true) else {
+                        return 0;
+                    };
+                    let carved = (header.bump - header.data_start) / header.block_bytes;
+                    table[slot].1 += carved as i64;
+                    carved_blocks += carved;
+                    span = header.next;
+                }
+            }
+        }
+        // 2. Free blocks: the local lists, and each span's remote list (others' frees
+        // only prepend to it, so the chain under the head read stays as it is).
+        let mut free_left = carved_blocks;
+        let mut count_free = |mut block: u64, table: &mut [(u64, i64); MAX_EXIT_CHUNKS]| {
+            while block != 0 {
+                if free_left == 0 {
+                    return false;
+                }
+                free_left -= 1;
+                let Some(slot) = exit_slot(table, block & !(CHUNK_BYTES - 1), false) else {
+                    return false;
+                };
+                table[slot].1 -= 1;
+                block = (block as *const u64).read();
+            }
+            true
+        };
+        for heap in &self.heaps {
+            for class in 0..CLASSES {
+                if !count_free(*heap.free[class].get(), table) {
+                    return 0;
+                }
+                let mut span = *heap.spans[class].get();
+                while span != 0 {
+                    let header = &*(span as *const SpanHeader);
+                    if !count_free(header.remote.load(Ordering::Acquire), table) {
+                        return 0;
+                    }
+                    span = header.next;
+                }
+            }
+        }
+        // 3. Chunks with nothing live leave the span lists, the free lists, the spans
+        // being carved and the pool's cursor.
+        let dropped = |table: &[(u64, i64); MAX_EXIT_CHUNKS], addr: u64| {
+            exit_probe(table, addr & !(CHUNK_BYTES - 1))
+                .is_some_and(|(slot, found)| found && table[slot].1 == 0)
+        };
+        for heap in &self.heaps {
+            for class in 0..CLASSES {
+                let mut link: *mut u64 = heap.spans[class].get();
+                while *link != 0 {
+                    let header = &mut *(*link as *mut SpanHeader);
+                    if dropped(table, *link) {
+                        *link = header.next;
+                    } else {
+                        link = &mut header.next;
+                    }
+                }
+                let carving = heap.carving[class].get();
+                if *carving != 0 && dropped(table, *carving) {
+                    *carving = 0;
+                }
+                let mut link: *mut u64 = heap.free[class].get();
+                while *link != 0 {
+                    let block = *link as *mut u64;
+                    if dropped(table, *link) {
+                        *link = block.read();
+                    } else {
+                        link = block;
+                    }
+                }
+            }
+        }
+        let cursor = &mut *self.pool.span_cursor.get();
+        let end = &mut *self.pool.span_end.get();
+        if *cursor < *end && dropped(table, *cursor) {
+            *cursor = 0;
+            *end = 0;
+        }
+        // 4. The dropped chunks, in address order, at the table's start.
+        let mut count = 0;
+        for index in 0..MAX_EXIT_CHUNKS {
+            let (chunk, live) = table[index];
+            if chunk != 0 && live == 0 {
+                table[count] = (chunk, 0);
+                count += 1;
+            }
+        }
+        table[..count].sort_unstable();
+        count
+    }
+}
+
+/// Where `chunk` is in the exit table (open addressing): `(slot, true)` if there,
+/// `(slot, false)` for the empty slot it would take; None when absent and full.
+fn exit_probe(table: &[(u64, i64); MAX_EXIT_CHUNKS], chunk: u64) -> Option<(usize, bool)> {
+    debug_assert!(chunk != 0 && chunk.is_multiple_of(CHUNK_BYTES));
+    let start = ((chunk / CHUNK_BYTES) as usize).wrapping_mul(0x9e37_79b9) % MAX_EXIT_CHUNKS;
+    (0..MAX_EXIT_CHUNKS)
+        .map(|probe| (start + probe) % MAX_EXIT_CHUNKS)
+        .find(|&slot| table[slot].0 == chunk || table[slot].0 == 0)
+        .map(|slot| (slot, table[slot].0 == chunk))
+}
+
+/// The slot of `chunk` in the exit table, inserted if `insert`.
+fn exit_slot(table: &mut [(u64, i64); MAX_EXIT_CHUNKS], chunk: u64, insert: bool) -> Option<usize> {
+    match exit_probe(table, chunk)? {
+        (slot, true) => Some(slot),
+        (slot, false) if insert => {
+            table[slot] = (chunk, 0);
+            Some(slot)
+        }
+        _ => None,
+    }
+}
+
 impl Default for Heap {
     fn default() -> Self {
         Heap::new()
@@ -723,5 +961,105 @@ mod tests {
         }
         let b = heap.alloc(index, 2 << 20, &Private).unwrap();
         assert_eq!(a, b, "the freed run is reused");
+    }
+
+    /// Chunks from private mappings; given back chunks become inaccessible, so a block
+    /// handed out from one after `give_back_at_exit` crashes the test.
+    struct Recording {
+        released: std::sync::Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl ChunkSource for Recording {
+        fn lease(&self, count: u64) -> Option<u64> {
+            Private.lease(count)
+        }
+        fn release(&self, start: u64, count: u64) -> bool {
+            // SAFETY: chunks this source mapped, with no live block in them.
+            let rc = unsafe {
+                libc::mprotect(
+                    start as *mut libc::c_void,
+                    (count * CHUNK_BYTES) as usize,
+                    libc::PROT_NONE,
+                )
+            };
+            assert_eq!(rc, 0);
+            self.released.lock().unwrap().push((start, count));
+            true
+        }
+    }
+
+    fn recording() -> Recording {
+        Recording {
+            released: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    #[test]
+    fn at_exit_chunks_without_live_blocks_go_back_and_live_ones_stay() {
+        let heap = Box::new(Heap::new());
+        heap.set_process_token(4);
+        let source = recording();
+        let main = heap.claim();
+        let other = heap.claim();
+        let sizes = [24u64, 200, 3000, 20_000, 100_000, 2 << 20, 5 << 20];
+        let mut blocks: Vec<u64> = (0..3000)
+            .map(|i| heap.alloc(main, sizes[i % sizes.len()], &source).unwrap())
+            .collect();
+        let keep = blocks.remove(1234);
+        // SAFETY: live blocks of this heap; half freed by another thread's heap
+        // (remote lists), half by the owner.
+        unsafe {
+            (keep as *mut u64).write(0x5eed);
+            for (i, &block) in blocks.iter().enumerate() {
+                heap.free(if i % 2 == 0 { main } else { other }, block, &source);
+            }
+        }
+        heap.release(other);
+        let leased = heap.leased_bytes.load(Ordering::Relaxed) / CHUNK_BYTES;
+        // Runs beyond the cache went back at their free.
+        let at_free = source.released.lock().unwrap().len();
+        let given = heap.give_back_at_exit(Some(main), &source);
+        let released = source.released.lock().unwrap().clone();
+        assert_eq!(released[at_free..].iter().map(|r| r.1).sum::<u64>(), given);
+        // Everything but the chunk holding `keep`.
+        let keep_chunk = keep & !(CHUNK_BYTES - 1);
+        assert!(
+            released
+                .iter()
+                .all(|&(start, count)| keep_chunk < start
+                    || keep_chunk >= start + count * CHUNK_BYTES)
+        );
+        assert_eq!(heap.leased_bytes.load(Ordering::Relaxed) / CHUNK_BYTES, 1);
+        assert!(given + 1 >= leased, "gave {given} of {leased}");
+        // The live block is intact, and later allocations never land in a chunk given
+        // back (they would fault: those chunks are PROT_NONE).
+        // SAFETY: a live block.
+        unsafe { assert_eq!((keep as *const u64).read(), 0x5eed) };
+        for &size in &sizes {
+            let block = heap.alloc(main, size, &source).unwrap();
+            // SAFETY: a fresh block of `size` bytes.
+            unsafe { core::ptr::write_bytes(block as *mut u8, 7, size as usize) };
+        }
+        assert_eq!(heap.give_back_at_exit(Some(main), &source), 0, "runs once");
+    }
+
+    #[test]
+    fn at_exit_spans_stay_while_another_thread_holds_a_heap() {
+        let heap = Box::new(Heap::new());
+        heap.set_process_token(5);
+        let source = recording();
+        let main = heap.claim();
+        let _running = heap.claim();
+        let small = heap.alloc(main, 64, &source).unwrap();
+        let large = heap.alloc(main, 3 << 20, &source).unwrap();
+        // SAFETY: live blocks of this heap.
+        unsafe {
+            heap.free(main, small, &source);
+            heap.free(main, large, &source);
+        }
+        // The cached run goes back; the small span's chunk stays for the running thread.
+        assert_eq!(heap.give_back_at_exit(Some(main), &source), 4);
+        assert_eq!(heap.leased_bytes.load(Ordering::Relaxed), CHUNK_BYTES);
+        assert_eq!(heap.alloc(main, 64, &source), Some(small));
     }
 }

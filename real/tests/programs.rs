@@ -427,7 +427,8 @@ fn gallocy_run_stopped_by_sigterm_stops_the_program_and_its_cluster() {
 
 /// A program that runs 1,000 other programs leaks nothing into the space: what it execs
 /// gets a private heap by default. With `GALLOCY_CHILDREN=share` every child attaches to
-/// the space and leases chunks that outlive it (which shows the check can fail).
+/// the space: one that exits with a live block keeps that block's chunk leased (which
+/// shows the check can fail), one that freed everything gives its chunks back.
 #[test]
 fn a_thousand_subprocesses_leak_no_chunks() {
     let dir = temp_dir("spawn");
@@ -444,21 +445,34 @@ fn a_thousand_subprocesses_leak_no_chunks() {
         after <= before + 1,
         "1000 subprocesses left {after} chunks leased against {before} without them"
     );
-    let mut command = Command::new(env!("CARGO_BIN_EXE_gallocy"));
-    let shared = command
-        .args(["run", "--stats", "--", spawner, "20"])
-        .current_dir(&dir)
-        .env("GALLOCY_PRELOAD", common::libgallocy_preload())
-        .env("GALLOCYD", env!("CARGO_BIN_EXE_gallocyd"))
-        .env("GALLOCY_CHILDREN", "share")
-        .env_remove("GALLOCY_SOCKET")
-        .output()
-        .unwrap();
-    assert!(shared.status.success(), "{}", describe(&shared));
+    let shared = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_gallocy"))
+            .args(["run", "--stats", "--", spawner])
+            .args(args)
+            .current_dir(&dir)
+            .env("GALLOCY_PRELOAD", common::libgallocy_preload())
+            .env("GALLOCYD", env!("CARGO_BIN_EXE_gallocyd"))
+            .env("GALLOCY_CHILDREN", "share")
+            .env_remove("GALLOCY_SOCKET")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", describe(&output));
+        chunks_leased(&output)
+    };
+    // Children that exit with a block live keep its chunk: they share the space, and
+    // another process could hold a pointer to it.
+    let kept = shared(&["20"]);
     assert!(
-        chunks_leased(&shared) >= before + 20,
-        "sharing children should each lease: {} against {before}",
-        chunks_leased(&shared)
+        kept >= before + 20,
+        "sharing children should each lease: {kept} against {before}"
+    );
+    // Children that free everything give every chunk back at exit (small, big and
+    // large blocks).
+    let freed = shared(&["20", "free"]);
+    eprintln!("chunks leased: {before} alone, {kept} after 20 sharing children that keep a block, {freed} after 20 that free all");
+    assert!(
+        freed <= before + 1,
+        "20 sharing children that freed all their blocks left {freed} chunks leased against {before}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

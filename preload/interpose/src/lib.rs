@@ -452,3 +452,29 @@ pub(crate) fn attached() -> bool {
 #[used]
 #[link_section = ".init_array"]
 static INIT: extern "C" fn() = init;
+
+/// At exit (after the program's own destructors: this library was initialised before
+/// the executable, so it is finalised after it), the chunks holding no live block go
+/// back to the cluster: the space may outlive this process (others attached, or
+/// persistent). A process killed by a signal, or one that ends with `_exit` or `exec`,
+/// skips this; its chunks stay leased until the space ends.
+extern "C" fn fini() {
+    if !attached() {
+        return;
+    }
+    let state = thread_state();
+    // SAFETY: this thread's own state; marked inside the allocator, as the release
+    // calls below must not be re-entered from a signal handler's malloc.
+    unsafe {
+        let heap_index = (*state)[0];
+        let nested = (*state)[1];
+        (*state)[1] = 1;
+        let own = heap_index.checked_sub(1).map(|index| index as usize);
+        HEAP.give_back_at_exit(own, &DaemonChunks);
+        (*state)[1] = nested;
+    }
+}
+
+#[used]
+#[link_section = ".fini_array"]
+static FINI: extern "C" fn() = fini;
