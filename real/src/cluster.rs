@@ -1,15 +1,37 @@
-//! `gallocy cluster up|down`: a local cluster of daemons on Unix sockets.
+//! `gallocy cluster up|down`: a local cluster of daemons (Unix-socket peers in private
+//! directories, or TCP peers on 127.0.0.1 with TLS); `gallocy cluster init|revoke`:
+//! configurations and credentials for a cluster of several hosts.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::config::{DaemonConfig, PeerAddr, PeerConfig, SpaceDefaults};
+use crate::tls::{ClusterCa, TlsFiles};
 
 /// Longest Unix socket path the kernel accepts (sun_path minus the terminator).
 const MAX_SOCKET_PATH_BYTES: usize = 107;
 const LEADER_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How the daemons of a local cluster reach each other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// Unix sockets in private (0700) directories.
+    Unix,
+    /// TCP on 127.0.0.1 with mutual TLS (credentials from a CA made for the cluster).
+    Tls,
+    /// TCP on 127.0.0.1 in clear (to measure what TLS costs).
+    PlainTcp,
+}
+
+/// Creates `dir` (and its parents) and makes it reachable by this user only.
+pub fn create_private_dir(dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(|e| format!("chmod 700 {}: {e}", dir.display()))
+}
 
 pub fn node_dir(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("node{id}"))
@@ -54,13 +76,38 @@ fn is_gallocyd(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
-/// Starts `nodes` daemons under `dir` and returns once they agree on a leader.
+/// Starts `nodes` daemons under `dir` (Unix-socket peers) and returns once they agree
+/// on a leader.
 pub fn up(
     nodes: u64,
     dir: &Path,
     space: SpaceDefaults,
     log: &str,
     gallocyd: &Path,
+) -> Result<(), String> {
+    up_over(nodes, dir, space, log, gallocyd, Transport::Unix)
+}
+
+/// Free TCP ports on 127.0.0.1, one per node (bound, read, released: another program
+/// could take one in between, and the daemon then says so).
+fn free_local_ports(nodes: u64) -> Result<Vec<SocketAddr>, String> {
+    let listeners: Vec<std::net::TcpListener> = (0..nodes)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}")))
+        .collect::<Result<_, _>>()?;
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map_err(|e| e.to_string()))
+        .collect()
+}
+
+/// As `up`, with the peers on `transport`.
+pub fn up_over(
+    nodes: u64,
+    dir: &Path,
+    space: SpaceDefaults,
+    log: &str,
+    gallocyd: &Path,
+    transport: Transport,
 ) -> Result<(), String> {
     if nodes == 0 || nodes > 64 {
         return Err("a local cluster has 1 to 64 nodes".into());
@@ -83,12 +130,37 @@ pub fn up(
             }
         }
     }
-    let peers: Vec<PeerConfig> = (1..=nodes)
-        .map(|id| PeerConfig {
-            id,
-            addr: PeerAddr::Unix(node_dir(&dir, id).join("peer.sock")),
-        })
-        .collect();
+    let peers: Vec<PeerConfig> = match transport {
+        Transport::Unix => (1..=nodes)
+            .map(|id| PeerConfig {
+                id,
+                addr: PeerAddr::Unix(node_dir(&dir, id).join("peer.sock")),
+            })
+            .collect(),
+        Transport::Tls | Transport::PlainTcp => free_local_ports(nodes)?
+            .into_iter()
+            .zip(1..=nodes)
+            .map(|(addr, id)| PeerConfig {
+                id,
+                addr: PeerAddr::Tcp(addr),
+            })
+            .collect(),
+    };
+    for id in 1..=nodes {
+        create_private_dir(&node_dir(&dir, id))?;
+    }
+    let mut credentials = Vec::new();
+    if transport == Transport::Tls {
+        // A CA for this cluster only: made anew by each `up`.
+        let ca_dir = dir.join("ca");
+        let _ = std::fs::remove_dir_all(&ca_dir);
+        let ca = ClusterCa::create(&ca_dir)?;
+        for id in 1..=nodes {
+            credentials.push(Some(ca.issue(id, &node_dir(&dir, id))?));
+        }
+    } else {
+        credentials.resize(nodes as usize, None);
+    }
     for peer in &peers {
         if let PeerAddr::Unix(path) = &peer.addr {
             if path.as_os_str().len() > MAX_SOCKET_PATH_BYTES {
@@ -101,7 +173,15 @@ pub fn up(
     }
     let mut started = Vec::new();
     for id in 1..=nodes {
-        match start_daemon(&dir, id, &peers, &space, log, gallocyd) {
+        let listen = peers[id as usize - 1].addr.clone();
+        let tls = credentials[id as usize - 1].clone();
+        let node = NodeSetup {
+            id,
+            listen,
+            tls,
+            plaintext_tcp: transport == Transport::PlainTcp,
+        };
+        match start_daemon(&dir, &node, &peers, &space, log, gallocyd) {
             Ok(child) => started.push((id, child)),
             Err(why) => {
                 // Leave nothing half-started behind.
@@ -143,20 +223,29 @@ pub fn up(
     }
 }
 
+/// What differs between the nodes of a local cluster.
+struct NodeSetup {
+    id: u64,
+    listen: PeerAddr,
+    tls: Option<TlsFiles>,
+    plaintext_tcp: bool,
+}
+
 /// Writes node `id`'s configuration and starts its daemon.
 fn start_daemon(
     dir: &Path,
-    id: u64,
+    node: &NodeSetup,
     peers: &[PeerConfig],
     space: &SpaceDefaults,
     log: &str,
     gallocyd: &Path,
 ) -> Result<std::process::Child, String> {
+    let id = node.id;
     let home = node_dir(dir, id);
-    std::fs::create_dir_all(&home).map_err(|e| format!("create {}: {e}", home.display()))?;
+    create_private_dir(&home)?;
     let config = DaemonConfig {
         node_id: id,
-        listen: PeerAddr::Unix(home.join("peer.sock")),
+        listen: node.listen.clone(),
         peers: peers.to_vec(),
         app_socket: home.join("app.sock"),
         runtime_dir: home.clone(),
@@ -165,6 +254,8 @@ fn start_daemon(
         log: log.to_string(),
         revoke_timeout_ms: crate::config::DEFAULT_REVOKE_TIMEOUT_MS,
         down_after_ms: crate::config::DEFAULT_DOWN_AFTER_MS,
+        tls: node.tls.clone(),
+        plaintext_tcp: node.plaintext_tcp,
     };
     let config_path = home.join("gallocyd.toml");
     std::fs::write(&config_path, config.to_toml())
@@ -236,4 +327,81 @@ pub fn down(dir: &Path) -> Result<usize, String> {
         }
     }
     Ok(pids.len())
+}
+
+/// Configurations and credentials for a cluster of several hosts, one directory per
+/// host (`OUT/node<i>`, for the i-th address) to copy there, and the CA (`OUT/ca`, which
+/// stays with whoever administers the cluster: it signs members and revokes them).
+/// Each daemon then runs with `gallocyd --config DIR/gallocyd.toml`.
+pub fn init(hosts: &[SocketAddr], out: &Path, space: &SpaceDefaults) -> Result<(), String> {
+    if hosts.is_empty() || hosts.len() > 64 {
+        return Err("a cluster has 1 to 64 hosts".into());
+    }
+    for (i, a) in hosts.iter().enumerate() {
+        if hosts[..i].contains(a) {
+            return Err(format!("{a} is listed twice"));
+        }
+    }
+    if out.join("ca").exists() {
+        return Err(format!(
+            "{} already holds a cluster (its ca/); choose another --out",
+            out.display()
+        ));
+    }
+    let ca = ClusterCa::create(&out.join("ca"))?;
+    let peers: Vec<PeerConfig> = hosts
+        .iter()
+        .zip(1u64..)
+        .map(|(&addr, id)| PeerConfig {
+            id,
+            addr: PeerAddr::Tcp(addr),
+        })
+        .collect();
+    for peer in &peers {
+        let home = node_dir(out, peer.id);
+        create_private_dir(&home)?;
+        let tls = ca.issue(peer.id, &home)?;
+        let config = DaemonConfig {
+            node_id: peer.id,
+            listen: peer.addr.clone(),
+            peers: peers.clone(),
+            // Relative: the configuration's directory, wherever it is copied.
+            app_socket: PathBuf::from("run/app.sock"),
+            runtime_dir: PathBuf::from("run"),
+            app_group: None,
+            space: space.clone(),
+            log: "info".into(),
+            revoke_timeout_ms: crate::config::DEFAULT_REVOKE_TIMEOUT_MS,
+            down_after_ms: crate::config::DEFAULT_DOWN_AFTER_MS,
+            tls: Some(tls),
+            plaintext_tcp: false,
+        };
+        let path = home.join("gallocyd.toml");
+        std::fs::write(&path, config.to_toml())
+            .map_err(|e| format!("write {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Revokes member `node`'s certificate with the CA in `dir/ca`, and puts the new CRL
+/// beside the credentials of every member directory under `dir` (a daemon reads it
+/// again at its next connection). Returns the member directories updated.
+pub fn revoke(dir: &Path, node: u64) -> Result<Vec<PathBuf>, String> {
+    let ca = ClusterCa::open(&dir.join("ca"))?;
+    let crl = ca.revoke(node)?;
+    let mut updated = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| format!("read {}: {e}", dir.display()))? {
+        let home = entry.map_err(|e| e.to_string())?.path();
+        if home.join("node.pem").exists() {
+            let path = home.join("crl.pem");
+            // Written whole, then renamed: a daemon never reads half a CRL.
+            let partial = home.join("crl.pem.new");
+            std::fs::write(&partial, &crl)
+                .and_then(|()| std::fs::rename(&partial, &path))
+                .map_err(|e| format!("write {}: {e}", path.display()))?;
+            updated.push(home);
+        }
+    }
+    updated.sort();
+    Ok(updated)
 }

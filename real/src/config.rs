@@ -7,6 +7,8 @@ use gallocy_core::host::HostConfig;
 use gallocy_core::Config;
 use serde::{Deserialize, Serialize};
 
+use crate::tls::TlsFiles;
+
 /// Where a daemon listens for, or reaches, its peers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -113,6 +115,13 @@ pub struct DaemonConfig {
     /// Must exceed the fence delay, two election timeouts and `revoke_timeout_ms`.
     #[serde(default = "default_down_after_ms")]
     pub down_after_ms: u64,
+    /// Credentials of the peer links: required when any peer is on TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsFiles>,
+    /// TCP peers without TLS: anyone who reaches the port is a member. Only for a
+    /// network nothing else is on, and for measuring what TLS costs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub plaintext_tcp: bool,
 }
 
 /// Default of `DaemonConfig::revoke_timeout_ms`.
@@ -136,8 +145,17 @@ impl DaemonConfig {
     pub fn load(path: &Path) -> Result<DaemonConfig, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
-        let config: DaemonConfig =
+        let mut config: DaemonConfig =
             toml::from_str(&text).map_err(|e| format!("bad config {}: {e}", path.display()))?;
+        // Relative paths are the configuration directory's, so a directory written by
+        // `gallocy cluster init` works wherever it is copied.
+        let dir = path.parent().unwrap_or(Path::new("."));
+        config.app_socket = dir.join(&config.app_socket);
+        config.runtime_dir = dir.join(&config.runtime_dir);
+        if let PeerAddr::Unix(listen) = &config.listen {
+            config.listen = PeerAddr::Unix(dir.join(listen));
+        }
+        config.tls = config.tls.map(|tls| tls.resolved(dir));
         config
             .validate()
             .map_err(|e| format!("bad config {}: {e}", path.display()))?;
@@ -163,6 +181,16 @@ impl DaemonConfig {
         ids.dedup();
         if ids.len() != self.peers.len() {
             return Err("peer ids must be unique".into());
+        }
+        let tcp = std::iter::once(&self.listen)
+            .chain(self.peers.iter().map(|p| &p.addr))
+            .any(|a| matches!(a, PeerAddr::Tcp(_)));
+        if tcp && self.tls.is_none() && !self.plaintext_tcp {
+            return Err(
+                "TCP peers need credentials: a [tls] section (gallocy cluster init writes one), \
+                 or plaintext_tcp = true on a network nothing else can reach"
+                    .into(),
+            );
         }
         // The rest, with the node's timing inequalities, as the daemon will run it.
         self.host_config(0).validate()

@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{DaemonConfig, PeerAddr};
 use crate::memory::SpaceMemory;
+use crate::tls::{cert_names_member, PeerTls, TlsStream};
 
 const APP_LISTENER: Token = Token(0);
 const PEER_LISTENER: Token = Token(1);
@@ -41,6 +42,8 @@ const RECONNECT_MAX: Duration = Duration::from_secs(2);
 const MAX_INBOUND_PEERS_EXTRA: usize = 8;
 /// An inbound peer connection that has not said hello after this long is closed.
 const PEER_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the CRL's file is looked at.
+const CREDENTIALS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// The longest the loop sleeps when nothing is due (the core's deadlines are shorter).
 const MAX_WAIT: Duration = Duration::from_secs(1);
 /// How long the loop keeps polling without sleeping after an application's frame or a
@@ -74,7 +77,9 @@ pub fn install_signal_handlers() {
 
 enum PeerStream {
     Unix(UnixStream),
+    /// Plain TCP: only with `plaintext_tcp` (trusted networks, measurements).
     Tcp(TcpStream),
+    Tls(Box<TlsStream>),
 }
 
 impl PeerStream {
@@ -82,19 +87,33 @@ impl PeerStream {
         match self {
             PeerStream::Unix(s) => s,
             PeerStream::Tcp(s) => s,
+            PeerStream::Tls(s) => &mut s.tcp,
         }
     }
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
             PeerStream::Unix(s) => s.read(buf),
             PeerStream::Tcp(s) => s.read(buf),
+            PeerStream::Tls(s) => s.read(buf),
         }
     }
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
             PeerStream::Unix(s) => s.write(buf),
             PeerStream::Tcp(s) => s.write(buf),
+            PeerStream::Tls(s) => s.write(buf),
         }
+    }
+    /// Sends what TLS holds (records of written plaintext, handshake messages).
+    fn push(&mut self) -> std::io::Result<()> {
+        match self {
+            PeerStream::Tls(s) => s.push(),
+            _ => Ok(()),
+        }
+    }
+    /// Bytes below `write` still wait for the socket.
+    fn wants_write(&self) -> bool {
+        matches!(self, PeerStream::Tls(s) if s.wants_write())
     }
 }
 
@@ -178,6 +197,9 @@ pub struct Daemon {
     actions: Vec<HostAction>,
     /// This daemon's start, distinct across restarts (see `PeerHello`).
     incarnation: u64,
+    /// Credentials of the peer links (TLS over TCP), when configured.
+    tls: Option<PeerTls>,
+    credentials_checked: Instant,
     /// Set when an input may be followed at once by more (an application is waiting).
     busy_until: Option<Instant>,
     read_buffer: Vec<u8>,
@@ -213,6 +235,8 @@ fn token_of(conn: ConnId) -> Token {
 impl Daemon {
     pub fn new(config: DaemonConfig) -> Result<Daemon, String> {
         config.validate()?;
+        check_private_peer_dirs(&config)?;
+        let tls = config.tls.as_ref().map(PeerTls::load).transpose()?;
         let uid = rustix::process::getuid().as_raw();
         let host = Host::new(config.host_config(uid))?;
         let poll = Poll::new().map_err(|e| io_error("epoll", e))?;
@@ -290,6 +314,8 @@ impl Daemon {
                 .map_or(1, |d| d.as_nanos() as u64),
             busy_until: None,
             read_buffer: Vec::new(),
+            tls,
+            credentials_checked: now,
         })
     }
 
@@ -336,6 +362,7 @@ impl Daemon {
                 self.process_actions();
                 self.reconnect_due();
                 self.close_silent_peers();
+                self.check_credentials();
             }
         }
         info!("gallocyd stopping");
@@ -620,13 +647,23 @@ impl Daemon {
                     (PeerStream::Tcp(s), addr.to_string())
                 }),
             };
-            let (mut stream, remote) = match accepted {
+            let (stream, remote) = match accepted {
                 Ok(accepted) => accepted,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) => {
                     warn!("peer accept failed: {e}");
                     return;
                 }
+            };
+            let mut stream = match (stream, &mut self.tls) {
+                (PeerStream::Tcp(tcp), Some(tls)) => match tls.accept(tcp) {
+                    Ok(tls_stream) => PeerStream::Tls(Box::new(tls_stream)),
+                    Err(why) => {
+                        warn!(from = %remote, "refused a peer connection: {why}");
+                        continue;
+                    }
+                },
+                (stream, _) => stream,
             };
             let inbound = self
                 .conns
@@ -660,6 +697,37 @@ impl Daemon {
                     remote,
                 }),
             );
+        }
+    }
+
+    /// Once a second: a changed CRL is read again and every TLS peer connection is
+    /// closed, so each is checked against it when it reconnects (a revoked member's
+    /// links end within about a second).
+    fn check_credentials(&mut self) {
+        let Some(tls) = &mut self.tls else {
+            return;
+        };
+        if self.credentials_checked.elapsed() < CREDENTIALS_CHECK_INTERVAL {
+            return;
+        }
+        self.credentials_checked = Instant::now();
+        match tls.refresh() {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(why) => {
+                warn!("keeping the previous peer credentials: {why}");
+                return;
+            }
+        }
+        info!("the CRL changed: peer credentials reloaded, peer connections re-checked");
+        let tls_conns: Vec<Token> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c, Conn::Peer(p) if matches!(p.stream, PeerStream::Tls(_))))
+            .map(|(&t, _)| t)
+            .collect();
+        for token in tls_conns {
+            self.close(token, "credentials reloaded");
         }
     }
 
@@ -704,13 +772,24 @@ impl Daemon {
             }),
         };
         let remote = outbound.addr.to_string();
-        let mut stream = match stream {
+        let stream = match stream {
             Ok(stream) => stream,
             Err(e) => {
                 debug!(peer, "connect failed: {e}");
                 outbound.back_off(now);
                 return;
             }
+        };
+        let mut stream = match (stream, &mut self.tls) {
+            (PeerStream::Tcp(tcp), Some(tls)) => match tls.connect(tcp, peer) {
+                Ok(tls_stream) => PeerStream::Tls(Box::new(tls_stream)),
+                Err(why) => {
+                    warn!(peer, "cannot start TLS: {why}");
+                    self.outbound.get_mut(&peer).expect("listed").back_off(now);
+                    return;
+                }
+            },
+            (stream, _) => stream,
         };
         let token = self.new_token();
         if self
@@ -862,8 +941,21 @@ impl Daemon {
                         return self.close(token, &why);
                     }
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    // A handshake message may wait for the socket.
+                    if conn.stream.wants_write() {
+                        self.flush(token);
+                    }
+                    return;
+                }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == ErrorKind::InvalidData => {
+                    // TLS refused the peer (no or a wrong certificate, a revoked one,
+                    // garbage): nothing it sent reached the core.
+                    self.counters.peers_refused += 1;
+                    warn!(from = %conn.remote, "refused a peer: {e}");
+                    return self.close(token, &e.to_string());
+                }
                 Err(e) => return self.close(token, &e.to_string()),
             }
         }
@@ -880,6 +972,17 @@ impl Daemon {
                 }
                 let hello = decode_peer_hello(&conn.inbuf[..PEER_HELLO_BYTES])
                     .map_err(|e| format!("bad hello: {e}"))?;
+                if let PeerStream::Tls(tls) = &conn.stream {
+                    if !tls
+                        .peer_cert()
+                        .is_some_and(|cert| cert_names_member(cert, hello.node))
+                    {
+                        return Err(format!(
+                            "claims to be node {} but its certificate is not that member's",
+                            hello.node
+                        ));
+                    }
+                }
                 let peer = self.host.peer_hello(hello)?;
                 let Some(Conn::Peer(conn)) = self.conns.get_mut(&token) else {
                     return Ok(());
@@ -1035,9 +1138,12 @@ impl Daemon {
         let result = match self.conns.get_mut(&token) {
             Some(Conn::Peer(conn)) => {
                 let stream = &mut conn.stream;
-                let result = drain(&mut conn.outbuf, |bytes| stream.write(bytes));
+                let mut result = drain(&mut conn.outbuf, |bytes| stream.write(bytes));
                 if result.is_ok() {
-                    let interest = if conn.outbuf.is_empty() {
+                    result = stream.push().map_err(|e| e.to_string());
+                }
+                if result.is_ok() {
+                    let interest = if conn.outbuf.is_empty() && !conn.stream.wants_write() {
                         Interest::READABLE
                     } else {
                         Interest::READABLE | Interest::WRITABLE
@@ -1216,6 +1322,46 @@ fn maps_inode(pid: i32, inode: u64) -> Option<bool> {
 }
 
 /// Writes as much of `outbuf` as the socket takes now; an error if it is closed.
+/// Unix-socket peers are not authenticated: whoever can reach the socket is a member.
+/// So the directories of this node's peer socket and of every peer socket it connects
+/// to must be reachable by this user only (and owned by it).
+fn check_private_peer_dirs(config: &DaemonConfig) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = rustix::process::geteuid().as_raw();
+    let listen = std::iter::once(&config.listen);
+    let peers = config.peers.iter().map(|p| &p.addr);
+    for addr in listen.chain(peers) {
+        let PeerAddr::Unix(path) = addr else {
+            continue;
+        };
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        if addr == &config.listen && !dir.exists() {
+            crate::cluster::create_private_dir(dir)?;
+        }
+        let meta = match std::fs::metadata(dir) {
+            Ok(meta) => meta,
+            // A peer's directory not made yet: its daemon checks it when it starts.
+            Err(_) if addr != &config.listen => continue,
+            Err(e) => return Err(format!("peer socket directory {}: {e}", dir.display())),
+        };
+        let mode = meta.mode() & 0o777;
+        if mode & 0o077 != 0 || meta.uid() != uid {
+            return Err(format!(
+                "the directory of peer socket {} is mode {mode:o}, owned by uid {}: Unix-socket \
+                 peers are trusted because only this user (uid {uid}) can reach them, so it \
+                 must be this user's and mode 700 (chmod 700 {}), or use TCP peers with TLS",
+                path.display(),
+                meta.uid(),
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn drain(
     outbuf: &mut Vec<u8>,
     mut write: impl FnMut(&[u8]) -> std::io::Result<usize>,

@@ -8,3 +8,4 @@ pub mod config;
 pub mod daemon;
 pub mod memory;
 pub mod run;
+pub mod tls;

@@ -65,20 +65,60 @@ enum ClusterAction {
         /// Daemon log filter.
         #[arg(long, default_value = "info")]
         log: String,
+        /// How the daemons reach each other: unix (sockets in private directories),
+        /// tls (TCP on 127.0.0.1 with mutual TLS), tcp (TCP in clear, to measure).
+        #[arg(long, default_value = "unix", value_parser = ["unix", "tls", "tcp"])]
+        peers: String,
     },
     /// Stop the cluster in DIR; nothing is left running.
     Down {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Write the configuration and credentials of a cluster of several hosts: OUT/node<i>
+    /// for the i-th host (copy it there, run gallocyd --config OUT/node<i>/gallocyd.toml)
+    /// and OUT/ca, the cluster's CA (keep it with the administrator).
+    Init {
+        /// The members' peer addresses, IP:PORT, comma-separated; node i is the i-th.
+        #[arg(long, value_delimiter = ',', required = true)]
+        hosts: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Revoke a member's credentials: writes the CA's new CRL into every member
+    /// directory under DIR (copy it to the hosts; daemons read it at their next
+    /// connection).
+    Revoke {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        node: u64,
+    },
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Cluster { action } => match action {
-            ClusterAction::Up { nodes, dir, log } => {
+            ClusterAction::Up {
+                nodes,
+                dir,
+                log,
+                peers,
+            } => {
+                let transport = match peers.as_str() {
+                    "tls" => cluster::Transport::Tls,
+                    "tcp" => cluster::Transport::PlainTcp,
+                    _ => cluster::Transport::Unix,
+                };
                 let started = cluster::gallocyd_path().and_then(|gallocyd| {
-                    cluster::up(nodes, &dir, SpaceDefaults::default(), &log, &gallocyd)
+                    cluster::up_over(
+                        nodes,
+                        &dir,
+                        SpaceDefaults::default(),
+                        &log,
+                        &gallocyd,
+                        transport,
+                    )
                 });
                 match started {
                     Ok(()) => {
@@ -97,6 +137,48 @@ fn main() -> ExitCode {
                     }
                 }
             }
+            ClusterAction::Init { hosts, out } => {
+                let parsed: Result<Vec<std::net::SocketAddr>, String> = hosts
+                    .iter()
+                    .map(|h| {
+                        h.parse()
+                            .map_err(|_| format!("--hosts: {h:?} is not IP:PORT"))
+                    })
+                    .collect();
+                match parsed.and_then(|hosts| {
+                    cluster::init(&hosts, &out, &SpaceDefaults::default()).map(|()| hosts)
+                }) {
+                    Ok(hosts) => {
+                        println!("a cluster of {} hosts in {}:", hosts.len(), out.display());
+                        for (i, host) in hosts.iter().enumerate() {
+                            println!(
+                                "  {host}: copy {} there, run gallocyd --config {}/gallocyd.toml",
+                                cluster::node_dir(&out, i as u64 + 1).display(),
+                                cluster::node_dir(&out, i as u64 + 1).display()
+                            );
+                        }
+                        println!("  the CA stays in {}", out.join("ca").display());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("gallocy: {e}");
+                        ExitCode::from(1)
+                    }
+                }
+            }
+            ClusterAction::Revoke { dir, node } => match cluster::revoke(&dir, node) {
+                Ok(updated) => {
+                    println!("node {node} revoked; new CRL written to:");
+                    for home in updated {
+                        println!("  {}", home.join("crl.pem").display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("gallocy: {e}");
+                    ExitCode::from(1)
+                }
+            },
             ClusterAction::Down { dir } => match cluster::down(&dir) {
                 Ok(stopped) => {
                     println!("stopped {stopped} daemons in {}", dir.display());

@@ -52,6 +52,8 @@ fn config_from(args: Args) -> Result<DaemonConfig, String> {
                 log: "info".into(),
                 revoke_timeout_ms: gallocy_real::config::DEFAULT_REVOKE_TIMEOUT_MS,
                 down_after_ms: gallocy_real::config::DEFAULT_DOWN_AFTER_MS,
+                tls: None,
+                plaintext_tcp: false,
             }
         }
     };
