@@ -8,6 +8,8 @@
 //!
 //! `cargo bench -p gallocy-real --bench ipc` (a 2-node local cluster is started and
 //! stopped by the benchmark). Child processes are this executable in another role.
+//! `cargo bench -p gallocy-real --bench ipc -- --peers` measures 3 and 4 over TCP, in
+//! clear and with TLS, alternating, to show what encryption costs.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -20,6 +22,8 @@ use gallocy::{gallocy_attach, gallocy_detach, gallocy_malloc, gallocy_ping, gall
 const ROUNDS: usize = 20_000;
 const FAULT_PAGES: usize = 2_000;
 const PINGPONG_ROUNDS: u64 = 5_000;
+/// Runs of each peer transport in `--peers`.
+const PEER_RUNS: usize = 3;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p) as usize]
@@ -130,12 +134,146 @@ fn pingpong_odd() {
     gallocy_detach();
 }
 
+/// Read faults, from this process on node 1, on FAULT_PAGES pages a process on node 2
+/// has just written (so their latest copy is there).
+fn remote_read_faults(dir: &Path) -> Vec<Duration> {
+    let node2 = gallocy_real::cluster::app_socket(dir, 2);
+    let mut dirtier = spawn_role("dirtier", Some(&node2), "");
+    let root = root();
+    // SAFETY: words of the root block, shared by the processes of the space.
+    wait_word(unsafe { root.add(0) }, 1);
+    // SAFETY: as above.
+    let first = unsafe { root.add(1).read_volatile() };
+    let mut faults = Vec::with_capacity(FAULT_PAGES);
+    for i in 0..FAULT_PAGES as u64 {
+        let word = (first + i * 4096) as *const u64;
+        let start = Instant::now();
+        // SAFETY: a page of the block the other process published.
+        let value = unsafe { word.read_volatile() };
+        faults.push(start.elapsed());
+        assert_eq!(value, i + 1, "read fault returned stale data");
+    }
+    // SAFETY: a root block word.
+    unsafe { root.add(2).write_volatile(1) };
+    let _ = dirtier.wait();
+    faults
+}
+
+/// PINGPONG_ROUNDS rounds of alternate writes to one page by this process (node 1) and
+/// a process on node 2; the time they took.
+fn write_pingpong(dir: &Path) -> Duration {
+    let node2 = gallocy_real::cluster::app_socket(dir, 2);
+    let root = root();
+    let counter = gallocy_malloc(64) as *mut u64;
+    // SAFETY: a block just allocated in the space, and root block words.
+    unsafe {
+        counter.write_volatile(0);
+        root.add(4).write_volatile(counter as u64);
+        root.add(3).write_volatile(1);
+    }
+    let mut odd = spawn_role("pingpong", Some(&node2), "");
+    let start = Instant::now();
+    for i in 0..PINGPONG_ROUNDS {
+        wait_word(counter, 2 * i);
+        // SAFETY: the shared counter block.
+        unsafe { counter.write_volatile(2 * i + 1) };
+    }
+    wait_word(counter, 2 * PINGPONG_ROUNDS);
+    let elapsed = start.elapsed();
+    let _ = odd.wait();
+    elapsed
+}
+
+/// What TLS costs on the peer links: the remote read fault and the write ping-pong on
+/// a 2-node cluster over TCP on 127.0.0.1, in clear and with TLS, alternating
+/// (PEER_RUNS runs of each, a fresh cluster for each run).
+fn compare_peer_transports() {
+    use gallocy_real::cluster::Transport;
+    let gallocyd = PathBuf::from(env!("CARGO_BIN_EXE_gallocyd"));
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "gallocy peer-link benchmark ({cpus} cpus): 2 nodes over TCP on 127.0.0.1, clear vs TLS"
+    );
+    let mut results: Vec<(Transport, Duration, Duration, Duration)> = Vec::new();
+    for run in 0..PEER_RUNS {
+        for transport in [Transport::PlainTcp, Transport::Tls] {
+            let dir = PathBuf::from(format!("/tmp/gy-bench-{}-{run}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            // A port probed free may be taken before the daemon binds it: try again.
+            let up = (0..3).find_map(|_| {
+                gallocy_real::cluster::up_over(
+                    2,
+                    &dir,
+                    Default::default(),
+                    "warn",
+                    &gallocyd,
+                    transport,
+                )
+                .ok()
+            });
+            up.expect("cluster up over TCP");
+            std::env::set_var("GALLOCY_SOCKET", gallocy_real::cluster::app_socket(&dir, 1));
+            attach("bench");
+            let result = std::panic::catch_unwind(|| {
+                let mut faults = remote_read_faults(&dir);
+                faults.sort_unstable();
+                let pingpong = write_pingpong(&dir);
+                (
+                    percentile(&faults, 0.5),
+                    percentile(&faults, 0.99),
+                    pingpong / (2 * PINGPONG_ROUNDS as u32),
+                )
+            });
+            gallocy_detach();
+            let _ = gallocy_real::cluster::down(&dir);
+            let _ = std::fs::remove_dir_all(&dir);
+            let (median, p99, transfer) = result.unwrap_or_else(|_| std::process::exit(1));
+            println!(
+                "run {run} {:<10} remote read fault median {:>7.2} us  p99 {:>7.2} us   ping-pong {:>6.2} us per transfer",
+                format!("{transport:?}"),
+                median.as_secs_f64() * 1e6,
+                p99.as_secs_f64() * 1e6,
+                transfer.as_secs_f64() * 1e6
+            );
+            results.push((transport, median, p99, transfer));
+        }
+    }
+    let mean = |transport: Transport,
+                pick: fn(&(Transport, Duration, Duration, Duration)) -> Duration| {
+        let picked: Vec<f64> = results
+            .iter()
+            .filter(|r| r.0 == transport)
+            .map(|r| pick(r).as_secs_f64())
+            .collect();
+        picked.iter().sum::<f64>() / picked.len() as f64
+    };
+    for (what, pick) in [
+        (
+            "remote read fault, median",
+            (|r: &(Transport, Duration, Duration, Duration)| r.1) as fn(&_) -> Duration,
+        ),
+        ("remote read fault, p99", |r| r.2),
+        ("write ping-pong, per transfer", |r| r.3),
+    ] {
+        let (plain, tls) = (mean(Transport::PlainTcp, pick), mean(Transport::Tls, pick));
+        println!(
+            "{what:<32} clear {:>7.2} us   TLS {:>7.2} us   TLS/clear {:.2}x (mean of {PEER_RUNS} runs)",
+            plain * 1e6,
+            tls * 1e6,
+            tls / plain
+        );
+    }
+}
+
 fn main() {
     match std::env::var("GALLOCY_BENCH_ROLE").as_deref() {
         Ok("echo") => return echo(&std::env::var("GALLOCY_BENCH_ARG").unwrap()),
         Ok("dirtier") => return dirtier(),
         Ok("pingpong") => return pingpong_odd(),
         _ => {}
+    }
+    if std::env::args().any(|a| a == "--peers") {
+        return compare_peer_transports();
     }
     let dir = PathBuf::from(format!("/tmp/gy-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -214,25 +352,7 @@ fn run(dir: &Path) {
     );
 
     // 3b. Read faults on pages last written on node 2.
-    let node2 = gallocy_real::cluster::app_socket(dir, 2);
-    let mut dirtier = spawn_role("dirtier", Some(&node2), "");
-    let root = root();
-    // SAFETY: words of the root block, shared by the processes of the space.
-    wait_word(unsafe { root.add(0) }, 1);
-    // SAFETY: as above.
-    let first = unsafe { root.add(1).read_volatile() };
-    let mut faults = Vec::with_capacity(FAULT_PAGES);
-    for i in 0..FAULT_PAGES as u64 {
-        let word = (first + i * 4096) as *const u64;
-        let start = Instant::now();
-        // SAFETY: a page of the block the other process published.
-        let value = unsafe { word.read_volatile() };
-        faults.push(start.elapsed());
-        assert_eq!(value, i + 1, "read fault returned stale data");
-    }
-    // SAFETY: a root block word.
-    unsafe { root.add(2).write_volatile(1) };
-    let _ = dirtier.wait();
+    let faults = remote_read_faults(dir);
     let (fault_median, fault_p99) = summarize("read fault, latest copy on another node", faults);
     println!(
         "  ratio to the floor: median {:.2}x, p99 {:.2}x (target <= 4x)",
@@ -241,23 +361,7 @@ fn run(dir: &Path) {
     );
 
     // 4. Write ping-pong between node 1 (this process) and node 2.
-    let counter = gallocy_malloc(64) as *mut u64;
-    // SAFETY: a block just allocated in the space, and root block words.
-    unsafe {
-        counter.write_volatile(0);
-        root.add(4).write_volatile(counter as u64);
-        root.add(3).write_volatile(1);
-    }
-    let mut odd = spawn_role("pingpong", Some(&node2), "");
-    let start = Instant::now();
-    for i in 0..PINGPONG_ROUNDS {
-        wait_word(counter, 2 * i);
-        // SAFETY: the shared counter block.
-        unsafe { counter.write_volatile(2 * i + 1) };
-    }
-    wait_word(counter, 2 * PINGPONG_ROUNDS);
-    let elapsed = start.elapsed();
-    let _ = odd.wait();
+    let elapsed = write_pingpong(dir);
     println!(
         "{:<44} {} rounds in {:.3} s: {:.0} page transfers/s ({:.1} us per transfer)",
         "write ping-pong, two nodes, one page",
