@@ -7,11 +7,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{build_c, describe, e2e_program, finish, temp_dir};
+use common::{build_c, describe, e2e_program, finish, temp_dir, InitDir};
 use gallocy_real::cluster::node_dir;
 use gallocy_real::config::{DaemonConfig, PeerAddr, PeerConfig};
 
@@ -108,40 +108,11 @@ fn start_daemon(namespace: &str, config: &Path, log: &Path) -> Child {
 }
 
 struct Hosts {
-    dir: PathBuf,
+    init: InitDir,
     namespaces: Vec<String>,
 }
 
 impl Hosts {
-    fn socket(&self, node: u64) -> PathBuf {
-        node_dir(&self.dir, node).join("run/app.sock")
-    }
-
-    fn log(&self, node: u64) -> String {
-        std::fs::read_to_string(node_dir(&self.dir, node).join("gallocyd.log")).unwrap_or_default()
-    }
-
-    fn status(&self, node: u64) -> serde_json::Value {
-        gallocy_real::admin::status(&self.socket(node))
-            .unwrap_or_else(|e| panic!("node {node}: {e}\n{}", self.log(node)))
-    }
-
-    fn wait_for(&self, node: u64, what: &str, done: impl Fn(&serde_json::Value) -> bool) {
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            let status = gallocy_real::admin::status(&self.socket(node));
-            if status.as_ref().is_ok_and(&done) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node {node}: {what} not reached within {LIMIT:?}: {status:?}\n{}",
-                self.log(node)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
     /// `program args` in node `node`'s namespace, attached to its daemon.
     fn run_on(&self, node: u64, program: &Path, args: &[&str]) -> Child {
         Command::new("ip")
@@ -223,11 +194,11 @@ fn three_hosts_in_network_namespaces_over_tls() {
         ));
     }
     let cluster = Hosts {
-        dir: dir.clone(),
+        init: InitDir { dir: dir.clone() },
         namespaces: names.clone(),
     };
     for node in 1..=3 {
-        cluster.wait_for(node, "a leader", |s| s["leader"].as_u64().is_some());
+        cluster.wait_for(node, LIMIT, "a leader", |s| s["leader"].as_u64().is_some());
     }
     let started = Instant::now();
     let step = |what: &str| eprintln!("netns: {what} at {:.1} s", started.elapsed().as_secs_f64());
@@ -284,7 +255,7 @@ fn three_hosts_in_network_namespaces_over_tls() {
         &rogue_home.join("gallocyd.log"),
     ));
     for node in [1u64, 3] {
-        cluster.wait_for(node, "the rogue refused", |s| {
+        cluster.wait_for(node, LIMIT, "the rogue refused", |s| {
             s["counters"]["peers_refused"].as_u64() >= Some(refused_before[node as usize - 1] + 2)
         });
         let log = cluster.log(node);
@@ -314,12 +285,12 @@ fn three_hosts_in_network_namespaces_over_tls() {
     // 1 and 2 go on serving; once the link is back it rejoins and serves.
     let link = format!("{tag}a3");
     ip(&["-n", &names[2], "link", "set", &link, "down"]).unwrap();
-    cluster.wait_for(3, "fenced while cut off", |s| s["fenced"] == true);
+    cluster.wait_for(3, LIMIT, "fenced while cut off", |s| s["fenced"] == true);
     step("node 3 cut off and fenced");
     cluster.share(&e2e, 1, 2);
     step("nodes 1 and 2 served while node 3 was cut off");
     ip(&["-n", &names[2], "link", "set", &link, "up"]).unwrap();
-    cluster.wait_for(3, "in contact again", |s| s["fenced"] == false);
+    cluster.wait_for(3, LIMIT, "in contact again", |s| s["fenced"] == false);
     step("node 3's link back: no longer fenced");
     cluster.share(&e2e, 3, 1);
     let out = peterson(&cluster, &peterson_program, 3, 2, "100");
@@ -338,4 +309,11 @@ fn three_hosts_in_network_namespaces_over_tls() {
     }
     drop(daemons);
     let _ = std::fs::remove_dir_all(&root);
+}
+
+impl std::ops::Deref for Hosts {
+    type Target = InitDir;
+    fn deref(&self) -> &InitDir {
+        &self.init
+    }
 }

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{describe, e2e_program, finish, temp_dir};
+use common::{describe, e2e_program, finish, temp_dir, InitDir};
 use gallocy_real::cluster::node_dir;
 use gallocy_real::tls::{member_name, ClusterCa, PeerTls, TlsFiles};
 
@@ -22,7 +22,7 @@ const LIMIT: Duration = Duration::from_secs(60);
 struct InitCluster {
     /// The test's directory (removed on drop), and the cluster's in it.
     root: PathBuf,
-    dir: PathBuf,
+    init: InitDir,
     hosts: Vec<SocketAddr>,
     daemons: Vec<Child>,
 }
@@ -39,35 +39,6 @@ impl Drop for InitCluster {
 }
 
 impl InitCluster {
-    fn socket(&self, node: u64) -> PathBuf {
-        node_dir(&self.dir, node).join("run/app.sock")
-    }
-
-    fn log(&self, node: u64) -> String {
-        std::fs::read_to_string(node_dir(&self.dir, node).join("gallocyd.log")).unwrap_or_default()
-    }
-
-    fn status(&self, node: u64) -> serde_json::Value {
-        gallocy_real::admin::status(&self.socket(node))
-            .unwrap_or_else(|e| panic!("node {node}: {e}\n{}", self.log(node)))
-    }
-
-    fn wait_for(&self, node: u64, what: &str, done: impl Fn(&serde_json::Value) -> bool) {
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            let status = gallocy_real::admin::status(&self.socket(node));
-            if status.as_ref().is_ok_and(&done) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node {node}: {what} not reached within {LIMIT:?}: {status:?}\n{}",
-                self.log(node)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
     fn credentials(&self, node: u64) -> TlsFiles {
         TlsFiles {
             ca: "ca.pem".into(),
@@ -98,7 +69,7 @@ fn start_init_cluster(tag: &str, nodes: u64) -> Option<InitCluster> {
     assert!(init.status.success(), "{}", describe(&init));
     let mut cluster = InitCluster {
         root: dir,
-        dir: out.clone(),
+        init: InitDir { dir: out.clone() },
         hosts,
         daemons: Vec::new(),
     };
@@ -241,7 +212,7 @@ fn tls_peers_serve_and_refuse_strangers_impostors_and_revoked_members() {
         answer.is_empty() || (answer[0] == 21 && answer.len() <= 16),
         "answered a plain hello with {answer:?}"
     );
-    cluster.wait_for(1, "the plain hello refused", |s| {
+    cluster.wait_for(1, LIMIT, "the plain hello refused", |s| {
         s["counters"]["peers_refused"].as_u64() > Some(before)
     });
 
@@ -255,14 +226,14 @@ fn tls_peers_serve_and_refuse_strangers_impostors_and_revoked_members() {
     files.ca = cluster.credentials(1).ca;
     let before = refused_count(&cluster, 1);
     hello_over_tls(node1, &files, 1, 2);
-    cluster.wait_for(1, "the foreign certificate refused", |s| {
+    cluster.wait_for(1, LIMIT, "the foreign certificate refused", |s| {
         s["counters"]["peers_refused"].as_u64() > Some(before)
     });
 
     // 3. Member 3's genuine credentials, claiming to be member 2.
     let before = refused_count(&cluster, 1);
     hello_over_tls(node1, &cluster.credentials(3), 1, 2);
-    cluster.wait_for(1, "the impostor refused", |s| {
+    cluster.wait_for(1, LIMIT, "the impostor refused", |s| {
         s["counters"]["peers_refused"].as_u64() > Some(before)
     });
     let log = cluster.log(1);
@@ -297,15 +268,20 @@ fn tls_peers_serve_and_refuse_strangers_impostors_and_revoked_members() {
         .unwrap();
     assert!(revoke.status.success(), "{}", describe(&revoke));
     for node in 1..=2 {
-        cluster.wait_for(node, "node 3 marked down after its revocation", |s| {
-            s["members"]
-                .as_array()
-                .is_some_and(|m| m.iter().any(|m| m["id"] == 3 && m["status"] == "down"))
-        });
+        cluster.wait_for(
+            node,
+            LIMIT,
+            "node 3 marked down after its revocation",
+            |s| {
+                s["members"]
+                    .as_array()
+                    .is_some_and(|m| m.iter().any(|m| m["id"] == 3 && m["status"] == "down"))
+            },
+        );
     }
     let before = refused_count(&cluster, 1);
     hello_over_tls(node1, &cluster.credentials(3), 1, 3);
-    cluster.wait_for(1, "the revoked member refused", |s| {
+    cluster.wait_for(1, LIMIT, "the revoked member refused", |s| {
         s["counters"]["peers_refused"].as_u64() > Some(before)
     });
     share(&cluster, 2, 1);
@@ -370,4 +346,11 @@ fn cluster_init_refuses_bad_hosts() {
         assert_eq!(mode & 0o077, 0, "{key} is mode {mode:o}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+impl std::ops::Deref for InitCluster {
+    type Target = InitDir;
+    fn deref(&self) -> &InitDir {
+        &self.init
+    }
 }

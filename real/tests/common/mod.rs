@@ -198,6 +198,53 @@ impl Drop for Cluster {
     }
 }
 
+/// Daemons' files in a directory `gallocy cluster init` wrote (node i in
+/// `dir/node<i>`, its application socket in `run/`, its log in `gallocyd.log`).
+#[allow(dead_code)]
+pub struct InitDir {
+    pub dir: PathBuf,
+}
+
+#[allow(dead_code)]
+impl InitDir {
+    pub fn socket(&self, node: u64) -> PathBuf {
+        cluster::node_dir(&self.dir, node).join("run/app.sock")
+    }
+
+    pub fn log(&self, node: u64) -> String {
+        std::fs::read_to_string(cluster::node_dir(&self.dir, node).join("gallocyd.log"))
+            .unwrap_or_default()
+    }
+
+    pub fn status(&self, node: u64) -> serde_json::Value {
+        gallocy_real::admin::status(&self.socket(node))
+            .unwrap_or_else(|e| panic!("node {node}: {e}\n{}", self.log(node)))
+    }
+
+    /// Polls node `node`'s status until `done` holds (every 20 ms, at most `limit`).
+    pub fn wait_for(
+        &self,
+        node: u64,
+        limit: Duration,
+        what: &str,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let status = gallocy_real::admin::status(&self.socket(node));
+            if status.as_ref().is_ok_and(&done) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {node}: {what} not reached within {limit:?}: {status:?}\n{}",
+                self.log(node)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 /// Waits for a child, killing it after `limit`.
 pub fn finish(mut child: Child, limit: Duration) -> Output {
     let deadline = Instant::now() + limit;
