@@ -1690,6 +1690,7 @@ impl Host {
             })
             .map(|(&id, _)| id)
             .collect();
+        let mut reachable = Vec::new();
         for session_id in targets {
             let session = &self.sessions[&session_id];
             if let Phase::Ending { .. } = session.phase {
@@ -1697,17 +1698,31 @@ impl Host {
                 wait.waiting.insert(session_id);
             } else if session.granting.range(first_index..end).next().is_some() {
                 wait.blocked.insert(session_id);
-            } else if let Some(service_token) =
-                self.send_revoke(session_id, first_index, pages, Access::None, 0)
-            {
-                let revoke = self.service_revokes.get_mut(&service_token).expect("sent");
-                revoke.release_token = token;
-                wait.waiting.insert(session_id);
+            } else {
+                reachable.push(session_id);
             }
         }
         let previous = self.release_waits.insert(token, wait);
         assert!(previous.is_none(), "release token {token} reused");
+        for session_id in reachable {
+            self.send_release_revoke(session_id, token);
+        }
         self.release_progress(token);
+    }
+
+    /// Revokes a session's access to release `token`'s run; the release then waits for
+    /// its answer (unless it was never granted anything there).
+    fn send_release_revoke(&mut self, session_id: SessionId, token: u64) {
+        let wait = &self.release_waits[&token];
+        let (first_index, pages) = (wait.first_index, wait.pages);
+        if let Some(service_token) =
+            self.send_revoke(session_id, first_index, pages, Access::None, 0)
+        {
+            let revoke = self.service_revokes.get_mut(&service_token).expect("sent");
+            revoke.release_token = token;
+            let wait = self.release_waits.get_mut(&token).expect("listed");
+            wait.waiting.insert(session_id);
+        }
     }
 
     /// A session's grants of a released run are all applied: its revocation goes out.
@@ -1729,19 +1744,9 @@ impl Host {
             .map(|(&t, _)| t)
             .collect();
         for token in ready {
-            let (first_index, pages) = {
-                let wait = self.release_waits.get_mut(&token).expect("listed");
-                wait.blocked.remove(&session_id);
-                (wait.first_index, wait.pages)
-            };
-            if let Some(service_token) =
-                self.send_revoke(session_id, first_index, pages, Access::None, 0)
-            {
-                let revoke = self.service_revokes.get_mut(&service_token).expect("sent");
-                revoke.release_token = token;
-                let wait = self.release_waits.get_mut(&token).expect("listed");
-                wait.waiting.insert(session_id);
-            }
+            let wait = self.release_waits.get_mut(&token).expect("listed");
+            wait.blocked.remove(&session_id);
+            self.send_release_revoke(session_id, token);
             self.release_progress(token);
         }
     }
