@@ -354,15 +354,17 @@ impl Heap {
             *heap.carving[class].get() = new_span;
             carving = new_span;
         }
-        let header = &mut *(carving as *mut SpanHeader);
-        let end = span_end(header);
+        // Through a raw pointer: other threads, processes or nodes may CAS the span's
+        // `remote` meanwhile, so no `&mut` to the header.
+        let header = carving as *mut SpanHeader;
+        let end = span_end(&*header);
         let mut list = 0u64;
         let mut carved = 0;
         // Carve in address order, link in reverse so the list pops ascending.
         let mut blocks = [0u64; CARVE_BATCH];
-        while carved < CARVE_BATCH && header.bump + block_bytes <= end {
-            blocks[carved] = header.bump;
-            header.bump += block_bytes;
+        while carved < CARVE_BATCH && (*header).bump + block_bytes <= end {
+            blocks[carved] = (*header).bump;
+            (*header).bump += block_bytes;
             carved += 1;
         }
         for &block in blocks[..carved].iter().rev() {
@@ -585,6 +587,30 @@ impl Heap {
             }
         }
         let mut given_chunks = 0;
+        let mut refused = [(0u64, 0u64); MAX_FREE_RUNS];
+        for (slot, &(start, chunks)) in runs.iter().enumerate().filter(|(_, run)| run.0 != 0) {
+            if !source.release(start, chunks) {
+                refused[slot] = (start, chunks);
+            } else {
+                given_chunks += chunks;
+                self.leased_bytes
+                    .fetch_sub(chunks * CHUNK_BYTES, Ordering::Relaxed);
+            }
+        }
+        // Runs that could not go back (leased by another node) stay for reuse.
+        Heap::lock(&self.pool.lock);
+        // SAFETY: under the pool lock.
+        unsafe {
+            let free_runs = &mut *self.pool.free_runs.get();
+            for run in refused.iter().filter(|r| r.0 != 0) {
+                // Another thread may have cached a run meanwhile: any empty slot.
+                if let Some(slot) = free_runs.iter_mut().find(|r| r.0 == 0) {
+                    *slot = *run;
+                    *self.pool.cached_run_chunks.get() += run.1;
+                }
+            }
+        }
+        Heap::unlock(&self.pool.lock);
         let mut give = |start: u64, chunks: u64| {
             if source.release(start, chunks) {
                 given_chunks += chunks;
@@ -592,9 +618,6 @@ impl Heap {
                     .fetch_sub(chunks * CHUNK_BYTES, Ordering::Relaxed);
             }
         };
-        for &(start, chunks) in runs.iter().filter(|run| run.0 != 0) {
-            give(start, chunks);
-        }
         // SAFETY: only this call (once, `gave_back`) touches the table; its first
         // `span_chunks` entries are the chunks just dropped, in address order.
         let dropped = unsafe { &(&*self.pool.exit_chunks.get())[..span_chunks] };
@@ -642,6 +665,9 @@ impl Heap {
                         return 0;
                     }
                     let header = &*(span as *const SpanHeader);
+                    if !span_header_is_sane(header, class) {
+                        return 0;
+                    }
                     let Some(slot) = exit_slot(table, span & !(CHUNK_BYTES - 1), true) else {
                         return 0;
                     };
@@ -694,11 +720,12 @@ impl Heap {
             for class in 0..CLASSES {
                 let mut link: *mut u64 = heap.spans[class].get();
                 while *link != 0 {
-                    let header = &mut *(*link as *mut SpanHeader);
+                    // Through raw pointers: others may CAS the header's `remote`.
+                    let header = *link as *mut SpanHeader;
                     if dropped(table, *link) {
-                        *link = header.next;
+                        *link = (*header).next;
                     } else {
-                        link = &mut header.next;
+                        link = core::ptr::addr_of_mut!((*header).next);
                     }
                 }
                 let carving = heap.carving[class].get();
@@ -734,6 +761,20 @@ impl Heap {
         table[..count].sort_unstable();
         count
     }
+}
+
+/// A span header as this allocator writes it (of `class`, its bump inside the span,
+/// its next span aligned): the exit count divides and follows links only through these.
+fn span_header_is_sane(header: &SpanHeader, class: usize) -> bool {
+    let start = header as *const SpanHeader as u64;
+    header.magic == MAGIC
+        && (header.kind == KIND_SMALL || header.kind == KIND_BIG)
+        && header.class as usize == class
+        && header.block_bytes == CLASS_BYTES[class]
+        && header.data_start == start + HEADER_BYTES
+        && header.data_start <= header.bump
+        && header.bump <= span_end(header)
+        && header.next.is_multiple_of(SPAN_BYTES)
 }
 
 /// Where `chunk` is in the exit table (open addressing): `(slot, true)` if there,

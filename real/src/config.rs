@@ -155,6 +155,11 @@ impl DaemonConfig {
         if let PeerAddr::Unix(listen) = &config.listen {
             config.listen = PeerAddr::Unix(dir.join(listen));
         }
+        for peer in &mut config.peers {
+            if let PeerAddr::Unix(path) = &peer.addr {
+                peer.addr = PeerAddr::Unix(dir.join(path));
+            }
+        }
         config.tls = config.tls.map(|tls| tls.resolved(dir));
         config
             .validate()

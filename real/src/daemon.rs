@@ -115,6 +115,10 @@ impl PeerStream {
     fn wants_write(&self) -> bool {
         matches!(self, PeerStream::Tls(s) if s.wants_write())
     }
+    /// The TLS handshake is not done yet.
+    fn handshaking(&self) -> bool {
+        matches!(self, PeerStream::Tls(s) if s.handshaking())
+    }
 }
 
 enum PeerListener {
@@ -671,9 +675,27 @@ impl Daemon {
                 .filter(|c| matches!(c, Conn::Peer(p) if !p.outbound))
                 .count();
             if inbound >= self.config.peers.len() + MAX_INBOUND_PEERS_EXTRA {
+                // Full: the oldest connection that has not said hello makes room (so
+                // silent connections cannot keep members out), else this one is refused.
+                let oldest_silent = self
+                    .conns
+                    .iter()
+                    .filter_map(|(&t, c)| match c {
+                        Conn::Peer(p) if !p.outbound && !p.hello_received => Some((p.opened, t)),
+                        _ => None,
+                    })
+                    .min();
                 self.counters.peers_refused += 1;
-                warn!(from = %remote, "refused a peer connection: too many inbound connections");
-                continue;
+                match oldest_silent {
+                    Some((_, silent)) => {
+                        warn!(from = %remote, "too many inbound peer connections: closing the oldest that said no hello");
+                        self.close(silent, "room for a new connection");
+                    }
+                    None => {
+                        warn!(from = %remote, "refused a peer connection: too many inbound connections");
+                        continue;
+                    }
+                }
             }
             let token = self.new_token();
             if self
@@ -736,14 +758,16 @@ impl Daemon {
             .conns
             .iter()
             .filter(|(_, c)| {
-                matches!(c, Conn::Peer(p) if !p.hello_received && p.opened.elapsed() > PEER_HELLO_TIMEOUT)
+                matches!(c, Conn::Peer(p)
+                    if (!p.hello_received || p.stream.handshaking())
+                        && p.opened.elapsed() > PEER_HELLO_TIMEOUT)
             })
             .map(|(&t, _)| t)
             .collect();
         for token in silent {
             self.counters.peers_refused += 1;
             if let Some(Conn::Peer(peer)) = self.conns.get(&token) {
-                warn!(from = %peer.remote, "closing a peer connection that sent no hello");
+                warn!(from = %peer.remote, "closing a peer connection: no hello or TLS handshake in time");
             }
             self.close(token, "no hello in time");
         }
@@ -765,7 +789,14 @@ impl Daemon {
     fn connect_peer(&mut self, peer: NodeId, now: Instant) {
         let outbound = self.outbound.get_mut(&peer).expect("listed");
         let stream = match &outbound.addr {
-            PeerAddr::Unix(path) => UnixStream::connect(path).map(PeerStream::Unix),
+            PeerAddr::Unix(path) => match check_private_socket_dir(path) {
+                Ok(()) => UnixStream::connect(path).map(PeerStream::Unix),
+                Err(why) => {
+                    warn!(peer, "not connecting: {why}");
+                    outbound.back_off(now);
+                    return;
+                }
+            },
             PeerAddr::Tcp(addr) => TcpStream::connect(*addr).map(|s| {
                 let _ = s.set_nodelay(true);
                 PeerStream::Tcp(s)
@@ -942,8 +973,9 @@ impl Daemon {
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    // A handshake message may wait for the socket.
-                    if conn.stream.wants_write() {
+                    // A handshake message may wait for the socket, and a handshake
+                    // just finished lets the frames held back go.
+                    if conn.stream.wants_write() || !conn.outbuf.is_empty() {
                         self.flush(token);
                     }
                     return;
@@ -1143,7 +1175,11 @@ impl Daemon {
                     result = stream.push().map_err(|e| e.to_string());
                 }
                 if result.is_ok() {
-                    let interest = if conn.outbuf.is_empty() && !conn.stream.wants_write() {
+                    // While TLS handshakes it takes no more plaintext: waiting for the
+                    // socket to be writable then would spin; the handshake goes on
+                    // when the peer answers (readable).
+                    let more = !conn.outbuf.is_empty() && !conn.stream.handshaking();
+                    let interest = if !more && !conn.stream.wants_write() {
                         Interest::READABLE
                     } else {
                         Interest::READABLE | Interest::WRITABLE
@@ -1152,7 +1188,8 @@ impl Daemon {
                         .poll
                         .registry()
                         .reregister(conn.stream.source(), token, interest);
-                    if conn.outbound && conn.outbuf.is_empty() {
+                    // A link that carried everything, handshake done: it works.
+                    if conn.outbound && conn.outbuf.is_empty() && !conn.stream.handshaking() {
                         if let Some(id) = conn.peer {
                             if let Some(o) = self.outbound.get_mut(&id) {
                                 o.backoff = RECONNECT_MIN;
@@ -1323,41 +1360,52 @@ fn maps_inode(pid: i32, inode: u64) -> Option<bool> {
 
 /// Writes as much of `outbuf` as the socket takes now; an error if it is closed.
 /// Unix-socket peers are not authenticated: whoever can reach the socket is a member.
-/// So the directories of this node's peer socket and of every peer socket it connects
-/// to must be reachable by this user only (and owned by it).
+/// So the directory of this node's peer socket (made private if missing) and that of
+/// every peer socket must be reachable by this user only, and owned by it. Peers'
+/// directories are checked again before every connection (one made later by someone
+/// else is refused then).
 fn check_private_peer_dirs(config: &DaemonConfig) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt;
-    let uid = rustix::process::geteuid().as_raw();
-    let listen = std::iter::once(&config.listen);
-    let peers = config.peers.iter().map(|p| &p.addr);
-    for addr in listen.chain(peers) {
-        let PeerAddr::Unix(path) = addr else {
-            continue;
-        };
-        let dir = match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir,
-            _ => Path::new("."),
-        };
-        if addr == &config.listen && !dir.exists() {
+    if let PeerAddr::Unix(path) = &config.listen {
+        let dir = socket_dir(path);
+        if !dir.exists() {
             crate::cluster::create_private_dir(dir)?;
         }
-        let meta = match std::fs::metadata(dir) {
-            Ok(meta) => meta,
-            // A peer's directory not made yet: its daemon checks it when it starts.
-            Err(_) if addr != &config.listen => continue,
-            Err(e) => return Err(format!("peer socket directory {}: {e}", dir.display())),
-        };
-        let mode = meta.mode() & 0o777;
-        if mode & 0o077 != 0 || meta.uid() != uid {
-            return Err(format!(
-                "the directory of peer socket {} is mode {mode:o}, owned by uid {}: Unix-socket \
-                 peers are trusted because only this user (uid {uid}) can reach them, so it \
-                 must be this user's and mode 700 (chmod 700 {}), or use TCP peers with TLS",
-                path.display(),
-                meta.uid(),
-                dir.display()
-            ));
+        check_private_socket_dir(path)?;
+    }
+    for peer in &config.peers {
+        if let PeerAddr::Unix(path) = &peer.addr {
+            if socket_dir(path).exists() {
+                check_private_socket_dir(path)?;
+            }
         }
+    }
+    Ok(())
+}
+
+fn socket_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
+/// The directory of Unix socket `path` is this user's and mode 700 (see above).
+fn check_private_socket_dir(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = rustix::process::geteuid().as_raw();
+    let dir = socket_dir(path);
+    let meta = std::fs::metadata(dir)
+        .map_err(|e| format!("peer socket directory {}: {e}", dir.display()))?;
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 || meta.uid() != uid {
+        return Err(format!(
+            "the directory of peer socket {} is mode {mode:o}, owned by uid {}: Unix-socket \
+             peers are trusted because only this user (uid {uid}) can reach them, so it \
+             must be this user's and mode 700 (chmod 700 {}), or use TCP peers with TLS",
+            path.display(),
+            meta.uid(),
+            dir.display()
+        ));
     }
     Ok(())
 }

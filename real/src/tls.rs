@@ -65,42 +65,60 @@ pub fn cert_names_member(cert: &CertificateDer<'_>, node: u64) -> bool {
     end_entity.verify_is_valid_for_subject_name(&name).is_ok()
 }
 
-fn crl_mtime(files: &TlsFiles) -> Option<SystemTime> {
-    let crl = files.crl.as_ref()?;
-    std::fs::metadata(crl).and_then(|m| m.modified()).ok()
+/// The CRL file's bytes; None when there is none.
+fn crl_bytes(files: &TlsFiles) -> Option<Vec<u8>> {
+    std::fs::read(files.crl.as_ref()?).ok()
 }
 
 /// The TLS configurations of a daemon's peer links, rebuilt when the CRL changes.
 pub struct PeerTls {
     files: TlsFiles,
-    crl_modified: Option<SystemTime>,
+    /// The CRL in force (None: none yet), and the last content that failed to load.
+    crl_loaded: Option<Vec<u8>>,
+    crl_failed: Option<Vec<u8>>,
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
 }
 
 impl PeerTls {
     pub fn load(files: &TlsFiles) -> Result<PeerTls, String> {
-        let (server, client) = build_configs(files)?;
+        let crl = crl_bytes(files);
+        let (server, client) = build_configs(files, crl.as_deref())?;
         Ok(PeerTls {
             files: files.clone(),
-            crl_modified: crl_mtime(files),
+            crl_loaded: crl,
+            crl_failed: None,
             server,
             client,
         })
     }
 
-    /// Reads the CRL again if its file changed; a bad new CRL keeps the old
-    /// configuration (the caller reports it).
+    /// Reads the CRL again if its content changed. Fails closed: a CRL that does not
+    /// load, or one that disappeared, keeps the configuration in force (reported once
+    /// per content; tried again when it changes).
     pub fn refresh(&mut self) -> Result<bool, String> {
-        let modified = crl_mtime(&self.files);
-        if modified == self.crl_modified {
+        let crl = crl_bytes(&self.files);
+        if crl == self.crl_loaded || (crl.is_some() && crl == self.crl_failed) {
             return Ok(false);
         }
-        self.crl_modified = modified;
-        let (server, client) = build_configs(&self.files)?;
-        self.server = server;
-        self.client = client;
-        Ok(true)
+        let Some(bytes) = crl else {
+            self.crl_failed = None;
+            self.crl_loaded = None;
+            return Err("the CRL file is gone; the revocations loaded stay in force".into());
+        };
+        match build_configs(&self.files, Some(&bytes)) {
+            Ok((server, client)) => {
+                self.server = server;
+                self.client = client;
+                self.crl_loaded = Some(bytes);
+                self.crl_failed = None;
+                Ok(true)
+            }
+            Err(why) => {
+                self.crl_failed = Some(bytes);
+                Err(why)
+            }
+        }
     }
 
     /// The client side's configuration (tests make their own connections with it).
@@ -132,7 +150,12 @@ fn read_error(path: &Path, e: impl std::fmt::Display) -> String {
     format!("cannot read {}: {e}", path.display())
 }
 
-fn build_configs(files: &TlsFiles) -> Result<(Arc<ServerConfig>, Arc<ClientConfig>), String> {
+/// The server and client configurations from `files`, with `crl` (the CRL file's
+/// content, if there is one) as the revocations.
+fn build_configs(
+    files: &TlsFiles,
+    crl: Option<&[u8]>,
+) -> Result<(Arc<ServerConfig>, Arc<ClientConfig>), String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
     for ca in CertificateDer::pem_file_iter(&files.ca).map_err(|e| read_error(&files.ca, e))? {
@@ -150,12 +173,20 @@ fn build_configs(files: &TlsFiles) -> Result<(Arc<ServerConfig>, Arc<ClientConfi
         .collect::<Result<_, _>>()
         .map_err(|e| read_error(&files.cert, e))?;
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| read_error(&files.key, e))?;
-    let crls: Vec<CertificateRevocationListDer<'static>> = match &files.crl {
-        Some(crl) if crl.exists() => CertificateRevocationListDer::pem_file_iter(crl)
-            .map_err(|e| read_error(crl, e))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| read_error(crl, e))?,
-        _ => Vec::new(),
+    let crls: Vec<CertificateRevocationListDer<'static>> = match crl {
+        Some(bytes) => {
+            let path = files.crl.as_deref().unwrap_or(Path::new("crl"));
+            let crls: Vec<_> = CertificateRevocationListDer::pem_slice_iter(bytes)
+                .collect::<Result<_, _>>()
+                .map_err(|e| read_error(path, e))?;
+            // A file caught half-copied, or of the wrong kind, must not read as "no
+            // revocations".
+            if crls.is_empty() {
+                return Err(format!("{}: no CRL in the file", path.display()));
+            }
+            crls
+        }
+        None => Vec::new(),
     };
     let client_verifier =
         WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
@@ -241,6 +272,10 @@ impl TlsStream {
     /// Records are waiting for the socket.
     pub fn wants_write(&self) -> bool {
         self.conn.wants_write()
+    }
+
+    pub fn handshaking(&self) -> bool {
+        self.conn.is_handshaking()
     }
 
     /// The certificate the peer presented (after the handshake).
@@ -447,4 +482,88 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_crl_that_does_not_load_or_disappears_keeps_the_revocations_in_force() {
+        let dir = std::env::temp_dir().join(format!("gy-tls-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ca = ClusterCa::create(&dir.join("ca")).unwrap();
+        let home = dir.join("node1");
+        let files = ca.issue(1, &home).unwrap().resolved(&home);
+        ca.issue(2, &dir.join("node2")).unwrap();
+        let mut tls = PeerTls::load(&files).unwrap();
+        assert_eq!(tls.refresh(), Ok(false), "no CRL yet, nothing changed");
+        let crl = files.crl.clone().unwrap();
+        // Half a copy, or a file of the wrong kind: refused once, then quiet.
+        std::fs::write(&crl, "-----BEGIN X509 CRL-----\n").unwrap();
+        assert!(tls.refresh().is_err());
+        assert_eq!(tls.refresh(), Ok(false));
+        std::fs::write(&crl, "").unwrap();
+        assert!(tls.refresh().unwrap_err().contains("no CRL in the file"));
+        // The real one loads.
+        std::fs::write(&crl, ca.revoke(2).unwrap()).unwrap();
+        assert_eq!(tls.refresh(), Ok(true));
+        assert_eq!(tls.refresh(), Ok(false));
+        // Gone: reported, the loaded revocations stay.
+        std::fs::remove_file(&crl).unwrap();
+        assert!(tls.refresh().unwrap_err().contains("stay in force"));
+        assert_eq!(tls.refresh(), Ok(false));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn certificates_name_their_member_only() {
+        let dir = std::env::temp_dir().join(format!("gy-tls-names-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ca = ClusterCa::create(&dir.join("ca")).unwrap();
+        let files = ca
+            .issue(7, &dir.join("node7"))
+            .unwrap()
+            .resolved(&dir.join("node7"));
+        let cert = CertificateDer::pem_file_iter(&files.cert)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        assert!(cert_names_member(&cert, 7));
+        assert!(!cert_names_member(&cert, 1));
+        assert!(!cert_names_member(&cert, 77));
+        // A CA re-made from its key (`open`) issues certificates that verify against
+        // the CA certificate first written.
+        let reopened = ClusterCa::open(&dir.join("ca")).unwrap();
+        let again = reopened
+            .issue(8, &dir.join("node8"))
+            .unwrap()
+            .resolved(&dir.join("node8"));
+        let cert8 = CertificateDer::pem_file_iter(&again.cert)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        let mut roots = RootCertStore::empty();
+        for ca in CertificateDer::pem_file_iter(dir.join("ca").join(CA_CERT_FILE)).unwrap() {
+            roots.add(ca.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .unwrap();
+        let name = ServerName::try_from(member_name(8)).unwrap();
+        let now = rustls::pki_types::UnixTime::now();
+        rustls::client::danger::ServerCertVerifier::verify_server_cert(
+            verifier.as_ref(),
+            &cert8,
+            &[],
+            &name,
+            &[],
+            now,
+        )
+        .expect("a certificate from the re-opened CA verifies against ca.pem");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -382,6 +382,15 @@ extern "C" fn init() {
     if rc == 0 && runtime::chunk_size() == CHUNK_BYTES {
         HEAP.set_process_token(((runtime::node_id() as u64) << 32) | runtime::session());
         MODE.store(MODE_ATTACHED, Ordering::Release);
+        // SAFETY: registering a handler that only uses statics and raw system calls;
+        // one of the first registrations, so glibc's static block holds it (no malloc).
+        unsafe {
+            __cxa_atexit(
+                give_back_at_exit,
+                core::ptr::null_mut(),
+                core::ptr::null_mut(),
+            )
+        };
         return;
     }
     if rc == 0 {
@@ -453,28 +462,37 @@ pub(crate) fn attached() -> bool {
 #[link_section = ".init_array"]
 static INIT: extern "C" fn() = init;
 
-/// At exit (after the program's own destructors: this library was initialised before
-/// the executable, so it is finalised after it), the chunks holding no live block go
-/// back to the cluster: the space may outlive this process (others attached, or
-/// persistent). A process killed by a signal, or one that ends with `_exit` or `exec`,
-/// skips this; its chunks stay leased until the space ends.
-extern "C" fn fini() {
+extern "C" {
+    /// glibc's: registers `func(arg)` to run at `exit`; `dso` NULL ties it to no
+    /// library (`atexit` would tie it to this one, and our own finalisation would run
+    /// it early).
+    fn __cxa_atexit(func: extern "C" fn(*mut c_void), arg: *mut c_void, dso: *mut c_void) -> c_int;
+}
+
+/// At exit, the chunks holding no live block go back to the cluster: the space may
+/// outlive this process (others attached, or persistent). Registered by `init`, which
+/// runs before `__libc_start_main` registers the dynamic linker's finalisation, so it
+/// runs after that: after the destructors of the program and of every library. A
+/// process killed by a signal, or one that ends with `_exit` or `exec`, skips this; its
+/// chunks stay leased until the space ends.
+extern "C" fn give_back_at_exit(_: *mut c_void) {
     if !attached() {
         return;
     }
     let state = thread_state();
-    // SAFETY: this thread's own state; marked inside the allocator, as the release
-    // calls below must not be re-entered from a signal handler's malloc.
+    // SAFETY: this thread's own state.
     unsafe {
         let heap_index = (*state)[0];
         let nested = (*state)[1];
+        if nested != 0 {
+            // `exit` from a signal handler that interrupted this thread's malloc: the
+            // heap's locks may be held below us. Give nothing back rather than hang.
+            return;
+        }
+        // Marked inside the allocator while the release calls run.
         (*state)[1] = 1;
         let own = heap_index.checked_sub(1).map(|index| index as usize);
         HEAP.give_back_at_exit(own, &DaemonChunks);
-        (*state)[1] = nested;
+        (*state)[1] = 0;
     }
 }
-
-#[used]
-#[link_section = ".fini_array"]
-static FINI: extern "C" fn() = fini;
