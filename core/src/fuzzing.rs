@@ -201,7 +201,7 @@ impl Harness {
         let mut name = [0u8; IPC_NAME_BYTES];
         name[..3].copy_from_slice(b"fz0");
         name[2] = b'0' + r.u8() % 3;
-        match r.u8() % 14 {
+        match r.u8() % 15 {
             0 => {
                 let flags = r.u8();
                 IpcMessage::Hello {
@@ -248,6 +248,7 @@ impl Harness {
             },
             11 => IpcMessage::Status,
             12 => IpcMessage::Detach,
+            13 => IpcMessage::Unpersist { name },
             _ => IpcMessage::ReleaseChunks {
                 addr: r.addr(),
                 count: r.number() as u32,
@@ -383,7 +384,7 @@ impl Harness {
             } else {
                 from
             };
-            let command = match r.u8() % 7 {
+            let command = match r.u8() % 8 {
                 0 => Command::LeaseChunks {
                     space: r.u8() as u32 % 3,
                     node: r.u8() as u64 % 4,
@@ -405,6 +406,7 @@ impl Harness {
                     space: r.u8() as u32 % 3,
                     first_chunk: r.u8() as u64 % 8,
                 },
+                6 => Command::Unpersist { name: "fz".into() },
                 _ => Command::CreateSpace {
                     name: "fz".into(),
                     base_addr: SPACE_BASE_ADDR,

@@ -1001,6 +1001,15 @@ impl Host {
             (Some(_), IpcMessage::Status) => {
                 self.actions.push(HostAction::Status { conn, request_id })
             }
+            (Some(Role::Admin), IpcMessage::Unpersist { name }) => {
+                let Ok(name) = std::str::from_utf8(name_from_field(&name)) else {
+                    return self.send_app(conn, request_id, refusal(ErrorCode::InvalidArgument));
+                };
+                let request = AppRequest::Unpersist {
+                    name: name.to_string(),
+                };
+                self.submit(Pending::Request { conn, request_id }, request);
+            }
             (Some(_), IpcMessage::RevokeDone { token }) => {
                 // Only the session the revocation went to may answer it.
                 let sent_to = self.service_revokes.get(&token).map(|r| r.session);
@@ -1603,6 +1612,7 @@ impl Host {
                     AppReply::Leased { addr, size_bytes } => {
                         IpcMessage::Leased { addr, size_bytes }
                     }
+                    AppReply::Unpersisted { destroyed } => IpcMessage::Unpersisted { destroyed },
                     AppReply::Error(e) => error_message(e),
                     AppReply::Granted { .. } | AppReply::Space(_) | AppReply::Detached { .. } => {
                         refusal(ErrorCode::Internal)

@@ -171,6 +171,11 @@ pub enum IpcMessage {
     /// JSON on the same connection.
     Status,
     Detach,
+    /// Administrative: the space named `name` is no longer kept when its last process
+    /// has gone; it ends then (at once if none is attached). Answer: `Unpersisted`.
+    Unpersist {
+        name: [u8; IPC_NAME_BYTES],
+    },
     // Daemon → application.
     Welcome {
         session: u64,
@@ -199,6 +204,10 @@ pub enum IpcMessage {
     StatsReply(IpcStats),
     StatusReply {
         len_bytes: u32,
+    },
+    /// `destroyed`: no process was attached, and the space is gone.
+    Unpersisted {
+        destroyed: bool,
     },
     /// To the service thread: lower access to `[addr, addr+len)` to `access`
     /// (0 none, 1 read), then answer `RevokeDone { token }`.
@@ -236,6 +245,7 @@ const KIND_DETACH: u8 = 9;
 const KIND_GRANT_APPLIED: u8 = 10;
 const KIND_STATUS: u8 = 11;
 const KIND_RELEASE: u8 = 12;
+const KIND_UNPERSIST: u8 = 13;
 const KIND_WELCOME: u8 = 65;
 const KIND_ALLOCATED: u8 = 66;
 const KIND_FREED: u8 = 67;
@@ -245,6 +255,7 @@ const KIND_PONG: u8 = 70;
 const KIND_STATS_REPLY: u8 = 71;
 const KIND_REVOKE: u8 = 72;
 const KIND_STATUS_REPLY: u8 = 73;
+const KIND_UNPERSISTED: u8 = 74;
 const KIND_ERROR: u8 = 0xff;
 
 struct Out<'a> {
@@ -316,6 +327,8 @@ impl IpcMessage {
             IpcMessage::GrantApplied { .. } => KIND_GRANT_APPLIED,
             IpcMessage::Status => KIND_STATUS,
             IpcMessage::StatusReply { .. } => KIND_STATUS_REPLY,
+            IpcMessage::Unpersist { .. } => KIND_UNPERSIST,
+            IpcMessage::Unpersisted { .. } => KIND_UNPERSISTED,
             IpcMessage::Welcome { .. } => KIND_WELCOME,
             IpcMessage::Allocated { .. } => KIND_ALLOCATED,
             IpcMessage::Freed => KIND_FREED,
@@ -375,6 +388,8 @@ impl IpcMessage {
                 out.u32(pages);
             }
             IpcMessage::StatusReply { len_bytes } => out.u32(len_bytes),
+            IpcMessage::Unpersist { name } => out.bytes(&name),
+            IpcMessage::Unpersisted { destroyed } => out.u8(destroyed as u8),
             IpcMessage::Freed | IpcMessage::Pong => {}
             IpcMessage::RevokeDone { token } => out.u64(token),
             IpcMessage::Welcome {
@@ -508,6 +523,18 @@ impl IpcMessage {
             },
             KIND_STATUS => IpcMessage::Status,
             KIND_STATUS_REPLY => IpcMessage::StatusReply { len_bytes: r.u32() },
+            KIND_UNPERSIST => {
+                let mut name = [0u8; IPC_NAME_BYTES];
+                name.copy_from_slice(&frame[r.offset..r.offset + IPC_NAME_BYTES]);
+                IpcMessage::Unpersist { name }
+            }
+            KIND_UNPERSISTED => IpcMessage::Unpersisted {
+                destroyed: match r.u8() {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(IpcDecodeError::Invalid),
+                },
+            },
             KIND_WELCOME => IpcMessage::Welcome {
                 session: r.u64(),
                 space: r.u32(),

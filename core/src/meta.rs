@@ -57,6 +57,9 @@ pub enum Command {
     /// `node` stopped answering: its leases stay (nothing is reused), its page copies
     /// are void, and pages only it held are lost. It leaves every attach set.
     MarkDown { node: NodeId },
+    /// The space named `name` is kept no longer: it ends when its attach set is empty,
+    /// at once if it is (an administrator's `gallocy space unpersist`).
+    Unpersist { name: String },
 }
 
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -95,6 +98,11 @@ pub enum Outcome {
         freed: bool,
     },
     MarkedDown(NodeId),
+    /// `space`: None if no space has that name; `destroyed` if it ended at once.
+    Unpersisted {
+        space: Option<SpaceId>,
+        destroyed: bool,
+    },
     /// A stale duplicate beyond the dedupe window: not executed again.
     Stale,
 }
@@ -407,6 +415,23 @@ impl MetaState {
                 space: *space,
                 destroyed: self.leave(*space, proposal.origin),
             },
+            Command::Unpersist { name } => {
+                let Some(space) = self.space_ids_by_name.get(name).copied() else {
+                    return Outcome::Unpersisted {
+                        space: None,
+                        destroyed: false,
+                    };
+                };
+                self.persistent.remove(&space);
+                let unattached = self.attached.get(&space).is_none_or(|set| set.is_empty());
+                if unattached {
+                    self.destroy(space);
+                }
+                Outcome::Unpersisted {
+                    space: Some(space),
+                    destroyed: unattached,
+                }
+            }
             Command::LeaseChunks { space, node, count } => {
                 let Some(layout) = self.spaces.get(space) else {
                     return Outcome::LeaseRejected("unknown space");
@@ -518,6 +543,7 @@ const CMD_ATTACH: u8 = 4;
 const CMD_DETACH: u8 = 5;
 const CMD_RELEASE_CHUNKS: u8 = 6;
 const CMD_RELEASE_DONE: u8 = 7;
+const CMD_UNPERSIST: u8 = 8;
 const ENTRY_VERSION: u8 = 2;
 
 impl Proposal {
@@ -579,6 +605,10 @@ impl Proposal {
                 w.u8(CMD_MARK_DOWN);
                 w.u64(*node);
             }
+            Command::Unpersist { name } => {
+                w.u8(CMD_UNPERSIST);
+                w.blob(name.as_bytes());
+            }
         }
         w.bytes
     }
@@ -621,6 +651,9 @@ impl Proposal {
                 count: r.u32()?,
             },
             CMD_MARK_DOWN => Command::MarkDown { node: r.u64()? },
+            CMD_UNPERSIST => Command::Unpersist {
+                name: space_name(&mut r)?,
+            },
             other => return Err(DecodeError::UnknownKind(other)),
         };
         r.finish()?;

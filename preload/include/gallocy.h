@@ -22,7 +22,8 @@ extern "C" {
 /* Join (or create) the space named `space` on the daemon at $GALLOCY_SOCKET; map it at
  * its fixed address. 0 or a negative errno; gallocy_last_error() says why. A space is
  * destroyed, with its contents, when its last process on every node has gone, unless
- * the process that created it had GALLOCY_PERSISTENT=1 in its environment. */
+ * the process that created it had GALLOCY_PERSISTENT=1 in its environment (then it
+ * stays until `gallocy space unpersist NAME`, and ends with its last process after). */
 int gallocy_attach(const char *space);
 /* Like gallocy_attach, but fails with -ENOENT if the space does not exist. */
 int gallocy_attach_existing(const char *space);

@@ -58,6 +58,7 @@ fn message() -> impl Strategy<Value = IpcMessage> {
             .prop_map(|(page_addr, pages)| IpcMessage::GrantApplied { page_addr, pages }),
         Just(IpcMessage::Status),
         Just(IpcMessage::Detach),
+        any::<[u8; IPC_NAME_BYTES]>().prop_map(|name| IpcMessage::Unpersist { name }),
     ];
     let b = prop_oneof![
         (any::<[u64; 6]>(), any::<u32>(), any::<u32>()).prop_map(|(w, space, node)| {
@@ -96,6 +97,7 @@ fn message() -> impl Strategy<Value = IpcMessage> {
             })
         }),
         any::<u32>().prop_map(|len_bytes| IpcMessage::StatusReply { len_bytes }),
+        any::<bool>().prop_map(|destroyed| IpcMessage::Unpersisted { destroyed }),
         (any::<u64>(), any::<u64>(), 0u8..=1, any::<u64>()).prop_map(
             |(addr, len, access, token)| IpcMessage::Revoke {
                 addr,

@@ -92,6 +92,8 @@ fn command(overlong_names: bool) -> impl Strategy<Value = Command> {
         2 => prop::sample::select(vec!["a", "b", "c", "e"])
             .prop_map(|name| Command::Attach { name: name.to_string() }),
         3 => (0u32..=6).prop_map(|space| Command::Detach { space }),
+        1 => prop::sample::select(vec!["a", "b", "c", "e"])
+            .prop_map(|name| Command::Unpersist { name: name.to_string() }),
     ]
 }
 
@@ -559,6 +561,44 @@ fn check_fresh(
             let gone = check_destroyed(before, state, proposal.origin, owners)?;
             prop_assert_eq!(*destroyed, gone == vec![*space], "destroyed {:?}", gone);
             prop_assert!(gone.len() <= 1, "one detach destroyed {:?}", gone);
+        }
+        (Command::Unpersist { name }, Outcome::Unpersisted { space, destroyed }) => {
+            prop_assert_eq!(
+                *space,
+                before.names.get(name).copied(),
+                "unpersisted the wrong space"
+            );
+            if let Some(id) = space {
+                prop_assert!(!state.persistent.contains(id), "still persistent");
+                let attached = before.attached.get(id).is_some_and(|set| !set.is_empty());
+                prop_assert_eq!(
+                    *destroyed,
+                    !attached,
+                    "destroyed {} with attach set {:?}",
+                    destroyed,
+                    before.attached.get(id)
+                );
+                prop_assert_eq!(state.spaces.contains_key(id), attached);
+                if *destroyed {
+                    prop_assert!(
+                        !state.chunks.keys().any(|&(s, _)| s == *id),
+                        "destroyed space kept chunks"
+                    );
+                    owners.retain(|&(s, _), _| s != *id);
+                }
+            } else {
+                prop_assert!(!destroyed);
+                prop_assert_eq!(&state.spaces, &before.spaces);
+            }
+            let others: Vec<_> = before
+                .spaces
+                .keys()
+                .filter(|k| Some(**k) != *space)
+                .collect();
+            prop_assert!(
+                others.iter().all(|k| state.spaces.contains_key(k)),
+                "unpersist destroyed another space"
+            );
         }
         (command, outcome) => {
             return Err(TestCaseError::fail(format!(

@@ -191,6 +191,7 @@ fn command() -> impl Strategy<Value = Command> {
         (any::<u32>(), any::<u64>(), any::<u32>())
             .prop_map(|(space, node, count)| Command::LeaseChunks { space, node, count }),
         any::<u64>().prop_map(|node| Command::MarkDown { node }),
+        space_name().prop_map(|name| Command::Unpersist { name }),
     ]
 }
 

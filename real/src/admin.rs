@@ -1,5 +1,5 @@
-//! The administrative client: asks a daemon for its status over its application
-//! socket (an `Admin` connection).
+//! The administrative client: asks a daemon for its status, or to stop keeping a
+//! persistent space, over its application socket (an `Admin` connection).
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -24,8 +24,8 @@ fn roundtrip(stream: &mut UnixStream, message: IpcMessage) -> Result<IpcMessage,
     }
 }
 
-/// The daemon's status document (see `Daemon::status_json`).
-pub fn status(socket: &Path) -> Result<serde_json::Value, String> {
+/// An administrative connection to the daemon at `socket`, said hello on.
+fn connect_admin(socket: &Path, timeout: Duration) -> Result<UnixStream, String> {
     let mut stream = UnixStream::connect(socket).map_err(|e| {
         format!(
             "no daemon at {}: {e} (is gallocyd running?)",
@@ -33,7 +33,7 @@ pub fn status(socket: &Path) -> Result<serde_json::Value, String> {
         )
     })?;
     stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
+        .set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
     roundtrip(
         &mut stream,
@@ -46,6 +46,29 @@ pub fn status(socket: &Path) -> Result<serde_json::Value, String> {
             name: [0u8; IPC_NAME_BYTES],
         },
     )?;
+    Ok(stream)
+}
+
+/// Stops keeping the space named `name` (created with `GALLOCY_PERSISTENT=1`): it ends
+/// when its last process has gone, at once if none is attached. Returns whether it
+/// ended at once.
+pub fn unpersist(socket: &Path, name: &str) -> Result<bool, String> {
+    if name.is_empty() || name.len() > IPC_NAME_BYTES {
+        return Err(format!("a space name has 1 to {IPC_NAME_BYTES} bytes"));
+    }
+    // One Raft commit: allow for an election.
+    let mut stream = connect_admin(socket, Duration::from_secs(30))?;
+    let mut field = [0u8; IPC_NAME_BYTES];
+    field[..name.len()].copy_from_slice(name.as_bytes());
+    match roundtrip(&mut stream, IpcMessage::Unpersist { name: field })? {
+        IpcMessage::Unpersisted { destroyed } => Ok(destroyed),
+        _ => Err("unexpected reply to unpersist".into()),
+    }
+}
+
+/// The daemon's status document (see `Daemon::status_json`).
+pub fn status(socket: &Path) -> Result<serde_json::Value, String> {
+    let mut stream = connect_admin(socket, Duration::from_secs(5))?;
     let IpcMessage::StatusReply { len_bytes } = roundtrip(&mut stream, IpcMessage::Status)? else {
         return Err("unexpected reply to a status request".into());
     };

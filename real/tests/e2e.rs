@@ -68,25 +68,13 @@ fn a_space_ends_with_its_last_process_unless_persistent() {
     for round in 0..20u64 {
         let node = 1 + round % 3;
         let value = (100 + round).to_string();
-        let output = finish(
-            cluster
-                .command(node, &program, &["leave", "e2e-gone", &value, "8"])
-                .spawn()
-                .unwrap(),
-            LIMIT,
-        );
+        let output = cluster.run(node, &program, &["leave", "e2e-gone", &value, "8"], LIMIT);
         assert!(output.status.success(), "{}", describe(&output));
         for node in 1..=3 {
             cluster.wait_for_status(node, LIMIT, "space reclaimed", no_spaces);
         }
     }
-    let output = finish(
-        cluster
-            .command(2, &program, &["find", "e2e-gone"])
-            .spawn()
-            .unwrap(),
-        LIMIT,
-    );
+    let output = cluster.run(2, &program, &["find", "e2e-gone"], LIMIT);
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(text.contains("unknown space"), "{}", describe(&output));
 
@@ -106,15 +94,87 @@ fn a_space_ends_with_its_last_process_unless_persistent() {
             .is_some_and(|a| a.is_empty())
     });
     assert_eq!(status["spaces"][0]["persistent"], true, "{status}");
-    let output = finish(
-        cluster
-            .command(3, &program, &["find", "e2e-kept"])
-            .spawn()
-            .unwrap(),
-        LIMIT,
-    );
+    let output = cluster.run(3, &program, &["find", "e2e-kept"], LIMIT);
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(text.contains("found 42"), "{}", describe(&output));
+}
+
+/// `gallocy space unpersist`: a persistent space in use ends with its last process, one
+/// nobody uses ends at once, and an unknown name is a clear error.
+#[test]
+fn an_unpersisted_space_ends_with_its_last_process() {
+    use std::io::{BufRead, BufReader};
+    let cluster = Cluster::start("unpersist", 3);
+    let program = e2e_program(&cluster.dir);
+    let space_named = |status: &serde_json::Value, name: &str| {
+        status["spaces"]
+            .as_array()
+            .and_then(|spaces| spaces.iter().find(|s| s["name"] == name).cloned())
+    };
+    // In use: kept no longer, but it stays while its process runs.
+    let mut holder = cluster
+        .command(2, &program, &["churn", "2"])
+        .env("GALLOCY_PERSISTENT", "1")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(holder.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "allocated\n");
+    let unpersist = Command::new(env!("CARGO_BIN_EXE_gallocy"))
+        .args(["space", "unpersist", "e2e-churn", "--dir"])
+        .arg(&cluster.dir)
+        .output()
+        .unwrap();
+    assert!(unpersist.status.success(), "{}", describe(&unpersist));
+    assert!(
+        String::from_utf8_lossy(&unpersist.stdout).contains("ends with its last process"),
+        "{}",
+        describe(&unpersist)
+    );
+    for node in 1..=3 {
+        let status = cluster.wait_for_status(node, LIMIT, "no longer persistent", |s| {
+            space_named(s, "e2e-churn").is_some_and(|space| space["persistent"] == false)
+        });
+        assert!(space_named(&status, "e2e-churn").is_some(), "{status}");
+    }
+    // Its process goes (stdin closed): so does the space, on every node.
+    drop(holder.stdin.take());
+    let _ = finish(holder, LIMIT);
+    for node in 1..=3 {
+        cluster.wait_for_status(node, LIMIT, "the space gone", |s| {
+            space_named(s, "e2e-churn").is_none()
+        });
+    }
+    // Nobody attached: it ends at once.
+    let output = cluster.run_with_env(
+        1,
+        &program,
+        &["leave", "e2e-idle", "7", "1"],
+        ("GALLOCY_PERSISTENT", "1"),
+        LIMIT,
+    );
+    assert!(output.status.success(), "{}", describe(&output));
+    cluster.wait_for_status(3, LIMIT, "the idle space kept", |s| {
+        space_named(s, "e2e-idle").is_some_and(|space| {
+            space["attached_nodes"]
+                .as_array()
+                .is_some_and(|a| a.is_empty())
+        })
+    });
+    assert_eq!(
+        gallocy_real::admin::unpersist(&cluster.socket(3), "e2e-idle"),
+        Ok(true)
+    );
+    for node in 1..=3 {
+        cluster.wait_for_status(node, LIMIT, "the idle space gone", |s| {
+            space_named(s, "e2e-idle").is_none() && s["backed_spaces"] == 0
+        });
+    }
+    // A name no space has.
+    let error = gallocy_real::admin::unpersist(&cluster.socket(1), "e2e-never").unwrap_err();
+    assert!(error.contains("unknown space"), "{error}");
 }
 
 /// Blocks freed give their chunks back to the cluster while the program runs, and a
@@ -216,7 +276,7 @@ fn runtime_path_never_calls_the_system_allocator() {
             &format!("-Wl,-rpath,{}", cluster.dir.display()),
         ],
     );
-    let output = finish(cluster.command(1, &program, &[]).spawn().unwrap(), LIMIT);
+    let output = cluster.run(1, &program, &[], LIMIT);
     assert!(output.status.success(), "{}", describe(&output));
     assert!(String::from_utf8_lossy(&output.stdout).contains("calls on the runtime path: 0"));
 }
@@ -241,21 +301,12 @@ fn errors_users_meet_are_clear() {
     );
 
     // Unknown space.
-    let output = finish(
-        cluster
-            .command(1, &program, &["expect-error", "nope", "-2"])
-            .spawn()
-            .unwrap(),
-        LIMIT,
-    );
+    let output = cluster.run(1, &program, &["expect-error", "nope", "-2"], LIMIT);
     assert!(output.status.success(), "{}", describe(&output));
     assert!(String::from_utf8_lossy(&output.stdout).contains("unknown space"));
 
     // The space's range is taken: both ranges are named.
-    let output = finish(
-        cluster.command(1, &program, &["clash"]).spawn().unwrap(),
-        LIMIT,
-    );
+    let output = cluster.run(1, &program, &["clash"], LIMIT);
     assert!(output.status.success(), "{}", describe(&output));
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(
@@ -408,10 +459,7 @@ fn a_real_crash_outside_the_space_still_crashes() {
     use std::os::unix::process::ExitStatusExt;
     let cluster = Cluster::start("crash", 1);
     let program = e2e_program(&cluster.dir);
-    let output = finish(
-        cluster.command(1, &program, &["crash"]).spawn().unwrap(),
-        LIMIT,
-    );
+    let output = cluster.run(1, &program, &["crash"], LIMIT);
     assert!(
         String::from_utf8_lossy(&output.stdout).contains("attached"),
         "{}",
@@ -496,10 +544,7 @@ fn a_process_that_stops_answering_is_killed_and_its_pages_taken_back() {
         .unwrap();
     assert_eq!(&line, b"stopping\n");
     let started = std::time::Instant::now();
-    let taker = finish(
-        cluster.command(2, &program, &["taker"]).spawn().unwrap(),
-        LIMIT,
-    );
+    let taker = cluster.run(2, &program, &["taker"], LIMIT);
     assert!(
         taker.status.success(),
         "{}\nlog 1:\n{}",

@@ -34,8 +34,8 @@ impl RunReport {
             c.processes_started, c.processes_exited, c.processes_killed, c.detaches
         ));
         out.push_str(&format!(
-            "spaces:       {} drains of every process, {} space drops on nodes, {} new spaces after one was destroyed; {} chunk runs released, {} free again\n",
-            c.drains, c.spaces_dropped, c.new_spaces, c.runs_released, c.runs_freed
+            "spaces:       {} drains of every process, {} space drops on nodes, {} new spaces after one was destroyed, {} persistent creations, {} unpersists; {} chunk runs released, {} free again\n",
+            c.drains, c.spaces_dropped, c.new_spaces, c.persistent_creates, c.unpersists, c.runs_released, c.runs_freed
         ));
         out.push_str(&format!(
             "messages:     {} sent, {} delivered, {} retries, {} rejected, {} malformed; {} page faults to the node, {} revocations\n",

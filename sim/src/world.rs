@@ -78,6 +78,9 @@ pub struct Counters {
     pub spaces_dropped: u64,
     /// Times processes were welcomed into a new space after the old one was destroyed.
     pub new_spaces: u64,
+    /// Spaces created persistent, and `Unpersist` requests sent by an administrator.
+    pub persistent_creates: u64,
+    pub unpersists: u64,
     /// Runs of chunks given back to the cluster (counted once, at the first node that
     /// dropped their pages), and how many of them are free again.
     pub runs_released: u64,
@@ -153,6 +156,8 @@ enum ConnKind {
     Main,
     Service,
     Thread(usize),
+    /// An administrator's connection (`gallocy space unpersist`); its pid is 0.
+    Admin,
 }
 
 struct NodeSlot {
@@ -204,6 +209,8 @@ pub struct WorldParams {
 /// How many ticks a drain waits for the space to be destroyed before processes may
 /// start again (a partitioned node may hold its detach back for long).
 const DRAIN_WAIT_TICKS: u64 = 4_000;
+/// How often a drain left with a persistent space asks again to unpersist it.
+const UNPERSIST_RETRY_TICKS: u64 = 500;
 
 pub struct World {
     pub params: WorldParams,
@@ -249,6 +256,8 @@ pub struct World {
     drain_at_ops: Option<u64>,
     /// Tick the drain started, while it runs.
     draining_since: Option<u64>,
+    /// When a drain left with a persistent space next asks to unpersist it.
+    unpersist_due_tick: u64,
     /// Released runs not yet free again, by (space, first page): (pages, the nodes
     /// that have dropped them). Their pages hold no live block: the ghost forgot them
     /// when the first node dropped them, and the coherence checker skips them until
@@ -337,6 +346,7 @@ impl World {
             generation_space: None,
             drain_at_ops: None,
             draining_since: None,
+            unpersist_due_tick: 0,
             releasing_runs: BTreeMap::new(),
         }
         .with_drain()
@@ -847,6 +857,12 @@ impl World {
         if let Some(p) = self.slots[index].processes.get_mut(&pid) {
             p.main = main;
         }
+        // Some creators ask for a persistent space (it outlives a drain until an
+        // administrator unpersists it); the flag only matters to the hello that creates.
+        let persistent = self.rng.gen_ratio(1, 6);
+        if persistent {
+            self.counters.persistent_creates += 1;
+        }
         self.send(
             index,
             main,
@@ -856,7 +872,7 @@ impl World {
                 session: 0,
                 pid: pid as u32,
                 create: true,
-                persistent: false,
+                persistent,
                 name: name_field(),
             },
         );
@@ -941,6 +957,11 @@ impl World {
             self.drain_step(since);
             return;
         }
+        // Now and then an administrator unpersists the space while processes use it:
+        // it must stay until the last one has gone.
+        if self.issuing && self.rng.gen_ratio(1, 20_000) {
+            self.unpersist();
+        }
         for index in 0..self.slots.len() {
             if self.slots[index].host.is_none() {
                 continue;
@@ -1004,6 +1025,42 @@ impl World {
         }
     }
 
+    /// An administrator asks a random serving node to keep the space no longer (it
+    /// must then end with its last process, and never while one is attached: the
+    /// space-lifetime checker). The reply is not awaited.
+    fn unpersist(&mut self) {
+        let serving: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].host.is_some())
+            .collect();
+        if serving.is_empty() {
+            return;
+        }
+        let index = serving[self.rng.gen_range(0..serving.len())];
+        self.counters.unpersists += 1;
+        self.trace.event(17, &[index as u64]);
+        let conn = self.open_conn(index, 0, ConnKind::Admin);
+        self.send(
+            index,
+            conn,
+            1,
+            IpcMessage::Hello {
+                role: Role::Admin,
+                session: 0,
+                pid: 0,
+                create: false,
+                persistent: false,
+                name: [0u8; IPC_NAME_BYTES],
+            },
+        );
+        self.send(index, conn, 2, IpcMessage::Unpersist { name: name_field() });
+        self.slots[index].conns.remove(&conn);
+        let now = self.now_ticks;
+        if let Some(host) = self.slots[index].host.as_mut() {
+            host.app_closed(now, conn);
+            self.pump(index);
+        }
+    }
+
     /// Ends every live process (a detach or an exit); the drain is over once none is
     /// left and the space is gone from every node still serving (or after a bound).
     fn drain_step(&mut self, since: u64) {
@@ -1052,6 +1109,12 @@ impl World {
                 !h.node().is_evicted() && h.node().meta().space_by_name(SPACE_NAME).is_some()
             })
         });
+        // A persistent space outlives its processes: an administrator ends it (asked
+        // again now and then: the request may meet no leader, or a lost proposal).
+        if !processes_left && space_left && self.now_ticks >= self.unpersist_due_tick {
+            self.unpersist_due_tick = self.now_ticks + UNPERSIST_RETRY_TICKS;
+            self.unpersist();
+        }
         if !processes_left && (!space_left || self.now_ticks >= since + DRAIN_WAIT_TICKS) {
             self.draining_since = None;
         }
@@ -1645,6 +1708,9 @@ impl World {
         // A block freed while this access waited, in a run now being given back: its
         // bytes mean nothing (the ghost forgot them) and a write to it is lost with the
         // run. It reads and writes this node's memory only.
+        // The run may be free again (and leased anew) since the last check: the ghost
+        // must know before it decides what this access means.
+        self.track_releases();
         let releasing = self.is_releasing(page);
         let memory = self.slots[index]
             .memory

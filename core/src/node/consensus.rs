@@ -277,6 +277,16 @@ impl Node {
                 self.reply(token, AppReply::Detached { destroyed });
             }
             (
+                Purpose::Unpersist { token },
+                Outcome::Unpersisted {
+                    space: Some(_),
+                    destroyed,
+                },
+            ) => self.reply(token, AppReply::Unpersisted { destroyed }),
+            (Purpose::Unpersist { token }, Outcome::Unpersisted { space: None, .. }) => {
+                self.reply_error(token, AppError::UnknownSpace)
+            }
+            (
                 Purpose::LeaseForAllocator { space, .. },
                 Outcome::Leased {
                     first_chunk, count, ..
@@ -375,7 +385,8 @@ impl Node {
             (
                 Purpose::CreateSpace { token }
                 | Purpose::Attach { token }
-                | Purpose::Detach { token },
+                | Purpose::Detach { token }
+                | Purpose::Unpersist { token },
                 _,
             ) => self.reply_error(token, AppError::SpaceRejected("unexpected outcome")),
         }
@@ -649,7 +660,8 @@ impl Node {
                 | Purpose::LeaseForApp { token }
                 | Purpose::ReleaseForApp { token }
                 | Purpose::Attach { token }
-                | Purpose::Detach { token } => self.reply_error(token, AppError::Evicted),
+                | Purpose::Detach { token }
+                | Purpose::Unpersist { token } => self.reply_error(token, AppError::Evicted),
                 Purpose::LeaseForAllocator { .. }
                 | Purpose::ReleaseRegion { .. }
                 | Purpose::ReleaseDone => {}

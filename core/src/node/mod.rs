@@ -203,6 +203,10 @@ pub enum AppRequest {
         space: SpaceId,
         count: u32,
     },
+    /// Keep the space named `name` no longer when its last process has gone.
+    Unpersist {
+        name: String,
+    },
     /// Give back `count` chunks from `addr` that an allocator in the application leased
     /// (`LeaseChunks`) and holds no block in any more.
     ReleaseChunks {
@@ -250,6 +254,10 @@ pub enum AppReply {
     },
     /// Left the attach set; `destroyed` if the space went with it.
     Detached {
+        destroyed: bool,
+    },
+    /// No longer kept; `destroyed` if it ended at once (nobody attached).
+    Unpersisted {
         destroyed: bool,
     },
     Error(AppError),
@@ -537,6 +545,9 @@ enum Purpose {
     },
     ReleaseDone,
     ReleaseForApp {
+        token: AppToken,
+    },
+    Unpersist {
         token: AppToken,
     },
     MarkDown,

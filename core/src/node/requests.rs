@@ -38,9 +38,7 @@ impl Node {
                     persistent,
                     root_size_bytes: DEFAULT_ROOT_SIZE_BYTES.min(chunk_size_bytes),
                 };
-                if let Err(error) = self.propose(command, Purpose::CreateSpace { token }) {
-                    self.reply_error(token, error);
-                }
+                self.propose_or_reply(token, command, Purpose::CreateSpace { token });
             }
             AppRequest::ReleaseChunks { space, addr, count } => {
                 self.release_for_app(token, space, addr, count)
@@ -51,22 +49,14 @@ impl Node {
                     self.reply_error(token, AppError::UnknownSpace);
                     return;
                 }
-                if let Err(error) =
-                    self.propose(Command::Attach { name }, Purpose::Attach { token })
-                {
-                    self.reply_error(token, error);
-                }
+                self.propose_or_reply(token, Command::Attach { name }, Purpose::Attach { token });
             }
             AppRequest::DetachSpace { space } => {
                 if !self.meta.spaces.contains_key(&space) {
                     self.reply_error(token, AppError::UnknownSpace);
                     return;
                 }
-                if let Err(error) =
-                    self.propose(Command::Detach { space }, Purpose::Detach { token })
-                {
-                    self.reply_error(token, error);
-                }
+                self.propose_or_reply(token, Command::Detach { space }, Purpose::Detach { token });
             }
             AppRequest::Allocate {
                 space,
@@ -79,6 +69,17 @@ impl Node {
                 addr,
                 access,
             } => self.fault(token, space, addr, access),
+            AppRequest::Unpersist { name } => {
+                if name.is_empty() || name.len() > crate::types::SPACE_NAME_MAX_BYTES {
+                    self.reply_error(token, AppError::UnknownSpace);
+                    return;
+                }
+                self.propose_or_reply(
+                    token,
+                    Command::Unpersist { name },
+                    Purpose::Unpersist { token },
+                );
+            }
             AppRequest::LeaseChunks { space, count } => {
                 if !self.meta.spaces.contains_key(&space) {
                     self.reply_error(token, AppError::UnknownSpace);
@@ -93,10 +94,16 @@ impl Node {
                     node: self.config.id,
                     count,
                 };
-                if let Err(error) = self.propose(command, Purpose::LeaseForApp { token }) {
-                    self.reply_error(token, error);
-                }
+                self.propose_or_reply(token, command, Purpose::LeaseForApp { token });
             }
+        }
+    }
+
+    /// Proposes `command` for application request `token`, or answers the request with
+    /// why it cannot be proposed.
+    fn propose_or_reply(&mut self, token: AppToken, command: Command, purpose: Purpose) {
+        if let Err(error) = self.propose(command, purpose) {
+            self.reply_error(token, error);
         }
     }
 
@@ -384,9 +391,7 @@ impl Node {
             first_chunk,
             count,
         };
-        if let Err(error) = self.propose(command, Purpose::ReleaseForApp { token }) {
-            self.reply_error(token, error);
-        }
+        self.propose_or_reply(token, command, Purpose::ReleaseForApp { token });
     }
 
     /// After a free: an allocator region left without a block goes back to the

@@ -40,6 +40,11 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         program: Vec<String>,
     },
+    /// Spaces: stop keeping a persistent one.
+    Space {
+        #[command(subcommand)]
+        action: SpaceAction,
+    },
     /// Show members, leader, spaces, leases, pages and counters.
     Status {
         /// A local cluster's directory (every node).
@@ -51,6 +56,21 @@ enum Command {
         /// Print JSON instead of tables.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum SpaceAction {
+    /// A space created with GALLOCY_PERSISTENT=1 is kept no longer: it ends when its
+    /// last process has gone, at once if none is attached.
+    Unpersist {
+        name: String,
+        /// A local cluster's directory (asks node 1).
+        #[arg(long, conflicts_with = "socket", required_unless_present = "socket")]
+        dir: Option<PathBuf>,
+        /// One daemon's application socket.
+        #[arg(long)]
+        socket: Option<PathBuf>,
     },
 }
 
@@ -191,6 +211,29 @@ fn main() -> ExitCode {
             },
         },
         Command::Status { dir, socket, json } => status(dir.as_deref(), socket.as_deref(), json),
+        Command::Space {
+            action: SpaceAction::Unpersist { name, dir, socket },
+        } => {
+            let socket = match (socket, dir) {
+                (Some(socket), _) => Ok(socket),
+                (None, Some(dir)) => Ok(cluster::app_socket(&dir, 1)),
+                (None, None) => Err("--dir or --socket is required".to_string()),
+            };
+            match socket.and_then(|socket| gallocy_real::admin::unpersist(&socket, &name)) {
+                Ok(true) => {
+                    println!("space {name} ended (no process was attached)");
+                    ExitCode::SUCCESS
+                }
+                Ok(false) => {
+                    println!("space {name} is kept no longer: it ends with its last process");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("gallocy: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Run {
             nodes,
             space,

@@ -178,6 +178,29 @@ impl Cluster {
         }
     }
 
+    /// Runs `program args` attached to `node` to its end (killed after `limit`).
+    #[allow(dead_code)]
+    pub fn run(&self, node: u64, program: &Path, args: &[&str], limit: Duration) -> Output {
+        finish(
+            self.command(node, program, args).spawn().expect("spawn"),
+            limit,
+        )
+    }
+
+    /// As `run`, with one more environment variable.
+    #[allow(dead_code)]
+    pub fn run_with_env(
+        &self,
+        node: u64,
+        program: &Path,
+        args: &[&str],
+        (key, value): (&str, &str),
+        limit: Duration,
+    ) -> Output {
+        let child = self.command(node, program, args).env(key, value).spawn();
+        finish(child.expect("spawn"), limit)
+    }
+
     /// Runs `program args` attached to `node`.
     pub fn command(&self, node: u64, program: &Path, args: &[&str]) -> Command {
         let mut command = Command::new(program);
