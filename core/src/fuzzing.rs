@@ -535,7 +535,12 @@ pub fn host_sequence(data: &[u8]) {
                     node: r.u8() as u64 % 4,
                     incarnation: r.u8() as u64 % 3,
                 };
-                let _ = h.hosts[host].peer_hello(hello);
+                let proof = match r.u8() % 3 {
+                    0 => crate::host::PeerProof::Unproven,
+                    1 => crate::host::PeerProof::Certificate(None),
+                    _ => crate::host::PeerProof::Certificate(Some(r.u8() as u64 % 4)),
+                };
+                let _ = h.hosts[host].peer_hello(hello, proof);
             }
         }
         h.drain(host);

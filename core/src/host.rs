@@ -46,6 +46,16 @@ pub type ConnId = u64;
 /// One attached process.
 pub type SessionId = u64;
 
+/// What a peer connection's transport proved about who is at its other end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerProof {
+    /// Nothing: a Unix socket in a private directory, or TCP in clear, trusted by the
+    /// configuration.
+    Unproven,
+    /// A certificate of the cluster's CA, naming this member (None: naming no member).
+    Certificate(Option<NodeId>),
+}
+
 /// Who is at the other end of an application connection (`SO_PEERCRED`).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct Credentials {
@@ -572,13 +582,22 @@ impl Host {
     // Peers.
 
     /// A peer connection said hello: the member it speaks for, or why it is refused.
-    /// The first incarnation heard of a member is the only one accepted: a restarted
-    /// daemon lost its in-memory Raft state.
-    pub fn peer_hello(&mut self, hello: PeerHello) -> Result<NodeId, String> {
+    /// A connection whose transport proved a member (a certificate) may speak only for
+    /// that member. The first incarnation heard of a member is the only one accepted: a
+    /// restarted daemon lost its in-memory Raft state.
+    pub fn peer_hello(&mut self, hello: PeerHello, proof: PeerProof) -> Result<NodeId, String> {
         let peer = hello.node;
         if !self.config.node.members.contains(&peer) || peer == self.config.node.id {
             self.counters.peer_frames_refused += 1;
             return Err(format!("hello from node {peer}, not a member"));
+        }
+        if let PeerProof::Certificate(named) = proof {
+            if named != Some(peer) {
+                self.counters.peer_frames_refused += 1;
+                return Err(format!(
+                    "claims to be node {peer} but its certificate is not that member's"
+                ));
+            }
         }
         let known = *self
             .peer_incarnations

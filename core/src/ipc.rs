@@ -583,6 +583,20 @@ impl IpcMessage {
     }
 }
 
+impl IpcMessage {
+    /// The hello of an administrative connection (status, unpersist), from `pid`.
+    pub fn admin_hello(pid: u32) -> IpcMessage {
+        IpcMessage::Hello {
+            role: Role::Admin,
+            session: 0,
+            pid,
+            create: false,
+            persistent: false,
+            name: [0u8; IPC_NAME_BYTES],
+        }
+    }
+}
+
 /// A space name as the fixed field of `Hello`; None if it does not fit or is empty.
 pub fn name_field(name: &[u8]) -> Option<[u8; IPC_NAME_BYTES]> {
     if name.is_empty() || name.len() > IPC_NAME_BYTES || name.contains(&0) {

@@ -57,6 +57,11 @@ pub struct SpaceLayout {
 /// Largest space name, in bytes.
 pub const SPACE_NAME_MAX_BYTES: usize = 64;
 
+/// A space name the log can carry: 1 to `SPACE_NAME_MAX_BYTES` bytes.
+pub fn is_valid_space_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= SPACE_NAME_MAX_BYTES
+}
+
 impl SpaceLayout {
     pub fn end_addr(&self) -> u64 {
         self.base_addr + self.size_bytes
@@ -108,7 +113,7 @@ impl SpaceLayout {
 
     /// Checks a layout proposed by a user or a peer; the error says what is wrong.
     pub fn validate(&self) -> Result<(), &'static str> {
-        if self.name.is_empty() || self.name.len() > SPACE_NAME_MAX_BYTES {
+        if !is_valid_space_name(&self.name) {
             return Err("space name must be 1 to 64 bytes");
         }
         if !self.chunk_size_bytes.is_power_of_two()

@@ -494,14 +494,28 @@ impl Heap {
         let start = header as *const SpanHeader as u64;
         let chunks = header.run_chunks as u64;
         self.large_blocks.fetch_sub(1, Ordering::Relaxed);
+        if self.cache_run(start, chunks, true) {
+            return;
+        }
+        // Beyond the cache the run goes back (nothing is live in it: its only block was
+        // just freed). A run that cannot go back is kept if there is room, else it
+        // stays leased and unused.
+        if !self.release_run(start, chunks, source) {
+            self.cache_run(start, chunks, false);
+        }
+    }
+
+    /// Keeps a freed run for reuse, if a slot is free and (`within_limit`) the cache
+    /// stays within `MAX_CACHED_RUN_CHUNKS`. Takes the pool lock.
+    fn cache_run(&self, start: u64, chunks: u64, within_limit: bool) -> bool {
         Heap::lock(&self.pool.lock);
         // SAFETY: under the pool lock.
         let cached = unsafe {
             let runs = &mut *self.pool.free_runs.get();
             let cached_chunks = &mut *self.pool.cached_run_chunks.get();
-            let slot = runs.iter_mut().find(|r| r.0 == 0);
-            match slot {
-                Some(slot) if *cached_chunks + chunks <= MAX_CACHED_RUN_CHUNKS => {
+            let fits = !within_limit || *cached_chunks + chunks <= MAX_CACHED_RUN_CHUNKS;
+            match runs.iter_mut().find(|r| r.0 == 0) {
+                Some(slot) if fits => {
                     *slot = (start, chunks);
                     *cached_chunks += chunks;
                     true
@@ -510,27 +524,17 @@ impl Heap {
             }
         };
         Heap::unlock(&self.pool.lock);
-        if cached {
-            return;
-        }
-        // Beyond the cache the run goes back (nothing is live in it: its only block was
-        // just freed). A run that cannot go back is kept if there is room, else it
-        // stays leased and unused.
-        if source.release(start, chunks) {
+        cached
+    }
+
+    /// Gives back to `source` a run with no live block; false if it stays leased.
+    fn release_run(&self, start: u64, chunks: u64, source: &dyn ChunkSource) -> bool {
+        let released = source.release(start, chunks);
+        if released {
             self.leased_bytes
                 .fetch_sub(chunks * CHUNK_BYTES, Ordering::Relaxed);
-            return;
         }
-        Heap::lock(&self.pool.lock);
-        // SAFETY: under the pool lock.
-        unsafe {
-            let runs = &mut *self.pool.free_runs.get();
-            if let Some(slot) = runs.iter_mut().find(|r| r.0 == 0) {
-                *slot = (start, chunks);
-                *self.pool.cached_run_chunks.get() += chunks;
-            }
-        }
-        Heap::unlock(&self.pool.lock);
+        released
     }
 }
 
@@ -587,35 +591,17 @@ impl Heap {
             }
         }
         let mut given_chunks = 0;
-        let mut refused = [(0u64, 0u64); MAX_FREE_RUNS];
-        for (slot, &(start, chunks)) in runs.iter().enumerate().filter(|(_, run)| run.0 != 0) {
-            if !source.release(start, chunks) {
-                refused[slot] = (start, chunks);
+        for &(start, chunks) in runs.iter().filter(|run| run.0 != 0) {
+            if self.release_run(start, chunks, source) {
+                given_chunks += chunks;
             } else {
-                given_chunks += chunks;
-                self.leased_bytes
-                    .fetch_sub(chunks * CHUNK_BYTES, Ordering::Relaxed);
+                // Leased by another node: it stays for reuse.
+                self.cache_run(start, chunks, false);
             }
         }
-        // Runs that could not go back (leased by another node) stay for reuse.
-        Heap::lock(&self.pool.lock);
-        // SAFETY: under the pool lock.
-        unsafe {
-            let free_runs = &mut *self.pool.free_runs.get();
-            for run in refused.iter().filter(|r| r.0 != 0) {
-                // Another thread may have cached a run meanwhile: any empty slot.
-                if let Some(slot) = free_runs.iter_mut().find(|r| r.0 == 0) {
-                    *slot = *run;
-                    *self.pool.cached_run_chunks.get() += run.1;
-                }
-            }
-        }
-        Heap::unlock(&self.pool.lock);
         let mut give = |start: u64, chunks: u64| {
-            if source.release(start, chunks) {
+            if self.release_run(start, chunks, source) {
                 given_chunks += chunks;
-                self.leased_bytes
-                    .fetch_sub(chunks * CHUNK_BYTES, Ordering::Relaxed);
             }
         };
         // SAFETY: only this call (once, `gave_back`) touches the table; its first

@@ -6,7 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use gallocy_core::ipc::{IpcMessage, Role, IPC_FRAME_BYTES, IPC_NAME_BYTES};
+use gallocy_core::ipc::{name_field, IpcMessage, IPC_FRAME_BYTES, IPC_NAME_BYTES};
 
 fn roundtrip(stream: &mut UnixStream, message: IpcMessage) -> Result<IpcMessage, String> {
     let mut frame = [0u8; IPC_FRAME_BYTES];
@@ -35,17 +35,7 @@ fn connect_admin(socket: &Path, timeout: Duration) -> Result<UnixStream, String>
     stream
         .set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
-    roundtrip(
-        &mut stream,
-        IpcMessage::Hello {
-            role: Role::Admin,
-            session: 0,
-            pid: std::process::id(),
-            create: false,
-            persistent: false,
-            name: [0u8; IPC_NAME_BYTES],
-        },
-    )?;
+    roundtrip(&mut stream, IpcMessage::admin_hello(std::process::id()))?;
     Ok(stream)
 }
 
@@ -53,13 +43,11 @@ fn connect_admin(socket: &Path, timeout: Duration) -> Result<UnixStream, String>
 /// when its last process has gone, at once if none is attached. Returns whether it
 /// ended at once.
 pub fn unpersist(socket: &Path, name: &str) -> Result<bool, String> {
-    if name.is_empty() || name.len() > IPC_NAME_BYTES {
+    let Some(field) = name_field(name.as_bytes()) else {
         return Err(format!("a space name has 1 to {IPC_NAME_BYTES} bytes"));
-    }
+    };
     // One Raft commit: allow for an election.
     let mut stream = connect_admin(socket, Duration::from_secs(30))?;
-    let mut field = [0u8; IPC_NAME_BYTES];
-    field[..name.len()].copy_from_slice(name.as_bytes());
     match roundtrip(&mut stream, IpcMessage::Unpersist { name: field })? {
         IpcMessage::Unpersisted { destroyed } => Ok(destroyed),
         _ => Err("unexpected reply to unpersist".into()),

@@ -90,7 +90,7 @@ pub fn up(
 
 /// Free TCP ports on 127.0.0.1, one per node (bound, read, released: another program
 /// could take one in between, and the daemon then says so).
-fn free_local_ports(nodes: u64) -> Result<Vec<SocketAddr>, String> {
+pub fn free_local_ports(nodes: u64) -> Result<Vec<SocketAddr>, String> {
     let listeners: Vec<std::net::TcpListener> = (0..nodes)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}")))
         .collect::<Result<_, _>>()?;
@@ -149,18 +149,15 @@ pub fn up_over(
     for id in 1..=nodes {
         create_private_dir(&node_dir(&dir, id))?;
     }
-    let mut credentials = Vec::new();
-    if transport == Transport::Tls {
-        // A CA for this cluster only: made anew by each `up`.
-        let ca_dir = dir.join("ca");
-        let _ = std::fs::remove_dir_all(&ca_dir);
-        let ca = ClusterCa::create(&ca_dir)?;
-        for id in 1..=nodes {
-            credentials.push(Some(ca.issue(id, &node_dir(&dir, id))?));
+    // With TLS, a CA for this cluster only: made anew by each `up`.
+    let ca = match transport {
+        Transport::Tls => {
+            let ca_dir = dir.join("ca");
+            let _ = std::fs::remove_dir_all(&ca_dir);
+            Some(ClusterCa::create(&ca_dir)?)
         }
-    } else {
-        credentials.resize(nodes as usize, None);
-    }
+        Transport::Unix | Transport::PlainTcp => None,
+    };
     for peer in &peers {
         if let PeerAddr::Unix(path) = &peer.addr {
             if path.as_os_str().len() > MAX_SOCKET_PATH_BYTES {
@@ -173,11 +170,19 @@ pub fn up_over(
     }
     let mut started = Vec::new();
     for id in 1..=nodes {
-        let listen = peers[id as usize - 1].addr.clone();
-        let tls = credentials[id as usize - 1].clone();
+        let tls = match &ca {
+            Some(ca) => match ca.issue(id, &node_dir(&dir, id)) {
+                Ok(files) => Some(files),
+                Err(why) => {
+                    let _ = down(&dir);
+                    return Err(why);
+                }
+            },
+            None => None,
+        };
         let node = NodeSetup {
             id,
-            listen,
+            listen: peers[id as usize - 1].addr.clone(),
             tls,
             plaintext_tcp: transport == Transport::PlainTcp,
         };
@@ -244,18 +249,17 @@ fn start_daemon(
     let home = node_dir(dir, id);
     create_private_dir(&home)?;
     let config = DaemonConfig {
-        node_id: id,
-        listen: node.listen.clone(),
-        peers: peers.to_vec(),
-        app_socket: home.join("app.sock"),
-        runtime_dir: home.clone(),
-        app_group: None,
         space: space.clone(),
         log: log.to_string(),
-        revoke_timeout_ms: crate::config::DEFAULT_REVOKE_TIMEOUT_MS,
-        down_after_ms: crate::config::DEFAULT_DOWN_AFTER_MS,
         tls: node.tls.clone(),
         plaintext_tcp: node.plaintext_tcp,
+        ..DaemonConfig::new(
+            id,
+            node.listen.clone(),
+            peers.to_vec(),
+            home.join("app.sock"),
+            home.clone(),
+        )
     };
     let config_path = home.join("gallocyd.toml");
     std::fs::write(&config_path, config.to_toml())
@@ -362,19 +366,16 @@ pub fn init(hosts: &[SocketAddr], out: &Path, space: &SpaceDefaults) -> Result<(
         create_private_dir(&home)?;
         let tls = ca.issue(peer.id, &home)?;
         let config = DaemonConfig {
-            node_id: peer.id,
-            listen: peer.addr.clone(),
-            peers: peers.clone(),
-            // Relative: the configuration's directory, wherever it is copied.
-            app_socket: PathBuf::from("run/app.sock"),
-            runtime_dir: PathBuf::from("run"),
-            app_group: None,
             space: space.clone(),
-            log: "info".into(),
-            revoke_timeout_ms: crate::config::DEFAULT_REVOKE_TIMEOUT_MS,
-            down_after_ms: crate::config::DEFAULT_DOWN_AFTER_MS,
             tls: Some(tls),
-            plaintext_tcp: false,
+            // Relative paths: the configuration's directory, wherever it is copied.
+            ..DaemonConfig::new(
+                peer.id,
+                peer.addr.clone(),
+                peers.clone(),
+                PathBuf::from("run/app.sock"),
+                PathBuf::from("run"),
+            )
         };
         let path = home.join("gallocyd.toml");
         std::fs::write(&path, config.to_toml())
@@ -385,7 +386,7 @@ pub fn init(hosts: &[SocketAddr], out: &Path, space: &SpaceDefaults) -> Result<(
 
 /// Revokes member `node`'s certificate with the CA in `dir/ca`, and puts the new CRL
 /// beside the credentials of every member directory under `dir` (a daemon reads it
-/// again at its next connection). Returns the member directories updated.
+/// once a second). Returns the member directories updated.
 pub fn revoke(dir: &Path, node: u64) -> Result<Vec<PathBuf>, String> {
     let ca = ClusterCa::open(&dir.join("ca"))?;
     let crl = ca.revoke(node)?;

@@ -38,6 +38,14 @@ impl PeerAddr {
             "peer address {text:?} is neither unix:PATH nor tcp:HOST:PORT"
         ))
     }
+
+    /// A relative Unix path taken from `dir`; a TCP address as it is.
+    pub fn resolved(&self, dir: &Path) -> PeerAddr {
+        match self {
+            PeerAddr::Unix(path) => PeerAddr::Unix(dir.join(path)),
+            PeerAddr::Tcp(addr) => PeerAddr::Tcp(*addr),
+        }
+    }
 }
 
 impl std::fmt::Display for PeerAddr {
@@ -142,6 +150,31 @@ fn default_log() -> String {
 }
 
 impl DaemonConfig {
+    /// A configuration with every optional setting at its default (no credentials, the
+    /// default space layout, timeouts and log filter).
+    pub fn new(
+        node_id: u64,
+        listen: PeerAddr,
+        peers: Vec<PeerConfig>,
+        app_socket: PathBuf,
+        runtime_dir: PathBuf,
+    ) -> DaemonConfig {
+        DaemonConfig {
+            node_id,
+            listen,
+            peers,
+            app_socket,
+            runtime_dir,
+            app_group: None,
+            space: SpaceDefaults::default(),
+            log: default_log(),
+            revoke_timeout_ms: DEFAULT_REVOKE_TIMEOUT_MS,
+            down_after_ms: DEFAULT_DOWN_AFTER_MS,
+            tls: None,
+            plaintext_tcp: false,
+        }
+    }
+
     pub fn load(path: &Path) -> Result<DaemonConfig, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
@@ -152,13 +185,9 @@ impl DaemonConfig {
         let dir = path.parent().unwrap_or(Path::new("."));
         config.app_socket = dir.join(&config.app_socket);
         config.runtime_dir = dir.join(&config.runtime_dir);
-        if let PeerAddr::Unix(listen) = &config.listen {
-            config.listen = PeerAddr::Unix(dir.join(listen));
-        }
+        config.listen = config.listen.resolved(dir);
         for peer in &mut config.peers {
-            if let PeerAddr::Unix(path) = &peer.addr {
-                peer.addr = PeerAddr::Unix(dir.join(path));
-            }
+            peer.addr = peer.addr.resolved(dir);
         }
         config.tls = config.tls.map(|tls| tls.resolved(dir));
         config

@@ -10,7 +10,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use gallocy_core::host::{refusal, ConnId, Credentials, Host, HostAction, ProcessState, SessionId};
+use gallocy_core::host::{
+    refusal, ConnId, Credentials, Host, HostAction, PeerProof, ProcessState, SessionId,
+};
 use gallocy_core::ipc::{ErrorCode, Frame, IpcMessage, IPC_FRAME_BYTES};
 use gallocy_core::wire::{
     decode_peer_hello, encode_peer_hello, is_background_frame, PeerHello, MAX_FRAME_BYTES,
@@ -1004,18 +1006,19 @@ impl Daemon {
                 }
                 let hello = decode_peer_hello(&conn.inbuf[..PEER_HELLO_BYTES])
                     .map_err(|e| format!("bad hello: {e}"))?;
-                if let PeerStream::Tls(tls) = &conn.stream {
-                    if !tls
-                        .peer_cert()
-                        .is_some_and(|cert| cert_names_member(cert, hello.node))
-                    {
-                        return Err(format!(
-                            "claims to be node {} but its certificate is not that member's",
-                            hello.node
-                        ));
+                let proof = match &conn.stream {
+                    PeerStream::Tls(tls) => {
+                        PeerProof::Certificate(tls.peer_cert().and_then(|cert| {
+                            self.config
+                                .peers
+                                .iter()
+                                .map(|p| p.id)
+                                .find(|&id| cert_names_member(cert, id))
+                        }))
                     }
-                }
-                let peer = self.host.peer_hello(hello)?;
+                    PeerStream::Unix(_) | PeerStream::Tcp(_) => PeerProof::Unproven,
+                };
+                let peer = self.host.peer_hello(hello, proof)?;
                 let Some(Conn::Peer(conn)) = self.conns.get_mut(&token) else {
                     return Ok(());
                 };
@@ -1358,7 +1361,6 @@ fn maps_inode(pid: i32, inode: u64) -> Option<bool> {
     }))
 }
 
-/// Writes as much of `outbuf` as the socket takes now; an error if it is closed.
 /// Unix-socket peers are not authenticated: whoever can reach the socket is a member.
 /// So the directory of this node's peer socket (made private if missing) and that of
 /// every peer socket must be reachable by this user only, and owned by it. Peers'
@@ -1410,6 +1412,7 @@ fn check_private_socket_dir(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Writes as much of `outbuf` as the socket takes now; an error if it is closed.
 fn drain(
     outbuf: &mut Vec<u8>,
     mut write: impl FnMut(&[u8]) -> std::io::Result<usize>,

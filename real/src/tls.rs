@@ -150,6 +150,21 @@ fn read_error(path: &Path, e: impl std::fmt::Display) -> String {
     format!("cannot read {}: {e}", path.display())
 }
 
+/// The CA certificates in `path`: the roots peers are checked against.
+fn load_roots(path: &Path) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(path).map_err(|e| read_error(path, e))? {
+        let ca = ca.map_err(|e| read_error(path, e))?;
+        roots
+            .add(ca)
+            .map_err(|e| format!("{}: not a CA certificate: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{}: no certificate", path.display()));
+    }
+    Ok(roots)
+}
+
 /// The server and client configurations from `files`, with `crl` (the CRL file's
 /// content, if there is one) as the revocations.
 fn build_configs(
@@ -157,17 +172,7 @@ fn build_configs(
     crl: Option<&[u8]>,
 ) -> Result<(Arc<ServerConfig>, Arc<ClientConfig>), String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = RootCertStore::empty();
-    for ca in CertificateDer::pem_file_iter(&files.ca).map_err(|e| read_error(&files.ca, e))? {
-        let ca = ca.map_err(|e| read_error(&files.ca, e))?;
-        roots
-            .add(ca)
-            .map_err(|e| format!("{}: not a CA certificate: {e}", files.ca.display()))?;
-    }
-    if roots.is_empty() {
-        return Err(format!("{}: no certificate", files.ca.display()));
-    }
-    let roots = Arc::new(roots);
+    let roots = Arc::new(load_roots(&files.ca)?);
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .map_err(|e| read_error(&files.cert, e))?
         .collect::<Result<_, _>>()
@@ -525,11 +530,14 @@ mod tests {
             .issue(7, &dir.join("node7"))
             .unwrap()
             .resolved(&dir.join("node7"));
-        let cert = CertificateDer::pem_file_iter(&files.cert)
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap();
+        let first_cert = |path: &Path| {
+            CertificateDer::pem_file_iter(path)
+                .unwrap()
+                .next()
+                .unwrap()
+                .unwrap()
+        };
+        let cert = first_cert(&files.cert);
         assert!(cert_names_member(&cert, 7));
         assert!(!cert_names_member(&cert, 1));
         assert!(!cert_names_member(&cert, 77));
@@ -540,15 +548,8 @@ mod tests {
             .issue(8, &dir.join("node8"))
             .unwrap()
             .resolved(&dir.join("node8"));
-        let cert8 = CertificateDer::pem_file_iter(&again.cert)
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap();
-        let mut roots = RootCertStore::empty();
-        for ca in CertificateDer::pem_file_iter(dir.join("ca").join(CA_CERT_FILE)).unwrap() {
-            roots.add(ca.unwrap()).unwrap();
-        }
+        let cert8 = first_cert(&again.cert);
+        let roots = load_roots(&dir.join("ca").join(CA_CERT_FILE)).unwrap();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
             .build()

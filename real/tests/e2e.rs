@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{describe, e2e_program, finish, temp_dir, Cluster};
+use common::{describe, e2e_program, finish, publish_then_consume, temp_dir, Cluster};
 use gallocy_core::ipc::{
     ErrorCode, IpcMessage, Role, IPC_FRAME_BYTES, IPC_NAME_BYTES, IPC_VERSION,
 };
@@ -18,19 +18,10 @@ const LIMIT: Duration = Duration::from_secs(60);
 fn processes_on_two_nodes_share_blocks_and_free_each_others() {
     let cluster = Cluster::start("share", 3);
     let program = e2e_program(&cluster.dir);
-    let consumer = cluster.command(2, &program, &["consume"]).spawn().unwrap();
-    let publisher = cluster.command(1, &program, &["publish"]).spawn().unwrap();
-    let published = finish(publisher, LIMIT);
-    let consumed = finish(consumer, LIMIT);
-    assert!(
-        published.status.success(),
-        "publisher: {}",
-        describe(&published)
-    );
-    assert!(
-        consumed.status.success(),
-        "consumer: {}",
-        describe(&consumed)
+    let (_, consumed) = publish_then_consume(
+        &mut cluster.command(1, &program, &["publish"]),
+        &mut cluster.command(2, &program, &["consume"]),
+        LIMIT,
     );
     let out = String::from_utf8_lossy(&consumed.stdout);
     assert!(out.contains("consumer read the pattern"), "{out}");
@@ -321,15 +312,7 @@ fn errors_users_meet_are_clear() {
     // Another protocol version: the daemon says which one it speaks.
     let mut stream = UnixStream::connect(cluster.socket(1)).unwrap();
     let mut frame = [0u8; IPC_FRAME_BYTES];
-    IpcMessage::Hello {
-        role: Role::Admin,
-        session: 0,
-        pid: 0,
-        create: false,
-        persistent: false,
-        name: [0u8; IPC_NAME_BYTES],
-    }
-    .encode(7, &mut frame);
+    IpcMessage::admin_hello(0).encode(7, &mut frame);
     frame[2] = IPC_VERSION + 1;
     stream.write_all(&frame).unwrap();
     stream.read_exact(&mut frame).unwrap();
@@ -691,12 +674,11 @@ fn hostile_application_frames_do_not_crash_a_daemon() {
         assert_eq!(status["node"].as_u64(), Some(node));
     }
     let program = e2e_program(&cluster.dir);
-    let consumer = cluster.command(2, &program, &["consume"]).spawn().unwrap();
-    let publisher = cluster.command(1, &program, &["publish"]).spawn().unwrap();
-    let published = finish(publisher, LIMIT);
-    let consumed = finish(consumer, LIMIT);
-    assert!(published.status.success(), "{}", describe(&published));
-    assert!(consumed.status.success(), "{}", describe(&consumed));
+    publish_then_consume(
+        &mut cluster.command(1, &program, &["publish"]),
+        &mut cluster.command(2, &program, &["consume"]),
+        LIMIT,
+    );
     for node in 1..=3 {
         assert!(
             cluster.daemon_alive(node),

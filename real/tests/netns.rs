@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{build_c, describe, e2e_program, finish, temp_dir, InitDir};
+use common::{build_c, describe, e2e_program, finish, publish_then_consume, temp_dir, InitDir};
 use gallocy_real::cluster::node_dir;
 use gallocy_real::config::{DaemonConfig, PeerAddr, PeerConfig};
 
@@ -114,27 +114,30 @@ struct Hosts {
 
 impl Hosts {
     /// `program args` in node `node`'s namespace, attached to its daemon.
-    fn run_on(&self, node: u64, program: &Path, args: &[&str]) -> Child {
-        Command::new("ip")
+    fn command_on(&self, node: u64, program: &Path, args: &[&str]) -> Command {
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", &self.namespaces[node as usize - 1]])
             .arg(program)
             .args(args)
             .env("GALLOCY_SOCKET", self.socket(node))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+            .stderr(Stdio::piped());
+        command
+    }
+
+    fn run_on(&self, node: u64, program: &Path, args: &[&str]) -> Child {
+        self.command_on(node, program, args).spawn().unwrap()
     }
 
     /// A block published by a process on `from` is read by one on `to`.
     fn share(&self, program: &Path, from: u64, to: u64) {
-        let consumer = self.run_on(to, program, &["consume"]);
-        let publisher = self.run_on(from, program, &["publish"]);
-        let published = finish(publisher, LIMIT);
-        let consumed = finish(consumer, LIMIT);
-        assert!(published.status.success(), "{}", describe(&published));
-        assert!(consumed.status.success(), "{}", describe(&consumed));
+        publish_then_consume(
+            &mut self.command_on(from, program, &["publish"]),
+            &mut self.command_on(to, program, &["consume"]),
+            LIMIT,
+        );
     }
 }
 

@@ -6,13 +6,13 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{describe, e2e_program, finish, temp_dir, InitDir};
+use common::{describe, e2e_program, publish_then_consume, temp_dir, InitDir};
 use gallocy_real::cluster::node_dir;
 use gallocy_real::tls::{member_name, ClusterCa, PeerTls, TlsFiles};
 
@@ -54,11 +54,7 @@ impl InitCluster {
 /// daemon could not bind its port (taken between our probe and its bind).
 fn start_init_cluster(tag: &str, nodes: u64) -> Option<InitCluster> {
     let dir = temp_dir(tag);
-    let listeners: Vec<TcpListener> = (0..nodes)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let hosts: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    drop(listeners);
+    let hosts = gallocy_real::cluster::free_local_ports(nodes).unwrap();
     let list: Vec<String> = hosts.iter().map(SocketAddr::to_string).collect();
     let out = dir.join("cluster");
     let init = Command::new(env!("CARGO_BIN_EXE_gallocy"))
@@ -119,24 +115,20 @@ fn start_init_cluster(tag: &str, nodes: u64) -> Option<InitCluster> {
 /// Publishes a block on `from` and reads it on `to` (each process on its node).
 fn share(cluster: &InitCluster, from: u64, to: u64) {
     let program = e2e_program(&cluster.dir);
-    let consumer = Command::new(&program)
-        .arg("consume")
-        .env("GALLOCY_SOCKET", cluster.socket(to))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let publisher = Command::new(&program)
-        .arg("publish")
-        .env("GALLOCY_SOCKET", cluster.socket(from))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let published = finish(publisher, LIMIT);
-    let consumed = finish(consumer, LIMIT);
-    assert!(published.status.success(), "{}", describe(&published));
-    assert!(consumed.status.success(), "{}", describe(&consumed));
+    let attached = |node: u64, role: &str| {
+        let mut command = Command::new(&program);
+        command
+            .arg(role)
+            .env("GALLOCY_SOCKET", cluster.socket(node))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
+    };
+    publish_then_consume(
+        &mut attached(from, "publish"),
+        &mut attached(to, "consume"),
+        LIMIT,
+    );
 }
 
 fn refused_count(cluster: &InitCluster, node: u64) -> u64 {

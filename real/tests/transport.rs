@@ -9,7 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{describe, e2e_program, finish, temp_dir, Cluster};
+use common::{describe, e2e_program, publish_then_consume, temp_dir, Cluster};
 
 /// TCP peers carry no trust of their own: a daemon with TCP peers and no credentials
 /// does not start. (Daemons over TCP with TLS: tests/security.rs.)
@@ -93,12 +93,11 @@ fn a_peer_sending_garbage_is_disconnected_and_the_daemon_keeps_serving() {
     assert!(log.contains("disconnecting peer"), "{log}");
     // Still serving: processes on both nodes share memory.
     let program = e2e_program(&cluster.dir);
-    let consumer = cluster.command(2, &program, &["consume"]).spawn().unwrap();
-    let publisher = cluster.command(1, &program, &["publish"]).spawn().unwrap();
-    let published = finish(publisher, Duration::from_secs(60));
-    let consumed = finish(consumer, Duration::from_secs(60));
-    assert!(published.status.success(), "{}", describe(&published));
-    assert!(consumed.status.success(), "{}", describe(&consumed));
+    publish_then_consume(
+        &mut cluster.command(1, &program, &["publish"]),
+        &mut cluster.command(2, &program, &["consume"]),
+        Duration::from_secs(60),
+    );
 }
 
 /// Thousands of well-formed but forged peer frames (page messages, frees, leases, Raft

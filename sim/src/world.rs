@@ -1039,19 +1039,7 @@ impl World {
         self.counters.unpersists += 1;
         self.trace.event(17, &[index as u64]);
         let conn = self.open_conn(index, 0, ConnKind::Admin);
-        self.send(
-            index,
-            conn,
-            1,
-            IpcMessage::Hello {
-                role: Role::Admin,
-                session: 0,
-                pid: 0,
-                create: false,
-                persistent: false,
-                name: [0u8; IPC_NAME_BYTES],
-            },
-        );
+        self.send(index, conn, 1, IpcMessage::admin_hello(0));
         self.send(index, conn, 2, IpcMessage::Unpersist { name: name_field() });
         self.slots[index].conns.remove(&conn);
         let now = self.now_ticks;

@@ -22,7 +22,7 @@ impl Node {
                 persistent,
             } => {
                 // Checked here too: a command the log cannot carry would never commit.
-                if name.is_empty() || name.len() > crate::types::SPACE_NAME_MAX_BYTES {
+                if !crate::types::is_valid_space_name(&name) {
                     self.reply_error(
                         token,
                         AppError::SpaceRejected("space name must be 1 to 64 bytes"),
@@ -70,7 +70,7 @@ impl Node {
                 access,
             } => self.fault(token, space, addr, access),
             AppRequest::Unpersist { name } => {
-                if name.is_empty() || name.len() > crate::types::SPACE_NAME_MAX_BYTES {
+                if !crate::types::is_valid_space_name(&name) {
                     self.reply_error(token, AppError::UnknownSpace);
                     return;
                 }

@@ -106,8 +106,7 @@ enum ClusterAction {
         out: PathBuf,
     },
     /// Revoke a member's credentials: writes the CA's new CRL into every member
-    /// directory under DIR (copy it to the hosts; daemons read it at their next
-    /// connection).
+    /// directory under DIR (copy it to the hosts; daemons read it once a second).
     Revoke {
         #[arg(long)]
         dir: PathBuf,

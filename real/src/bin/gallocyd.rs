@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use gallocy_real::config::{DaemonConfig, PeerAddr, PeerConfig, SpaceDefaults};
+use gallocy_real::config::{DaemonConfig, PeerAddr, PeerConfig};
 use gallocy_real::daemon::{install_signal_handlers, Daemon};
 
 #[derive(Parser)]
@@ -41,20 +41,13 @@ fn config_from(args: Args) -> Result<DaemonConfig, String> {
                 .runtime_dir
                 .clone()
                 .ok_or("--runtime-dir (or --config) is required")?;
-            DaemonConfig {
+            DaemonConfig::new(
                 node_id,
-                listen: PeerAddr::Unix(runtime_dir.join("peer.sock")),
-                peers: Vec::new(),
-                app_socket: runtime_dir.join("app.sock"),
+                PeerAddr::Unix(runtime_dir.join("peer.sock")),
+                Vec::new(),
+                runtime_dir.join("app.sock"),
                 runtime_dir,
-                app_group: None,
-                space: SpaceDefaults::default(),
-                log: "info".into(),
-                revoke_timeout_ms: gallocy_real::config::DEFAULT_REVOKE_TIMEOUT_MS,
-                down_after_ms: gallocy_real::config::DEFAULT_DOWN_AFTER_MS,
-                tls: None,
-                plaintext_tcp: false,
-            }
+            )
         }
     };
     if let Some(id) = args.node_id {

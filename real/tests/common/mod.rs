@@ -268,6 +268,31 @@ impl InitDir {
     }
 }
 
+/// Runs e2e.c's `consume` (started first) and `publish`, each to its end; both must
+/// succeed. Their outputs: (publisher, consumer).
+#[allow(dead_code)]
+pub fn publish_then_consume(
+    publisher: &mut Command,
+    consumer: &mut Command,
+    limit: Duration,
+) -> (Output, Output) {
+    let consumer = consumer.spawn().expect("spawn the consumer");
+    let publisher = publisher.spawn().expect("spawn the publisher");
+    let published = finish(publisher, limit);
+    let consumed = finish(consumer, limit);
+    assert!(
+        published.status.success(),
+        "publisher: {}",
+        describe(&published)
+    );
+    assert!(
+        consumed.status.success(),
+        "consumer: {}",
+        describe(&consumed)
+    );
+    (published, consumed)
+}
+
 /// Waits for a child, killing it after `limit`.
 pub fn finish(mut child: Child, limit: Duration) -> Output {
     let deadline = Instant::now() + limit;
