@@ -5,7 +5,7 @@
 
 #![allow(clippy::field_reassign_with_default)]
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use protobuf::Message as _;
 use raft::eraftpb::{Entry, EntryType, Message as RaftMessage, MessageType};
@@ -14,7 +14,7 @@ use crate::host::{ConnId, Credentials, Host, HostAction, HostConfig, ProcessStat
 use crate::ipc::{IpcMessage, Role, IPC_FRAME_BYTES, IPC_NAME_BYTES};
 use crate::meta::{Command, Proposal};
 use crate::node::Config;
-use crate::types::{Access, PageId, PAGE_SIZE_BYTES};
+use crate::types::{Access, PageBytes, PageId, PAGE_SIZE_BYTES};
 use crate::wire::{decode_peer_hello, Envelope, FreeOutcome, PageDenial, PeerHello, PeerMessage};
 
 const SPACE_BASE_ADDR: u64 = 0x1000_0000_0000;
@@ -118,6 +118,8 @@ struct Harness {
     /// Sessions the hosts asked about (Probe or Kill), to answer later.
     asked: Vec<(usize, SessionId)>,
     actions: Vec<HostAction>,
+    /// Each host's memory as its `WritePage`s left it (futex words are read from it).
+    memory: [BTreeMap<PageId, Box<PageBytes>>; 2],
 }
 
 impl Harness {
@@ -137,6 +139,7 @@ impl Harness {
             next_conn: 1,
             asked: Vec::new(),
             actions: Vec::new(),
+            memory: [BTreeMap::new(), BTreeMap::new()],
         }
     }
 
@@ -167,6 +170,12 @@ impl Harness {
                     HostAction::DropPages { token, .. } => {
                         self.hosts[h].pages_dropped(self.now, token);
                     }
+                    HostAction::WritePage { page, bytes } => {
+                        // Bounded: a futex compare needs only a few pages' words.
+                        if self.memory[h].len() < 64 {
+                            self.memory[h].insert(page, bytes);
+                        }
+                    }
                     HostAction::Probe { session, .. } | HostAction::Kill { session, .. } => {
                         if self.asked.len() < 256 {
                             self.asked.push((h, session));
@@ -175,7 +184,6 @@ impl Harness {
                     HostAction::SendApp { .. }
                     | HostAction::Welcome { .. }
                     | HostAction::Status { .. }
-                    | HostAction::WritePage { .. }
                     | HostAction::SessionEnded { .. }
                     | HostAction::DropSpace { .. } => {}
                 }
@@ -201,7 +209,7 @@ impl Harness {
         let mut name = [0u8; IPC_NAME_BYTES];
         name[..3].copy_from_slice(b"fz0");
         name[2] = b'0' + r.u8() % 3;
-        match r.u8() % 15 {
+        match r.u8() % 17 {
             0 => {
                 let flags = r.u8();
                 IpcMessage::Hello {
@@ -249,6 +257,15 @@ impl Harness {
             11 => IpcMessage::Status,
             12 => IpcMessage::Detach,
             13 => IpcMessage::Unpersist { name },
+            14 => IpcMessage::FutexWait {
+                addr: r.addr() & !3,
+                expected: r.u8() as u32 % 2,
+                timeout_ticks: r.u8() as u32 * 8,
+            },
+            15 => IpcMessage::FutexWake {
+                addr: r.addr(),
+                count: r.u8() as u32 % 3,
+            },
             _ => IpcMessage::ReleaseChunks {
                 addr: r.addr(),
                 count: r.number() as u32,
@@ -481,7 +498,8 @@ pub fn host_sequence(data: &[u8]) {
                     let at = r.u8() as usize % IPC_FRAME_BYTES;
                     frame[at] = r.u8();
                 }
-                h.hosts[host].app_frame(h.now, conn, &frame);
+                let memory = &h.memory[host];
+                h.hosts[host].app_frame(h.now, conn, &frame, memory);
             }
             5 => {
                 if h.conns[host].is_empty() {

@@ -20,9 +20,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use crate::futex::{FutexTable, Waiter};
 use crate::ipc::{
-    name_from_field, ErrorCode, Frame, IpcDecodeError, IpcMessage, IpcStats, Role, IPC_FRAME_BYTES,
-    IPC_VERSION, MAX_FAULT_PAGES,
+    name_from_field, ErrorCode, Frame, FutexOutcome, IpcDecodeError, IpcMessage, IpcStats, Role,
+    IPC_FRAME_BYTES, IPC_VERSION, MAX_FAULT_PAGES,
 };
 use crate::node::{Action, AppError, AppReply, AppRequest, AppToken, Config, Node};
 use crate::types::{Access, NodeId, PageBytes, PageId, SpaceId, SpaceLayout, PAGE_SIZE_BYTES};
@@ -39,6 +40,8 @@ enum Mutant {
     RevokeDoneBeforeProcessAnswered,
     RevokeDespiteGrantInFlight,
     LeaveSpaceWhileProcessEnding,
+    FutexWaitSkipsCompare,
+    FutexKeepsWaitersOnRevoke,
 }
 
 /// The driver's name for one application connection.
@@ -54,6 +57,29 @@ pub enum PeerProof {
     Unproven,
     /// A certificate of the cluster's CA, naming this member (None: naming no member).
     Certificate(Option<NodeId>),
+}
+
+/// This node's memory of its spaces, as the driver holds it (the daemon's memfds).
+/// The host reads a futex word from it, at the moment it handles the wait, to decide
+/// whether the wait may sleep: any write of this node's processes that a wake follows
+/// happened before the wake reached the host, so compare-then-sleep here is atomic
+/// with respect to this node's wakes.
+pub trait NodeMemory {
+    /// The 32-bit word at `offset_bytes` (4-aligned, inside the page) of `page`, read
+    /// atomically; None if the driver holds no memory for the page's space.
+    fn load_u32(&self, page: PageId, offset_bytes: usize) -> Option<u32>;
+}
+
+/// Memory as a map of the pages written so far (the simulator's and the tests'); a
+/// page not in it is still the zero page.
+impl NodeMemory for BTreeMap<PageId, Box<PageBytes>> {
+    fn load_u32(&self, page: PageId, offset_bytes: usize) -> Option<u32> {
+        let Some(bytes) = self.get(&page) else {
+            return Some(0);
+        };
+        let word = bytes.get(offset_bytes..offset_bytes.checked_add(4)?)?;
+        Some(u32::from_le_bytes(word.try_into().ok()?))
+    }
 }
 
 /// Who is at the other end of an application connection (`SO_PEERCRED`).
@@ -315,6 +341,14 @@ enum Pending {
         group: u64,
         page_index: u64,
     },
+    /// A `FutexWake` waiting for this node to hold the page for writing.
+    FutexWake {
+        conn: ConnId,
+        request_id: u64,
+        page: PageId,
+        offset_bytes: u32,
+        count: u32,
+    },
 }
 
 struct FaultGroup {
@@ -377,6 +411,8 @@ pub struct Host {
     /// `membership_retry_tick`, never in a loop within one input.
     membership_retry: BTreeSet<String>,
     membership_retry_tick: u64,
+    /// Futex waits of this node's processes.
+    futexes: FutexTable,
     actions: Vec<HostAction>,
     node_actions: Vec<Action>,
     counters: HostCounters,
@@ -433,6 +469,7 @@ impl Host {
             memberships: BTreeMap::new(),
             membership_retry: BTreeSet::new(),
             membership_retry_tick: 0,
+            futexes: FutexTable::default(),
             actions: Vec::new(),
             node_actions: Vec::new(),
             counters: HostCounters::default(),
@@ -497,11 +534,13 @@ impl Host {
             .filter(|c| c.role.is_none())
             .map(|c| c.hello_deadline_tick);
         let retry = (!self.membership_retry.is_empty()).then_some(self.membership_retry_tick);
+        let futex = self.futexes.next_deadline();
         // A deadline already past is due now (the next tick).
         let own = revokes
             .chain(releases)
             .chain(hellos)
             .chain(retry)
+            .chain(futex)
             .min()
             .map(|t| t.max(self.now_ticks + 1));
         match (own, self.node.poll_timeout()) {
@@ -524,6 +563,9 @@ impl Host {
         self.process_node_actions();
         self.kill_unresponsive();
         self.close_silent_connections();
+        for waiter in self.futexes.expire(self.now_ticks) {
+            self.answer_wait(waiter, FutexOutcome::TimedOut);
+        }
         if !self.membership_retry.is_empty() && self.membership_retry_tick <= self.now_ticks {
             for name in std::mem::take(&mut self.membership_retry) {
                 self.membership_settled(&name);
@@ -718,15 +760,22 @@ impl Host {
         self.process_node_actions();
     }
 
-    /// A 64-byte frame arrived on `conn`.
-    pub fn app_frame(&mut self, now_ticks: u64, conn: ConnId, frame: &Frame) {
+    /// A 64-byte frame arrived on `conn`; `memory` is this node's memory of its spaces
+    /// (read for a futex wait).
+    pub fn app_frame(
+        &mut self,
+        now_ticks: u64,
+        conn: ConnId,
+        frame: &Frame,
+        memory: &dyn NodeMemory,
+    ) {
         self.set_now(now_ticks);
         if !self.conns.contains_key(&conn) {
             return;
         }
         self.counters.app_requests += 1;
         match IpcMessage::decode(frame) {
-            Ok((request_id, message)) => self.on_app_message(conn, request_id, message),
+            Ok((request_id, message)) => self.on_app_message(conn, request_id, message, memory),
             Err(error) => {
                 self.counters.bad_app_frames += 1;
                 let (code, detail) = match error {
@@ -775,6 +824,7 @@ impl Host {
         let Some(state) = self.conns.remove(&conn) else {
             return;
         };
+        self.futexes.remove_conn(conn);
         let Some(session_id) = state.session else {
             return;
         };
@@ -827,6 +877,7 @@ impl Host {
         for conn in conns {
             if let Some(state) = self.conns.remove(&conn) {
                 let _ = state;
+                self.futexes.remove_conn(conn);
                 self.actions.push(HostAction::CloseApp {
                     conn,
                     why: "session ending",
@@ -931,7 +982,13 @@ impl Host {
         }
     }
 
-    fn on_app_message(&mut self, conn: ConnId, request_id: u64, message: IpcMessage) {
+    fn on_app_message(
+        &mut self,
+        conn: ConnId,
+        request_id: u64,
+        message: IpcMessage,
+        memory: &dyn NodeMemory,
+    ) {
         let (role, creds) = match self.conns.get(&conn) {
             Some(c) => (c.role, c.creds),
             None => return,
@@ -1055,6 +1112,17 @@ impl Host {
                         return self.fault_range(conn, request_id, session_id, addr, write, pages)
                     }
                     IpcMessage::Detach => return self.start_detach(session_id, conn, request_id),
+                    IpcMessage::FutexWait {
+                        addr,
+                        expected,
+                        timeout_ticks,
+                    } => {
+                        let wait = (addr, expected, timeout_ticks);
+                        return self.futex_wait(conn, request_id, session_id, wait, memory);
+                    }
+                    IpcMessage::FutexWake { addr, count } => {
+                        return self.futex_wake(conn, request_id, session_id, addr, count)
+                    }
                     IpcMessage::Allocate {
                         size_bytes,
                         align_bytes,
@@ -1196,6 +1264,9 @@ impl Host {
         for session in orphans {
             self.kill(session, KillReason::SpaceDestroyed);
         }
+        for waiter in self.futexes.wake_space(space) {
+            self.answer_wait(waiter, FutexOutcome::Woken);
+        }
         // The node has forgotten these revocations and releases: nobody waits for them.
         self.revokes.retain(|_, wait| wait.page.space != space);
         self.release_waits.retain(|_, wait| wait.space != space);
@@ -1266,6 +1337,108 @@ impl Host {
             pid,
             frame,
         });
+    }
+
+    // -----------------------------------------------------------------------------
+    // Futexes (docs/protocol.md, "Futexes").
+
+    /// The page and in-page offset of a futex word: 4-aligned and in the space.
+    fn futex_word(&self, session_id: SessionId, addr: u64) -> Option<(PageId, u32)> {
+        let layout = &self.sessions[&session_id].layout;
+        let page = layout.page_of(addr)?;
+        let offset_bytes = (addr - layout.page_addr(page.index)) as u32;
+        (addr % 4 == 0).then_some((page, offset_bytes))
+    }
+
+    fn futex_wait(
+        &mut self,
+        conn: ConnId,
+        request_id: u64,
+        session_id: SessionId,
+        (addr, expected, timeout_ticks): (u64, u32, u32),
+        memory: &dyn NodeMemory,
+    ) {
+        let Some((page, offset_bytes)) = self.futex_word(session_id, addr) else {
+            return self.send_app(conn, request_id, refusal(ErrorCode::InvalidArgument));
+        };
+        if self.futexes.is_waiting(conn) {
+            // A thread sleeps in one futex at a time.
+            return self.send_app(conn, request_id, refusal(ErrorCode::BadFrame));
+        }
+        let done = |outcome| IpcMessage::FutexWaitDone { outcome };
+        if self.node.futex_access(page) == Access::None {
+            return self.send_app(conn, request_id, done(FutexOutcome::NoCopy));
+        }
+        let Some(word) = memory.load_u32(page, offset_bytes as usize) else {
+            return self.send_app(conn, request_id, refusal(ErrorCode::Internal));
+        };
+        if word != expected && !self.mutant(Mutant::FutexWaitSkipsCompare) {
+            return self.send_app(conn, request_id, done(FutexOutcome::ValueChanged));
+        }
+        debug_assert!(
+            self.futexes.len() < MAX_APP_CONNECTIONS,
+            "one wait per connection"
+        );
+        self.futexes.insert(Waiter {
+            conn,
+            request_id,
+            page,
+            offset_bytes,
+            deadline_tick: (timeout_ticks > 0).then(|| self.now_ticks + timeout_ticks as u64),
+        });
+    }
+
+    /// A wake takes the page for writing first: every other node's copy goes, and
+    /// with it every waiter there; then it wakes `count` waiters of this node.
+    fn futex_wake(
+        &mut self,
+        conn: ConnId,
+        request_id: u64,
+        session_id: SessionId,
+        addr: u64,
+        count: u32,
+    ) {
+        let Some((page, offset_bytes)) = self.futex_word(session_id, addr) else {
+            return self.send_app(conn, request_id, refusal(ErrorCode::InvalidArgument));
+        };
+        if self.node.futex_access(page) == Access::Write {
+            return self.finish_wake(conn, request_id, page, offset_bytes, count);
+        }
+        let page_addr = self.sessions[&session_id].layout.page_addr(page.index);
+        let pending = Pending::FutexWake {
+            conn,
+            request_id,
+            page,
+            offset_bytes,
+            count,
+        };
+        let request = AppRequest::Fault {
+            space: page.space,
+            addr: page_addr,
+            access: Access::Write,
+        };
+        self.submit(pending, request);
+    }
+
+    fn finish_wake(
+        &mut self,
+        conn: ConnId,
+        request_id: u64,
+        page: PageId,
+        offset_bytes: u32,
+        count: u32,
+    ) {
+        let woken = self.futexes.wake_word(page, offset_bytes, count);
+        let n = woken.len() as u32;
+        for waiter in woken {
+            self.answer_wait(waiter, FutexOutcome::Woken);
+        }
+        self.send_app(conn, request_id, IpcMessage::FutexWoken { woken: n });
+    }
+
+    fn answer_wait(&mut self, waiter: Waiter, outcome: FutexOutcome) {
+        let message = IpcMessage::FutexWaitDone { outcome };
+        self.send_app(waiter.conn, waiter.request_id, message);
     }
 
     fn fault_range(
@@ -1588,6 +1761,19 @@ impl Host {
             Pending::FaultPart { group, page_index } => {
                 self.fault_part_done(group, page_index, reply)
             }
+            Pending::FutexWake {
+                conn,
+                request_id,
+                page,
+                offset_bytes,
+                count,
+            } => match reply {
+                AppReply::Granted { .. } => {
+                    self.finish_wake(conn, request_id, page, offset_bytes, count)
+                }
+                AppReply::Error(e) => self.send_app(conn, request_id, error_message(e)),
+                _ => self.send_app(conn, request_id, refusal(ErrorCode::Internal)),
+            },
             Pending::Join {
                 conn,
                 request_id,
@@ -1645,6 +1831,12 @@ impl Host {
     /// Lowers every attached process's access to `page` to `access`. With `wait`, the
     /// node is told (with the bytes if asked) once none of them can exceed it.
     fn lower(&mut self, page: PageId, access: Access, wait: Option<(u64, bool)>) {
+        if access == Access::None && !self.mutant(Mutant::FutexKeepsWaitersOnRevoke) {
+            // The copy their compare relied on is going: a write elsewhere may follow.
+            for waiter in self.futexes.wake_pages(page, 1) {
+                self.answer_wait(waiter, FutexOutcome::Woken);
+            }
+        }
         let targets: Vec<SessionId> = self
             .sessions
             .iter()
@@ -1701,6 +1893,13 @@ impl Host {
     /// already stopped granting them.
     fn start_release(&mut self, space: SpaceId, first_index: u64, pages: u64, token: u64) {
         let end = first_index + pages;
+        let first = PageId {
+            space,
+            index: first_index,
+        };
+        for waiter in self.futexes.wake_pages(first, pages) {
+            self.answer_wait(waiter, FutexOutcome::Woken);
+        }
         let mut wait = ReleaseWait {
             space,
             first_index,

@@ -176,6 +176,22 @@ pub enum IpcMessage {
     Unpersist {
         name: [u8; IPC_NAME_BYTES],
     },
+    /// A distributed `futex(FUTEX_WAIT)`: sleep while the 32-bit word at `addr` (space
+    /// memory, 4-aligned) holds `expected`, at most `timeout_ticks` (0: no limit).
+    /// Answered `FutexWaitDone` when woken, when the word differs, at the timeout, or
+    /// with `NoCopy` when this node holds no copy of the page (touch it and ask again).
+    FutexWait {
+        addr: u64,
+        expected: u32,
+        timeout_ticks: u32,
+    },
+    /// A distributed `futex(FUTEX_WAKE)`: wakes up to `count` waiters of this node on
+    /// `addr`, after taking the page for writing (which wakes every waiter on the page
+    /// of every other node). Answered `FutexWoken`.
+    FutexWake {
+        addr: u64,
+        count: u32,
+    },
     // Daemon → application.
     Welcome {
         session: u64,
@@ -217,11 +233,33 @@ pub enum IpcMessage {
         access: u8,
         token: u64,
     },
+    FutexWaitDone {
+        outcome: FutexOutcome,
+    },
+    /// How many waiters of this node the wake woke (waiters of other nodes are woken by
+    /// losing their copy of the page, and not counted).
+    FutexWoken {
+        woken: u32,
+    },
     Error {
         code: ErrorCode,
         /// Extra detail: the daemon's protocol version, a node id, ...
         detail: u64,
     },
+}
+
+/// How a `FutexWait` ended.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum FutexOutcome {
+    /// A wake, or the node lost its copy of the page (a write elsewhere may have
+    /// changed the word): like the kernel's, a waiter must check its condition again.
+    Woken = 0,
+    /// The word did not hold the expected value (`EAGAIN`).
+    ValueChanged = 1,
+    TimedOut = 2,
+    /// This node holds no valid copy of the page, so the word cannot be compared:
+    /// read the word (faulting the page in) and wait again.
+    NoCopy = 3,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -246,6 +284,8 @@ const KIND_GRANT_APPLIED: u8 = 10;
 const KIND_STATUS: u8 = 11;
 const KIND_RELEASE: u8 = 12;
 const KIND_UNPERSIST: u8 = 13;
+const KIND_FUTEX_WAIT: u8 = 14;
+const KIND_FUTEX_WAKE: u8 = 15;
 const KIND_WELCOME: u8 = 65;
 const KIND_ALLOCATED: u8 = 66;
 const KIND_FREED: u8 = 67;
@@ -256,6 +296,8 @@ const KIND_STATS_REPLY: u8 = 71;
 const KIND_REVOKE: u8 = 72;
 const KIND_STATUS_REPLY: u8 = 73;
 const KIND_UNPERSISTED: u8 = 74;
+const KIND_FUTEX_WAIT_DONE: u8 = 75;
+const KIND_FUTEX_WOKEN: u8 = 76;
 const KIND_ERROR: u8 = 0xff;
 
 struct Out<'a> {
@@ -329,6 +371,10 @@ impl IpcMessage {
             IpcMessage::StatusReply { .. } => KIND_STATUS_REPLY,
             IpcMessage::Unpersist { .. } => KIND_UNPERSIST,
             IpcMessage::Unpersisted { .. } => KIND_UNPERSISTED,
+            IpcMessage::FutexWait { .. } => KIND_FUTEX_WAIT,
+            IpcMessage::FutexWake { .. } => KIND_FUTEX_WAKE,
+            IpcMessage::FutexWaitDone { .. } => KIND_FUTEX_WAIT_DONE,
+            IpcMessage::FutexWoken { .. } => KIND_FUTEX_WOKEN,
             IpcMessage::Welcome { .. } => KIND_WELCOME,
             IpcMessage::Allocated { .. } => KIND_ALLOCATED,
             IpcMessage::Freed => KIND_FREED,
@@ -390,6 +436,21 @@ impl IpcMessage {
             IpcMessage::StatusReply { len_bytes } => out.u32(len_bytes),
             IpcMessage::Unpersist { name } => out.bytes(&name),
             IpcMessage::Unpersisted { destroyed } => out.u8(destroyed as u8),
+            IpcMessage::FutexWait {
+                addr,
+                expected,
+                timeout_ticks,
+            } => {
+                out.u64(addr);
+                out.u32(expected);
+                out.u32(timeout_ticks);
+            }
+            IpcMessage::FutexWake { addr, count } => {
+                out.u64(addr);
+                out.u32(count);
+            }
+            IpcMessage::FutexWaitDone { outcome } => out.u8(outcome as u8),
+            IpcMessage::FutexWoken { woken } => out.u32(woken),
             IpcMessage::Freed | IpcMessage::Pong => {}
             IpcMessage::RevokeDone { token } => out.u64(token),
             IpcMessage::Welcome {
@@ -535,6 +596,25 @@ impl IpcMessage {
                     _ => return Err(IpcDecodeError::Invalid),
                 },
             },
+            KIND_FUTEX_WAIT => IpcMessage::FutexWait {
+                addr: r.u64(),
+                expected: r.u32(),
+                timeout_ticks: r.u32(),
+            },
+            KIND_FUTEX_WAKE => IpcMessage::FutexWake {
+                addr: r.u64(),
+                count: r.u32(),
+            },
+            KIND_FUTEX_WAIT_DONE => IpcMessage::FutexWaitDone {
+                outcome: match r.u8() {
+                    0 => FutexOutcome::Woken,
+                    1 => FutexOutcome::ValueChanged,
+                    2 => FutexOutcome::TimedOut,
+                    3 => FutexOutcome::NoCopy,
+                    _ => return Err(IpcDecodeError::Invalid),
+                },
+            },
+            KIND_FUTEX_WOKEN => IpcMessage::FutexWoken { woken: r.u32() },
             KIND_WELCOME => IpcMessage::Welcome {
                 session: r.u64(),
                 space: r.u32(),

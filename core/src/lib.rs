@@ -17,6 +17,8 @@ pub mod alloc;
 pub mod codec;
 #[cfg(feature = "node")]
 pub mod dedupe;
+#[cfg(feature = "node")]
+pub mod futex;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 #[cfg(feature = "node")]

@@ -31,10 +31,16 @@ pub enum Mutant {
     /// A node acknowledges a released run before its processes gave the pages up and
     /// its memory of them was zeroed, so the run can be leased again under them.
     AckReleaseBeforePagesDropped,
+    /// The host lets a futex wait sleep without comparing the word, so a wait that
+    /// arrives after the write (and its wake) sleeps on.
+    FutexWaitSkipsCompare,
+    /// The host keeps a page's futex waiters asleep when the node loses its copy, so
+    /// a write and wake on another node never reach them.
+    FutexKeepsWaitersOnRevoke,
 }
 
 impl Mutant {
-    pub const ALL: [Mutant; 11] = [
+    pub const ALL: [Mutant; 13] = [
         Mutant::GrantWriteWithoutInvalidate,
         Mutant::AckInvalidateBeforeRevoke,
         Mutant::AcceptStaleGrant,
@@ -46,6 +52,8 @@ impl Mutant {
         Mutant::RevokeDespiteGrantInFlight,
         Mutant::LeaveSpaceWhileProcessEnding,
         Mutant::AckReleaseBeforePagesDropped,
+        Mutant::FutexWaitSkipsCompare,
+        Mutant::FutexKeepsWaitersOnRevoke,
     ];
 
     pub fn name(self) -> &'static str {
@@ -61,6 +69,8 @@ impl Mutant {
             Mutant::RevokeDespiteGrantInFlight => "revoke-despite-grant-in-flight",
             Mutant::LeaveSpaceWhileProcessEnding => "leave-space-while-process-ending",
             Mutant::AckReleaseBeforePagesDropped => "ack-release-before-pages-dropped",
+            Mutant::FutexWaitSkipsCompare => "futex-wait-skips-compare",
+            Mutant::FutexKeepsWaitersOnRevoke => "futex-keeps-waiters-on-revoke",
         }
     }
 
@@ -92,6 +102,12 @@ impl Mutant {
             }
             Mutant::AckReleaseBeforePagesDropped => {
                 "node acknowledges a released run before its processes gave the pages up"
+            }
+            Mutant::FutexWaitSkipsCompare => {
+                "host lets a futex wait sleep without comparing the word"
+            }
+            Mutant::FutexKeepsWaitersOnRevoke => {
+                "host keeps futex waiters asleep when the node loses the page"
             }
         }
     }

@@ -1,9 +1,13 @@
 //! The process layer on two hosts of one cluster, driven by hand: what a close, a kill,
 //! a detach and a forged frame do to the pages a process holds.
 
+use std::collections::BTreeMap;
+
 use gallocy_core::host::{Credentials, Host, HostAction, HostConfig, ProcessState, SessionId};
-use gallocy_core::ipc::{IpcMessage, Role, IPC_FRAME_BYTES, IPC_NAME_BYTES};
-use gallocy_core::{Config, PAGE_SIZE_BYTES};
+use gallocy_core::ipc::{
+    ErrorCode, FutexOutcome, IpcMessage, Role, IPC_FRAME_BYTES, IPC_NAME_BYTES,
+};
+use gallocy_core::{Config, PageBytes, PageId, PAGE_SIZE_BYTES};
 
 const BASE: u64 = 0x1000_0000_0000;
 
@@ -14,6 +18,8 @@ struct Net {
     app: Vec<(usize, u64, u64, IpcMessage)>,
     probes: Vec<(usize, SessionId)>,
     kills: Vec<(usize, SessionId)>,
+    /// Each node's memory (its memfd): what grants installed and tests wrote.
+    memory: Vec<BTreeMap<PageId, Box<PageBytes>>>,
 }
 
 impl Net {
@@ -33,6 +39,7 @@ impl Net {
             app: Vec::new(),
             probes: Vec::new(),
             kills: Vec::new(),
+            memory: vec![BTreeMap::new(), BTreeMap::new()],
         };
         // Until a leader exists and both know it.
         for _ in 0..400 {
@@ -75,10 +82,20 @@ impl Net {
                             self.app.push((h, conn, id, message));
                         }
                         HostAction::FinishRevoke {
-                            token, want_bytes, ..
+                            token,
+                            want_bytes,
+                            page,
                         } => {
-                            let bytes = want_bytes.then(|| Box::new([0u8; PAGE_SIZE_BYTES]));
+                            let bytes = want_bytes.then(|| {
+                                self.memory[h]
+                                    .get(&page)
+                                    .cloned()
+                                    .unwrap_or_else(|| Box::new([0u8; PAGE_SIZE_BYTES]))
+                            });
                             self.hosts[h].revoke_finished(self.now, token, bytes);
+                        }
+                        HostAction::WritePage { page, bytes } => {
+                            self.memory[h].insert(page, bytes);
                         }
                         HostAction::Probe { session, .. } => self.probes.push((h, session)),
                         HostAction::Kill { session, .. } => self.kills.push((h, session)),
@@ -96,7 +113,7 @@ impl Net {
     fn send(&mut self, h: usize, conn: u64, request_id: u64, message: IpcMessage) {
         let mut frame = [0u8; IPC_FRAME_BYTES];
         message.encode(request_id, &mut frame);
-        self.hosts[h].app_frame(self.now, conn, &frame);
+        self.hosts[h].app_frame(self.now, conn, &frame, &self.memory[h]);
         self.settle();
     }
 
@@ -355,4 +372,203 @@ fn forged_grant_reports_and_faults_are_refused_without_harm() {
     assert!(matches!(net.reply(0, 99), Some(IpcMessage::Error { .. })));
     net.fault(0, 12, 90, true);
     assert!(granted(net.reply(0, 12)));
+}
+
+// -----------------------------------------------------------------------------
+// Futexes.
+
+/// The futex word of these tests: 64 bytes into the root page.
+const WORD: u64 = BASE + 64;
+
+impl Net {
+    /// The root page of the space the process of Main `conn` on host `h` joined.
+    fn root_page(&self, h: usize, conn: u64) -> PageId {
+        let space = self
+            .app
+            .iter()
+            .find_map(|&(host, c, _, m)| match m {
+                IpcMessage::Welcome { space, .. } if host == h && c == conn => Some(space),
+                _ => None,
+            })
+            .expect("welcomed");
+        PageId { space, index: 0 }
+    }
+
+    /// A process of host `h` writes the futex word (in the node's memory).
+    fn write_word(&mut self, h: usize, page: PageId, value: u32) {
+        let bytes = self.memory[h]
+            .entry(page)
+            .or_insert_with(|| Box::new([0u8; PAGE_SIZE_BYTES]));
+        bytes[64..68].copy_from_slice(&value.to_le_bytes());
+    }
+
+    fn wait(&mut self, h: usize, conn: u64, request_id: u64, expected: u32, timeout_ticks: u32) {
+        let message = IpcMessage::FutexWait {
+            addr: WORD,
+            expected,
+            timeout_ticks,
+        };
+        self.send(h, conn, request_id, message);
+    }
+
+    /// The answer to `request_id` on `conn`, if any.
+    fn answer(&self, h: usize, conn: u64, request_id: u64) -> Option<IpcMessage> {
+        self.app
+            .iter()
+            .rev()
+            .find(|&&(host, c, id, _)| host == h && c == conn && id == request_id)
+            .map(|m| m.3)
+    }
+
+    /// Answers the last revocation sent to the service connection `conn`.
+    fn revoke_done(&mut self, h: usize, conn: u64) {
+        let Some(IpcMessage::Revoke { token, .. }) = self.reply(h, conn) else {
+            panic!("no revocation on {conn}: {:?}", self.reply(h, conn));
+        };
+        self.send(h, conn, 0, IpcMessage::RevokeDone { token });
+    }
+}
+
+fn wait_done(outcome: FutexOutcome) -> Option<IpcMessage> {
+    Some(IpcMessage::FutexWaitDone { outcome })
+}
+
+#[test]
+fn a_futex_wait_sleeps_only_on_a_current_copy_that_holds_the_expected_word() {
+    let mut net = Net::new();
+    net.attach(0, 10, 100);
+    let page = net.root_page(0, 10);
+    // No copy of the page on this node: the word cannot be compared.
+    net.wait(0, 12, 70, 0, 0);
+    assert_eq!(net.answer(0, 12, 70), wait_done(FutexOutcome::NoCopy));
+    net.fault(0, 12, 50, true);
+    net.grant_applied(0, 12);
+    net.write_word(0, page, 5);
+    net.wait(0, 12, 71, 4, 0);
+    assert_eq!(net.answer(0, 12, 71), wait_done(FutexOutcome::ValueChanged));
+    net.wait(0, 12, 72, 5, 0);
+    net.step(100);
+    assert_eq!(net.answer(0, 12, 72), None, "sleeps");
+    // A second wait on the same connection is a broken client.
+    net.wait(0, 12, 73, 5, 0);
+    assert!(matches!(
+        net.answer(0, 12, 73),
+        Some(IpcMessage::Error {
+            code: ErrorCode::BadFrame,
+            ..
+        })
+    ));
+    // Another process of the node wakes it; a misaligned word is refused.
+    net.attach(0, 30, 300);
+    let wake = |addr| IpcMessage::FutexWake { addr, count: 1 };
+    net.send(0, 32, 80, wake(WORD + 1));
+    assert!(matches!(
+        net.answer(0, 32, 80),
+        Some(IpcMessage::Error {
+            code: ErrorCode::InvalidArgument,
+            ..
+        })
+    ));
+    net.send(0, 32, 81, wake(WORD));
+    assert_eq!(
+        net.answer(0, 32, 81),
+        Some(IpcMessage::FutexWoken { woken: 1 })
+    );
+    assert_eq!(net.answer(0, 12, 72), wait_done(FutexOutcome::Woken));
+    net.send(0, 32, 82, wake(WORD));
+    assert_eq!(
+        net.answer(0, 32, 82),
+        Some(IpcMessage::FutexWoken { woken: 0 })
+    );
+}
+
+#[test]
+fn a_wake_on_another_node_reaches_a_waiter_by_taking_its_copy_away() {
+    let mut net = Net::new();
+    net.attach(0, 10, 100);
+    let page = net.root_page(0, 10);
+    net.fault(0, 12, 50, true);
+    net.grant_applied(0, 12);
+    net.write_word(0, page, 5);
+    net.attach(1, 20, 200);
+    // Node 2 reads the page: node 1's writer is downgraded, node 2 gets the bytes.
+    read_fault(&mut net);
+    net.revoke_done(0, 11);
+    for _ in 0..20 {
+        if granted(net.reply(1, 22)) {
+            break;
+        }
+        net.step(10);
+    }
+    assert!(granted(net.reply(1, 22)), "{:?}", net.reply(1, 22));
+    net.grant_applied(1, 22);
+    net.wait(1, 22, 90, 5, 0);
+    net.step(50);
+    assert_eq!(net.answer(1, 22, 90), None, "sleeps on its copy");
+    // Node 1 wakes: it takes the page for writing, so node 2 loses its copy, and that
+    // wakes the waiter before node 2's process has even given the page up.
+    net.send(
+        0,
+        12,
+        91,
+        IpcMessage::FutexWake {
+            addr: WORD,
+            count: 1,
+        },
+    );
+    for _ in 0..20 {
+        if net.answer(1, 22, 90).is_some() {
+            break;
+        }
+        net.step(10);
+    }
+    assert_eq!(net.answer(1, 22, 90), wait_done(FutexOutcome::Woken));
+    assert_eq!(
+        net.answer(0, 12, 91),
+        None,
+        "the write grant waits for node 2"
+    );
+    net.revoke_done(1, 21);
+    for _ in 0..20 {
+        if net.answer(0, 12, 91).is_some() {
+            break;
+        }
+        net.step(10);
+    }
+    assert_eq!(
+        net.answer(0, 12, 91),
+        Some(IpcMessage::FutexWoken { woken: 0 })
+    );
+    // Node 2 holds no copy now: a wait there must fetch the page first.
+    net.wait(1, 22, 92, 5, 0);
+    assert_eq!(net.answer(1, 22, 92), wait_done(FutexOutcome::NoCopy));
+}
+
+#[test]
+fn a_futex_wait_times_out_and_a_closed_connection_forgets_its_wait() {
+    let mut net = Net::new();
+    net.attach(0, 10, 100);
+    net.fault(0, 12, 50, true);
+    net.grant_applied(0, 12);
+    net.wait(0, 12, 60, 0, 40);
+    net.step(20);
+    assert_eq!(net.answer(0, 12, 60), None);
+    net.step(30);
+    assert_eq!(net.answer(0, 12, 60), wait_done(FutexOutcome::TimedOut));
+    net.wait(0, 12, 61, 0, 0);
+    net.hosts[0].app_closed(net.now, 12);
+    net.settle();
+    net.send(
+        0,
+        10,
+        62,
+        IpcMessage::FutexWake {
+            addr: WORD,
+            count: 9,
+        },
+    );
+    assert_eq!(
+        net.answer(0, 10, 62),
+        Some(IpcMessage::FutexWoken { woken: 0 })
+    );
 }

@@ -25,7 +25,7 @@ use mio::{Events, Interest, Poll, Token};
 use tracing::{debug, info, warn};
 
 use crate::config::{DaemonConfig, PeerAddr};
-use crate::memory::SpaceMemory;
+use crate::memory::{NodeSpaces, SpaceMemory};
 use crate::tls::{cert_names_member, PeerTls, TlsStream};
 
 const APP_LISTENER: Token = Token(0);
@@ -1132,7 +1132,9 @@ impl Daemon {
                     conn.inlen = 0;
                     let frame = conn.inbuf;
                     self.stay_busy();
-                    self.host.app_frame(self.now_ms, conn_id(token), &frame);
+                    let memory = NodeSpaces(&self.spaces);
+                    self.host
+                        .app_frame(self.now_ms, conn_id(token), &frame, &memory);
                     self.process_actions();
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,

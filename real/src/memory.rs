@@ -78,6 +78,31 @@ impl SpaceMemory {
 }
 
 impl SpaceMemory {
+    /// The 32-bit word at `offset_bytes` of page `page_index`, read atomically (the
+    /// applications may be writing it with atomics at this moment).
+    pub fn load_u32(&self, page_index: u64, offset_bytes: usize) -> Option<u32> {
+        if offset_bytes % 4 != 0 || offset_bytes + 4 > PAGE_SIZE_BYTES {
+            return None;
+        }
+        let ptr = self.page_ptr(page_index)?;
+        // SAFETY: 4-aligned (pages are, and so is the offset) and inside our mapping,
+        // which lives as long as `self`; AtomicU32 has u32's layout, and every access
+        // to shared futex words is atomic or ordered by the kernel.
+        let word = unsafe { &*(ptr.add(offset_bytes) as *const std::sync::atomic::AtomicU32) };
+        Some(word.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
+/// This node's memfds as the host reads futex words from them.
+pub struct NodeSpaces<'a>(pub &'a std::collections::BTreeMap<gallocy_core::SpaceId, SpaceMemory>);
+
+impl gallocy_core::host::NodeMemory for NodeSpaces<'_> {
+    fn load_u32(&self, page: gallocy_core::PageId, offset_bytes: usize) -> Option<u32> {
+        self.0.get(&page.space)?.load_u32(page.index, offset_bytes)
+    }
+}
+
+impl SpaceMemory {
     /// Zeroes `pages` pages from `first_page` and gives their memory back to the
     /// kernel (a hole punched in the memfd reads as zeroes). False if out of range or
     /// the kernel refused.

@@ -788,8 +788,9 @@ impl World {
     fn send(&mut self, index: usize, conn: ConnId, request_id: u64, message: IpcMessage) {
         let frame = encode(request_id, message);
         let now = self.now_ticks;
-        if let Some(host) = self.slots[index].host.as_mut() {
-            host.app_frame(now, conn, &frame);
+        let slot = &mut self.slots[index];
+        if let Some(host) = slot.host.as_mut() {
+            host.app_frame(now, conn, &frame, &slot.memory);
             self.pump(index);
         }
     }

@@ -783,6 +783,15 @@ impl Node {
             .filter(|(_, p)| p.held != Access::None)
             .map(|(&id, p)| (id, p.held))
     }
+    /// What the applications may do with `page` now, as far as a futex wait is
+    /// concerned: `None` while a revocation of it runs (its waiters are about to be
+    /// woken, so no new one may sleep on a copy that is going away).
+    pub fn futex_access(&self, page: PageId) -> Access {
+        match self.pages.get(&page) {
+            Some(local) if local.revoke.is_none() => self.page_access(local),
+            _ => Access::None,
+        }
+    }
     /// Whether this node holds any state of `space` (pages, directory entries, an
     /// allocator, requests waiting on it).
     pub fn holds_space(&self, space: SpaceId) -> bool {
