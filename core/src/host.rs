@@ -1347,7 +1347,7 @@ impl Host {
         let layout = &self.sessions[&session_id].layout;
         let page = layout.page_of(addr)?;
         let offset_bytes = (addr - layout.page_addr(page.index)) as u32;
-        (addr % 4 == 0).then_some((page, offset_bytes))
+        addr.is_multiple_of(4).then_some((page, offset_bytes))
     }
 
     fn futex_wait(

@@ -81,7 +81,7 @@ impl SpaceMemory {
     /// The 32-bit word at `offset_bytes` of page `page_index`, read atomically (the
     /// applications may be writing it with atomics at this moment).
     pub fn load_u32(&self, page_index: u64, offset_bytes: usize) -> Option<u32> {
-        if offset_bytes % 4 != 0 || offset_bytes + 4 > PAGE_SIZE_BYTES {
+        if !offset_bytes.is_multiple_of(4) || offset_bytes + 4 > PAGE_SIZE_BYTES {
             return None;
         }
         let ptr = self.page_ptr(page_index)?;
