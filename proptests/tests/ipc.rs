@@ -3,8 +3,8 @@
 //! error, never a panic; an `Error` frame is readable whatever the version byte says.
 
 use gallocy_core::ipc::{
-    ErrorCode, Frame, IpcDecodeError, IpcMessage, IpcStats, Role, IPC_FRAME_BYTES, IPC_NAME_BYTES,
-    IPC_VERSION,
+    ErrorCode, Frame, FutexOutcome, IpcDecodeError, IpcMessage, IpcStats, Role, IPC_FRAME_BYTES,
+    IPC_NAME_BYTES, IPC_VERSION,
 };
 use proptest::prelude::*;
 
@@ -59,6 +59,15 @@ fn message() -> impl Strategy<Value = IpcMessage> {
         Just(IpcMessage::Status),
         Just(IpcMessage::Detach),
         any::<[u8; IPC_NAME_BYTES]>().prop_map(|name| IpcMessage::Unpersist { name }),
+        (any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(addr, expected, timeout_ticks)| {
+            IpcMessage::FutexWait {
+                addr,
+                expected,
+                timeout_ticks,
+            }
+        }),
+        (any::<u64>(), any::<u32>())
+            .prop_map(|(addr, count)| IpcMessage::FutexWake { addr, count }),
     ];
     let b = prop_oneof![
         (any::<[u64; 6]>(), any::<u32>(), any::<u32>()).prop_map(|(w, space, node)| {
@@ -98,6 +107,14 @@ fn message() -> impl Strategy<Value = IpcMessage> {
         }),
         any::<u32>().prop_map(|len_bytes| IpcMessage::StatusReply { len_bytes }),
         any::<bool>().prop_map(|destroyed| IpcMessage::Unpersisted { destroyed }),
+        prop_oneof![
+            Just(FutexOutcome::Woken),
+            Just(FutexOutcome::ValueChanged),
+            Just(FutexOutcome::TimedOut),
+            Just(FutexOutcome::NoCopy),
+        ]
+        .prop_map(|outcome| IpcMessage::FutexWaitDone { outcome }),
+        any::<u32>().prop_map(|woken| IpcMessage::FutexWoken { woken }),
         (any::<u64>(), any::<u64>(), 0u8..=1, any::<u64>()).prop_map(
             |(addr, len, access, token)| IpcMessage::Revoke {
                 addr,

@@ -38,6 +38,11 @@ impl RunReport {
             c.drains, c.spaces_dropped, c.new_spaces, c.persistent_creates, c.unpersists, c.runs_released, c.runs_freed
         ));
         out.push_str(&format!(
+            "locks:        {} created, {} acquisitions, {} timed out; futex: {} waits ({} woken, {} value changed, {} timed out, {} no copy), {} wakes\n",
+            c.locks_created, c.locks_acquired, c.lock_gave_up, c.futex_waits, c.futex_woken, c.futex_value_changed,
+            c.futex_timed_out, c.futex_no_copy, c.futex_wakes
+        ));
+        out.push_str(&format!(
             "messages:     {} sent, {} delivered, {} retries, {} rejected, {} malformed; {} page faults to the node, {} revocations\n",
             c.frames_sent, c.frames_delivered, self.retries, self.rejected_messages, self.malformed_frames, c.faults_requested, c.revokes
         ));
@@ -53,7 +58,7 @@ impl RunReport {
             c.frames_delivered as f64 / wall_s
         ));
         match &self.violation {
-            None => out.push_str("checkers:     coherence, memory consistency, allocation safety, space lifetime, liveness: all hold\n"),
+            None => out.push_str("checkers:     coherence, memory consistency, allocation safety, space lifetime, mutual exclusion, no lost wake-up, liveness: all hold\n"),
             Some(v) => out.push_str(&format!(
                 "VIOLATION:    {} broken at step {} (tick {}), seed {}: {}\n",
                 v.checker, v.step, v.tick, self.params.seed, v.detail

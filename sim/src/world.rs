@@ -11,7 +11,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use gallocy_core::host::{
     ConnId, Credentials, Host, HostAction, HostConfig, ProcessState, SessionId,
 };
-use gallocy_core::ipc::{ErrorCode, Frame, IpcMessage, Role, IPC_FRAME_BYTES, IPC_NAME_BYTES};
+use gallocy_core::ipc::{
+    ErrorCode, Frame, FutexOutcome, IpcMessage, Role, IPC_FRAME_BYTES, IPC_NAME_BYTES,
+};
 use gallocy_core::node::Mutant;
 use gallocy_core::{
     Access, Config, Node, NodeId, PageBytes, PageId, SpaceId, SpaceLayout, PAGE_SIZE_BYTES,
@@ -20,6 +22,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::trace::TraceHash;
+
+mod sync;
+use sync::{LockRun, Rmw, SimLock, WaitRecord, WakeDue};
 
 pub const SPACE_NAME: &str = "sim";
 pub const SPACE_BASE_ADDR: u64 = 0x1000_0000_0000;
@@ -85,14 +90,48 @@ pub struct Counters {
     /// dropped their pages), and how many of them are free again.
     pub runs_released: u64,
     pub runs_freed: u64,
+    pub locks_created: u64,
+    pub locks_acquired: u64,
+    /// Lock attempts that slept `MAX_LOCK_WAITS` times without the lock (timed out).
+    pub lock_gave_up: u64,
+    pub futex_waits: u64,
+    pub futex_wakes: u64,
+    pub futex_woken: u64,
+    pub futex_value_changed: u64,
+    pub futex_timed_out: u64,
+    pub futex_no_copy: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum OpKind {
-    Allocate { size_bytes: u64 },
-    Free { addr: u64, expect_valid: bool },
-    Read { addr: u64 },
-    Write { addr: u64, value: u64 },
+    Allocate {
+        size_bytes: u64,
+    },
+    Free {
+        addr: u64,
+        expect_valid: bool,
+    },
+    Read {
+        addr: u64,
+    },
+    Write {
+        addr: u64,
+        value: u64,
+    },
+    /// Allocates a block for a new lock.
+    AllocateLock,
+    /// An atomic swap on a lock word (needs write access).
+    LockRmw {
+        lock: usize,
+        rmw: Rmw,
+    },
+    FutexWait {
+        lock: usize,
+        expected: u32,
+    },
+    FutexWake {
+        lock: usize,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -111,6 +150,8 @@ struct Thread {
     pending: Option<PendingOp>,
     /// Simulated think time: next tick this thread may issue an operation.
     next_op_tick: u64,
+    /// The lock operation it is in, if any.
+    sync: Option<LockRun>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,6 +235,13 @@ enum Scheduled {
     },
     /// A killed process is gone.
     Death { node: usize, pid: i32 },
+    /// A thread's futex wait reaches its host (a while after it decided to sleep).
+    SendFutexWait {
+        node: usize,
+        pid: i32,
+        thread: usize,
+        op_id: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -263,6 +311,14 @@ pub struct World {
     /// when the first node dropped them, and the coherence checker skips them until
     /// they are free (a node that has not dropped them yet still shows the old bytes).
     releasing_runs: BTreeMap<(SpaceId, u64), (u64, BTreeSet<usize>)>,
+    /// Simulated mutexes of the current space (see `sync.rs`).
+    locks: Vec<SimLock>,
+    /// Futex waits that reached their host, by operation id.
+    futex_waits: BTreeMap<u64, WaitRecord>,
+    /// Answers waits are owed.
+    wake_dues: Vec<WakeDue>,
+    /// Per unlock's wake (operation id): the waits asleep when the unlock wrote.
+    wakes_owed: BTreeMap<u64, Vec<u64>>,
 }
 
 fn name_field() -> [u8; IPC_NAME_BYTES] {
@@ -348,6 +404,10 @@ impl World {
             draining_since: None,
             unpersist_due_tick: 0,
             releasing_runs: BTreeMap::new(),
+            locks: Vec::new(),
+            futex_waits: BTreeMap::new(),
+            wake_dues: Vec::new(),
+            wakes_owed: BTreeMap::new(),
         }
         .with_drain()
     }
@@ -443,10 +503,12 @@ impl World {
         self.settle();
         self.run_scheduled();
         self.manage_processes();
+        self.issue_unlocks();
         if self.issuing {
             self.issue_operations();
         }
         self.settle();
+        self.check_wakes();
     }
 
     fn pump(&mut self, index: usize) {
@@ -765,6 +827,10 @@ impl World {
         self.freeing.clear();
         self.limbo.clear();
         self.recently_freed.clear();
+        self.locks.clear();
+        self.futex_waits.clear();
+        self.wake_dues.clear();
+        self.wakes_owed.clear();
     }
 
     /// The host closed `conn`.
@@ -938,6 +1004,7 @@ impl World {
                 if let OpKind::Allocate { .. } = op.kind {
                     self.recently_freed.clear();
                 }
+                self.wakes_owed.remove(&op.id);
             }
         }
     }
@@ -1142,6 +1209,12 @@ impl World {
                     op_id,
                 } => self.apply_grant(node, pid, thread, page_addr, pages, write, op_id),
                 Scheduled::Death { node, pid } => self.process_exits(node, pid, "killed"),
+                Scheduled::SendFutexWait {
+                    node,
+                    pid,
+                    thread,
+                    op_id,
+                } => self.send_wait(node, pid, thread, op_id),
             }
             self.settle();
         }
@@ -1432,6 +1505,7 @@ impl World {
                 ready: false,
                 pending: None,
                 next_op_tick: 0,
+                sync: None,
             });
             self.send(
                 index,
@@ -1536,7 +1610,25 @@ impl World {
             self.access(index, pid, thread, op, false);
             return;
         }
+        let sync = self.slots[index].processes[&pid].threads[thread].sync;
+        match sync {
+            // Its unlock is issued by `issue_unlocks` when the hold is over.
+            Some(run) if run.holding() => return,
+            // A lock attempt that ended in an error: the thread moves on.
+            Some(_) => {
+                self.slots[index]
+                    .processes
+                    .get_mut(&pid)
+                    .expect("issuing")
+                    .threads[thread]
+                    .sync = None
+            }
+            None => {}
+        }
         self.counters.ops_issued += 1;
+        if (25..35).contains(&roll) && self.start_lock(index, pid, thread) {
+            return;
+        }
         if roll < 14 || !have_blocks {
             let size_bytes = match self.rng.gen_range(0..100) {
                 0..=4 => self.rng.gen_range(CHUNK_SIZE_BYTES..3 * CHUNK_SIZE_BYTES),
@@ -1664,6 +1756,7 @@ impl World {
         let (addr, need) = match op.kind {
             OpKind::Read { addr } => (addr, Access::Read),
             OpKind::Write { addr, .. } => (addr, Access::Write),
+            OpKind::LockRmw { lock, .. } => (self.locks[lock].addr, Access::Write),
             _ => unreachable!("not an access"),
         };
         let page = layout.page_of(addr).expect("address in space");
@@ -1699,6 +1792,10 @@ impl World {
         // run. It reads and writes this node's memory only.
         // The run may be free again (and leased anew) since the last check: the ghost
         // must know before it decides what this access means.
+        if let OpKind::LockRmw { lock, rmw } = op.kind {
+            // A lock's block is never freed: its run is never released.
+            return self.perform_rmw(index, pid, thread, lock, rmw);
+        }
         self.track_releases();
         let releasing = self.is_releasing(page);
         let memory = self.slots[index]
@@ -1766,6 +1863,14 @@ impl World {
         request_id: u64,
         reply: IpcMessage,
     ) {
+        let answers_wait = self.slots[index]
+            .processes
+            .get(&pid)
+            .and_then(|p| p.threads[thread].pending)
+            .filter(|op| op.id == request_id && matches!(op.kind, OpKind::FutexWait { .. }));
+        if answers_wait.is_some() {
+            self.wait_answered(request_id);
+        }
         let Some(process) = self.slots[index].processes.get(&pid) else {
             return;
         };
@@ -1786,7 +1891,10 @@ impl World {
         if self.debug {
             eprintln!("    (request {request_id} was {:?})", pending.kind);
         }
+
         if let IpcMessage::Error { code, detail } = reply {
+            // A wake refused: nobody is owed anything by it.
+            self.wakes_owed.remove(&pending.id);
             // A detaching process's last requests are refused: it is leaving.
             let leaving = process.phase != ProcPhase::Live;
             if !(leaving && code == ErrorCode::NotAttached) {
@@ -1828,8 +1936,22 @@ impl World {
                 }
                 self.finish_op(index, pid, thread);
             }
+            (OpKind::AllocateLock, IpcMessage::Allocated { addr, size_bytes }) => {
+                self.check_allocation(index, addr, sync::LOCK_BYTES, size_bytes);
+                // Live, but not published: the random workload never touches it.
+                self.published.retain(|&a| a != addr);
+                self.add_lock(addr);
+                self.finish_op(index, pid, thread);
+            }
+            (OpKind::FutexWait { lock, .. }, IpcMessage::FutexWaitDone { outcome }) => {
+                self.on_wait_done(index, pid, thread, lock, outcome)
+            }
+            (OpKind::FutexWake { lock }, IpcMessage::FutexWoken { woken }) => {
+                self.on_woken(lock, pending.id, woken);
+                self.finish_op(index, pid, thread);
+            }
             (
-                OpKind::Read { .. } | OpKind::Write { .. },
+                OpKind::Read { .. } | OpKind::Write { .. } | OpKind::LockRmw { .. },
                 IpcMessage::Granted {
                     page_addr,
                     write,
