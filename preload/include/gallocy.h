@@ -45,6 +45,16 @@ size_t gallocy_root_size(void);
 /* One round trip to the daemon; 0 on success or a negative errno. */
 int gallocy_ping(void);
 
+/* A futex on a 32-bit word of the space that works across nodes (docs/protocol.md,
+ * "Futexes"). gallocy_futex_wait sleeps while *addr == expected, at most timeout_ms
+ * (0: no limit): 0 when woken (wake-ups can be spurious: check the condition again),
+ * -EAGAIN if the word differs, -ETIMEDOUT, or another negative errno.
+ * gallocy_futex_wake wakes up to count waiters of this node, and every waiter of the
+ * word's page on other nodes; it returns how many of this node's it woke, or a
+ * negative errno. */
+int gallocy_futex_wait(const uint32_t *addr, uint32_t expected, uint32_t timeout_ms);
+int gallocy_futex_wake(const uint32_t *addr, uint32_t count);
+
 struct gallocy_stats {
     uint64_t faults_local;   /* faults this node served without the network */
     uint64_t faults_remote;  /* faults that needed another node */

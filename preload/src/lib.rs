@@ -215,6 +215,35 @@ pub extern "C" fn gallocy_ping() -> c_int {
     }
 }
 
+/// gallocy.h: sleeps while `*addr == expected` (a word of the space), at most
+/// `timeout_ms` (0: no limit). 0 when woken (or spuriously), -EAGAIN if the word
+/// differs, -ETIMEDOUT, or another negative errno.
+#[no_mangle]
+pub extern "C" fn gallocy_futex_wait(addr: *const u32, expected: u32, timeout_ms: u32) -> c_int {
+    match runtime::futex_wait(addr as u64, expected, timeout_ms) {
+        Ok(runtime::FutexWaitEnd::Woken) => 0,
+        Ok(runtime::FutexWaitEnd::ValueChanged) => -libc::EAGAIN,
+        Ok(runtime::FutexWaitEnd::TimedOut) => -libc::ETIMEDOUT,
+        Err(error) => {
+            note_error(b"futex wait", error);
+            -errno_of(error)
+        }
+    }
+}
+
+/// gallocy.h: wakes up to `count` waiters on `addr` of this node (and every waiter of
+/// its page on other nodes). How many of this node's were woken, or a negative errno.
+#[no_mangle]
+pub extern "C" fn gallocy_futex_wake(addr: *const u32, count: u32) -> c_int {
+    match runtime::futex_wake(addr as u64, count) {
+        Ok(woken) => woken.min(c_int::MAX as u32) as c_int,
+        Err(error) => {
+            note_error(b"futex wake", error);
+            -errno_of(error)
+        }
+    }
+}
+
 /// `struct gallocy_stats` in gallocy.h: the IPC counters, laid out for C.
 pub type GallocyStats = IpcStats;
 

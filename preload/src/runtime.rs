@@ -7,7 +7,9 @@ use core::cell::UnsafeCell;
 use core::ffi::CStr;
 use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 
-use gallocy_core::ipc::{name_field, ErrorCode, IpcMessage, Role, IPC_FRAME_BYTES, IPC_VERSION};
+use gallocy_core::ipc::{
+    name_field, ErrorCode, FutexOutcome, IpcMessage, Role, IPC_FRAME_BYTES, IPC_VERSION,
+};
 use rustix::io::Errno;
 
 use crate::report::Message;
@@ -394,6 +396,68 @@ fn notify(message: IpcMessage) {
     message.encode(0, &mut frame);
     if sys::write_all(connection.fd(), &frame).is_err() {
         daemon_gone("send failed");
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Futexes (docs/protocol.md, "Futexes").
+
+/// `NoCopy` answers one wait tolerates: each means the page moved between the read
+/// of the word and the daemon's compare, i.e. another node is writing it.
+const MAX_FUTEX_NO_COPY_RETRIES: u32 = 1024;
+
+/// How a futex wait ended, for the caller.
+pub enum FutexWaitEnd {
+    Woken,
+    /// The word did not hold `expected` (`EAGAIN`).
+    ValueChanged,
+    TimedOut,
+}
+
+/// Sleeps while the 32-bit word at `addr` (in the space) holds `expected`, at most
+/// `timeout_ms` (0: no limit), woken by a `futex_wake` on any node.
+pub fn futex_wait(addr: u64, expected: u32, timeout_ms: u32) -> Result<FutexWaitEnd, CallError> {
+    if !in_space(addr) || !addr.is_multiple_of(4) {
+        return Err(CallError::Refused(ErrorCode::InvalidArgument, 0));
+    }
+    for _ in 0..MAX_FUTEX_NO_COPY_RETRIES {
+        let wait = IpcMessage::FutexWait {
+            addr,
+            expected,
+            timeout_ticks: timeout_ms,
+        };
+        match call(wait)? {
+            IpcMessage::FutexWaitDone { outcome } => match outcome {
+                FutexOutcome::Woken => return Ok(FutexWaitEnd::Woken),
+                FutexOutcome::ValueChanged => return Ok(FutexWaitEnd::ValueChanged),
+                FutexOutcome::TimedOut => return Ok(FutexWaitEnd::TimedOut),
+                FutexOutcome::NoCopy => {
+                    // Reading the word faults the page in (the fault handler asks the
+                    // daemon); then compare as the kernel would before sleeping.
+                    // SAFETY: addr is a 4-aligned address of the space, mapped for
+                    // the life of the attachment; the read is atomic.
+                    let word = unsafe { &*(addr as *const AtomicU32) }.load(Ordering::SeqCst);
+                    if word != expected {
+                        return Ok(FutexWaitEnd::ValueChanged);
+                    }
+                }
+            },
+            _ => return Err(CallError::Refused(ErrorCode::BadFrame, 0)),
+        }
+    }
+    // Another node keeps taking the page: report a spurious wake-up (callers loop).
+    Ok(FutexWaitEnd::Woken)
+}
+
+/// Wakes up to `count` waiters of this node on `addr`, and every waiter of other
+/// nodes on its page; how many of this node's were woken.
+pub fn futex_wake(addr: u64, count: u32) -> Result<u32, CallError> {
+    if !in_space(addr) || !addr.is_multiple_of(4) {
+        return Err(CallError::Refused(ErrorCode::InvalidArgument, 0));
+    }
+    match call(IpcMessage::FutexWake { addr, count })? {
+        IpcMessage::FutexWoken { woken } => Ok(woken),
+        _ => Err(CallError::Refused(ErrorCode::BadFrame, 0)),
     }
 }
 

@@ -247,6 +247,38 @@ fn write_pingpong_with_busy_and_blocked_threads() {
 }
 
 #[test]
+fn a_futex_mutex_excludes_and_wakes_across_nodes() {
+    let cluster = Cluster::start("futexlock", 2);
+    let program = common::build_c(&cluster.dir.join("futexlock"), &["futexlock.c"], &[]);
+    let first = cluster.command(1, &program, &["0", "400"]).spawn().unwrap();
+    let second = cluster.command(2, &program, &["1", "400"]).spawn().unwrap();
+    let first = finish(first, LIMIT);
+    let second = finish(second, LIMIT);
+    assert!(first.status.success(), "{}", describe(&first));
+    assert!(second.status.success(), "{}", describe(&second));
+    let out = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        out.contains("counter 800, violations 0"),
+        "{}",
+        describe(&first)
+    );
+    // Waiters slept in futexes and were woken across nodes (a lost wake-up would
+    // have hung a process).
+    let slept = |output: &std::process::Output| {
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("sleeps ")
+                    .and_then(|n| n.parse::<u64>().ok())
+            })
+            .unwrap_or(0)
+    };
+    let sleeps = (slept(&first), slept(&second));
+    eprintln!("sleeps: {} and {}", sleeps.0, sleeps.1);
+    assert!(sleeps.0 + sleeps.1 > 0, "nobody slept: {sleeps:?}");
+}
+
+#[test]
 fn runtime_path_never_calls_the_system_allocator() {
     let cluster = Cluster::start("noalloc", 1);
     let shim = cluster.dir.join("libcountalloc.so");
