@@ -5,6 +5,7 @@
 //! IPC — runs on raw system calls and stack buffers: it never calls the system
 //! allocator, so it can later serve as the allocator itself (LD_PRELOAD).
 
+mod futex_trap;
 pub mod heap;
 pub mod report;
 pub mod runtime;

@@ -620,6 +620,12 @@ pub fn describe(message: &mut Message, error: CallError) {
 }
 
 /// The errno a failed call maps to.
+/// This thread's `errno`.
+fn errno_now() -> i32 {
+    // SAFETY: __errno_location returns this thread's errno slot.
+    unsafe { *libc::__errno_location() }
+}
+
 pub fn errno_of(error: CallError) -> i32 {
     match error {
         CallError::Refused(code, _) => match code {
@@ -849,6 +855,17 @@ pub fn attach(space: &[u8], create: bool) -> i32 {
             } else {
                 m.str(": errno ").dec(e.raw_os_error() as i64);
             }
+        });
+    }
+    // futex(2) on space memory goes to the daemon, so glibc's locks work across nodes.
+    if !crate::futex_trap::install(base_addr, size_bytes) {
+        let errno = errno_now();
+        sys::unmap(base_addr, size_bytes);
+        sys::close(main_fd);
+        return fail(libc::EPERM, |m| {
+            m.str("cannot trap futex calls on space memory (seccomp refused, errno ")
+                .dec(errno as i64)
+                .str("): locks in the space would not work across nodes");
         });
     }
     RT.session.store(session, Ordering::Release);

@@ -279,6 +279,24 @@ fn a_futex_mutex_excludes_and_wakes_across_nodes() {
 }
 
 #[test]
+fn glibc_mutex_condvar_and_barrier_work_across_nodes() {
+    let cluster = Cluster::start("condping", 2);
+    let program = common::build_c(
+        &cluster.dir.join("condping"),
+        &["condping.c"],
+        &["-pthread"],
+    );
+    let first = cluster.command(1, &program, &["0", "300"]).spawn().unwrap();
+    let second = cluster.command(2, &program, &["1", "300"]).spawn().unwrap();
+    let first = finish(first, LIMIT);
+    let second = finish(second, LIMIT);
+    assert!(first.status.success(), "{}", describe(&first));
+    assert!(second.status.success(), "{}", describe(&second));
+    let out = String::from_utf8_lossy(&first.stdout);
+    assert!(out.contains("turns 600, count 600"), "{}", describe(&first));
+}
+
+#[test]
 fn runtime_path_never_calls_the_system_allocator() {
     let cluster = Cluster::start("noalloc", 1);
     let shim = cluster.dir.join("libcountalloc.so");
