@@ -4,7 +4,10 @@
 //! 2. `gallocy_ping`: one application → daemon transaction (same frame size);
 //! 3. a read fault on a fresh page homed on this node, and on a page whose latest copy
 //!    is on another node;
-//! 4. write ping-pong: two processes on two nodes alternately writing one page.
+//! 4. write ping-pong: two processes on two nodes alternately writing one page;
+//! 5. a glibc mutex + condition variable hand-off (process-shared, in space memory)
+//!    between two processes on two nodes, against 4; and the CPU a thread sleeping in
+//!    a futex on space memory uses.
 //!
 //! `cargo bench -p gallocy-real --bench ipc` (a 2-node local cluster is started and
 //! stopped by the benchmark). Child processes are this executable in another role.
@@ -22,6 +25,9 @@ use gallocy::{gallocy_attach, gallocy_detach, gallocy_malloc, gallocy_ping, gall
 const ROUNDS: usize = 20_000;
 const FAULT_PAGES: usize = 2_000;
 const PINGPONG_ROUNDS: u64 = 5_000;
+const HANDOFF_ROUNDS: u64 = 2_000;
+/// How long the sleeping waiter sleeps.
+const SLEEP_MS: u32 = 2_000;
 /// Runs of each peer transport in `--peers`.
 const PEER_RUNS: usize = 3;
 
@@ -184,6 +190,97 @@ fn write_pingpong(dir: &Path) -> Duration {
     elapsed
 }
 
+/// The state of the condition-variable hand-off, in space memory.
+#[repr(C)]
+struct Handoff {
+    mutex: libc::pthread_mutex_t,
+    turn_changed: libc::pthread_cond_t,
+    turn: u64,
+}
+
+/// Takes `HANDOFF_ROUNDS` turns as `me` (0 or 1): lock, wait for its turn, pass it on,
+/// signal, unlock.
+fn take_turns(state: *mut Handoff, me: u64) {
+    // SAFETY: `state` is the initialised, process-shared state in the space.
+    unsafe {
+        let s = &mut *state;
+        for _ in 0..HANDOFF_ROUNDS {
+            libc::pthread_mutex_lock(&mut s.mutex);
+            while (&raw const s.turn).read_volatile() != me {
+                libc::pthread_cond_wait(&mut s.turn_changed, &mut s.mutex);
+            }
+            (&raw mut s.turn).write_volatile(1 - me);
+            libc::pthread_cond_signal(&mut s.turn_changed);
+            libc::pthread_mutex_unlock(&mut s.mutex);
+        }
+    }
+}
+
+/// Child: the odd side of the hand-off.
+fn handoff_odd() {
+    attach("bench");
+    let root = root();
+    // SAFETY: words of the root block, shared by the processes of the space.
+    wait_word(unsafe { root.add(5) }, 1);
+    // SAFETY: as above.
+    let state = unsafe { root.add(6).read_volatile() } as *mut Handoff;
+    take_turns(state, 1);
+    gallocy_detach();
+}
+
+/// `HANDOFF_ROUNDS` turns each between this process (node 1) and one on node 2; the
+/// time they took.
+fn condvar_handoff(dir: &Path) -> Duration {
+    let node2 = gallocy_real::cluster::app_socket(dir, 2);
+    let root = root();
+    let state = gallocy_malloc(std::mem::size_of::<Handoff>()) as *mut Handoff;
+    assert!(!state.is_null());
+    // SAFETY: a block just allocated in the space, initialised as process-shared
+    // objects before the other process can see it; root block words.
+    unsafe {
+        let mut ma: libc::pthread_mutexattr_t = std::mem::zeroed();
+        libc::pthread_mutexattr_init(&mut ma);
+        libc::pthread_mutexattr_setpshared(&mut ma, libc::PTHREAD_PROCESS_SHARED);
+        libc::pthread_mutex_init(&raw mut (*state).mutex, &ma);
+        let mut ca: libc::pthread_condattr_t = std::mem::zeroed();
+        libc::pthread_condattr_init(&mut ca);
+        libc::pthread_condattr_setpshared(&mut ca, libc::PTHREAD_PROCESS_SHARED);
+        libc::pthread_cond_init(&raw mut (*state).turn_changed, &ca);
+        (&raw mut (*state).turn).write_volatile(0);
+        root.add(6).write_volatile(state as u64);
+        root.add(5).write_volatile(1);
+    }
+    let mut odd = spawn_role("handoff", Some(&node2), "");
+    let start = Instant::now();
+    take_turns(state, 0);
+    let elapsed = start.elapsed();
+    let _ = odd.wait();
+    elapsed
+}
+
+/// CPU time of this thread while it sleeps `SLEEP_MS` in a futex on space memory (a
+/// glibc-style wait that times out: nobody wakes it).
+fn sleeping_waiter_cpu() -> (Duration, Duration) {
+    let word = gallocy_malloc(64) as *mut u32;
+    assert!(!word.is_null());
+    // SAFETY: a block just allocated in the space.
+    unsafe { word.write_volatile(0) };
+    let cpu = || {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes the timespec passed.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    };
+    let (cpu_start, wall_start) = (cpu(), Instant::now());
+    let rc = gallocy::gallocy_futex_wait(word, 0, SLEEP_MS);
+    let (cpu_used, wall) = (cpu() - cpu_start, wall_start.elapsed());
+    assert_eq!(rc, -libc::ETIMEDOUT, "nobody wakes the sleeper");
+    (cpu_used, wall)
+}
+
 /// What TLS costs on the peer links: the remote read fault and the write ping-pong on
 /// a 2-node cluster over TCP on 127.0.0.1, in clear and with TLS, alternating
 /// (PEER_RUNS runs of each, a fresh cluster for each run).
@@ -270,6 +367,7 @@ fn main() {
         Ok("echo") => return echo(&std::env::var("GALLOCY_BENCH_ARG").unwrap()),
         Ok("dirtier") => return dirtier(),
         Ok("pingpong") => return pingpong_odd(),
+        Ok("handoff") => return handoff_odd(),
         _ => {}
     }
     if std::env::args().any(|a| a == "--peers") {
@@ -362,12 +460,33 @@ fn run(dir: &Path) {
 
     // 4. Write ping-pong between node 1 (this process) and node 2.
     let elapsed = write_pingpong(dir);
+    let transfer_us = elapsed.as_secs_f64() * 1e6 / (2.0 * PINGPONG_ROUNDS as f64);
     println!(
         "{:<44} {} rounds in {:.3} s: {:.0} page transfers/s ({:.1} us per transfer)",
         "write ping-pong, two nodes, one page",
         PINGPONG_ROUNDS,
         elapsed.as_secs_f64(),
         2.0 * PINGPONG_ROUNDS as f64 / elapsed.as_secs_f64(),
-        elapsed.as_secs_f64() * 1e6 / (2.0 * PINGPONG_ROUNDS as f64)
+        transfer_us
+    );
+
+    // 5. glibc mutex + condvar hand-off between the two nodes, and a sleeping waiter.
+    let elapsed = condvar_handoff(dir);
+    let handoff_us = elapsed.as_secs_f64() * 1e6 / (2.0 * HANDOFF_ROUNDS as f64);
+    println!(
+        "{:<44} {} hand-offs in {:.3} s: {:.1} us per hand-off, {:.2} page transfers (target <= 2)",
+        "mutex+condvar hand-off, two nodes",
+        2 * HANDOFF_ROUNDS,
+        elapsed.as_secs_f64(),
+        handoff_us,
+        handoff_us / transfer_us
+    );
+    let (cpu_used, wall) = sleeping_waiter_cpu();
+    println!(
+        "{:<44} {:.3} ms CPU in {:.3} s asleep ({:.4} % of a core)",
+        "futex waiter sleeping on space memory",
+        cpu_used.as_secs_f64() * 1e3,
+        wall.as_secs_f64(),
+        100.0 * cpu_used.as_secs_f64() / wall.as_secs_f64()
     );
 }
