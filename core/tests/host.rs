@@ -174,8 +174,13 @@ impl Net {
                 pages: 1,
             },
         );
+        self.step_until(|net| net.answered(h, conn, request_id));
+    }
+
+    /// Steps (10 ticks at a time, at most 100 times) until `done` holds.
+    fn step_until(&mut self, done: impl Fn(&Net) -> bool) {
         for _ in 0..100 {
-            if self.answered(h, conn, request_id) {
+            if done(self) {
                 return;
             }
             self.step(10);
@@ -214,12 +219,7 @@ fn read_fault(net: &mut Net) {
             pages: 1,
         },
     );
-    for _ in 0..100 {
-        if matches!(net.reply(0, 11), Some(IpcMessage::Revoke { .. })) {
-            return;
-        }
-        net.step(10);
-    }
+    net.step_until(|net| matches!(net.reply(0, 11), Some(IpcMessage::Revoke { .. })));
 }
 
 fn granted(message: Option<IpcMessage>) -> bool {
@@ -494,12 +494,7 @@ fn a_wake_on_another_node_reaches_a_waiter_by_taking_its_copy_away() {
     // Node 2 reads the page: node 1's writer is downgraded, node 2 gets the bytes.
     read_fault(&mut net);
     net.revoke_done(0, 11);
-    for _ in 0..20 {
-        if granted(net.reply(1, 22)) {
-            break;
-        }
-        net.step(10);
-    }
+    net.step_until(|net| granted(net.reply(1, 22)));
     assert!(granted(net.reply(1, 22)), "{:?}", net.reply(1, 22));
     net.grant_applied(1, 22);
     net.wait(1, 22, 90, 5, 0);
@@ -516,12 +511,7 @@ fn a_wake_on_another_node_reaches_a_waiter_by_taking_its_copy_away() {
             count: 1,
         },
     );
-    for _ in 0..20 {
-        if net.answer(1, 22, 90).is_some() {
-            break;
-        }
-        net.step(10);
-    }
+    net.step_until(|net| net.answer(1, 22, 90).is_some());
     assert_eq!(net.answer(1, 22, 90), wait_done(FutexOutcome::Woken));
     assert_eq!(
         net.answer(0, 12, 91),
@@ -529,12 +519,7 @@ fn a_wake_on_another_node_reaches_a_waiter_by_taking_its_copy_away() {
         "the write grant waits for node 2"
     );
     net.revoke_done(1, 21);
-    for _ in 0..20 {
-        if net.answer(0, 12, 91).is_some() {
-            break;
-        }
-        net.step(10);
-    }
+    net.step_until(|net| net.answer(0, 12, 91).is_some());
     assert_eq!(
         net.answer(0, 12, 91),
         Some(IpcMessage::FutexWoken { woken: 0 })

@@ -182,12 +182,12 @@ pub fn install(base: u64, size: u64) -> bool {
 }
 
 /// Milliseconds until a `timespec`-style duration has passed, rounded up (at least 1:
-/// 0 means "no limit" to the daemon); None if no limit.
-fn timespec_ms(seconds: i64, nanos: i64) -> Option<u32> {
+/// 0 means "no limit" to the daemon).
+fn timespec_ms(seconds: i64, nanos: i64) -> u32 {
     let ms = seconds
         .saturating_mul(1000)
         .saturating_add((nanos + 999_999) / 1_000_000);
-    Some(ms.clamp(1, u32::MAX as i64 - 1) as u32)
+    ms.clamp(1, u32::MAX as i64 - 1) as u32
 }
 
 /// The wait's limit in ms from its timeout argument: relative for `FUTEX_WAIT`,
@@ -204,7 +204,7 @@ fn wait_limit_ms(cmd: i32, op: i32, timeout: u64) -> Result<Option<u32>, ()> {
         if ts.tv_sec == 0 && ts.tv_nsec == 0 {
             return Err(());
         }
-        return Ok(timespec_ms(ts.tv_sec, ts.tv_nsec));
+        return Ok(Some(timespec_ms(ts.tv_sec, ts.tv_nsec)));
     }
     let clock = if op & FUTEX_CLOCK_REALTIME != 0 {
         libc::CLOCK_REALTIME
@@ -223,7 +223,7 @@ fn wait_limit_ms(cmd: i32, op: i32, timeout: u64) -> Result<Option<u32>, ()> {
     if left_ns <= 0 {
         return Err(());
     }
-    Ok(timespec_ms(0, left_ns))
+    Ok(Some(timespec_ms(0, left_ns)))
 }
 
 /// Performs a trapped futex call; the kernel's return convention (negative errno).
@@ -249,23 +249,15 @@ fn emulate(uaddr: u64, op: u64, val: u64, timeout: u64, uaddr2: u64, val3: u64) 
     }
     let limit_ms = match wait_limit_ms(cmd, op32, timeout) {
         Ok(limit) => limit,
-        Err(()) => {
-            // A limit already over: compare only, as the kernel does.
-            // SAFETY: uaddr is a 4-aligned word of the space (checked by in_space and
-            // by futex_wait below); an atomic read faults the page in if needed.
-            let word =
-                unsafe { &*(uaddr as *const core::sync::atomic::AtomicU32) }.load(Ordering::SeqCst);
-            return if word != val as u32 {
-                -(libc::EAGAIN as i64)
-            } else {
-                -(libc::ETIMEDOUT as i64)
-            };
+        // A limit already over: compare only, as the kernel does.
+        Err(()) if !uaddr.is_multiple_of(4) => return -(libc::EINVAL as i64),
+        Err(()) if runtime::load_futex_word(uaddr) != val as u32 => {
+            return FutexWaitEnd::ValueChanged.result() as i64
         }
+        Err(()) => return FutexWaitEnd::TimedOut.result() as i64,
     };
     match runtime::futex_wait(uaddr, val as u32, limit_ms.unwrap_or(0)) {
-        Ok(FutexWaitEnd::Woken) => 0,
-        Ok(FutexWaitEnd::ValueChanged) => -(libc::EAGAIN as i64),
-        Ok(FutexWaitEnd::TimedOut) => -(libc::ETIMEDOUT as i64),
+        Ok(end) => end.result() as i64,
         // glibc retries a wait that returns EINTR; an error of the daemon (a page lost,
         // this node evicted) was already reported by the fault path when it mattered.
         Err(_) => -(libc::EINTR as i64),

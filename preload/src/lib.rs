@@ -222,9 +222,7 @@ pub extern "C" fn gallocy_ping() -> c_int {
 #[no_mangle]
 pub extern "C" fn gallocy_futex_wait(addr: *const u32, expected: u32, timeout_ms: u32) -> c_int {
     match runtime::futex_wait(addr as u64, expected, timeout_ms) {
-        Ok(runtime::FutexWaitEnd::Woken) => 0,
-        Ok(runtime::FutexWaitEnd::ValueChanged) => -libc::EAGAIN,
-        Ok(runtime::FutexWaitEnd::TimedOut) => -libc::ETIMEDOUT,
+        Ok(end) => end.result(),
         Err(error) => {
             note_error(b"futex wait", error);
             -errno_of(error)

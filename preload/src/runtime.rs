@@ -414,12 +414,38 @@ pub enum FutexWaitEnd {
     TimedOut,
 }
 
+impl FutexWaitEnd {
+    /// What `futex(2)` returns for it (gallocy_futex_wait returns the same).
+    pub fn result(self) -> i32 {
+        match self {
+            FutexWaitEnd::Woken => 0,
+            FutexWaitEnd::ValueChanged => -libc::EAGAIN,
+            FutexWaitEnd::TimedOut => -libc::ETIMEDOUT,
+        }
+    }
+}
+
+/// A futex word must be a 4-aligned address of the space.
+fn check_futex_word(addr: u64) -> Result<(), CallError> {
+    if in_space(addr) && addr.is_multiple_of(4) {
+        Ok(())
+    } else {
+        Err(CallError::Refused(ErrorCode::InvalidArgument, 0))
+    }
+}
+
+/// Reads a futex word of the space (faulting its page in if needed), as the kernel
+/// does before it sleeps.
+pub fn load_futex_word(addr: u64) -> u32 {
+    // SAFETY: callers pass a 4-aligned address of the space (check_futex_word), mapped
+    // for the life of the attachment; the read is atomic.
+    unsafe { &*(addr as *const AtomicU32) }.load(Ordering::SeqCst)
+}
+
 /// Sleeps while the 32-bit word at `addr` (in the space) holds `expected`, at most
 /// `timeout_ms` (0: no limit), woken by a `futex_wake` on any node.
 pub fn futex_wait(addr: u64, expected: u32, timeout_ms: u32) -> Result<FutexWaitEnd, CallError> {
-    if !in_space(addr) || !addr.is_multiple_of(4) {
-        return Err(CallError::Refused(ErrorCode::InvalidArgument, 0));
-    }
+    check_futex_word(addr)?;
     for _ in 0..MAX_FUTEX_NO_COPY_RETRIES {
         let wait = IpcMessage::FutexWait {
             addr,
@@ -431,16 +457,11 @@ pub fn futex_wait(addr: u64, expected: u32, timeout_ms: u32) -> Result<FutexWait
                 FutexOutcome::Woken => return Ok(FutexWaitEnd::Woken),
                 FutexOutcome::ValueChanged => return Ok(FutexWaitEnd::ValueChanged),
                 FutexOutcome::TimedOut => return Ok(FutexWaitEnd::TimedOut),
-                FutexOutcome::NoCopy => {
-                    // Reading the word faults the page in (the fault handler asks the
-                    // daemon); then compare as the kernel would before sleeping.
-                    // SAFETY: addr is a 4-aligned address of the space, mapped for
-                    // the life of the attachment; the read is atomic.
-                    let word = unsafe { &*(addr as *const AtomicU32) }.load(Ordering::SeqCst);
-                    if word != expected {
-                        return Ok(FutexWaitEnd::ValueChanged);
-                    }
+                // The page moved: read the word again, then wait again.
+                FutexOutcome::NoCopy if load_futex_word(addr) != expected => {
+                    return Ok(FutexWaitEnd::ValueChanged)
                 }
+                FutexOutcome::NoCopy => {}
             },
             _ => return Err(CallError::Refused(ErrorCode::BadFrame, 0)),
         }
@@ -452,9 +473,7 @@ pub fn futex_wait(addr: u64, expected: u32, timeout_ms: u32) -> Result<FutexWait
 /// Wakes up to `count` waiters of this node on `addr`, and every waiter of other
 /// nodes on its page; how many of this node's were woken.
 pub fn futex_wake(addr: u64, count: u32) -> Result<u32, CallError> {
-    if !in_space(addr) || !addr.is_multiple_of(4) {
-        return Err(CallError::Refused(ErrorCode::InvalidArgument, 0));
-    }
+    check_futex_word(addr)?;
     match call(IpcMessage::FutexWake { addr, count })? {
         IpcMessage::FutexWoken { woken } => Ok(woken),
         _ => Err(CallError::Refused(ErrorCode::BadFrame, 0)),
@@ -577,7 +596,7 @@ fn chain(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_
     }
 }
 
-fn errno() -> i32 {
+pub fn errno() -> i32 {
     // SAFETY: __errno_location returns this thread's errno slot.
     unsafe { *libc::__errno_location() }
 }
@@ -620,12 +639,6 @@ pub fn describe(message: &mut Message, error: CallError) {
 }
 
 /// The errno a failed call maps to.
-/// This thread's `errno`.
-fn errno_now() -> i32 {
-    // SAFETY: __errno_location returns this thread's errno slot.
-    unsafe { *libc::__errno_location() }
-}
-
 pub fn errno_of(error: CallError) -> i32 {
     match error {
         CallError::Refused(code, _) => match code {
@@ -859,7 +872,7 @@ pub fn attach(space: &[u8], create: bool) -> i32 {
     }
     // futex(2) on space memory goes to the daemon, so glibc's locks work across nodes.
     if !crate::futex_trap::install(base_addr, size_bytes) {
-        let errno = errno_now();
+        let errno = errno();
         sys::unmap(base_addr, size_bytes);
         sys::close(main_fd);
         return fail(libc::EPERM, |m| {

@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{describe, e2e_program, finish, publish_then_consume, temp_dir, Cluster};
+use common::{describe, e2e_program, finish, publish_then_consume, run_pair, temp_dir, Cluster};
 use gallocy_core::ipc::{
     ErrorCode, IpcMessage, Role, IPC_FRAME_BYTES, IPC_NAME_BYTES, IPC_VERSION,
 };
@@ -232,30 +232,22 @@ fn freed_blocks_give_their_chunks_back() {
 fn write_pingpong_with_busy_and_blocked_threads() {
     let cluster = Cluster::start("pingpong", 2);
     let program = e2e_program(&cluster.dir);
-    let even = cluster
-        .command(1, &program, &["pingpong", "0", "300"])
-        .spawn()
-        .unwrap();
-    let odd = cluster
-        .command(2, &program, &["pingpong", "1", "300"])
-        .spawn()
-        .unwrap();
-    let even = finish(even, LIMIT);
-    let odd = finish(odd, LIMIT);
-    assert!(even.status.success(), "{}", describe(&even));
-    assert!(odd.status.success(), "{}", describe(&odd));
+    run_pair(
+        &mut cluster.command(1, &program, &["pingpong", "0", "300"]),
+        &mut cluster.command(2, &program, &["pingpong", "1", "300"]),
+        LIMIT,
+    );
 }
 
 #[test]
 fn a_futex_mutex_excludes_and_wakes_across_nodes() {
     let cluster = Cluster::start("futexlock", 2);
     let program = common::build_c(&cluster.dir.join("futexlock"), &["futexlock.c"], &[]);
-    let first = cluster.command(1, &program, &["0", "400"]).spawn().unwrap();
-    let second = cluster.command(2, &program, &["1", "400"]).spawn().unwrap();
-    let first = finish(first, LIMIT);
-    let second = finish(second, LIMIT);
-    assert!(first.status.success(), "{}", describe(&first));
-    assert!(second.status.success(), "{}", describe(&second));
+    let (first, second) = run_pair(
+        &mut cluster.command(1, &program, &["0", "400"]),
+        &mut cluster.command(2, &program, &["1", "400"]),
+        LIMIT,
+    );
     let out = String::from_utf8_lossy(&first.stdout);
     assert!(
         out.contains("counter 800, violations 0"),
@@ -281,17 +273,13 @@ fn a_futex_mutex_excludes_and_wakes_across_nodes() {
 #[test]
 fn glibc_mutex_condvar_and_barrier_work_across_nodes() {
     let cluster = Cluster::start("condping", 2);
-    let program = common::build_c(
-        &cluster.dir.join("condping"),
-        &["condping.c"],
-        &["-pthread"],
+    // build_c compiles with -pthread.
+    let program = common::build_c(&cluster.dir.join("condping"), &["condping.c"], &[]);
+    let (first, _) = run_pair(
+        &mut cluster.command(1, &program, &["0", "300"]),
+        &mut cluster.command(2, &program, &["1", "300"]),
+        LIMIT,
     );
-    let first = cluster.command(1, &program, &["0", "300"]).spawn().unwrap();
-    let second = cluster.command(2, &program, &["1", "300"]).spawn().unwrap();
-    let first = finish(first, LIMIT);
-    let second = finish(second, LIMIT);
-    assert!(first.status.success(), "{}", describe(&first));
-    assert!(second.status.success(), "{}", describe(&second));
     let out = String::from_utf8_lossy(&first.stdout);
     assert!(out.contains("turns 600, count 600"), "{}", describe(&first));
 }

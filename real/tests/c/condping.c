@@ -6,13 +6,7 @@
  * initialises the state and publishes it in the root block, and prints
  * "turns 2N, count 2N" at the end. Exit 0 on success. */
 #include <pthread.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-#include <unistd.h>
-#include "gallocy.h"
+#include "share.h"
 
 struct shared {
     pthread_mutex_t mutex;
@@ -23,51 +17,29 @@ struct shared {
     long count;
 };
 
-static double now_s(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + t.tv_nsec / 1e9;
+/* Process-shared objects, initialised before the other process can see them. */
+static void init_shared(void *state) {
+    struct shared *s = state;
+    pthread_mutexattr_t ma;
+    pthread_mutexattr_init(&ma);
+    pthread_mutexattr_setpshared(&ma, PTHREAD_PROCESS_SHARED);
+    pthread_mutex_init(&s->mutex, &ma);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setpshared(&ca, PTHREAD_PROCESS_SHARED);
+    pthread_cond_init(&s->turn_changed, &ca);
+    pthread_barrierattr_t ba;
+    pthread_barrierattr_init(&ba);
+    pthread_barrierattr_setpshared(&ba, PTHREAD_PROCESS_SHARED);
+    pthread_barrier_init(&s->start, &ba, 2);
+    pthread_barrier_init(&s->end, &ba, 2);
 }
 
 int main(int argc, char **argv) {
     if (argc != 3) return 2;
     int me = atoi(argv[1]);
     long n = atol(argv[2]);
-    if (gallocy_attach("condping") != 0) {
-        fprintf(stderr, "attach: %s\n", gallocy_last_error());
-        return 10;
-    }
-    volatile uint64_t *root = gallocy_root();
-    struct shared *s;
-    if (me == 0) {
-        s = gallocy_malloc(sizeof *s);
-        if (!s) return 11;
-        memset(s, 0, sizeof *s);
-        pthread_mutexattr_t ma;
-        pthread_mutexattr_init(&ma);
-        pthread_mutexattr_setpshared(&ma, PTHREAD_PROCESS_SHARED);
-        pthread_mutex_init(&s->mutex, &ma);
-        pthread_condattr_t ca;
-        pthread_condattr_init(&ca);
-        pthread_condattr_setpshared(&ca, PTHREAD_PROCESS_SHARED);
-        pthread_cond_init(&s->turn_changed, &ca);
-        pthread_barrierattr_t ba;
-        pthread_barrierattr_init(&ba);
-        pthread_barrierattr_setpshared(&ba, PTHREAD_PROCESS_SHARED);
-        pthread_barrier_init(&s->start, &ba, 2);
-        pthread_barrier_init(&s->end, &ba, 2);
-        __atomic_store_n(&root[0], (uint64_t)s, __ATOMIC_SEQ_CST);
-    } else {
-        double deadline = now_s() + 60;
-        while (__atomic_load_n(&root[0], __ATOMIC_SEQ_CST) == 0) {
-            if (now_s() > deadline) {
-                fprintf(stderr, "process 0 never published\n");
-                return 12;
-            }
-            usleep(1000);
-        }
-        s = (struct shared *)root[0];
-    }
+    struct shared *s = share_state("condping", me, sizeof(struct shared), 16, init_shared);
     pthread_barrier_wait(&s->start);
     for (long i = 0; i < n; i++) {
         pthread_mutex_lock(&s->mutex);

@@ -8,13 +8,7 @@
  * Both start together and hold the lock 200 us each time, so that they sleep in
  * futexes; each prints how often it slept ("sleeps S"). Exit 0 on success. */
 #include <errno.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-#include <unistd.h>
-#include "gallocy.h"
+#include "share.h"
 
 #define PAGE 4096
 
@@ -25,12 +19,6 @@ struct shared {
 };
 
 static long sleeps;
-
-static double now_s(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + t.tv_nsec / 1e9;
-}
 
 static void lock(uint32_t *word) {
     uint32_t c = 0;
@@ -62,38 +50,12 @@ int main(int argc, char **argv) {
     if (argc != 3) return 2;
     int me = atoi(argv[1]);
     long n = atol(argv[2]);
-    if (gallocy_attach("futexlock") != 0) {
-        fprintf(stderr, "attach: %s\n", gallocy_last_error());
-        return 10;
-    }
-    volatile uint64_t *root = gallocy_root();
-    struct shared *s;
-    if (me == 0) {
-        s = gallocy_malloc(sizeof *s + PAGE);
-        if (!s) return 11;
-        s = (struct shared *)(((uintptr_t)s + PAGE - 1) & ~(uintptr_t)(PAGE - 1));
-        memset((void *)s, 0, sizeof *s);
-        __atomic_store_n(&root[0], (uint64_t)s, __ATOMIC_SEQ_CST);
-    } else {
-        double deadline = now_s() + 60;
-        while (__atomic_load_n(&root[0], __ATOMIC_SEQ_CST) == 0) {
-            if (now_s() > deadline) {
-                fprintf(stderr, "process 0 never published\n");
-                return 12;
-            }
-            usleep(1000);
-        }
-        s = (struct shared *)root[0];
-    }
+    struct shared *s = share_state("futexlock", me, sizeof(struct shared), PAGE, NULL);
     /* Start together, so that the two contend for the lock. */
     __atomic_fetch_add(&s->counter[2], 1, __ATOMIC_SEQ_CST);
-    double start_deadline = now_s() + 60;
-    while (__atomic_load_n(&s->counter[2], __ATOMIC_SEQ_CST) != 2) {
-        if (now_s() > start_deadline) {
-            fprintf(stderr, "the other process never started\n");
-            return 14;
-        }
-        usleep(100);
+    if (wait_for(&s->counter[2], 2, 60, 100) != 0) {
+        fprintf(stderr, "the other process never started\n");
+        return 14;
     }
     for (long i = 0; i < n; i++) {
         lock(&s->lock[0]);
@@ -108,13 +70,9 @@ int main(int argc, char **argv) {
     printf("sleeps %ld\n", sleeps);
     __atomic_fetch_add(&s->counter[1], 1, __ATOMIC_SEQ_CST);
     if (me == 1) return 0;
-    double deadline = now_s() + 120;
-    while (__atomic_load_n(&s->counter[1], __ATOMIC_SEQ_CST) != 2) {
-        if (now_s() > deadline) {
-            fprintf(stderr, "process 1 never finished\n");
-            return 13;
-        }
-        usleep(1000);
+    if (wait_for(&s->counter[1], 2, 120, 1000) != 0) {
+        fprintf(stderr, "process 1 never finished\n");
+        return 13;
     }
     printf("counter %llu, violations %llu\n", (unsigned long long)s->counter[0],
            (unsigned long long)s->inside[1]);

@@ -276,21 +276,21 @@ pub fn publish_then_consume(
     consumer: &mut Command,
     limit: Duration,
 ) -> (Output, Output) {
-    let consumer = consumer.spawn().expect("spawn the consumer");
-    let publisher = publisher.spawn().expect("spawn the publisher");
-    let published = finish(publisher, limit);
-    let consumed = finish(consumer, limit);
-    assert!(
-        published.status.success(),
-        "publisher: {}",
-        describe(&published)
-    );
-    assert!(
-        consumed.status.success(),
-        "consumer: {}",
-        describe(&consumed)
-    );
+    let (consumed, published) = run_pair(consumer, publisher, limit);
     (published, consumed)
+}
+
+/// Starts `first`, then `second`, and runs both to their end; both must succeed.
+/// Their outputs, in that order.
+#[allow(dead_code)]
+pub fn run_pair(first: &mut Command, second: &mut Command, limit: Duration) -> (Output, Output) {
+    let first = first.spawn().expect("spawn the first process");
+    let second = second.spawn().expect("spawn the second process");
+    let first = finish(first, limit);
+    let second = finish(second, limit);
+    assert!(first.status.success(), "first: {}", describe(&first));
+    assert!(second.status.success(), "second: {}", describe(&second));
+    (first, second)
 }
 
 /// Waits for a child, killing it after `limit`.
