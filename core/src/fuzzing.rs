@@ -14,6 +14,7 @@ use crate::host::{ConnId, Credentials, Host, HostAction, HostConfig, ProcessStat
 use crate::ipc::{IpcMessage, Role, IPC_FRAME_BYTES, IPC_NAME_BYTES};
 use crate::meta::{Command, Proposal};
 use crate::node::Config;
+use crate::programs::{ProgramMessage, WorkerEvent, WorkerExit, WorkerSpec};
 use crate::types::{Access, PageBytes, PageId, PAGE_SIZE_BYTES};
 use crate::wire::{decode_peer_hello, Envelope, FreeOutcome, PageDenial, PeerHello, PeerMessage};
 
@@ -54,6 +55,11 @@ impl Bytes<'_> {
         let (head, rest) = self.data.split_at(n);
         self.data = rest;
         head
+    }
+    /// Up to 255 bytes, length first.
+    fn blob(&mut self) -> Vec<u8> {
+        let len = self.u8() as usize;
+        self.take(len).to_vec()
     }
     fn is_empty(&self) -> bool {
         self.data.is_empty()
@@ -117,6 +123,8 @@ struct Harness {
     next_conn: ConnId,
     /// Sessions the hosts asked about (Probe or Kill), to answer later.
     asked: Vec<(usize, SessionId)>,
+    /// Worker instances the hosts asked to start: (host, program).
+    workers: Vec<(usize, u64)>,
     actions: Vec<HostAction>,
     /// Each host's memory as its `WritePage`s left it (futex words are read from it).
     memory: [BTreeMap<PageId, Box<PageBytes>>; 2],
@@ -138,6 +146,7 @@ impl Harness {
             conns: [Vec::new(), Vec::new()],
             next_conn: 1,
             asked: Vec::new(),
+            workers: Vec::new(),
             actions: Vec::new(),
             memory: [BTreeMap::new(), BTreeMap::new()],
         }
@@ -181,7 +190,14 @@ impl Harness {
                             self.asked.push((h, session));
                         }
                     }
+                    HostAction::StartWorker { program, .. } => {
+                        if self.workers.len() < 64 {
+                            self.workers.push((h, program));
+                        }
+                    }
                     HostAction::SendApp { .. }
+                    | HostAction::SendAppData { .. }
+                    | HostAction::StopWorker { .. }
                     | HostAction::Welcome { .. }
                     | HostAction::Status { .. }
                     | HostAction::SessionEnded { .. }
@@ -209,7 +225,18 @@ impl Harness {
         let mut name = [0u8; IPC_NAME_BYTES];
         name[..3].copy_from_slice(b"fz0");
         name[2] = b'0' + r.u8() % 3;
-        match r.u8() % 17 {
+        match r.u8() % 20 {
+            17 => IpcMessage::StopProgram {
+                program: Self::program_id(r),
+            },
+            18 => IpcMessage::ServeThreads {
+                program: Self::program_id(r),
+            },
+            19 => IpcMessage::SpawnThread {
+                program: Self::program_id(r),
+                node: r.u8() as u64 % 4,
+                record_addr: r.addr(),
+            },
             0 => {
                 let flags = r.u8();
                 IpcMessage::Hello {
@@ -273,6 +300,57 @@ impl Harness {
         }
     }
 
+    /// Program ids the hosts hand out (origin node << 32 | 1..4), or anything.
+    fn program_id(r: &mut Bytes<'_>) -> u64 {
+        match r.u8() % 4 {
+            0 => r.u64(),
+            _ => ((1 + r.u8() as u64 % 2) << 32) | (1 + r.u8() as u64 % 4),
+        }
+    }
+
+    fn program_message(r: &mut Bytes<'_>, from: u64) -> ProgramMessage {
+        let program = Self::program_id(r);
+        let thread = match r.u8() % 2 {
+            0 => r.u64(),
+            _ => (from << 40) | (r.u8() as u64 % 8),
+        };
+        match r.u8() % 8 {
+            0 => ProgramMessage::Launch {
+                program,
+                spec: r.blob(),
+            },
+            1 => ProgramMessage::LaunchAck { program },
+            2 => ProgramMessage::Event {
+                program,
+                seq: r.u8() as u64 % 8,
+                event: match r.u8() % 4 {
+                    0 => WorkerEvent::Started { pid: r.u32() },
+                    1 => WorkerEvent::Refused { reason: r.blob() },
+                    2 => WorkerEvent::Output {
+                        stream: 1 + r.u8() % 2,
+                        bytes: r.blob(),
+                    },
+                    _ => WorkerEvent::Exited(WorkerExit::Code(r.u8() as i32)),
+                },
+            },
+            3 => ProgramMessage::EventAck {
+                program,
+                seq: r.u8() as u64 % 8,
+            },
+            4 => ProgramMessage::Stop { program },
+            5 => ProgramMessage::StopAck { program },
+            6 => ProgramMessage::Spawn {
+                program,
+                thread,
+                record_addr: r.addr(),
+            },
+            _ => ProgramMessage::SpawnAck {
+                thread,
+                delivered: r.u8() & 1 == 1,
+            },
+        }
+    }
+
     fn peer_message(r: &mut Bytes<'_>, from: u64) -> PeerMessage {
         let page = PageId {
             space: r.u8() as u32 % 3,
@@ -284,7 +362,8 @@ impl Harness {
             Access::Read
         };
         let bytes = (r.u8() & 1 == 1).then(|| Box::new([r.u8(); PAGE_SIZE_BYTES]));
-        match r.u8() % 13 {
+        match r.u8() % 14 {
+            13 => PeerMessage::Program(Self::program_message(r, from)),
             0 => PeerMessage::PageRequest {
                 page,
                 request_id: r.number(),
@@ -467,7 +546,44 @@ pub fn host_sequence(data: &[u8]) {
             break;
         }
         let host = (r.u8() & 1) as usize;
-        match r.u8() % 12 {
+        match r.u8() % 14 {
+            12 => {
+                // A launcher's spec, well-formed or not.
+                if h.conns[host].is_empty() {
+                    continue;
+                }
+                let conn = h.conns[host][r.u8() as usize % h.conns[host].len()];
+                let spec = match r.u8() % 2 {
+                    0 => r.blob(),
+                    _ => WorkerSpec {
+                        path: b"/bin/true".to_vec(),
+                        argv: vec![b"true".to_vec()],
+                        ..WorkerSpec::default()
+                    }
+                    .encode(),
+                };
+                h.hosts[host].app_launch(h.now, conn, r.u8() as u64, spec);
+            }
+            13 => {
+                // What a daemon reports about a worker it was asked to start.
+                if h.workers.is_empty() {
+                    continue;
+                }
+                let (worker_host, program) = h.workers[r.u8() as usize % h.workers.len()];
+                let event = match r.u8() % 4 {
+                    0 => WorkerEvent::Started { pid: r.u32() },
+                    1 => WorkerEvent::Output {
+                        stream: 1 + r.u8() % 2,
+                        bytes: r.blob(),
+                    },
+                    2 => WorkerEvent::Refused {
+                        reason: b"hash differs".to_vec(),
+                    },
+                    _ => WorkerEvent::Exited(WorkerExit::Signal(r.u8() as i32)),
+                };
+                h.hosts[worker_host].worker_event(h.now, program, event);
+                h.drain(worker_host);
+            }
             0 => {
                 h.now += r.u8() as u64 * 4;
                 for i in 0..2 {

@@ -25,9 +25,14 @@ use crate::ipc::{
     name_from_field, ErrorCode, Frame, FutexOutcome, IpcDecodeError, IpcMessage, IpcStats, Role,
     IPC_FRAME_BYTES, IPC_VERSION, MAX_FAULT_PAGES,
 };
+use crate::meta::NodeStatus;
 use crate::node::{Action, AppError, AppReply, AppRequest, AppToken, Config, Node};
+use crate::programs::{
+    LauncherReport, ProgramEffect, ProgramId, ProgramTiming, Programs, SpawnError, SpawnRequest,
+    WorkerEvent, WorkerExit, MAX_SPEC_BYTES,
+};
 use crate::types::{Access, NodeId, PageBytes, PageId, SpaceId, SpaceLayout, PAGE_SIZE_BYTES};
-use crate::wire::{Envelope, PeerHello};
+use crate::wire::{Envelope, PeerHello, PeerMessage};
 
 #[cfg(feature = "mutants")]
 use crate::mutants::Mutant;
@@ -225,6 +230,18 @@ pub enum HostAction {
         pages: u64,
         token: u64,
     },
+    /// Send an application frame followed by `data` (a `WorkerReport`'s bytes).
+    SendAppData {
+        conn: ConnId,
+        frame: Frame,
+        data: Vec<u8>,
+    },
+    /// Start this node's worker instance of `program` from the encoded
+    /// `programs::WorkerSpec`; report what happens with `worker_event`.
+    StartWorker { program: ProgramId, spec: Vec<u8> },
+    /// End this node's worker instance of `program` (it was told on its connection;
+    /// the driver makes sure the process ends, after a grace period).
+    StopWorker { program: ProgramId },
 }
 
 /// Host counters, for status displays.
@@ -413,6 +430,8 @@ pub struct Host {
     membership_retry_tick: u64,
     /// Futex waits of this node's processes.
     futexes: FutexTable,
+    /// Launched programs, worker instances here, thread spawns.
+    programs: Programs,
     actions: Vec<HostAction>,
     node_actions: Vec<Action>,
     counters: HostCounters,
@@ -450,6 +469,20 @@ impl Host {
     pub fn new(config: HostConfig) -> Result<Host, String> {
         config.validate()?;
         let node = Node::new(config.node.clone())?;
+        let timing = ProgramTiming {
+            retry_base_ticks: config.node.retry_base_ticks,
+            retry_max_ticks: config.node.retry_max_ticks,
+            // A spawn waits at most as long as it takes to declare the target down.
+            spawn_timeout_ticks: config.node.down_after_ticks,
+        };
+        #[allow(unused_mut)]
+        let mut programs = Programs::new(config.node.id, timing);
+        #[cfg(feature = "mutants")]
+        {
+            programs.mutant_spawn_not_retried = config.node.mutant == Some(Mutant::SpawnNotRetried);
+            programs.mutant_spawn_not_deduplicated =
+                config.node.mutant == Some(Mutant::SpawnNotDeduplicated);
+        }
         Ok(Host {
             config,
             node,
@@ -470,6 +503,7 @@ impl Host {
             membership_retry: BTreeSet::new(),
             membership_retry_tick: 0,
             futexes: FutexTable::default(),
+            programs,
             actions: Vec::new(),
             node_actions: Vec::new(),
             counters: HostCounters::default(),
@@ -535,12 +569,14 @@ impl Host {
             .map(|c| c.hello_deadline_tick);
         let retry = (!self.membership_retry.is_empty()).then_some(self.membership_retry_tick);
         let futex = self.futexes.next_deadline();
+        let programs = self.programs.next_deadline();
         // A deadline already past is due now (the next tick).
         let own = revokes
             .chain(releases)
             .chain(hellos)
             .chain(retry)
             .chain(futex)
+            .chain(programs)
             .min()
             .map(|t| t.max(self.now_ticks + 1));
         match (own, self.node.poll_timeout()) {
@@ -566,6 +602,10 @@ impl Host {
         for waiter in self.futexes.expire(self.now_ticks) {
             self.answer_wait(waiter, FutexOutcome::TimedOut);
         }
+        let meta = self.node.meta();
+        let is_down = |node: NodeId| !matches!(meta.nodes.get(&node), Some(NodeStatus::Up));
+        self.programs.tick(self.now_ticks, &is_down);
+        self.apply_program_effects();
         if !self.membership_retry.is_empty() && self.membership_retry_tick <= self.now_ticks {
             for name in std::mem::take(&mut self.membership_retry) {
                 self.membership_settled(&name);
@@ -825,6 +865,8 @@ impl Host {
             return;
         };
         self.futexes.remove_conn(conn);
+        self.programs.conn_closed(self.now_ticks, conn);
+        self.apply_program_effects();
         let Some(session_id) = state.session else {
             return;
         };
@@ -878,6 +920,7 @@ impl Host {
             if let Some(state) = self.conns.remove(&conn) {
                 let _ = state;
                 self.futexes.remove_conn(conn);
+                self.programs.conn_closed(self.now_ticks, conn);
                 self.actions.push(HostAction::CloseApp {
                     conn,
                     why: "session ending",
@@ -1085,6 +1128,51 @@ impl Host {
                     name: name.to_string(),
                 };
                 self.submit(Pending::Request { conn, request_id }, request);
+            }
+            (Some(Role::Admin), IpcMessage::StopProgram { program }) => {
+                self.programs.stop(self.now_ticks, program);
+                self.apply_program_effects();
+                self.send_app(conn, request_id, IpcMessage::Pong);
+            }
+            // The spec follows the frame: the driver reads it and calls `app_launch`.
+            (_, IpcMessage::Launch { .. }) => {
+                self.send_app(conn, request_id, refusal(ErrorCode::BadFrame))
+            }
+            (Some(Role::Thread), IpcMessage::ServeThreads { program }) => {
+                let reply = if self.session_of(conn).is_none() {
+                    refusal(ErrorCode::NotAttached)
+                } else if self.programs.serve_threads(program, conn) {
+                    IpcMessage::Pong
+                } else {
+                    refusal(ErrorCode::NoInstance)
+                };
+                self.apply_program_effects();
+                self.send_app(conn, request_id, reply);
+            }
+            (
+                Some(Role::Main | Role::Thread),
+                IpcMessage::SpawnThread {
+                    program,
+                    node,
+                    record_addr,
+                },
+            ) => {
+                if self.session_of(conn).is_none() {
+                    return self.send_app(conn, request_id, refusal(ErrorCode::NotAttached));
+                }
+                if !self.config.node.members.contains(&node) {
+                    return self.send_app(conn, request_id, refusal(ErrorCode::InvalidArgument));
+                }
+                let up = matches!(self.node.meta().nodes.get(&node), Some(NodeStatus::Up));
+                let request = SpawnRequest {
+                    conn,
+                    request_id,
+                    program,
+                    target: node,
+                    record_addr,
+                };
+                self.programs.spawn(self.now_ticks, request, up);
+                self.apply_program_effects();
             }
             (Some(_), IpcMessage::RevokeDone { token }) => {
                 // Only the session the revocation went to may answer it.
@@ -1708,6 +1796,149 @@ impl Host {
     }
 
     // -----------------------------------------------------------------------------
+    // Programs and threads (docs/protocol.md, "Programs and threads").
+
+    /// A launcher's `Launch` frame and the spec bytes that followed it (the driver
+    /// reads them: at most `MAX_SPEC_BYTES`). Answered `Launched`, or an error.
+    pub fn app_launch(&mut self, now_ticks: u64, conn: ConnId, request_id: u64, spec: Vec<u8>) {
+        self.set_now(now_ticks);
+        let Some(state) = self.conns.get(&conn) else {
+            return;
+        };
+        if state.role != Some(Role::Admin) {
+            return self.send_app(conn, request_id, refusal(ErrorCode::NotAttached));
+        }
+        if spec.len() > MAX_SPEC_BYTES {
+            return self.send_app(conn, request_id, refusal(ErrorCode::InvalidArgument));
+        }
+        let meta = self.node.meta();
+        let peers: Vec<NodeId> = self
+            .config
+            .node
+            .members
+            .iter()
+            .copied()
+            .filter(|m| *m != self.config.node.id)
+            .filter(|m| matches!(meta.nodes.get(m), Some(NodeStatus::Up)))
+            .collect();
+        match self.programs.launch(self.now_ticks, conn, spec, &peers) {
+            Ok(program) => self.send_app(conn, request_id, IpcMessage::Launched { program }),
+            Err(_) => self.send_app(conn, request_id, refusal(ErrorCode::Busy)),
+        }
+        self.apply_program_effects();
+    }
+
+    /// The driver reports on this node's worker instance of `program` (after
+    /// `StartWorker`): started or refused, output, exit.
+    pub fn worker_event(&mut self, now_ticks: u64, program: ProgramId, event: WorkerEvent) {
+        self.set_now(now_ticks);
+        self.programs.worker_event(self.now_ticks, program, event);
+        self.apply_program_effects();
+    }
+
+    /// Output bytes of `program`'s worker not yet acknowledged by the origin: the
+    /// driver reads more only below `programs::MAX_EVENT_BACKLOG_BYTES`.
+    pub fn worker_backlog_bytes(&self, program: ProgramId) -> usize {
+        self.programs.backlog_bytes(program)
+    }
+
+    fn apply_program_effects(&mut self) {
+        for effect in self.programs.drain_effects() {
+            match effect {
+                ProgramEffect::Send { to, message } => {
+                    self.actions.push(HostAction::SendPeer(Envelope {
+                        from: self.config.node.id,
+                        to,
+                        message: PeerMessage::Program(message),
+                    }))
+                }
+                ProgramEffect::Report { conn, report } => self.report(conn, report),
+                ProgramEffect::StartWorker { program, spec } => {
+                    self.actions.push(HostAction::StartWorker { program, spec })
+                }
+                ProgramEffect::StopWorker { program, conn } => {
+                    if let Some(conn) = conn {
+                        self.send_app(conn, 0, IpcMessage::StopThreads);
+                    }
+                    self.actions.push(HostAction::StopWorker { program });
+                }
+                ProgramEffect::RunThread {
+                    conn,
+                    thread,
+                    record_addr,
+                } => self.send_app(
+                    conn,
+                    0,
+                    IpcMessage::RunThread {
+                        thread,
+                        record_addr,
+                    },
+                ),
+                ProgramEffect::SpawnAnswer {
+                    conn,
+                    request_id,
+                    result,
+                } => {
+                    let reply = match result {
+                        Ok(thread) => IpcMessage::ThreadSpawned { thread },
+                        Err(SpawnError::NoInstance) => refusal(ErrorCode::NoInstance),
+                        Err(SpawnError::NodeDown) => refusal(ErrorCode::NodeDown),
+                        Err(SpawnError::Busy) => refusal(ErrorCode::Busy),
+                    };
+                    self.send_app(conn, request_id, reply);
+                }
+            }
+        }
+    }
+
+    fn report(&mut self, conn: ConnId, report: LauncherReport) {
+        use crate::ipc::{
+            REPORT_EXIT_CODE, REPORT_EXIT_SIGNAL, REPORT_NODE_DOWN, REPORT_REFUSED, REPORT_STARTED,
+            REPORT_STDERR, REPORT_STDOUT,
+        };
+        use crate::programs::STREAM_STDOUT;
+        let (node, what, value, data) = match report {
+            LauncherReport::NodeDown { node } => (node, REPORT_NODE_DOWN, 0, Vec::new()),
+            LauncherReport::Event { node, event } => match event {
+                WorkerEvent::Started { pid } => (node, REPORT_STARTED, pid, Vec::new()),
+                WorkerEvent::Refused { reason } => (node, REPORT_REFUSED, 0, reason),
+                WorkerEvent::Output { stream, bytes } => {
+                    let what = if stream == STREAM_STDOUT {
+                        REPORT_STDOUT
+                    } else {
+                        REPORT_STDERR
+                    };
+                    (node, what, 0, bytes)
+                }
+                WorkerEvent::Exited(WorkerExit::Code(code)) => {
+                    (node, REPORT_EXIT_CODE, code as u32, Vec::new())
+                }
+                WorkerEvent::Exited(WorkerExit::Signal(signal)) => {
+                    (node, REPORT_EXIT_SIGNAL, signal as u32, Vec::new())
+                }
+            },
+        };
+        if !self.conns.contains_key(&conn) {
+            return;
+        }
+        let frame = frame_of(
+            0,
+            IpcMessage::WorkerReport {
+                node,
+                what,
+                value,
+                len_bytes: data.len() as u32,
+            },
+        );
+        if data.is_empty() {
+            self.actions.push(HostAction::SendApp { conn, frame });
+        } else {
+            self.actions
+                .push(HostAction::SendAppData { conn, frame, data });
+        }
+    }
+
+    // -----------------------------------------------------------------------------
     // The node's actions.
 
     fn process_node_actions(&mut self) {
@@ -1750,6 +1981,10 @@ impl Host {
                 pages,
                 token,
             } => self.start_release(space, first_page, pages, token),
+            Action::Program { from, message } => {
+                self.programs.on_message(self.now_ticks, from, message);
+                self.apply_program_effects();
+            }
         }
     }
 

@@ -56,6 +56,8 @@ pub enum ErrorCode {
     UnknownSession = 14,
     NotAttached = 15,
     Internal = 16,
+    /// The program has no instance on that node (never launched there, or ended).
+    NoInstance = 17,
 }
 
 impl ErrorCode {
@@ -76,6 +78,7 @@ impl ErrorCode {
             13 => ErrorCode::SpaceRejected,
             14 => ErrorCode::UnknownSession,
             15 => ErrorCode::NotAttached,
+            17 => ErrorCode::NoInstance,
             _ => ErrorCode::Internal,
         }
     }
@@ -99,6 +102,7 @@ impl ErrorCode {
             ErrorCode::UnknownSession => "unknown session",
             ErrorCode::NotAttached => "not attached to a space",
             ErrorCode::Internal => "internal daemon error",
+            ErrorCode::NoInstance => "the program has no instance on that node",
         }
     }
 }
@@ -192,7 +196,52 @@ pub enum IpcMessage {
         addr: u64,
         count: u32,
     },
+    /// From a launcher (`gallocy run`, on an `Admin` connection): followed by
+    /// `spec_len` bytes of `programs::WorkerSpec`. The daemon starts a worker instance
+    /// on every other member; answered `Launched`, then `WorkerReport`s on this
+    /// connection until the program ends.
+    Launch {
+        spec_len: u32,
+    },
+    /// From the launcher: the main instance ended; end every worker instance.
+    StopProgram {
+        program: u64,
+    },
+    /// On a `Thread` connection of an instance of `program`: this connection runs the
+    /// program's threads spawned to this node (`RunThread` frames arrive on it).
+    ServeThreads {
+        program: u64,
+    },
+    /// Run a thread of `program` on `node`: its record (start routine, argument, ...)
+    /// is at `record_addr` in the space. Answered `ThreadSpawned` once it reached the
+    /// instance there.
+    SpawnThread {
+        program: u64,
+        node: u64,
+        record_addr: u64,
+    },
     // Daemon → application.
+    Launched {
+        program: u64,
+    },
+    /// About the worker instance on `node`; `what` is a `REPORT_*` value, followed by
+    /// `len_bytes` of data (output bytes, a refusal reason).
+    WorkerReport {
+        node: u64,
+        what: u8,
+        value: u32,
+        len_bytes: u32,
+    },
+    /// To a `ServeThreads` connection: run the thread whose record is at `record_addr`.
+    RunThread {
+        thread: u64,
+        record_addr: u64,
+    },
+    ThreadSpawned {
+        thread: u64,
+    },
+    /// To a `ServeThreads` connection: the program ended; flush and exit.
+    StopThreads,
     Welcome {
         session: u64,
         space: u32,
@@ -286,6 +335,10 @@ const KIND_RELEASE: u8 = 12;
 const KIND_UNPERSIST: u8 = 13;
 const KIND_FUTEX_WAIT: u8 = 14;
 const KIND_FUTEX_WAKE: u8 = 15;
+const KIND_LAUNCH: u8 = 16;
+const KIND_STOP_PROGRAM: u8 = 17;
+const KIND_SERVE_THREADS: u8 = 18;
+const KIND_SPAWN_THREAD: u8 = 19;
 const KIND_WELCOME: u8 = 65;
 const KIND_ALLOCATED: u8 = 66;
 const KIND_FREED: u8 = 67;
@@ -298,6 +351,20 @@ const KIND_STATUS_REPLY: u8 = 73;
 const KIND_UNPERSISTED: u8 = 74;
 const KIND_FUTEX_WAIT_DONE: u8 = 75;
 const KIND_FUTEX_WOKEN: u8 = 76;
+const KIND_LAUNCHED: u8 = 77;
+const KIND_WORKER_REPORT: u8 = 78;
+const KIND_RUN_THREAD: u8 = 79;
+const KIND_THREAD_SPAWNED: u8 = 80;
+const KIND_STOP_THREADS: u8 = 81;
+
+/// `WorkerReport::what`.
+pub const REPORT_STARTED: u8 = 1;
+pub const REPORT_REFUSED: u8 = 2;
+pub const REPORT_STDOUT: u8 = 3;
+pub const REPORT_STDERR: u8 = 4;
+pub const REPORT_EXIT_CODE: u8 = 5;
+pub const REPORT_EXIT_SIGNAL: u8 = 6;
+pub const REPORT_NODE_DOWN: u8 = 7;
 const KIND_ERROR: u8 = 0xff;
 
 struct Out<'a> {
@@ -375,6 +442,15 @@ impl IpcMessage {
             IpcMessage::FutexWake { .. } => KIND_FUTEX_WAKE,
             IpcMessage::FutexWaitDone { .. } => KIND_FUTEX_WAIT_DONE,
             IpcMessage::FutexWoken { .. } => KIND_FUTEX_WOKEN,
+            IpcMessage::Launch { .. } => KIND_LAUNCH,
+            IpcMessage::StopProgram { .. } => KIND_STOP_PROGRAM,
+            IpcMessage::ServeThreads { .. } => KIND_SERVE_THREADS,
+            IpcMessage::SpawnThread { .. } => KIND_SPAWN_THREAD,
+            IpcMessage::Launched { .. } => KIND_LAUNCHED,
+            IpcMessage::WorkerReport { .. } => KIND_WORKER_REPORT,
+            IpcMessage::RunThread { .. } => KIND_RUN_THREAD,
+            IpcMessage::ThreadSpawned { .. } => KIND_THREAD_SPAWNED,
+            IpcMessage::StopThreads => KIND_STOP_THREADS,
             IpcMessage::Welcome { .. } => KIND_WELCOME,
             IpcMessage::Allocated { .. } => KIND_ALLOCATED,
             IpcMessage::Freed => KIND_FREED,
@@ -451,6 +527,39 @@ impl IpcMessage {
             }
             IpcMessage::FutexWaitDone { outcome } => out.u8(outcome as u8),
             IpcMessage::FutexWoken { woken } => out.u32(woken),
+            IpcMessage::Launch { spec_len } => out.u32(spec_len),
+            IpcMessage::StopProgram { program }
+            | IpcMessage::ServeThreads { program }
+            | IpcMessage::Launched { program } => out.u64(program),
+            IpcMessage::SpawnThread {
+                program,
+                node,
+                record_addr,
+            } => {
+                out.u64(program);
+                out.u64(node);
+                out.u64(record_addr);
+            }
+            IpcMessage::WorkerReport {
+                node,
+                what,
+                value,
+                len_bytes,
+            } => {
+                out.u64(node);
+                out.u8(what);
+                out.u32(value);
+                out.u32(len_bytes);
+            }
+            IpcMessage::RunThread {
+                thread,
+                record_addr,
+            } => {
+                out.u64(thread);
+                out.u64(record_addr);
+            }
+            IpcMessage::ThreadSpawned { thread } => out.u64(thread),
+            IpcMessage::StopThreads => {}
             IpcMessage::Freed | IpcMessage::Pong => {}
             IpcMessage::RevokeDone { token } => out.u64(token),
             IpcMessage::Welcome {
@@ -615,6 +724,30 @@ impl IpcMessage {
                 },
             },
             KIND_FUTEX_WOKEN => IpcMessage::FutexWoken { woken: r.u32() },
+            KIND_LAUNCH => IpcMessage::Launch { spec_len: r.u32() },
+            KIND_STOP_PROGRAM => IpcMessage::StopProgram { program: r.u64() },
+            KIND_SERVE_THREADS => IpcMessage::ServeThreads { program: r.u64() },
+            KIND_SPAWN_THREAD => IpcMessage::SpawnThread {
+                program: r.u64(),
+                node: r.u64(),
+                record_addr: r.u64(),
+            },
+            KIND_LAUNCHED => IpcMessage::Launched { program: r.u64() },
+            KIND_WORKER_REPORT => IpcMessage::WorkerReport {
+                node: r.u64(),
+                what: match r.u8() {
+                    w @ REPORT_STARTED..=REPORT_NODE_DOWN => w,
+                    _ => return Err(IpcDecodeError::Invalid),
+                },
+                value: r.u32(),
+                len_bytes: r.u32(),
+            },
+            KIND_RUN_THREAD => IpcMessage::RunThread {
+                thread: r.u64(),
+                record_addr: r.u64(),
+            },
+            KIND_THREAD_SPAWNED => IpcMessage::ThreadSpawned { thread: r.u64() },
+            KIND_STOP_THREADS => IpcMessage::StopThreads,
             KIND_WELCOME => IpcMessage::Welcome {
                 session: r.u64(),
                 space: r.u32(),

@@ -30,6 +30,8 @@ pub mod mutants;
 #[cfg(feature = "node")]
 pub mod node;
 #[cfg(feature = "node")]
+pub mod programs;
+#[cfg(feature = "node")]
 pub mod types;
 #[cfg(feature = "node")]
 pub mod wire;

@@ -37,10 +37,16 @@ pub enum Mutant {
     /// The host keeps a page's futex waiters asleep when the node loses its copy, so
     /// a write and wake on another node never reach them.
     FutexKeepsWaitersOnRevoke,
+    /// The spawner answers a thread spawn at once and sends it once, without waiting
+    /// for the target to acknowledge delivery: a lost message loses the thread.
+    SpawnNotRetried,
+    /// The target runs every copy of a retried spawn it receives, so a thread whose
+    /// acknowledgement was lost runs twice.
+    SpawnNotDeduplicated,
 }
 
 impl Mutant {
-    pub const ALL: [Mutant; 13] = [
+    pub const ALL: [Mutant; 15] = [
         Mutant::GrantWriteWithoutInvalidate,
         Mutant::AckInvalidateBeforeRevoke,
         Mutant::AcceptStaleGrant,
@@ -54,6 +60,8 @@ impl Mutant {
         Mutant::AckReleaseBeforePagesDropped,
         Mutant::FutexWaitSkipsCompare,
         Mutant::FutexKeepsWaitersOnRevoke,
+        Mutant::SpawnNotRetried,
+        Mutant::SpawnNotDeduplicated,
     ];
 
     pub fn name(self) -> &'static str {
@@ -71,6 +79,8 @@ impl Mutant {
             Mutant::AckReleaseBeforePagesDropped => "ack-release-before-pages-dropped",
             Mutant::FutexWaitSkipsCompare => "futex-wait-skips-compare",
             Mutant::FutexKeepsWaitersOnRevoke => "futex-keeps-waiters-on-revoke",
+            Mutant::SpawnNotRetried => "spawn-not-retried",
+            Mutant::SpawnNotDeduplicated => "spawn-not-deduplicated",
         }
     }
 
@@ -109,6 +119,8 @@ impl Mutant {
             Mutant::FutexKeepsWaitersOnRevoke => {
                 "host keeps futex waiters asleep when the node loses the page"
             }
+            Mutant::SpawnNotRetried => "spawner answers a thread spawn before it was delivered",
+            Mutant::SpawnNotDeduplicated => "target runs every copy of a retried thread spawn",
         }
     }
 

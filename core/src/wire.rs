@@ -7,6 +7,7 @@
 //! locks; an unknown kind is an error, never a panic.
 
 use crate::codec::{DecodeError, Reader, Writer};
+use crate::programs::ProgramMessage;
 use crate::types::{Access, NodeId, PageBytes, PageId, SpaceId, PAGE_SIZE_BYTES};
 
 pub const WIRE_MAGIC: u16 = 0x4759;
@@ -158,6 +159,8 @@ pub enum PeerMessage {
     LeaseGrant {
         sent_tick: u64,
     },
+    /// Programs and their threads across nodes (`programs.rs`), handled by the host.
+    Program(ProgramMessage),
 }
 
 /// A message with its addressing.
@@ -180,6 +183,7 @@ const KIND_FREE_REQUEST: u8 = 9;
 const KIND_FREE_REPLY: u8 = 10;
 const KIND_LEASE_REQUEST: u8 = 11;
 const KIND_LEASE_GRANT: u8 = 12;
+const KIND_PROGRAM: u8 = 64;
 
 /// Whether a frame is the cluster's background chatter (Raft, leases) rather than part
 /// of an application's transaction: a driver may sleep right after background frames.
@@ -252,6 +256,7 @@ impl Envelope {
             PeerMessage::FreeReply { .. } => KIND_FREE_REPLY,
             PeerMessage::LeaseRequest { .. } => KIND_LEASE_REQUEST,
             PeerMessage::LeaseGrant { .. } => KIND_LEASE_GRANT,
+            PeerMessage::Program(_) => KIND_PROGRAM,
         };
         w.u8(kind);
         w.u64(self.from);
@@ -340,6 +345,7 @@ impl Envelope {
             PeerMessage::LeaseRequest { sent_tick } | PeerMessage::LeaseGrant { sent_tick } => {
                 w.u64(*sent_tick)
             }
+            PeerMessage::Program(message) => message.put(&mut w),
         }
         debug_assert!(w.bytes.len() <= MAX_FRAME_BYTES);
         w.bytes
@@ -430,6 +436,7 @@ impl Envelope {
             KIND_LEASE_GRANT => PeerMessage::LeaseGrant {
                 sent_tick: r.u64()?,
             },
+            KIND_PROGRAM => PeerMessage::Program(ProgramMessage::get(&mut r)?),
             other => return Err(DecodeError::UnknownKind(other)),
         };
         r.finish()?;

@@ -655,6 +655,7 @@ pub fn errno_of(error: CallError) -> i32 {
             ErrorCode::SpaceRejected => libc::EINVAL,
             ErrorCode::UnknownSession | ErrorCode::NotAttached => libc::ENOTCONN,
             ErrorCode::Internal => libc::EIO,
+            ErrorCode::NoInstance => libc::EAGAIN,
         },
         CallError::NotAttached => libc::ENOTCONN,
         CallError::Sys(errno) => errno.raw_os_error(),

@@ -169,6 +169,11 @@ impl Cluster {
                 Action::DropSpace { space } => {
                     self.violate(format!("node {id} dropped space {space}: it is persistent"));
                 }
+                Action::Program { from, .. } => {
+                    self.violate(format!(
+                        "node {id} heard a program message from {from}: none was sent"
+                    ));
+                }
                 Action::Install {
                     page,
                     access,

@@ -18,7 +18,7 @@ fn role() -> impl Strategy<Value = Role> {
 }
 
 fn error_code() -> impl Strategy<Value = ErrorCode> {
-    (1u32..=16).prop_map(ErrorCode::from_u32)
+    (1u32..=17).prop_map(ErrorCode::from_u32)
 }
 
 fn message() -> impl Strategy<Value = IpcMessage> {
@@ -125,7 +125,32 @@ fn message() -> impl Strategy<Value = IpcMessage> {
         ),
         (error_code(), any::<u64>()).prop_map(|(code, detail)| IpcMessage::Error { code, detail }),
     ];
-    prop_oneof![a, b]
+    let c = prop_oneof![
+        any::<u32>().prop_map(|spec_len| IpcMessage::Launch { spec_len }),
+        any::<u64>().prop_map(|program| IpcMessage::StopProgram { program }),
+        any::<u64>().prop_map(|program| IpcMessage::ServeThreads { program }),
+        any::<[u64; 3]>().prop_map(|w| IpcMessage::SpawnThread {
+            program: w[0],
+            node: w[1],
+            record_addr: w[2]
+        }),
+        any::<u64>().prop_map(|program| IpcMessage::Launched { program }),
+        (any::<u64>(), 1u8..=7, any::<u32>(), any::<u32>()).prop_map(
+            |(node, what, value, len_bytes)| IpcMessage::WorkerReport {
+                node,
+                what,
+                value,
+                len_bytes
+            }
+        ),
+        any::<[u64; 2]>().prop_map(|w| IpcMessage::RunThread {
+            thread: w[0],
+            record_addr: w[1]
+        }),
+        any::<u64>().prop_map(|thread| IpcMessage::ThreadSpawned { thread }),
+        Just(IpcMessage::StopThreads),
+    ];
+    prop_oneof![a, b, c]
 }
 
 proptest! {

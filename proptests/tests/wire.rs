@@ -3,6 +3,7 @@
 //! and decoders that answer `Err` rather than panic on hostile input.
 
 use gallocy_core::meta::{Command, Proposal};
+use gallocy_core::programs::{ProgramMessage, WorkerEvent, WorkerExit, WorkerSpec};
 use gallocy_core::types::{Access, PageBytes, PageId, PAGE_SIZE_BYTES};
 use gallocy_core::wire::{
     decode_peer_hello, encode_peer_hello, Envelope, FreeOutcome, PageDenial, PeerHello,
@@ -138,7 +139,80 @@ fn peer_message() -> impl Strategy<Value = PeerMessage> {
             }),
         any::<u64>().prop_map(|sent_tick| PeerMessage::LeaseRequest { sent_tick }),
         any::<u64>().prop_map(|sent_tick| PeerMessage::LeaseGrant { sent_tick }),
+        program_message().prop_map(PeerMessage::Program),
     ]
+}
+
+fn worker_event() -> impl Strategy<Value = WorkerEvent> {
+    prop_oneof![
+        any::<u32>().prop_map(|pid| WorkerEvent::Started { pid }),
+        proptest::collection::vec(any::<u8>(), 0..64)
+            .prop_map(|reason| WorkerEvent::Refused { reason }),
+        (1u8..=2, proptest::collection::vec(any::<u8>(), 0..300))
+            .prop_map(|(stream, bytes)| WorkerEvent::Output { stream, bytes }),
+        any::<i32>().prop_map(|code| WorkerEvent::Exited(WorkerExit::Code(code))),
+        any::<i32>().prop_map(|signal| WorkerEvent::Exited(WorkerExit::Signal(signal))),
+    ]
+}
+
+fn program_message() -> impl Strategy<Value = ProgramMessage> {
+    prop_oneof![
+        (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..200))
+            .prop_map(|(program, spec)| ProgramMessage::Launch { program, spec }),
+        any::<u64>().prop_map(|program| ProgramMessage::LaunchAck { program }),
+        (any::<u64>(), any::<u64>(), worker_event()).prop_map(|(program, seq, event)| {
+            ProgramMessage::Event {
+                program,
+                seq,
+                event,
+            }
+        }),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(program, seq)| ProgramMessage::EventAck { program, seq }),
+        any::<u64>().prop_map(|program| ProgramMessage::Stop { program }),
+        any::<u64>().prop_map(|program| ProgramMessage::StopAck { program }),
+        any::<[u64; 3]>().prop_map(|w| ProgramMessage::Spawn {
+            program: w[0],
+            thread: w[1],
+            record_addr: w[2],
+        }),
+        (any::<u64>(), any::<bool>())
+            .prop_map(|(thread, delivered)| ProgramMessage::SpawnAck { thread, delivered }),
+    ]
+}
+
+fn worker_spec() -> impl Strategy<Value = WorkerSpec> {
+    let bytes = || proptest::collection::vec(any::<u8>(), 0..40);
+    (
+        proptest::collection::vec(any::<u8>(), 1..40),
+        proptest::collection::vec(bytes(), 1..6),
+        proptest::collection::vec(bytes(), 0..6),
+        bytes(),
+        any::<[u8; 32]>(),
+    )
+        .prop_map(|(path, argv, env, cwd, exe_sha256)| WorkerSpec {
+            path,
+            argv,
+            env,
+            cwd,
+            exe_sha256,
+        })
+}
+
+proptest! {
+    #[test]
+    fn worker_specs_round_trip_and_hostile_specs_are_refused(
+        spec in worker_spec(),
+        cut in any::<Index>(),
+        noise in proptest::collection::vec(any::<u8>(), 0..300),
+    ) {
+        let bytes = spec.encode();
+        prop_assert_eq!(WorkerSpec::decode(&bytes), Ok(spec));
+        // A truncated spec, or noise, is an error, never a panic.
+        let at = cut.index(bytes.len());
+        prop_assert!(WorkerSpec::decode(&bytes[..at]).is_err());
+        let _ = WorkerSpec::decode(&noise);
+    }
 }
 
 fn envelope() -> impl Strategy<Value = Envelope> {

@@ -3,7 +3,7 @@
 //! `gallocy_core::host::Host`. Every protocol decision, about peers and about processes,
 //! is the core's; this file only does I/O: sockets, memory, pidfds, signals, logging.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
@@ -14,6 +14,9 @@ use gallocy_core::host::{
     refusal, ConnId, Credentials, Host, HostAction, PeerProof, ProcessState, SessionId,
 };
 use gallocy_core::ipc::{ErrorCode, Frame, IpcMessage, IPC_FRAME_BYTES};
+use gallocy_core::programs::{
+    ProgramId, WorkerEvent, MAX_EVENT_BACKLOG_BYTES, MAX_SPEC_BYTES, STREAM_STDERR, STREAM_STDOUT,
+};
 use gallocy_core::wire::{
     decode_peer_hello, encode_peer_hello, is_background_frame, PeerHello, MAX_FRAME_BYTES,
     PEER_HELLO_BYTES,
@@ -27,6 +30,7 @@ use tracing::{debug, info, warn};
 use crate::config::{DaemonConfig, PeerAddr};
 use crate::memory::{NodeSpaces, SpaceMemory};
 use crate::tls::{cert_names_member, PeerTls, TlsStream};
+use crate::workers::{self, Chunk, Worker};
 
 const APP_LISTENER: Token = Token(0);
 const PEER_LISTENER: Token = Token(1);
@@ -147,6 +151,8 @@ struct AppConn {
     inlen: usize,
     outbuf: Vec<u8>,
     pid: i32,
+    /// A `Launch` frame's spec being read: (request id, length, bytes so far).
+    trailer: Option<(u64, usize, Vec<u8>)>,
 }
 
 enum Conn {
@@ -154,6 +160,15 @@ enum Conn {
     App(AppConn),
     /// A killed process's pidfd, readable once it has exited.
     Exit(SessionId),
+    /// A worker instance's stdout or stderr.
+    WorkerPipe {
+        program: ProgramId,
+        stream: u8,
+    },
+    /// A worker instance's pidfd.
+    WorkerExit {
+        program: ProgramId,
+    },
 }
 
 struct Outbound {
@@ -209,7 +224,14 @@ pub struct Daemon {
     /// Set when an input may be followed at once by more (an application is waiting).
     busy_until: Option<Instant>,
     read_buffer: Vec<u8>,
+    /// This node's worker instances, by program.
+    workers: BTreeMap<ProgramId, Worker>,
+    /// Workers whose output is not read while the origin has not acknowledged enough.
+    stalled_workers: BTreeSet<ProgramId>,
 }
+
+/// How long a worker told to stop may take before it is killed.
+const WORKER_STOP_GRACE: Duration = Duration::from_secs(2);
 
 fn io_error(what: &str, error: std::io::Error) -> String {
     format!("{what}: {error}")
@@ -320,6 +342,8 @@ impl Daemon {
                 .map_or(1, |d| d.as_nanos() as u64),
             busy_until: None,
             read_buffer: Vec::new(),
+            workers: BTreeMap::new(),
+            stalled_workers: BTreeSet::new(),
             tls,
             credentials_checked: now,
         })
@@ -366,6 +390,7 @@ impl Daemon {
                 self.now_ms = now_ms;
                 self.host.tick(now_ms);
                 self.process_actions();
+                self.service_workers();
                 self.reconnect_due();
                 self.close_silent_peers();
                 self.check_credentials();
@@ -510,6 +535,22 @@ impl Daemon {
                 }
                 debug!(space, first_page, pages, "released pages dropped");
                 self.host.pages_dropped(self.now_ms, token);
+            }
+            HostAction::SendAppData { conn, frame, data } => {
+                let token = token_of(conn);
+                self.send_app(token, &frame);
+                if let Some(Conn::App(app)) = self.conns.get_mut(&token) {
+                    app.outbuf.extend_from_slice(&data);
+                }
+                self.flush(token);
+            }
+            HostAction::StartWorker { program, spec } => self.start_worker(program, &spec),
+            HostAction::StopWorker { program } => {
+                if let Some(worker) = self.workers.get_mut(&program) {
+                    worker
+                        .kill_at
+                        .get_or_insert(Instant::now() + WORKER_STOP_GRACE);
+                }
             }
             HostAction::DropSpace { space } => {
                 // No process of this node maps it any more: closing the memfd gives
@@ -939,6 +980,7 @@ impl Daemon {
                     let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
                 }
             }
+            Conn::WorkerPipe { .. } | Conn::WorkerExit { .. } => {}
         }
     }
 
@@ -1090,6 +1132,7 @@ impl Daemon {
                     inlen: 0,
                     outbuf: Vec::new(),
                     pid: creds.pid,
+                    trailer: None,
                 }),
             );
             self.host.app_connected(self.now_ms, conn_id(token), creds);
@@ -1108,8 +1151,160 @@ impl Daemon {
                     .process_state(self.now_ms, session, ProcessState::Exited);
                 self.process_actions();
             }
+            Some(&Conn::WorkerPipe { program, stream }) => {
+                self.read_worker(program, stream, false);
+                self.process_actions();
+            }
+            Some(&Conn::WorkerExit { program }) => {
+                self.worker_exited(program);
+                self.process_actions();
+            }
             None => {}
         }
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Worker instances.
+
+    fn start_worker(&mut self, program: ProgramId, spec: &[u8]) {
+        let node = self.host.config().node.id;
+        let started = workers::start(spec, program, node, &self.config.app_socket);
+        let mut worker = match started {
+            Ok(worker) => worker,
+            Err(reason) => {
+                warn!(program, "worker instance refused: {reason}");
+                let reason = reason.into_bytes();
+                let reason =
+                    reason[..reason.len().min(gallocy_core::programs::MAX_REASON_BYTES)].to_vec();
+                self.host
+                    .worker_event(self.now_ms, program, WorkerEvent::Refused { reason });
+                return;
+            }
+        };
+        let pid = worker.child.id();
+        info!(program, pid, "worker instance started");
+        let mut fds = vec![(worker.pidfd.as_raw_fd(), Conn::WorkerExit { program })];
+        if let Some(out) = &worker.stdout {
+            fds.push((
+                out.as_raw_fd(),
+                Conn::WorkerPipe {
+                    program,
+                    stream: STREAM_STDOUT,
+                },
+            ));
+        }
+        if let Some(err) = &worker.stderr {
+            fds.push((
+                err.as_raw_fd(),
+                Conn::WorkerPipe {
+                    program,
+                    stream: STREAM_STDERR,
+                },
+            ));
+        }
+        self.host
+            .worker_event(self.now_ms, program, WorkerEvent::Started { pid });
+        for (fd, conn) in fds {
+            let token = self.new_token();
+            if self
+                .poll
+                .registry()
+                .register(&mut SourceFd(&fd), token, Interest::READABLE)
+                .is_err()
+            {
+                // Without its events the instance cannot be served: end it.
+                let _ = worker.child.kill();
+            }
+            self.conns.insert(token, conn);
+        }
+        self.workers.insert(program, worker);
+    }
+
+    /// Reads a worker's output into the core, while the origin keeps up (or all that
+    /// is there, once the instance has exited).
+    fn read_worker(&mut self, program: ProgramId, stream: u8, all: bool) {
+        for _ in 0..64 {
+            if !all && self.host.worker_backlog_bytes(program) >= MAX_EVENT_BACKLOG_BYTES {
+                self.stalled_workers.insert(program);
+                return;
+            }
+            let Some(worker) = self.workers.get_mut(&program) else {
+                return;
+            };
+            let chunk = match stream {
+                STREAM_STDOUT => worker.stdout.as_mut().map(|p| workers::read_chunk(p)),
+                _ => worker.stderr.as_mut().map(|p| workers::read_chunk(p)),
+            };
+            match chunk {
+                Some(Chunk::Bytes(bytes)) => {
+                    self.host.worker_event(
+                        self.now_ms,
+                        program,
+                        WorkerEvent::Output { stream, bytes },
+                    );
+                }
+                Some(Chunk::Empty) => return,
+                Some(Chunk::End) => return self.close_worker_pipe(program, stream),
+                None => return,
+            }
+        }
+        // More may be there: come back on the next loop.
+        self.stalled_workers.insert(program);
+    }
+
+    fn close_worker_pipe(&mut self, program: ProgramId, stream: u8) {
+        let Some(worker) = self.workers.get_mut(&program) else {
+            return;
+        };
+        let fd = match stream {
+            STREAM_STDOUT => worker.stdout.take().map(OwnedFd::from),
+            _ => worker.stderr.take().map(OwnedFd::from),
+        };
+        if let Some(fd) = fd {
+            let raw = fd.as_raw_fd();
+            let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
+        }
+        self.conns
+            .retain(|_, c| !matches!(c, Conn::WorkerPipe { program: p, stream: s } if *p == program && *s == stream));
+    }
+
+    /// The instance exited: what it wrote before goes first, then its exit.
+    fn worker_exited(&mut self, program: ProgramId) {
+        for stream in [STREAM_STDOUT, STREAM_STDERR] {
+            self.read_worker(program, stream, true);
+            self.close_worker_pipe(program, stream);
+        }
+        let Some(mut worker) = self.workers.remove(&program) else {
+            return;
+        };
+        let raw = worker.pidfd.as_raw_fd();
+        let _ = self.poll.registry().deregister(&mut SourceFd(&raw));
+        self.conns
+            .retain(|_, c| !matches!(c, Conn::WorkerExit { program: p } if *p == program));
+        self.stalled_workers.remove(&program);
+        let exit = match worker.child.wait() {
+            Ok(status) => workers::exit_of(status),
+            Err(_) => gallocy_core::programs::WorkerExit::Code(255),
+        };
+        info!(program, ?exit, "worker instance exited");
+        self.host
+            .worker_event(self.now_ms, program, WorkerEvent::Exited(exit));
+    }
+
+    /// Resumes stalled output and kills workers past their stop grace.
+    fn service_workers(&mut self) {
+        for program in std::mem::take(&mut self.stalled_workers) {
+            self.read_worker(program, STREAM_STDOUT, false);
+            self.read_worker(program, STREAM_STDERR, false);
+        }
+        let now = Instant::now();
+        for worker in self.workers.values_mut() {
+            if worker.kill_at.is_some_and(|t| t <= now) {
+                let _ = worker.child.kill();
+                worker.kill_at = None;
+            }
+        }
+        self.process_actions();
     }
 
     fn on_app_readable(&mut self, token: Token) {
@@ -1118,6 +1313,39 @@ impl Daemon {
             let Some(Conn::App(conn)) = self.conns.get_mut(&token) else {
                 return;
             };
+            if let Some((request_id, want, bytes)) = &mut conn.trailer {
+                let have = bytes.len();
+                bytes.resize(*want, 0);
+                match conn.stream.read(&mut bytes[have..]) {
+                    Ok(0) => {
+                        self.close(token, "end of stream in a launch spec");
+                        return self.process_actions();
+                    }
+                    Ok(n) => {
+                        bytes.truncate(have + n);
+                        if bytes.len() == *want {
+                            let request_id = *request_id;
+                            let (_, _, spec) = conn.trailer.take().expect("present");
+                            self.host
+                                .app_launch(self.now_ms, conn_id(token), request_id, spec);
+                            self.process_actions();
+                        }
+                        continue;
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        bytes.truncate(have);
+                        return;
+                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {
+                        bytes.truncate(have);
+                        continue;
+                    }
+                    Err(e) => {
+                        self.close(token, &e.to_string());
+                        return self.process_actions();
+                    }
+                }
+            }
             let inlen = conn.inlen;
             match conn.stream.read(&mut conn.inbuf[inlen..]) {
                 Ok(0) => {
@@ -1131,6 +1359,20 @@ impl Daemon {
                     }
                     conn.inlen = 0;
                     let frame = conn.inbuf;
+                    // A launch spec follows its frame: read it before the next frame.
+                    if let Ok((request_id, IpcMessage::Launch { spec_len })) =
+                        IpcMessage::decode(&frame)
+                    {
+                        let spec_len = spec_len as usize;
+                        if spec_len == 0 || spec_len > MAX_SPEC_BYTES {
+                            let frame = frame_of(refusal(ErrorCode::InvalidArgument));
+                            self.send_app(token, &frame);
+                            self.close(token, "launch spec over its size limit");
+                            return self.process_actions();
+                        }
+                        conn.trailer = Some((request_id, spec_len, Vec::with_capacity(spec_len)));
+                        continue;
+                    }
                     self.stay_busy();
                     let memory = NodeSpaces(&self.spaces);
                     self.host
@@ -1216,7 +1458,9 @@ impl Daemon {
                 }
                 result
             }
-            Some(Conn::Exit(_)) | None => Ok(()),
+            Some(Conn::Exit(_) | Conn::WorkerPipe { .. } | Conn::WorkerExit { .. }) | None => {
+                Ok(())
+            }
         };
         if let Err(why) = result {
             self.close(token, &why);

@@ -9,3 +9,4 @@ pub mod daemon;
 pub mod memory;
 pub mod run;
 pub mod tls;
+pub mod workers;

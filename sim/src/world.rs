@@ -535,6 +535,10 @@ impl World {
                 self.inbox.push_back((index, conn, frame))
             }
             HostAction::Status { .. } | HostAction::SessionEnded { .. } => {}
+            // The simulator launches no programs yet.
+            HostAction::SendAppData { .. }
+            | HostAction::StartWorker { .. }
+            | HostAction::StopWorker { .. } => {}
             HostAction::DropSpace { space } => self.on_drop_space(index, space),
             HostAction::DropPages {
                 space,

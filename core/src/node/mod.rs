@@ -312,6 +312,11 @@ pub enum Action {
     /// requests on it were answered `UnknownSpace`, revocations of its pages dropped).
     /// Its memory can be given back.
     DropSpace { space: SpaceId },
+    /// A program-layer message from a member (`programs.rs`), for the host.
+    Program {
+        from: NodeId,
+        message: crate::programs::ProgramMessage,
+    },
 }
 
 /// Counters for status displays and the simulator's summary.

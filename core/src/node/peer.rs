@@ -105,6 +105,8 @@ impl Node {
                     self.stats.messages_rejected += 1;
                 }
             }
+            // Not the node's business: the host's program layer handles it.
+            PeerMessage::Program(message) => self.actions.push(Action::Program { from, message }),
         }
     }
 
