@@ -14,7 +14,7 @@ use crate::host::{ConnId, Credentials, Host, HostAction, HostConfig, ProcessStat
 use crate::ipc::{IpcMessage, Role, IPC_FRAME_BYTES, IPC_NAME_BYTES};
 use crate::meta::{Command, Proposal};
 use crate::node::Config;
-use crate::programs::{ProgramMessage, WorkerEvent, WorkerExit, WorkerSpec};
+use crate::programs::{ProgramMessage, SpawnOutcome, WorkerEvent, WorkerExit, WorkerSpec};
 use crate::types::{Access, PageBytes, PageId, PAGE_SIZE_BYTES};
 use crate::wire::{decode_peer_hello, Envelope, FreeOutcome, PageDenial, PeerHello, PeerMessage};
 
@@ -346,7 +346,11 @@ impl Harness {
             },
             _ => ProgramMessage::SpawnAck {
                 thread,
-                delivered: r.u8() & 1 == 1,
+                outcome: match r.u8() % 3 {
+                    0 => SpawnOutcome::Delivered,
+                    1 => SpawnOutcome::Refused,
+                    _ => SpawnOutcome::Ended,
+                },
             },
         }
     }

@@ -603,7 +603,10 @@ impl Host {
             self.answer_wait(waiter, FutexOutcome::TimedOut);
         }
         let meta = self.node.meta();
-        let is_down = |node: NodeId| !matches!(meta.nodes.get(&node), Some(NodeStatus::Up));
+        // A node the cluster declared down hears from nobody: to it, everyone is.
+        let evicted = self.node.is_evicted();
+        let is_down =
+            |node: NodeId| evicted || !matches!(meta.nodes.get(&node), Some(NodeStatus::Up));
         self.programs.tick(self.now_ticks, &is_down);
         self.apply_program_effects();
         if !self.membership_retry.is_empty() && self.membership_retry_tick <= self.now_ticks {
@@ -1834,6 +1837,11 @@ impl Host {
         self.set_now(now_ticks);
         self.programs.worker_event(self.now_ticks, program, event);
         self.apply_program_effects();
+    }
+
+    /// Whether `program` has an instance on this node (launched here, or a worker).
+    pub fn hosts_program(&self, program: ProgramId) -> bool {
+        self.programs.hosts(program)
     }
 
     /// Output bytes of `program`'s worker not yet acknowledged by the origin: the

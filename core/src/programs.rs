@@ -187,11 +187,9 @@ pub enum ProgramMessage {
         thread: ThreadId,
         record_addr: u64,
     },
-    /// `delivered`: the thread reached the program's instance there; otherwise that
-    /// node has no instance of the program (ended, or never launched there).
     SpawnAck {
         thread: ThreadId,
-        delivered: bool,
+        outcome: SpawnOutcome,
     },
 }
 
@@ -277,10 +275,10 @@ impl ProgramMessage {
                 w.u64(*thread);
                 w.u64(*record_addr);
             }
-            ProgramMessage::SpawnAck { thread, delivered } => {
+            ProgramMessage::SpawnAck { thread, outcome } => {
                 w.u8(PM_SPAWN_ACK);
                 w.u64(*thread);
-                w.bool(*delivered);
+                w.u8(*outcome as u8);
             }
         }
     }
@@ -333,11 +331,27 @@ impl ProgramMessage {
             },
             PM_SPAWN_ACK => ProgramMessage::SpawnAck {
                 thread: r.u64()?,
-                delivered: r.bool()?,
+                outcome: match r.u8()? {
+                    1 => SpawnOutcome::Delivered,
+                    2 => SpawnOutcome::Refused,
+                    3 => SpawnOutcome::Ended,
+                    _ => return Err(DecodeError::Invalid("spawn outcome")),
+                },
             },
             _ => return Err(DecodeError::Invalid("program message kind")),
         })
     }
+}
+
+/// What became of a spawn at its target.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum SpawnOutcome {
+    /// The thread reached the program's instance there.
+    Delivered = 1,
+    /// It did not and never will: no instance served threads in time.
+    Refused = 2,
+    /// The program has ended there: whether the thread ran before is not known.
+    Ended = 3,
 }
 
 /// What the launcher's connection hears.
@@ -356,8 +370,9 @@ pub enum LauncherReport {
 /// Why a spawn failed.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum SpawnError {
-    /// Not a member, or the program has no instance there.
+    /// Not a member, or the program has no instance there: the thread never runs.
     NoInstance,
+    /// The target is down, or the program ended there: it may have run before.
     NodeDown,
     /// Too many spawns in flight, or no answer within the spawn timeout.
     Busy,
@@ -403,9 +418,10 @@ pub enum ProgramEffect {
 pub struct ProgramTiming {
     pub retry_base_ticks: u64,
     pub retry_max_ticks: u64,
-    /// A spawn unanswered this long fails with `Busy`; a thread waiting for its
-    /// instance to serve threads this long is dropped (the spawner's retries bring it
-    /// again if the instance comes).
+    /// A thread that reached its node before the program's instance there served
+    /// threads waits this long, then is refused (`NoInstance` at the spawner). A
+    /// spawner itself waits without limit until the target answers or is declared down
+    /// (an answer after a timeout could not say whether the thread runs).
     pub spawn_timeout_ticks: u64,
 }
 
@@ -465,6 +481,9 @@ struct Hosted {
     resend: Option<Retry>,
     /// Threads delivered, for retried spawns (bounded window).
     delivered: BTreeSet<ThreadId>,
+    /// Threads refused because the instance never served threads in time: a late copy
+    /// of their spawn must not run them (the spawner was told they failed).
+    refused: BTreeSet<ThreadId>,
     /// Threads that arrived before the instance served threads, with their deadline.
     waiting: BTreeMap<ThreadId, (NodeId, u64, u64)>,
     stopped: bool,
@@ -487,7 +506,6 @@ struct Spawn {
     target: NodeId,
     record_addr: u64,
     retry: Retry,
-    deadline_tick: u64,
 }
 
 pub struct Programs {
@@ -499,6 +517,9 @@ pub struct Programs {
     launched: BTreeMap<ProgramId, Launched>,
     hosted: BTreeMap<ProgramId, Hosted>,
     spawns: BTreeMap<ThreadId, Spawn>,
+    /// Programs that ended here (bounded): a late spawn of one is answered `Ended`,
+    /// a late launch does not start it again.
+    ended: BTreeSet<ProgramId>,
     effects: Vec<ProgramEffect>,
     /// Mutant switches (the host sets them from its configuration).
     pub mutant_spawn_not_retried: bool,
@@ -521,6 +542,7 @@ impl Programs {
             launched: BTreeMap::new(),
             hosted: BTreeMap::new(),
             spawns: BTreeMap::new(),
+            ended: BTreeSet::new(),
             effects: Vec::new(),
             mutant_spawn_not_retried: false,
             mutant_spawn_not_deduplicated: false,
@@ -735,7 +757,9 @@ impl Programs {
         hosted.stopped = true;
         hosted.waiting.clear();
         let conn = hosted.serving.take();
-        if hosted.worker || conn.is_some() {
+        let is_worker = hosted.worker;
+        self.end_spawns_of(program);
+        if is_worker || conn.is_some() {
             self.effects
                 .push(ProgramEffect::StopWorker { program, conn });
         }
@@ -749,6 +773,29 @@ impl Programs {
             .is_some_and(|h| h.stopped && h.unacked.is_empty());
         if forget {
             self.hosted.remove(&program);
+            self.note_ended(program);
+        }
+    }
+
+    fn note_ended(&mut self, program: ProgramId) {
+        if self.ended.len() >= MAX_PROGRAMS {
+            let oldest = *self.ended.iter().next().expect("non-empty");
+            self.ended.remove(&oldest);
+        }
+        self.ended.insert(program);
+    }
+
+    /// Spawns of `program` from here end with it (they may have run).
+    fn end_spawns_of(&mut self, program: ProgramId) {
+        let threads: Vec<ThreadId> = self
+            .spawns
+            .iter()
+            .filter(|(_, s)| s.program == program)
+            .map(|(&t, _)| t)
+            .collect();
+        for thread in threads {
+            let spawn = self.spawns.remove(&thread).expect("listed");
+            self.answer_spawn(spawn, Err(SpawnError::NodeDown));
         }
     }
 
@@ -782,10 +829,10 @@ impl Programs {
         let thread = (self.node << THREAD_NODE_SHIFT) | self.next_thread;
         self.next_thread += 1;
         if target == self.node {
-            let waiting = self.deliver(program, thread, record_addr, self.node);
-            // Here the instance serves threads (it is the one asking, or another
-            // instance of the same program on this node).
-            let result = if waiting || self.hosted[&program].delivered.contains(&thread) {
+            // This node's instance runs it now, or there is none to run it.
+            let serving = self.hosted[&program].serving.is_some();
+            let result = if serving {
+                self.deliver(program, thread, record_addr, self.node);
                 Ok(thread)
             } else {
                 Err(SpawnError::NoInstance)
@@ -812,7 +859,6 @@ impl Programs {
                 target,
                 record_addr,
                 retry: Retry::new(now_ticks, &self.timing),
-                deadline_tick: now_ticks + self.timing.spawn_timeout_ticks,
             },
         );
         self.send(
@@ -842,7 +888,9 @@ impl Programs {
         if hosted.stopped {
             return false;
         }
-        if hosted.delivered.contains(&thread) && !self.mutant_spawn_not_deduplicated {
+        if (hosted.delivered.contains(&thread) && !self.mutant_spawn_not_deduplicated)
+            || hosted.refused.contains(&thread)
+        {
             return false;
         }
         match hosted.serving {
@@ -878,7 +926,7 @@ impl Programs {
                 if program >> 32 != from {
                     return;
                 }
-                if !self.hosted.contains_key(&program) {
+                if !self.hosted.contains_key(&program) && !self.ended.contains(&program) {
                     if self.launched.len() + self.hosted.len() >= MAX_PROGRAMS {
                         // Not acknowledged: the origin retries, and we may have room then.
                         return;
@@ -981,28 +1029,27 @@ impl Programs {
                 if thread >> THREAD_NODE_SHIFT != from {
                     return;
                 }
-                let known = self.hosted.get(&program).is_some_and(|h| !h.stopped);
-                if !known {
-                    return self.send(
-                        from,
-                        ProgramMessage::SpawnAck {
-                            thread,
-                            delivered: false,
-                        },
-                    );
+                let live = self.hosted.get(&program).is_some_and(|h| !h.stopped);
+                if !live {
+                    // Not launched here yet: no answer, the spawner tries again. Ended
+                    // here: it may have run before.
+                    if self.ended.contains(&program) || self.hosted.contains_key(&program) {
+                        let outcome = SpawnOutcome::Ended;
+                        self.send(from, ProgramMessage::SpawnAck { thread, outcome });
+                    }
+                    return;
                 }
                 let waiting = self.deliver(program, thread, record_addr, from);
                 if !waiting {
-                    self.send(
-                        from,
-                        ProgramMessage::SpawnAck {
-                            thread,
-                            delivered: true,
-                        },
-                    );
+                    let outcome = if self.hosted[&program].delivered.contains(&thread) {
+                        SpawnOutcome::Delivered
+                    } else {
+                        SpawnOutcome::Refused
+                    };
+                    self.send(from, ProgramMessage::SpawnAck { thread, outcome });
                 }
             }
-            ProgramMessage::SpawnAck { thread, delivered } => {
+            ProgramMessage::SpawnAck { thread, outcome } => {
                 let Some(spawn) = self.spawns.get(&thread) else {
                     return;
                 };
@@ -1010,10 +1057,10 @@ impl Programs {
                     return;
                 }
                 let spawn = self.spawns.remove(&thread).expect("present");
-                let result = if delivered {
-                    Ok(thread)
-                } else {
-                    Err(SpawnError::NoInstance)
+                let result = match outcome {
+                    SpawnOutcome::Delivered => Ok(thread),
+                    SpawnOutcome::Refused => Err(SpawnError::NoInstance),
+                    SpawnOutcome::Ended => Err(SpawnError::NodeDown),
                 };
                 self.answer_spawn(spawn, result);
             }
@@ -1077,9 +1124,27 @@ impl Programs {
                 hosted.backlog_bytes = 0;
                 continue;
             }
-            hosted
+            let expired: Vec<ThreadId> = hosted
                 .waiting
-                .retain(|_, &mut (_, _, deadline)| deadline > now_ticks);
+                .iter()
+                .filter(|(_, &(_, _, deadline))| deadline <= now_ticks)
+                .map(|(&t, _)| t)
+                .collect();
+            for thread in expired {
+                let (from, _, _) = hosted.waiting.remove(&thread).expect("listed");
+                if hosted.refused.len() >= SPAWN_DEDUPE_WINDOW {
+                    let oldest = *hosted.refused.iter().next().expect("non-empty");
+                    hosted.refused.remove(&oldest);
+                }
+                hosted.refused.insert(thread);
+                sends.push((
+                    from,
+                    ProgramMessage::SpawnAck {
+                        thread,
+                        outcome: SpawnOutcome::Refused,
+                    },
+                ));
+            }
             if let Some(retry) = &mut hosted.resend {
                 if retry.due(now_ticks) {
                     retry.back_off(now_ticks, &timing);
@@ -1099,13 +1164,12 @@ impl Programs {
         for program in ended {
             self.stop_local(program);
             self.hosted.remove(&program);
+            self.note_ended(program);
         }
         let mut failed: Vec<(ThreadId, SpawnError)> = Vec::new();
         for (&thread, spawn) in self.spawns.iter_mut() {
             if is_down(spawn.target) {
                 failed.push((thread, SpawnError::NodeDown));
-            } else if spawn.deadline_tick <= now_ticks {
-                failed.push((thread, SpawnError::Busy));
             } else if spawn.retry.due(now_ticks) {
                 spawn.retry.back_off(now_ticks, &timing);
                 sends.push((
@@ -1151,11 +1215,12 @@ impl Programs {
             .hosted
             .values()
             .filter_map(|h| h.resend.map(|r| r.next_tick));
-        let spawns = self
-            .spawns
+        let spawns = self.spawns.values().map(|s| s.retry.next_tick);
+        let waiting = self
+            .hosted
             .values()
-            .map(|s| s.retry.next_tick.min(s.deadline_tick));
-        launches.chain(resends).chain(spawns).min()
+            .flat_map(|h| h.waiting.values().map(|&(_, _, deadline)| deadline));
+        launches.chain(resends).chain(spawns).chain(waiting).min()
     }
 }
 
@@ -1170,6 +1235,7 @@ impl Hosted {
             backlog_bytes: 0,
             resend: None,
             delivered: BTreeSet::new(),
+            refused: BTreeSet::new(),
             waiting: BTreeMap::new(),
             stopped: false,
         }

@@ -3,7 +3,7 @@
 //! and decoders that answer `Err` rather than panic on hostile input.
 
 use gallocy_core::meta::{Command, Proposal};
-use gallocy_core::programs::{ProgramMessage, WorkerEvent, WorkerExit, WorkerSpec};
+use gallocy_core::programs::{ProgramMessage, SpawnOutcome, WorkerEvent, WorkerExit, WorkerSpec};
 use gallocy_core::types::{Access, PageBytes, PageId, PAGE_SIZE_BYTES};
 use gallocy_core::wire::{
     decode_peer_hello, encode_peer_hello, Envelope, FreeOutcome, PageDenial, PeerHello,
@@ -176,8 +176,15 @@ fn program_message() -> impl Strategy<Value = ProgramMessage> {
             thread: w[1],
             record_addr: w[2],
         }),
-        (any::<u64>(), any::<bool>())
-            .prop_map(|(thread, delivered)| ProgramMessage::SpawnAck { thread, delivered }),
+        (
+            any::<u64>(),
+            prop_oneof![
+                Just(SpawnOutcome::Delivered),
+                Just(SpawnOutcome::Refused),
+                Just(SpawnOutcome::Ended)
+            ]
+        )
+            .prop_map(|(thread, outcome)| ProgramMessage::SpawnAck { thread, outcome }),
     ]
 }
 

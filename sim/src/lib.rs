@@ -43,6 +43,11 @@ impl RunReport {
             c.futex_timed_out, c.futex_no_copy, c.futex_wakes
         ));
         out.push_str(&format!(
+            "threads:      {} programs, {} workers, {} spawned, {} ran, {} refused, {} joined ({} gave up); {} output bytes\n",
+            c.programs_launched, c.workers_started, c.threads_spawned, c.threads_ran, c.spawns_refused, c.joins,
+            c.joins_given_up, c.output_bytes
+        ));
+        out.push_str(&format!(
             "messages:     {} sent, {} delivered, {} retries, {} rejected, {} malformed; {} page faults to the node, {} revocations\n",
             c.frames_sent, c.frames_delivered, self.retries, self.rejected_messages, self.malformed_frames, c.faults_requested, c.revokes
         ));
@@ -58,7 +63,7 @@ impl RunReport {
             c.frames_delivered as f64 / wall_s
         ));
         match &self.violation {
-            None => out.push_str("checkers:     coherence, memory consistency, allocation safety, space lifetime, mutual exclusion, no lost wake-up, liveness: all hold\n"),
+            None => out.push_str("checkers:     coherence, memory consistency, allocation safety, space lifetime, mutual exclusion, no lost wake-up, launch once, thread runs once, answered after delivery, join results, output stream, liveness: all hold\n"),
             Some(v) => out.push_str(&format!(
                 "VIOLATION:    {} broken at step {} (tick {}), seed {}: {}\n",
                 v.checker, v.step, v.tick, self.params.seed, v.detail

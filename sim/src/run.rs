@@ -334,16 +334,23 @@ fn run_unguarded(params: RunParams) -> RunReport {
             }
         } else if let Some(healed) = heal_tick {
             let pending = world.borrow().pending_ops();
-            if pending.is_empty() {
+            let output_settled = world.borrow().output_settled();
+            if pending.is_empty() && output_settled {
                 break;
             }
             if now - healed > LIVENESS_BOUND_TICKS {
-                let detail = format!(
-                    "{} operations still pending {} ms after the final heal (node, issued at): {:?}",
-                    pending.len(),
-                    LIVENESS_BOUND_TICKS,
-                    &pending[..pending.len().min(8)]
-                );
+                let detail = if pending.is_empty() {
+                    format!(
+                        "worker output still not all at the launcher {LIVENESS_BOUND_TICKS} ms after the final heal"
+                    )
+                } else {
+                    format!(
+                        "{} operations still pending {} ms after the final heal (node, issued at): {:?}",
+                        pending.len(),
+                        LIVENESS_BOUND_TICKS,
+                        &pending[..pending.len().min(8)]
+                    )
+                };
                 let mut w = world.borrow_mut();
                 if w.violation.is_none() {
                     w.violation = Some(Violation {

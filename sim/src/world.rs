@@ -24,6 +24,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::trace::TraceHash;
 
 mod sync;
+mod threads;
 use sync::{LockRun, Rmw, SimLock, WaitRecord, WakeDue};
 
 pub const SPACE_NAME: &str = "sim";
@@ -100,6 +101,16 @@ pub struct Counters {
     pub futex_value_changed: u64,
     pub futex_timed_out: u64,
     pub futex_no_copy: u64,
+    pub programs_launched: u64,
+    pub workers_started: u64,
+    pub threads_spawned: u64,
+    pub threads_ran: u64,
+    pub spawns_refused: u64,
+    pub joins: u64,
+    pub joins_given_up: u64,
+    pub output_bytes: u64,
+    /// Record blocks not used (the workload might still write them).
+    pub records_unused: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,6 +143,16 @@ enum OpKind {
     FutexWake {
         lock: usize,
     },
+    /// Allocates a thread record for a spawn.
+    AllocateRecord,
+    /// Asks for a thread whose record is at `record`.
+    Spawn {
+        record: u64,
+    },
+    /// A join's read of its thread's record.
+    JoinRead {
+        addr: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -152,6 +173,10 @@ struct Thread {
     next_op_tick: u64,
     /// The lock operation it is in, if any.
     sync: Option<LockRun>,
+    /// The thread it joins: (record, reads so far).
+    join: Option<(u64, u32)>,
+    /// A record it initialised: the spawn to send next.
+    spawn_next: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -199,6 +224,10 @@ enum ConnKind {
     Thread(usize),
     /// An administrator's connection (`gallocy space unpersist`); its pid is 0.
     Admin,
+    /// The program launcher's connection; its pid is 0.
+    Launcher,
+    /// A process's connection serving the program's threads.
+    Serve,
 }
 
 struct NodeSlot {
@@ -319,6 +348,18 @@ pub struct World {
     wake_dues: Vec<WakeDue>,
     /// Per unlock's wake (operation id): the waits asleep when the unlock wrote.
     wakes_owed: BTreeMap<u64, Vec<u64>>,
+    /// The simulated program (see `threads.rs`).
+    launch: threads::Launch,
+    program: Option<threads::SimProgram>,
+    /// Spawned threads by record address.
+    sim_threads: BTreeMap<u64, threads::SimThread>,
+    /// Threads a serving process must run: (record, value) per (node, pid).
+    thread_jobs: BTreeMap<(usize, i32), VecDeque<(u64, u64)>>,
+    /// Worker starts heard before the launch's answer.
+    early_workers: Vec<(usize, u64)>,
+    /// Records of spaces destroyed since: a late run of one is dropped, and a new
+    /// record at the same address is not used.
+    stale_records: BTreeSet<u64>,
 }
 
 fn name_field() -> [u8; IPC_NAME_BYTES] {
@@ -408,6 +449,12 @@ impl World {
             futex_waits: BTreeMap::new(),
             wake_dues: Vec::new(),
             wakes_owed: BTreeMap::new(),
+            launch: threads::Launch::NotYet,
+            program: None,
+            sim_threads: BTreeMap::new(),
+            thread_jobs: BTreeMap::new(),
+            early_workers: Vec::new(),
+            stale_records: BTreeSet::new(),
         }
         .with_drain()
     }
@@ -503,6 +550,8 @@ impl World {
         self.settle();
         self.run_scheduled();
         self.manage_processes();
+        self.manage_program();
+        self.start_early_workers();
         self.issue_unlocks();
         if self.issuing {
             self.issue_operations();
@@ -531,14 +580,27 @@ impl World {
                 }
                 self.outbox[index].push((envelope.to, envelope.encode()));
             }
-            HostAction::SendApp { conn, frame } | HostAction::Welcome { conn, frame, .. } => {
-                self.inbox.push_back((index, conn, frame))
+            HostAction::SendApp { conn, frame } => {
+                match IpcMessage::decode(&frame) {
+                    Ok((_, IpcMessage::RunThread { record_addr, .. })) => {
+                        // Recorded as it leaves the host: the spawner's answer cannot
+                        // be earlier than this.
+                        self.on_run_thread(index, conn, record_addr)
+                    }
+                    _ => self.inbox.push_back((index, conn, frame)),
+                }
             }
+            HostAction::Welcome { conn, frame, .. } => self.inbox.push_back((index, conn, frame)),
             HostAction::Status { .. } | HostAction::SessionEnded { .. } => {}
-            // The simulator launches no programs yet.
-            HostAction::SendAppData { .. }
-            | HostAction::StartWorker { .. }
-            | HostAction::StopWorker { .. } => {}
+            HostAction::SendAppData { conn, frame, data } => {
+                if self.is_launcher(index, conn) {
+                    self.on_launcher_data(&frame, &data);
+                }
+                self.inbox.push_back((index, conn, frame));
+            }
+            HostAction::StartWorker { program, .. } => self.on_start_worker(index, program),
+            // The simulated program is never stopped.
+            HostAction::StopWorker { .. } => {}
             HostAction::DropSpace { space } => self.on_drop_space(index, space),
             HostAction::DropPages {
                 space,
@@ -832,6 +894,11 @@ impl World {
         self.limbo.clear();
         self.recently_freed.clear();
         self.locks.clear();
+        // Records were blocks of the old space: spawns of them may still arrive.
+        let stale: Vec<u64> = self.sim_threads.keys().copied().collect();
+        self.stale_records.extend(stale);
+        self.sim_threads.clear();
+        self.thread_jobs.clear();
         self.futex_waits.clear();
         self.wake_dues.clear();
         self.wakes_owed.clear();
@@ -1365,6 +1432,9 @@ impl World {
                 index + 1
             );
         }
+        if matches!(kind, ConnKind::Launcher | ConnKind::Serve) {
+            return self.on_program_frame(index, conn, kind, message);
+        }
         let Some(process) = self.slots[index].processes.get(&pid) else {
             return;
         };
@@ -1510,6 +1580,8 @@ impl World {
                 pending: None,
                 next_op_tick: 0,
                 sync: None,
+                join: None,
+                spawn_next: None,
             });
             self.send(
                 index,
@@ -1630,7 +1702,26 @@ impl World {
             None => {}
         }
         self.counters.ops_issued += 1;
+        // A thread of this process was spawned here: it writes its value.
+        if let Some((addr, value)) = self.take_job(index, pid) {
+            let op = self.new_op(index, pid, thread, OpKind::Write { addr, value });
+            return self.access(index, pid, thread, op, false);
+        }
+        let spawn_next = self.slots[index]
+            .processes
+            .get_mut(&pid)
+            .and_then(|p| p.threads[thread].spawn_next.take());
+        if let Some(record) = spawn_next {
+            return self.spawn_with_record(index, pid, thread, record);
+        }
+        if let Some((record, _)) = self.slots[index].processes[&pid].threads[thread].join {
+            let op = self.new_op(index, pid, thread, OpKind::JoinRead { addr: record });
+            return self.access(index, pid, thread, op, false);
+        }
         if (25..35).contains(&roll) && self.start_lock(index, pid, thread) {
+            return;
+        }
+        if (35..39).contains(&roll) && self.start_spawn(index, pid, thread) {
             return;
         }
         if roll < 14 || !have_blocks {
@@ -1758,7 +1849,7 @@ impl World {
             return;
         };
         let (addr, need) = match op.kind {
-            OpKind::Read { addr } => (addr, Access::Read),
+            OpKind::Read { addr } | OpKind::JoinRead { addr } => (addr, Access::Read),
             OpKind::Write { addr, .. } => (addr, Access::Write),
             OpKind::LockRmw { lock, .. } => (self.locks[lock].addr, Access::Write),
             _ => unreachable!("not an access"),
@@ -1818,7 +1909,7 @@ impl World {
             .entry(page)
             .or_insert_with(|| Box::new([0u8; PAGE_SIZE_BYTES]));
         match op.kind {
-            OpKind::Read { .. } => {
+            OpKind::Read { .. } | OpKind::JoinRead { .. } => {
                 let mut word = [0u8; 8];
                 word.copy_from_slice(&memory[offset..offset + 8]);
                 let value = u64::from_le_bytes(word);
@@ -1835,6 +1926,9 @@ impl World {
                             index + 1
                         ),
                     );
+                }
+                if let OpKind::JoinRead { addr } = op.kind {
+                    self.on_join_read(index, pid, thread, addr, value);
                 }
             }
             OpKind::Write { value, .. } => {
@@ -1901,6 +1995,11 @@ impl World {
             self.wakes_owed.remove(&pending.id);
             // A detaching process's last requests are refused: it is leaving.
             let leaving = process.phase != ProcPhase::Live;
+            if let OpKind::Spawn { record } = pending.kind {
+                // Refused: it never runs. Node down (or the program ended there):
+                // whether it ran is not known.
+                self.spawn_refused(record, code == ErrorCode::NoInstance);
+            }
             if !(leaving && code == ErrorCode::NotAttached) {
                 self.on_error(index, pending, code, detail);
             }
@@ -1947,6 +2046,15 @@ impl World {
                 self.add_lock(addr);
                 self.finish_op(index, pid, thread);
             }
+            (OpKind::AllocateRecord, IpcMessage::Allocated { addr, size_bytes }) => {
+                self.check_allocation(index, addr, threads::RECORD_BYTES, size_bytes);
+                // Live, but not published: the random workload never touches it.
+                self.published.retain(|&a| a != addr);
+                self.init_record(index, pid, thread, addr);
+            }
+            (OpKind::Spawn { record }, IpcMessage::ThreadSpawned { .. }) => {
+                self.on_spawned(index, pid, thread, record)
+            }
             (OpKind::FutexWait { lock, .. }, IpcMessage::FutexWaitDone { outcome }) => {
                 self.on_wait_done(index, pid, thread, lock, outcome)
             }
@@ -1955,7 +2063,10 @@ impl World {
                 self.finish_op(index, pid, thread);
             }
             (
-                OpKind::Read { .. } | OpKind::Write { .. } | OpKind::LockRmw { .. },
+                OpKind::Read { .. }
+                | OpKind::JoinRead { .. }
+                | OpKind::Write { .. }
+                | OpKind::LockRmw { .. },
                 IpcMessage::Granted {
                     page_addr,
                     write,
@@ -1999,6 +2110,8 @@ impl World {
             (_, ErrorCode::NotMapped) => self.counters.not_mapped += 1,
             (_, ErrorCode::OutOfMemory) => self.counters.out_of_memory += 1,
             (_, ErrorCode::Busy) => self.counters.busy += 1,
+            // A spawn to a node without an instance of the program (yet, or any more).
+            (OpKind::Spawn { .. }, ErrorCode::NoInstance) => {}
             (OpKind::Free { addr, expect_valid }, ErrorCode::InvalidFree) => {
                 if expect_valid {
                     self.violate(

@@ -91,7 +91,7 @@ pub(super) struct WakeDue {
 }
 
 /// Whether the process `pid` of node `index` is still attached and running.
-fn is_live(slots: &[NodeSlot], index: usize, pid: i32) -> bool {
+pub(super) fn is_live(slots: &[NodeSlot], index: usize, pid: i32) -> bool {
     slots[index]
         .processes
         .get(&pid)
