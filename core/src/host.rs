@@ -1149,8 +1149,9 @@ impl Host {
                 } else {
                     refusal(ErrorCode::NoInstance)
                 };
-                self.apply_program_effects();
+                // The answer first, then the threads that waited for this connection.
                 self.send_app(conn, request_id, reply);
+                self.apply_program_effects();
             }
             (
                 Some(Role::Main | Role::Thread),

@@ -55,6 +55,20 @@ int gallocy_ping(void);
 int gallocy_futex_wait(const uint32_t *addr, uint32_t expected, uint32_t timeout_ms);
 int gallocy_futex_wake(const uint32_t *addr, uint32_t count);
 
+/* Threads of a program started by `gallocy run` (docs/runtime.md, "Threads on every
+ * node"), with pthread's signatures. gallocy_pthread_create places the thread by the
+ * program's policy (round robin over the nodes; GALLOCY_PLACEMENT=local keeps it
+ * here); gallocy_pthread_create_on places it on `node` (1-based). The handle works with
+ * gallocy_pthread_join (and, under LD_PRELOAD, with pthread_join and pthread_detach).
+ * Outside a launched program, create makes a plain local thread and create_on fails
+ * with ENOTSUP. Return 0 or an errno, as pthread's do. */
+#include <pthread.h>
+int gallocy_pthread_create(pthread_t *thread, const pthread_attr_t *attr,
+                           void *(*start)(void *), void *arg);
+int gallocy_pthread_create_on(pthread_t *thread, const pthread_attr_t *attr,
+                              void *(*start)(void *), void *arg, uint32_t node);
+int gallocy_pthread_join(pthread_t thread, void **result);
+
 struct gallocy_stats {
     uint64_t faults_local;   /* faults this node served without the network */
     uint64_t faults_remote;  /* faults that needed another node */

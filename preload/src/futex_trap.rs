@@ -157,7 +157,7 @@ pub fn install(base: u64, size: u64) -> bool {
     unsafe {
         let mut action: libc::sigaction = core::mem::zeroed();
         action.sa_sigaction = on_sigsys as *const () as usize;
-        action.sa_flags = libc::SA_SIGINFO;
+        action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
         libc::sigemptyset(&mut action.sa_mask);
         if libc::sigaction(libc::SIGSYS, &action, core::ptr::null_mut()) != 0 {
             return false;

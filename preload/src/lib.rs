@@ -9,7 +9,9 @@ mod futex_trap;
 pub mod heap;
 pub mod report;
 pub mod runtime;
+mod stack;
 pub mod sys;
+pub mod threads;
 
 use core::ffi::{c_char, c_int, c_void, CStr};
 
@@ -241,6 +243,67 @@ pub extern "C" fn gallocy_futex_wake(addr: *const u32, count: u32) -> c_int {
             -errno_of(error)
         }
     }
+}
+
+/// The start routine of a thread, as pthread_create takes it.
+pub type StartRoutine = extern "C" fn(*mut c_void) -> *mut c_void;
+
+/// gallocy.h: `pthread_create` that places the thread by the program's policy (round
+/// robin over the nodes unless `GALLOCY_PLACEMENT=local`); a plain glibc thread when
+/// the process is not an instance of a program `gallocy run` launched.
+///
+/// # Safety
+/// As `pthread_create`.
+#[no_mangle]
+pub unsafe extern "C" fn gallocy_pthread_create(
+    thread: *mut libc::pthread_t,
+    attr: *const libc::pthread_attr_t,
+    start: StartRoutine,
+    arg: *mut c_void,
+) -> c_int {
+    match threads::placement() {
+        // SAFETY: per the contract.
+        Some(node) => unsafe { threads::create(thread, attr, start, arg, node) },
+        // SAFETY: per the contract.
+        None => unsafe { threads::real().create(thread, attr, start, arg) },
+    }
+}
+
+/// gallocy.h: `pthread_create` on node `node` (1-based) of the program's cluster.
+/// EINVAL for a node that is not a member; ENOTSUP outside a launched program.
+///
+/// # Safety
+/// As `pthread_create`.
+#[no_mangle]
+pub unsafe extern "C" fn gallocy_pthread_create_on(
+    thread: *mut libc::pthread_t,
+    attr: *const libc::pthread_attr_t,
+    start: StartRoutine,
+    arg: *mut c_void,
+    node: u32,
+) -> c_int {
+    if !threads::distributes() {
+        return libc::ENOTSUP;
+    }
+    // SAFETY: per the contract.
+    unsafe { threads::create(thread, attr, start, arg, node as u64) }
+}
+
+/// gallocy.h: `pthread_join` of any thread, wherever it runs.
+///
+/// # Safety
+/// As `pthread_join`.
+#[no_mangle]
+pub unsafe extern "C" fn gallocy_pthread_join(
+    thread: libc::pthread_t,
+    result: *mut *mut c_void,
+) -> c_int {
+    if threads::is_thread(thread) {
+        // SAFETY: per the contract.
+        return unsafe { threads::join(thread, result) };
+    }
+    // SAFETY: a glibc thread; per the contract.
+    unsafe { libc::pthread_join(thread, result) }
 }
 
 /// `struct gallocy_stats` in gallocy.h: the IPC counters, laid out for C.

@@ -70,6 +70,8 @@ struct Runtime {
     /// never lent to a thread slot (a slot is reclaimed when its thread exits).
     main_fd: AtomicI32,
     service_fd: AtomicI32,
+    /// The space's memfd, kept to map aliases of space pages (`add_alias`).
+    memfd: AtomicI32,
     next_request_id: AtomicU64,
     /// `$GALLOCY_SOCKET` as given to attach, NUL-terminated. Written under
     /// `attach_lock` before `attached` is set, read-only afterwards.
@@ -81,6 +83,8 @@ struct Runtime {
     last_error: UnsafeCell<Message>,
     slot_tid: [AtomicI32; CONNECTION_SLOTS],
     slot_fd: [AtomicI32; CONNECTION_SLOTS],
+    /// A call is in progress on the slot's connection.
+    slot_busy: [AtomicBool; CONNECTION_SLOTS],
 }
 
 // SAFETY: every UnsafeCell field is written only under a lock (attach_lock or
@@ -91,6 +95,8 @@ unsafe impl Sync for Runtime {}
 const NO_TID: AtomicI32 = AtomicI32::new(0);
 #[allow(clippy::declare_interior_mutable_const)]
 const NO_FD: AtomicI32 = AtomicI32::new(-1);
+#[allow(clippy::declare_interior_mutable_const)]
+const NOT_BUSY: AtomicBool = AtomicBool::new(false);
 
 static RT: Runtime = Runtime {
     attached: AtomicBool::new(false),
@@ -104,6 +110,7 @@ static RT: Runtime = Runtime {
     node: AtomicU32::new(0),
     main_fd: AtomicI32::new(-1),
     service_fd: AtomicI32::new(-1),
+    memfd: AtomicI32::new(-1),
     next_request_id: AtomicU64::new(1),
     socket_path: UnsafeCell::new([0u8; SOCKET_PATH_BYTES]),
     // SAFETY: an all-zero sigaction is a valid value (SIG_DFL, empty mask).
@@ -113,6 +120,7 @@ static RT: Runtime = Runtime {
     last_error: UnsafeCell::new(Message::new()),
     slot_tid: [NO_TID; CONNECTION_SLOTS],
     slot_fd: [NO_FD; CONNECTION_SLOTS],
+    slot_busy: [NOT_BUSY; CONNECTION_SLOTS],
 };
 
 /// How a call to the daemon failed.
@@ -163,6 +171,20 @@ pub fn forget_after_fork() {
     close_connections();
     let service = RT.service_fd.swap(-1, Ordering::AcqRel);
     sys::close(service);
+    sys::close(RT.memfd.swap(-1, Ordering::AcqRel));
+}
+
+/// The aliases of space pages: (alias address, length), for a forked child to make
+/// private like the space itself.
+pub fn aliases() -> [(u64, u64); MAX_ALIASES] {
+    let mut out = [(0, 0); MAX_ALIASES];
+    for (i, entry) in out.iter_mut().enumerate() {
+        *entry = (
+            ALIAS_START[i].load(Ordering::Acquire),
+            ALIAS_LEN[i].load(Ordering::Acquire),
+        );
+    }
+    out
 }
 
 #[inline]
@@ -283,24 +305,27 @@ fn receive(fd: i32) -> Result<(u64, IpcMessage), CallError> {
 }
 
 enum Connection {
-    /// This thread's own connection, kept.
-    Slot(i32),
-    /// A connection for this call only (all slots taken by live threads).
+    /// This thread's own connection, kept; marked busy (its slot) while in use.
+    Slot(i32, usize),
+    /// A connection for this call only (all slots taken by live threads, or this
+    /// thread's own is busy below us: a fault taken inside a call, on a buffer of a
+    /// stack in the space).
     Temporary(i32),
 }
 
 impl Connection {
     fn fd(&self) -> i32 {
         match *self {
-            Connection::Slot(fd) | Connection::Temporary(fd) => fd,
+            Connection::Slot(fd, _) | Connection::Temporary(fd) => fd,
         }
     }
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        if let Connection::Temporary(fd) = *self {
-            sys::close(fd);
+        match *self {
+            Connection::Temporary(fd) => sys::close(fd),
+            Connection::Slot(_, slot) => RT.slot_busy[slot].store(false, Ordering::Release),
         }
     }
 }
@@ -321,7 +346,15 @@ fn thread_connection() -> Result<Connection, CallError> {
         if RT.slot_tid[slot].load(Ordering::Acquire) == tid {
             let fd = RT.slot_fd[slot].load(Ordering::Acquire);
             if fd >= 0 {
-                return Ok(Connection::Slot(fd));
+                if RT.slot_busy[slot].swap(true, Ordering::AcqRel) {
+                    // A call of this thread waits on it (we are in its fault).
+                    return match open_session_connection(Role::Thread) {
+                        Ok(fd) => Ok(Connection::Temporary(fd)),
+                        Err(CallError::Sys(_)) => daemon_gone("cannot connect"),
+                        Err(refused) => Err(refused),
+                    };
+                }
+                return Ok(Connection::Slot(fd, slot));
             }
         }
     }
@@ -343,7 +376,8 @@ fn thread_connection() -> Result<Connection, CallError> {
         {
             let old = RT.slot_fd[slot].swap(fd, Ordering::AcqRel);
             sys::close(old);
-            return Ok(Connection::Slot(fd));
+            RT.slot_busy[slot].store(true, Ordering::Release);
+            return Ok(Connection::Slot(fd, slot));
         }
     }
     Ok(Connection::Temporary(fd))
@@ -363,6 +397,10 @@ fn close_connections() {
 /// One request, one reply, on this thread's connection.
 pub fn call(message: IpcMessage) -> Result<IpcMessage, CallError> {
     let connection = thread_connection()?;
+    call_on(&connection, message)
+}
+
+fn call_on(connection: &Connection, message: IpcMessage) -> Result<IpcMessage, CallError> {
     let request_id = RT.next_request_id.fetch_add(1, Ordering::Relaxed);
     let mut frame = [0u8; IPC_FRAME_BYTES];
     message.encode(request_id, &mut frame);
@@ -387,11 +425,8 @@ pub fn call(message: IpcMessage) -> Result<IpcMessage, CallError> {
     Err(CallError::Refused(ErrorCode::BadFrame, 0))
 }
 
-/// A message with no reply (GrantApplied).
-fn notify(message: IpcMessage) {
-    let Ok(connection) = thread_connection() else {
-        return;
-    };
+/// A message with no reply (GrantApplied), on the connection of the call it follows.
+fn notify_on(connection: &Connection, message: IpcMessage) {
     let mut frame = [0u8; IPC_FRAME_BYTES];
     message.encode(0, &mut frame);
     if sys::write_all(connection.fd(), &frame).is_err() {
@@ -483,6 +518,113 @@ pub fn futex_wake(addr: u64, count: u32) -> Result<u32, CallError> {
 // ---------------------------------------------------------------------------------
 // Faults.
 
+// ---------------------------------------------------------------------------------
+// Aliases: other addresses of space pages (the executable's globals, which must stay
+// where the code expects them). An alias follows its pages' protection: every grant
+// and revocation applies to both.
+
+const MAX_ALIASES: usize = 4;
+#[allow(clippy::declare_interior_mutable_const)]
+const NO_ALIAS: AtomicU64 = AtomicU64::new(0);
+static ALIAS_START: [AtomicU64; MAX_ALIASES] = [NO_ALIAS; MAX_ALIASES];
+static ALIAS_SPACE: [AtomicU64; MAX_ALIASES] = [NO_ALIAS; MAX_ALIASES];
+static ALIAS_LEN: [AtomicU64; MAX_ALIASES] = [NO_ALIAS; MAX_ALIASES];
+
+/// Maps the space pages `[space_addr, space_addr + len)` a second time at
+/// `alias_addr`, replacing what was there, with no access (the first touch faults
+/// and is served like one of the space). All page-aligned.
+pub fn add_alias(alias_addr: u64, space_addr: u64, len: u64) -> Result<(), Errno> {
+    let aligned = |v: u64| v.is_multiple_of(PAGE_BYTES);
+    if !aligned(alias_addr) || !aligned(space_addr) || !aligned(len) || len == 0 {
+        return Err(Errno::INVAL);
+    }
+    if !in_space(space_addr) || !in_space(space_addr + len - 1) {
+        return Err(Errno::INVAL);
+    }
+    let slot = (0..MAX_ALIASES)
+        .find(|&i| ALIAS_LEN[i].load(Ordering::Acquire) == 0)
+        .ok_or(Errno::NOSPC)?;
+    let memfd = RT.memfd.load(Ordering::Acquire);
+    let offset = space_addr - base_addr();
+    sys::map_alias(alias_addr, len, memfd, offset)?;
+    ALIAS_START[slot].store(alias_addr, Ordering::Release);
+    ALIAS_SPACE[slot].store(space_addr, Ordering::Release);
+    ALIAS_LEN[slot].store(len, Ordering::Release);
+    Ok(())
+}
+
+fn alias_to_space(addr: u64) -> Option<u64> {
+    (0..MAX_ALIASES).find_map(|i| {
+        let len = ALIAS_LEN[i].load(Ordering::Acquire);
+        let start = ALIAS_START[i].load(Ordering::Acquire);
+        (len != 0 && addr >= start && addr - start < len)
+            .then(|| ALIAS_SPACE[i].load(Ordering::Acquire) + (addr - start))
+    })
+}
+
+/// Sets the access of space pages and of every alias of them.
+fn protect_all(addr: u64, len: u64, access: u8) -> Result<(), Errno> {
+    sys::protect(addr, len, access)?;
+    for i in 0..MAX_ALIASES {
+        let alias_len = ALIAS_LEN[i].load(Ordering::Acquire);
+        if alias_len == 0 {
+            continue;
+        }
+        let space = ALIAS_SPACE[i].load(Ordering::Acquire);
+        let start = addr.max(space);
+        let end = (addr + len).min(space + alias_len);
+        if start < end {
+            let alias = ALIAS_START[i].load(Ordering::Acquire) + (start - space);
+            sys::protect(alias, end - start, access)?;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// Serving a program's threads (docs/runtime.md, "Threads on every node").
+
+/// Opens this process's connection that serves `program`'s threads: `RunThread`
+/// frames arrive on it (read them with `serve_next`).
+pub fn serve_connection(program: u64) -> Result<i32, CallError> {
+    let fd = open_session_connection(Role::Thread)?;
+    let mut frame = [0u8; IPC_FRAME_BYTES];
+    IpcMessage::ServeThreads { program }.encode(0, &mut frame);
+    if let Err(e) = sys::write_all(fd, &frame) {
+        sys::close(fd);
+        return Err(CallError::Sys(e));
+    }
+    match receive(fd)? {
+        (_, IpcMessage::Pong) => Ok(fd),
+        (_, IpcMessage::Error { code, detail }) => {
+            sys::close(fd);
+            Err(CallError::Refused(code, detail))
+        }
+        _ => {
+            sys::close(fd);
+            Err(CallError::Refused(ErrorCode::BadFrame, 0))
+        }
+    }
+}
+
+/// The next frame on a serving connection (blocking). The daemon gone ends the
+/// process, as for any connection.
+pub fn serve_next(fd: i32) -> Result<IpcMessage, CallError> {
+    receive(fd).map(|(_, message)| message)
+}
+
+/// Asks for a thread of `program` on `node` whose record is at `record_addr`.
+pub fn spawn_thread(program: u64, node: u64, record_addr: u64) -> Result<u64, CallError> {
+    match call(IpcMessage::SpawnThread {
+        program,
+        node,
+        record_addr,
+    })? {
+        IpcMessage::ThreadSpawned { thread } => Ok(thread),
+        _ => Err(CallError::Refused(ErrorCode::BadFrame, 0)),
+    }
+}
+
 /// Asks the daemon for access to the page holding `addr` and applies the grant.
 pub fn fault(addr: u64, write: bool) -> Result<(), CallError> {
     fault_range(addr, 1, write)
@@ -492,7 +634,10 @@ pub fn fault(addr: u64, write: bool) -> Result<(), CallError> {
 /// `MAX_FAULT_PAGES`): a freshly leased chunk, or the buffer of a system call.
 pub fn fault_range(addr: u64, pages: u32, write: bool) -> Result<(), CallError> {
     let asked_page = addr & !(PAGE_BYTES - 1);
-    match call(IpcMessage::Fault { addr, write, pages })? {
+    // The grant and its GrantApplied go on one connection (the daemon holds the
+    // page's revocations until that connection says it is applied).
+    let connection = thread_connection()?;
+    match call_on(&connection, IpcMessage::Fault { addr, write, pages })? {
         // Only what was asked for, inside the space, is protected as granted.
         IpcMessage::Granted {
             page_addr,
@@ -505,10 +650,10 @@ pub fn fault_range(addr: u64, pages: u32, write: bool) -> Result<(), CallError> 
             && in_space(page_addr + (pages as u64).saturating_sub(1) * PAGE_BYTES) =>
         {
             let access = if write { 2 } else { 1 };
-            let applied = sys::protect(page_addr, pages as u64 * PAGE_BYTES, access);
+            let applied = protect_all(page_addr, pages as u64 * PAGE_BYTES, access);
             // Only now may the daemon revoke these pages from us: tell it (also when
             // mprotect failed, so revocations are not held forever).
-            notify(IpcMessage::GrantApplied { page_addr, pages });
+            notify_on(&connection, IpcMessage::GrantApplied { page_addr, pages });
             applied.map_err(CallError::Sys)
         }
         _ => Err(CallError::Refused(ErrorCode::BadFrame, 0)),
@@ -547,11 +692,16 @@ fn is_write_fault(_context: *mut libc::c_void) -> bool {
 
 extern "C" fn on_segv(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo_t for SIGSEGV.
-    let addr = unsafe { (*info).si_addr() } as u64;
-    if !in_space(addr) {
+    let fault_addr = unsafe { (*info).si_addr() } as u64;
+    // A page of an alias (the executable's globals) is the space page behind it.
+    let addr = if in_space(fault_addr) {
+        fault_addr
+    } else if let Some(addr) = alias_to_space(fault_addr) {
+        addr
+    } else {
         chain(signal, info, context);
         return;
-    }
+    };
     let saved_errno = errno();
     let write = is_write_fault(context);
     if let Err(error) = fault(addr, write) {
@@ -698,7 +848,7 @@ extern "C" fn service_main(_arg: *mut libc::c_void) -> *mut libc::c_void {
         };
         if in_space(addr) {
             // Failure would leave more access than the daemon believes: fatal.
-            if sys::protect(addr, len, access).is_err() {
+            if protect_all(addr, len, access).is_err() {
                 let mut message = Message::new();
                 message.str("gallocy: cannot revoke access to ").hex(addr);
                 message.emit();
@@ -853,7 +1003,12 @@ pub fn attach(space: &[u8], create: bool) -> i32 {
         });
     };
     let mapped = sys::map_space(base_addr, size_bytes, memfd);
-    sys::close(memfd);
+    if mapped.is_ok() {
+        let old = RT.memfd.swap(memfd, Ordering::AcqRel);
+        sys::close(old);
+    } else {
+        sys::close(memfd);
+    }
     if let Err(e) = mapped {
         sys::close(main_fd);
         return fail(e.raw_os_error(), |m| {
@@ -896,7 +1051,9 @@ pub fn attach(space: &[u8], create: bool) -> i32 {
     unsafe {
         let mut action: libc::sigaction = core::mem::zeroed();
         action.sa_sigaction = on_segv as *const () as usize;
-        action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+        // On the alternate stack where a thread has one: a thread whose stack is in
+        // the space faults on its own stack, where no signal frame fits.
+        action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_ONSTACK;
         libc::sigemptyset(&mut action.sa_mask);
         libc::sigaction(libc::SIGSEGV, &action, RT.previous_action.get());
     }
@@ -1022,6 +1179,14 @@ fn undo_attach() {
     if base != 0 {
         sys::unmap(base, size);
     }
+    // The aliases map the memfd too; without them nothing of the space is mapped.
+    for i in 0..MAX_ALIASES {
+        let len = ALIAS_LEN[i].swap(0, Ordering::AcqRel);
+        if len != 0 {
+            sys::unmap(ALIAS_START[i].load(Ordering::Acquire), len);
+        }
+    }
+    sys::close(RT.memfd.swap(-1, Ordering::AcqRel));
     close_connections();
 }
 

@@ -41,12 +41,40 @@ pub fn shutdown(raw: i32) {
     let _ = rustix::net::shutdown(fd(raw), rustix::net::Shutdown::Both);
 }
 
+/// Times a call whose buffer was not accessible is tried again after touching it.
+const MAX_FAULT_RETRIES: u32 = 64;
+
+/// Makes the pages of `[ptr, ptr + len)` accessible for reading and writing by
+/// touching them: a buffer on a stack in the space may have lost its access (another
+/// node read the page), and the kernel fails a system call on such a buffer with
+/// EFAULT instead of faulting. Each touch rewrites the byte it read.
+fn touch(ptr: *const u8, len: usize) {
+    if len == 0 {
+        return;
+    }
+    let start = ptr as usize & !4095;
+    let end = ptr as usize + len;
+    let mut page = start;
+    while page < end {
+        let at = (page.max(ptr as usize)) as *mut u8;
+        // SAFETY: `at` lies inside the caller's buffer, which it owns exclusively for
+        // the call; reading and writing back the same byte changes nothing.
+        unsafe { at.write_volatile(at.read_volatile()) };
+        page += 4096;
+    }
+}
+
 pub fn write_all(raw: i32, mut bytes: &[u8]) -> Result<(), Errno> {
+    let mut faults = 0;
     while !bytes.is_empty() {
         match rustix::net::send(fd(raw), bytes, SendFlags::NOSIGNAL) {
             Ok(0) => return Err(Errno::PIPE),
             Ok(n) => bytes = &bytes[n..],
             Err(Errno::INTR) => continue,
+            Err(Errno::FAULT) if faults < MAX_FAULT_RETRIES => {
+                faults += 1;
+                touch(bytes.as_ptr(), bytes.len());
+            }
             Err(e) => return Err(e),
         }
     }
@@ -56,11 +84,16 @@ pub fn write_all(raw: i32, mut bytes: &[u8]) -> Result<(), Errno> {
 /// Reads exactly `buf.len()` bytes; `Ok(false)` at end of stream.
 pub fn read_exact(raw: i32, buf: &mut [u8]) -> Result<bool, Errno> {
     let mut filled = 0;
+    let mut faults = 0;
     while filled < buf.len() {
         match rustix::io::read(fd(raw), &mut buf[filled..]) {
             Ok(0) => return Ok(false),
             Ok(n) => filled += n,
             Err(Errno::INTR) => continue,
+            Err(Errno::FAULT) if faults < MAX_FAULT_RETRIES => {
+                faults += 1;
+                touch(buf[filled..].as_ptr(), buf.len() - filled);
+            }
             Err(e) => return Err(e),
         }
     }
@@ -72,9 +105,14 @@ pub fn recv_with_fd(raw: i32, buf: &mut [u8]) -> Result<(bool, Option<i32>), Err
     let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let mut iov = [rustix::io::IoSliceMut::new(buf)];
+    let mut faults = 0;
     let received = loop {
         match rustix::net::recvmsg(fd(raw), &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC) {
             Err(Errno::INTR) => continue,
+            Err(Errno::FAULT) if faults < MAX_FAULT_RETRIES => {
+                faults += 1;
+                touch(iov[0].as_ptr(), iov[0].len());
+            }
             other => break other?,
         }
     };
@@ -135,6 +173,28 @@ pub fn map_space(addr: u64, len: u64, memfd: i32) -> Result<(), Errno> {
         // A kernel that ignores FIXED_NOREPLACE treats the address as a hint.
         unmap(got as u64, len);
         return Err(Errno::EXIST);
+    }
+    Ok(())
+}
+
+/// Maps `len` bytes of the space's memfd from `offset` at `addr`, replacing what is
+/// there (an alias of space pages), with no access.
+pub fn map_alias(addr: u64, len: u64, memfd: i32, offset: u64) -> Result<(), Errno> {
+    // SAFETY: MAP_FIXED replaces the range; callers alias only memory whose contents
+    // they copied into the space first (the executable's globals), and no Rust
+    // reference points into it.
+    let got = unsafe {
+        rustix::mm::mmap(
+            addr as *mut core::ffi::c_void,
+            len as usize,
+            rustix::mm::ProtFlags::empty(),
+            rustix::mm::MapFlags::SHARED | rustix::mm::MapFlags::FIXED,
+            fd(memfd),
+            offset,
+        )?
+    };
+    if got as u64 != addr {
+        return Err(Errno::INVAL);
     }
     Ok(())
 }
@@ -264,12 +324,18 @@ fn monotonic_nanos() -> u64 {
 /// arrived (the caller then blocks); partial frames are completed by blocking reads.
 pub fn recv_spinning(raw: i32, buf: &mut [u8], spin_nanos: u64) -> Option<Result<bool, Errno>> {
     let deadline = monotonic_nanos() + spin_nanos;
+    let mut faults = 0;
     loop {
         match rustix::net::recv(fd(raw), &mut *buf, rustix::net::RecvFlags::DONTWAIT) {
             Ok((0, _)) => return Some(Ok(false)),
             Ok((n, _)) if n == buf.len() => return Some(Ok(true)),
             Ok((n, _)) => return Some(read_exact(raw, &mut buf[n..])),
             Err(Errno::AGAIN) | Err(Errno::INTR) => {}
+            Err(Errno::FAULT) if faults < MAX_FAULT_RETRIES => {
+                faults += 1;
+                touch(buf.as_ptr(), buf.len());
+                continue;
+            }
             Err(e) => return Some(Err(e)),
         }
         if monotonic_nanos() > deadline {

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod cluster;
 pub mod config;
 pub mod daemon;
+pub mod launch;
 pub mod memory;
 pub mod run;
 pub mod tls;

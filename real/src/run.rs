@@ -23,6 +23,11 @@ extern "C" fn forward(signal: libc::c_int) {
     }
 }
 
+/// The program's main instance, for the signal forwarder (0: none).
+pub fn track_child(pid: i32) {
+    CHILD.store(pid, Ordering::SeqCst);
+}
+
 /// While the program runs, this command must outlive it to stop the cluster: SIGINT
 /// (which the terminal also sends to the program) is ignored here; SIGTERM and SIGHUP
 /// are passed on to the program.
@@ -95,6 +100,46 @@ pub fn run(options: &RunOptions<'_>) -> Result<i32, String> {
         ld_preload.push(existing);
     }
     guard_signals();
+    // Against an existing cluster, `-n N` (N > 1) asks for an instance on every
+    // member; without it the program runs as one process, as before.
+    let nodes = match &embedded {
+        Some(_) => options.nodes,
+        None if options.nodes > 1 => crate::admin::status(&socket)
+            .ok()
+            .and_then(|doc| doc["members"].as_array().map(|m| m.len() as u64))
+            .unwrap_or(1),
+        None => 1,
+    };
+    if nodes > 1 {
+        // An instance on every node; threads spread over them.
+        let mut env: Vec<(String, std::ffi::OsString)> = vec![
+            ("LD_PRELOAD".into(), ld_preload),
+            ("GALLOCY_SPACE".into(), options.space.into()),
+            ("GALLOCY_NODES".into(), nodes.to_string().into()),
+            // Every symbol bound at start: no lazy binding writes the executable's
+            // GOT (space pages once the globals are shared) later.
+            ("LD_BIND_NOW".into(), "1".into()),
+        ];
+        if embedded.is_some() && std::env::var_os("GALLOCY_PERSISTENT").is_none() {
+            env.push(("GALLOCY_PERSISTENT".into(), "1".into()));
+        }
+        let launch = crate::launch::Launch {
+            socket: &socket,
+            nodes,
+            program: options.program,
+            env,
+        };
+        let status = crate::launch::run(&launch);
+        if options.stats {
+            print_stats(
+                &socket,
+                embedded.as_ref().map(|e| e.dir.as_path()),
+                options.nodes,
+            );
+        }
+        drop(embedded);
+        return status;
+    }
     let mut child = Command::new(program);
     child
         .args(args)

@@ -92,6 +92,9 @@ pub fn start(
         .env("GALLOCY_SOCKET", app_socket)
         .env("GALLOCY_PROGRAM", program.to_string())
         .env("GALLOCY_INSTANCE", "worker")
+        // The instance attaches; programs it execs do not (preload's
+        // `is_exec_descendant`).
+        .env("GALLOCY_RUN_PARENT", std::process::id().to_string())
         .env("GALLOCY_NODE", node.to_string());
     // SAFETY: personality and prctl are async-signal-safe system calls; this runs in
     // the child between fork and exec and touches nothing else.

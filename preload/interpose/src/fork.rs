@@ -95,8 +95,16 @@ pub extern "C" fn after_fork_in_child() {
     if crate::attached() {
         let base = runtime::base_addr();
         let size = runtime::space_size();
+        let aliases = runtime::aliases();
         runtime::forget_after_fork();
         privatize(base, base + size);
+        // The executable's globals, when they are space pages: the child keeps its
+        // own copy, readable parts with their bytes.
+        for (start, len) in aliases {
+            if len != 0 {
+                privatize(start, start + len);
+            }
+        }
         PRIVATE_BASE.store(base, Ordering::Release);
         PRIVATE_SIZE.store(size, Ordering::Release);
         crate::become_local();

@@ -10,6 +10,7 @@
 
 mod arena;
 mod fork;
+mod pthreads;
 mod syscalls;
 
 use core::ffi::{c_int, c_void, CStr};
@@ -382,6 +383,8 @@ extern "C" fn init() {
     if rc == 0 && runtime::chunk_size() == CHUNK_BYTES {
         HEAP.set_process_token(((runtime::node_id() as u64) << 32) | runtime::session());
         MODE.store(MODE_ATTACHED, Ordering::Release);
+        // An instance of a program `gallocy run` launched: threads go to every node.
+        gallocy::threads::configure_from_env();
         // SAFETY: registering a handler that only uses statics and raw system calls;
         // one of the first registrations, so glibc's static block holds it (no malloc).
         unsafe {

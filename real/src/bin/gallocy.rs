@@ -27,7 +27,9 @@ enum Command {
     /// Run a program with its whole heap in a gallocy space (LD_PRELOAD), attached to
     /// the daemon at $GALLOCY_SOCKET, or to a local cluster started for the run.
     Run {
-        /// Nodes of the embedded cluster (when $GALLOCY_SOCKET is not set).
+        /// Nodes of the embedded cluster (when $GALLOCY_SOCKET is not set). Above 1 the
+        /// program gets an instance on every node and its threads spread over them;
+        /// with $GALLOCY_SOCKET, any value above 1 uses every member of that cluster.
         #[arg(short = 'n', long, default_value_t = 1)]
         nodes: u64,
         /// The space the program's heap lives in.
