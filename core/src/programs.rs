@@ -457,6 +457,8 @@ struct OriginPeer {
     ahead: BTreeMap<u64, WorkerEvent>,
     stop: Option<(bool, Retry)>,
     down_reported: bool,
+    /// Its instance's end (exit or refusal) reached the launcher.
+    ended: bool,
 }
 
 /// A program launched from this node.
@@ -487,6 +489,8 @@ struct Hosted {
     /// Threads that arrived before the instance served threads, with their deadline.
     waiting: BTreeMap<ThreadId, (NodeId, u64, u64)>,
     stopped: bool,
+    /// The daemon reported the worker's end (exit or refusal).
+    ended: bool,
 }
 
 /// An instance's request for a thread on `target`.
@@ -608,6 +612,7 @@ impl Programs {
                     ahead: BTreeMap::new(),
                     stop: None,
                     down_reported: false,
+                    ended: false,
                 },
             );
             self.send(
@@ -662,10 +667,12 @@ impl Programs {
         let Some(launched) = self.launched.get(&program) else {
             return;
         };
+        // Until each instance's end has been told (or its node is down): the launcher
+        // waits to hear it, with the output before it.
         let settled = launched
             .peers
             .values()
-            .all(|p| p.down_reported || matches!(p.stop, Some((true, _))));
+            .all(|p| p.down_reported || (p.ended && matches!(p.stop, Some((true, _)))));
         if launched.stopping && settled {
             self.launched.remove(&program);
         }
@@ -698,6 +705,7 @@ impl Programs {
         }
         if exited {
             hosted.serving = None;
+            hosted.ended = true;
         }
         let origin = hosted.origin;
         self.send(
@@ -767,10 +775,11 @@ impl Programs {
     }
 
     fn maybe_forget_hosted(&mut self, program: ProgramId) {
+        // A worker stays until its end is reported and acknowledged.
         let forget = self
             .hosted
             .get(&program)
-            .is_some_and(|h| h.stopped && h.unacked.is_empty());
+            .is_some_and(|h| h.stopped && h.unacked.is_empty() && (h.ended || !h.worker));
         if forget {
             self.hosted.remove(&program);
             self.note_ended(program);
@@ -969,6 +978,9 @@ impl Programs {
                 while let Some(event) = peer.ahead.remove(&peer.expected_seq) {
                     peer.expected_seq += 1;
                     peer.launch_acked = true;
+                    if matches!(event, WorkerEvent::Exited(_) | WorkerEvent::Refused { .. }) {
+                        peer.ended = true;
+                    }
                     self.effects.push(ProgramEffect::Report {
                         conn: launcher,
                         report: LauncherReport::Event { node: from, event },
@@ -984,6 +996,7 @@ impl Programs {
                         },
                     );
                 }
+                self.maybe_forget_launched(program);
             }
             ProgramMessage::EventAck { program, seq } => {
                 let Some(hosted) = self.hosted.get_mut(&program) else {
@@ -1238,6 +1251,7 @@ impl Hosted {
             refused: BTreeSet::new(),
             waiting: BTreeMap::new(),
             stopped: false,
+            ended: false,
         }
     }
 }

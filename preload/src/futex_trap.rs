@@ -116,6 +116,17 @@ pub fn install(base: u64, size: u64) -> bool {
     if TRAPPED_BASE.load(Ordering::Acquire) == base && TRAPPED_END.load(Ordering::Acquire) == end {
         return true;
     }
+    let installed = trap_range(base, end);
+    if installed {
+        TRAPPED_BASE.store(base, Ordering::Release);
+        TRAPPED_END.store(end, Ordering::Release);
+    }
+    installed
+}
+
+/// Traps futex calls on `[base, end)` too (an alias of space pages: the executable's
+/// globals). Filters stack: each one sees every call.
+pub fn trap_range(base: u64, end: u64) -> bool {
     // The address of a code label (never read through).
     let syscall_ip = (&raw const gallocy_futex_passthrough_syscall) as u64;
     let (ip_lo, ip_hi) = (syscall_ip as u32, (syscall_ip >> 32) as u32);
@@ -174,10 +185,6 @@ pub fn install(base: u64, size: u64) -> bool {
                 &prog as *const SockFprog,
             ) == 0
     };
-    if installed {
-        TRAPPED_BASE.store(base, Ordering::Release);
-        TRAPPED_END.store(end, Ordering::Release);
-    }
     installed
 }
 
@@ -234,12 +241,15 @@ fn emulate(uaddr: u64, op: u64, val: u64, timeout: u64, uaddr2: u64, val3: u64) 
         cmd,
         FUTEX_WAIT | FUTEX_WAIT_BITSET | FUTEX_WAKE | FUTEX_WAKE_BITSET
     );
-    if !served || !runtime::in_space(uaddr) {
+    // A word of an alias (a global) is the space word behind it.
+    let space_addr = runtime::space_addr(uaddr);
+    if !served || space_addr.is_none() {
         // Requeue and the rest are not used by glibc's algorithms on this machine's
         // glibc; they, and calls of a process no longer attached, go to the kernel.
         // SAFETY: the caller's own arguments, to the system call it made.
         return unsafe { gallocy_futex_passthrough(uaddr, op, val, timeout, uaddr2, val3) };
     }
+    let uaddr = space_addr.expect("checked");
     if cmd == FUTEX_WAKE || cmd == FUTEX_WAKE_BITSET {
         let count = (val as u32).min(i32::MAX as u32);
         return match runtime::futex_wake(uaddr, count) {

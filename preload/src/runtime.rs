@@ -480,6 +480,7 @@ pub fn load_futex_word(addr: u64) -> u32 {
 /// Sleeps while the 32-bit word at `addr` (in the space) holds `expected`, at most
 /// `timeout_ms` (0: no limit), woken by a `futex_wake` on any node.
 pub fn futex_wait(addr: u64, expected: u32, timeout_ms: u32) -> Result<FutexWaitEnd, CallError> {
+    let addr = space_addr(addr).unwrap_or(addr);
     check_futex_word(addr)?;
     for _ in 0..MAX_FUTEX_NO_COPY_RETRIES {
         let wait = IpcMessage::FutexWait {
@@ -508,6 +509,7 @@ pub fn futex_wait(addr: u64, expected: u32, timeout_ms: u32) -> Result<FutexWait
 /// Wakes up to `count` waiters of this node on `addr`, and every waiter of other
 /// nodes on its page; how many of this node's were woken.
 pub fn futex_wake(addr: u64, count: u32) -> Result<u32, CallError> {
+    let addr = space_addr(addr).unwrap_or(addr);
     check_futex_word(addr)?;
     match call(IpcMessage::FutexWake { addr, count })? {
         IpcMessage::FutexWoken { woken } => Ok(woken),
@@ -550,7 +552,20 @@ pub fn add_alias(alias_addr: u64, space_addr: u64, len: u64) -> Result<(), Errno
     ALIAS_START[slot].store(alias_addr, Ordering::Release);
     ALIAS_SPACE[slot].store(space_addr, Ordering::Release);
     ALIAS_LEN[slot].store(len, Ordering::Release);
+    // Locks in globals sleep and wake through the daemon too.
+    if !crate::futex_trap::trap_range(alias_addr, alias_addr + len) {
+        return Err(Errno::PERM);
+    }
     Ok(())
+}
+
+/// The space address of `addr`: itself in the space, the page behind it in an alias.
+pub fn space_addr(addr: u64) -> Option<u64> {
+    if in_space(addr) {
+        Some(addr)
+    } else {
+        alias_to_space(addr)
+    }
 }
 
 fn alias_to_space(addr: u64) -> Option<u64> {
