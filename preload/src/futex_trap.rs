@@ -176,7 +176,7 @@ pub fn trap_range(base: u64, end: u64) -> bool {
     }
     // SAFETY: prctl and seccomp with valid arguments; `prog` and `program` outlive the
     // call (the kernel copies the filter).
-    let installed = unsafe {
+    unsafe {
         libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
             && libc::syscall(
                 libc::SYS_seccomp,
@@ -184,8 +184,7 @@ pub fn trap_range(base: u64, end: u64) -> bool {
                 SECCOMP_FILTER_FLAG_TSYNC,
                 &prog as *const SockFprog,
             ) == 0
-    };
-    installed
+    }
 }
 
 /// Milliseconds until a `timespec`-style duration has passed, rounded up (at least 1:
