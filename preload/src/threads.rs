@@ -578,6 +578,12 @@ fn start_serving_thread() {
 fn serve(program: u64) -> ! {
     let fd = match runtime::serve_connection(program) {
         Ok(fd) => fd,
+        // The program ended before this instance was ready (its main returned): there
+        // is nothing to serve.
+        Err(CallError::Refused(ErrorCode::NoInstance, _)) if is_worker() => {
+            flush_output();
+            sys::exit_now(0)
+        }
         Err(error) => fatal(EXIT_SETUP_FAILED, |m| {
             m.str("cannot serve this node's threads: ");
             runtime::describe(m, error);
