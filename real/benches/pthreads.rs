@@ -93,7 +93,10 @@ fn main() {
 
     println!("threads across nodes, {RUNS} runs each, medians (3-node local cluster)");
     let transfer = per_op(&pingpong, "2000");
-    println!("{:<52} {transfer:>9.1} us", "write ping-pong, 2 threads on 2 nodes, per turn");
+    println!(
+        "{:<52} {transfer:>9.1} us",
+        "write ping-pong, 2 threads on 2 nodes, per turn"
+    );
     let hand = per_op(&handoff, "600");
     println!(
         "{:<52} {hand:>9.1} us  {:.2}x a ping-pong turn",
