@@ -15,8 +15,9 @@ use std::process::Command;
 use std::time::Instant;
 
 const RUNS: usize = 5;
-const SUITE: [&str; 8] = [
+const SUITE: [&str; 9] = [
     "matmul",
+    "mutexkinds",
     "workqueue",
     "stencil",
     "atomics",

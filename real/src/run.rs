@@ -63,6 +63,8 @@ pub struct RunOptions<'a> {
     pub program: &'a [String],
     /// Print each node's status (JSON) on stderr after the program exits.
     pub stats: bool,
+    /// An existing cluster's daemon (else `$GALLOCY_SOCKET`, else an embedded cluster).
+    pub socket: Option<&'a Path>,
 }
 
 /// Runs the program; returns its exit status (128 + signal if killed).
@@ -71,7 +73,11 @@ pub fn run(options: &RunOptions<'_>) -> Result<i32, String> {
         return Err("no program given: gallocy run -- PROGRAM ARGS...".into());
     };
     let preload = preload_path()?;
-    let (socket, embedded) = match std::env::var_os("GALLOCY_SOCKET") {
+    let given = options
+        .socket
+        .map(|p| p.as_os_str().to_owned())
+        .or_else(|| std::env::var_os("GALLOCY_SOCKET"));
+    let (socket, embedded) = match given {
         Some(socket) => (PathBuf::from(socket), None),
         None => {
             let dir = PathBuf::from(format!(
@@ -100,11 +106,11 @@ pub fn run(options: &RunOptions<'_>) -> Result<i32, String> {
         ld_preload.push(existing);
     }
     guard_signals();
-    // Against an existing cluster, `-n N` (N > 1) asks for an instance on every
-    // member; without it the program runs as one process, as before.
+    // Against an existing cluster, `--socket` or `-n N` (N > 1) asks for an instance
+    // on every member; with only $GALLOCY_SOCKET the program runs as one process.
     let nodes = match &embedded {
         Some(_) => options.nodes,
-        None if options.nodes > 1 => crate::admin::status(&socket)
+        None if options.nodes > 1 || options.socket.is_some() => crate::admin::status(&socket)
             .ok()
             .and_then(|doc| doc["members"].as_array().map(|m| m.len() as u64))
             .unwrap_or(1),

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use common::{describe, finish, libgallocy_preload, temp_dir};
 
-const SUITE: [&str; 8] = [
+const SUITE: [&str; 9] = [
     "matmul",
+    "mutexkinds",
     "workqueue",
     "stencil",
     "atomics",
@@ -162,4 +163,67 @@ fn what_a_thread_on_another_node_writes_reaches_the_launcher() {
         describe(&got)
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_fatal_signal_in_a_thread_on_another_node_ends_the_program_naming_the_node() {
+    let dir = temp_dir("crash");
+    let program = compile(&dir, "crash.c");
+    let got = distributed(&program, &[]);
+    let stderr = String::from_utf8_lossy(&got.stderr);
+    assert_eq!(got.status.code(), Some(128 + 6), "{}", describe(&got));
+    assert!(
+        stderr.contains("instance on node 2 was killed by signal 6"),
+        "{}",
+        describe(&got)
+    );
+    assert!(!String::from_utf8_lossy(&got.stdout).contains("unreachable"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_node_that_dies_ends_the_program_with_a_message_and_its_own_status() {
+    use std::io::{BufRead, BufReader};
+    let cluster = common::Cluster::start("nodedown", 3);
+    let program = compile(&cluster.dir, "nodedown.c");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gallocy"))
+        .args(["run", "-n", "3", "--"])
+        .arg(&program)
+        .env("GALLOCY_PRELOAD", libgallocy_preload())
+        .env("GALLOCY_SOCKET", cluster.socket(1))
+        .env_remove("GALLOCY_PLACEMENT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // stderr is read as it comes: the program says when its threads wait.
+    let (lines, heard) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            all.push_str(&line);
+            all.push('\n');
+            let _ = lines.send(line);
+        }
+        all
+    });
+    let waiting = loop {
+        match heard.recv_timeout(LIMIT) {
+            Ok(line) if line == "waiting" => break true,
+            Ok(_) => continue,
+            Err(_) => break false,
+        }
+    };
+    assert!(waiting, "the program never reported its threads waiting");
+    // SAFETY: SIGKILL to the pid of a daemon this test started.
+    unsafe { libc::kill(cluster.daemon_pid(2), libc::SIGKILL) };
+    let output = finish(child, LIMIT);
+    let stderr = reader.join().unwrap();
+    assert_eq!(output.status.code(), Some(85), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("node 2 went down; the program's threads there are lost"),
+        "stderr:\n{stderr}"
+    );
 }

@@ -38,6 +38,11 @@ enum Command {
         /// After the program exits, print each node's status (JSON) on stderr.
         #[arg(long)]
         stats: bool,
+        /// Run on the existing cluster of the daemon at this application socket, with
+        /// an instance on every member (instead of $GALLOCY_SOCKET, which runs one
+        /// process unless -n is above 1, or a cluster started for the run).
+        #[arg(long)]
+        socket: Option<PathBuf>,
         /// The program and its arguments.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         program: Vec<String>,
@@ -239,6 +244,7 @@ fn main() -> ExitCode {
             nodes,
             space,
             stats,
+            socket,
             program,
         } => {
             let options = gallocy_real::run::RunOptions {
@@ -246,6 +252,7 @@ fn main() -> ExitCode {
                 space: &space,
                 program: &program,
                 stats,
+                socket: socket.as_deref(),
             };
             match gallocy_real::run::run(&options) {
                 Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
