@@ -397,6 +397,9 @@ impl Daemon {
             }
         }
         info!("gallocyd stopping");
+        for worker in self.workers.values_mut() {
+            worker.kill();
+        }
         let _ = std::fs::remove_file(&self.config.app_socket);
         if let PeerAddr::Unix(path) = &self.config.listen {
             let _ = std::fs::remove_file(path);
@@ -1213,7 +1216,7 @@ impl Daemon {
                 .is_err()
             {
                 // Without its events the instance cannot be served: end it.
-                let _ = worker.child.kill();
+                worker.kill();
             }
             self.conns.insert(token, conn);
         }
@@ -1300,7 +1303,7 @@ impl Daemon {
         let now = Instant::now();
         for worker in self.workers.values_mut() {
             if worker.kill_at.is_some_and(|t| t <= now) {
-                let _ = worker.child.kill();
+                worker.kill();
                 worker.kill_at = None;
             }
         }

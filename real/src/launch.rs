@@ -202,6 +202,9 @@ pub fn run(launch: &Launch<'_>) -> Result<i32, String> {
             }
         }
     });
+    // Orphans of the main instance come to us, to be ended with the program.
+    // SAFETY: prctl with an integer argument.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) };
     let mut ended = Ending::default();
     // Every worker started (or the program cannot run).
     let mut started = std::collections::BTreeSet::new();
@@ -281,7 +284,37 @@ pub fn run(launch: &Launch<'_>) -> Result<i32, String> {
     crate::run::track_child(0);
     stop(&mut stream, program_id);
     ended.drain(&heard);
+    reap_orphans();
     Ok(status)
+}
+
+/// Kills what the main instance left running: processes it started that this
+/// launcher inherited as their subreaper (a wrapper script's child when the wrapper
+/// was killed). Daemons of an embedded cluster are left to its shutdown.
+fn reap_orphans() {
+    let me = std::process::id().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // pid (comm) state ppid ...: the comm may hold spaces, so split after ')'.
+        let Some((comm, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let ppid = rest.split_whitespace().nth(1).unwrap_or("");
+        if ppid == me && !comm.ends_with("(gallocyd") {
+            // SAFETY: SIGKILL to a process whose parent is this launcher.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let mut status = 0;
+            // SAFETY: reaping our own child.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+        }
+    }
 }
 
 fn stop(stream: &mut UnixStream, program: u64) {

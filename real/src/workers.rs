@@ -104,6 +104,8 @@ pub fn start(
             // dies with this daemon.
             libc::personality(libc::ADDR_NO_RANDOMIZE as libc::c_ulong);
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            // A group of its own: ending the instance ends what it started too.
+            libc::setpgid(0, 0);
             Ok(())
         });
     }
@@ -143,6 +145,16 @@ pub fn start(
         stderr,
         kill_at: None,
     })
+}
+
+impl Worker {
+    /// Kills the instance and every process of its group.
+    pub fn kill(&mut self) {
+        let pid = self.child.id() as i32;
+        // SAFETY: kill on the process group this instance leads (setpgid at start).
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+        let _ = self.child.kill();
+    }
 }
 
 /// What one read of a worker's output pipe gave.
