@@ -38,9 +38,9 @@ impl RunReport {
             c.drains, c.spaces_dropped, c.new_spaces, c.persistent_creates, c.unpersists, c.runs_released, c.runs_freed
         ));
         out.push_str(&format!(
-            "locks:        {} created, {} acquisitions, {} timed out; futex: {} waits ({} woken, {} value changed, {} timed out, {} no copy), {} wakes\n",
-            c.locks_created, c.locks_acquired, c.lock_gave_up, c.futex_waits, c.futex_woken, c.futex_value_changed,
-            c.futex_timed_out, c.futex_no_copy, c.futex_wakes
+            "locks:        {} created, {} acquisitions, {} timed out, {} condvar waits, {} signals; futex: {} waits ({} woken, {} value changed, {} timed out, {} no copy), {} wakes\n",
+            c.locks_created, c.locks_acquired, c.lock_gave_up, c.cond_waits, c.cond_signals, c.futex_waits, c.futex_woken,
+            c.futex_value_changed, c.futex_timed_out, c.futex_no_copy, c.futex_wakes
         ));
         out.push_str(&format!(
             "threads:      {} programs, {} workers, {} spawned, {} ran, {} refused, {} joined ({} gave up); {} output bytes\n",

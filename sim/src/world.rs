@@ -101,6 +101,8 @@ pub struct Counters {
     pub futex_value_changed: u64,
     pub futex_timed_out: u64,
     pub futex_no_copy: u64,
+    pub cond_waits: u64,
+    pub cond_signals: u64,
     pub programs_launched: u64,
     pub workers_started: u64,
     pub threads_spawned: u64,
@@ -136,12 +138,15 @@ enum OpKind {
         lock: usize,
         rmw: Rmw,
     },
+    /// On the lock's word, or (`cond`) on its condition variable's sequence word.
     FutexWait {
         lock: usize,
         expected: u32,
+        cond: bool,
     },
     FutexWake {
         lock: usize,
+        cond: bool,
     },
     /// Allocates a thread record for a spawn.
     AllocateRecord,
@@ -177,6 +182,8 @@ struct Thread {
     join: Option<(u64, u32)>,
     /// A record it initialised: the spawn to send next.
     spawn_next: Option<u64>,
+    /// A condition variable wait to start once its unlock is done: (lock, sequence).
+    cond_wait: Option<(usize, u32)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1582,6 +1589,7 @@ impl World {
                 sync: None,
                 join: None,
                 spawn_next: None,
+                cond_wait: None,
             });
             self.send(
                 index,
@@ -1706,6 +1714,13 @@ impl World {
         if let Some((addr, value)) = self.take_job(index, pid) {
             let op = self.new_op(index, pid, thread, OpKind::Write { addr, value });
             return self.access(index, pid, thread, op, false);
+        }
+        let cond_wait = self.slots[index]
+            .processes
+            .get_mut(&pid)
+            .and_then(|p| p.threads[thread].cond_wait.take());
+        if let Some((lock, expected)) = cond_wait {
+            return self.start_cond_wait(index, pid, thread, lock, expected);
         }
         let spawn_next = self.slots[index]
             .processes
@@ -1851,7 +1866,9 @@ impl World {
         let (addr, need) = match op.kind {
             OpKind::Read { addr } | OpKind::JoinRead { addr } => (addr, Access::Read),
             OpKind::Write { addr, .. } => (addr, Access::Write),
-            OpKind::LockRmw { lock, .. } => (self.locks[lock].addr, Access::Write),
+            OpKind::LockRmw { lock, rmw } => {
+                (sync::rmw_word(self.locks[lock].addr, rmw), rmw.needs())
+            }
             _ => unreachable!("not an access"),
         };
         let page = layout.page_of(addr).expect("address in space");
@@ -2055,10 +2072,10 @@ impl World {
             (OpKind::Spawn { record }, IpcMessage::ThreadSpawned { .. }) => {
                 self.on_spawned(index, pid, thread, record)
             }
-            (OpKind::FutexWait { lock, .. }, IpcMessage::FutexWaitDone { outcome }) => {
-                self.on_wait_done(index, pid, thread, lock, outcome)
+            (OpKind::FutexWait { lock, cond, .. }, IpcMessage::FutexWaitDone { outcome }) => {
+                self.on_wait_done(index, pid, thread, lock, outcome, cond)
             }
-            (OpKind::FutexWake { lock }, IpcMessage::FutexWoken { woken }) => {
+            (OpKind::FutexWake { lock, .. }, IpcMessage::FutexWoken { woken }) => {
                 self.on_woken(lock, pending.id, woken);
                 self.finish_op(index, pid, thread);
             }

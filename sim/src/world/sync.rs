@@ -45,6 +45,31 @@ pub(super) enum Rmw {
     Contend,
     /// Swap in 0.
     Unlock,
+    /// The holder increments the condition variable's sequence word (a signal).
+    Signal,
+    /// The holder reads the sequence word before it waits on it.
+    CondRead,
+}
+
+/// Offset of a lock's condition variable (its sequence word) in the lock's block.
+const COND_OFFSET_BYTES: u64 = 8;
+
+/// The word an operation works on: the lock's, or its condition variable's.
+pub(super) fn rmw_word(lock_addr: u64, rmw: Rmw) -> u64 {
+    match rmw {
+        Rmw::Signal | Rmw::CondRead => lock_addr + COND_OFFSET_BYTES,
+        _ => lock_addr,
+    }
+}
+
+impl Rmw {
+    pub(super) fn needs(self) -> Access {
+        if self == Rmw::CondRead {
+            Access::Read
+        } else {
+            Access::Write
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -65,6 +90,8 @@ pub(super) struct LockRun {
     /// `NoCopy` answers so far (the page moved between the swap and the wait).
     no_copies: u32,
     holding: bool,
+    /// It signalled the condition variable during this hold: it unlocks next.
+    signalled: bool,
 }
 
 impl LockRun {
@@ -130,6 +157,7 @@ impl World {
             waits: 0,
             no_copies: 0,
             holding: false,
+            signalled: false,
         };
         self.slots[index]
             .processes
@@ -161,7 +189,7 @@ impl World {
                 if process.phase != ProcPhase::Live {
                     continue;
                 }
-                let due: Vec<(usize, usize)> = process
+                let due: Vec<(usize, usize, bool)> = process
                     .threads
                     .iter()
                     .enumerate()
@@ -172,13 +200,20 @@ impl World {
                                 && state.pending.is_none()
                                 && state.next_op_tick <= self.now_ticks =>
                         {
-                            Some((t, run.lock))
+                            Some((t, run.lock, run.signalled))
                         }
                         _ => None,
                     })
                     .collect();
-                for (thread, lock) in due {
-                    self.lock_step(index, pid, thread, lock, Rmw::Unlock);
+                for (thread, lock, signalled) in due {
+                    // A holder signals the condition variable, or waits on it, or
+                    // just unlocks.
+                    let rmw = match self.rng.gen_range(0..6) {
+                        0 if !signalled => Rmw::Signal,
+                        1 => Rmw::CondRead,
+                        _ => Rmw::Unlock,
+                    };
+                    self.lock_step(index, pid, thread, lock, rmw);
                     self.settle();
                 }
             }
@@ -194,7 +229,8 @@ impl World {
         lock: usize,
         rmw: Rmw,
     ) {
-        let addr = self.locks[lock].addr;
+        let lock_addr = self.locks[lock].addr;
+        let addr = rmw_word(lock_addr, rmw);
         let Some((page, offset)) = self.lock_word_offset(index, addr) else {
             return;
         };
@@ -203,9 +239,10 @@ impl World {
         let expected = self.truth.load_u32(page, offset).unwrap_or(0);
         let new = match rmw {
             Rmw::TryLock if old == 0 => 1,
-            Rmw::TryLock => old,
+            Rmw::TryLock | Rmw::CondRead => old,
             Rmw::Contend => 2,
             Rmw::Unlock => 0,
+            Rmw::Signal => old.wrapping_add(1),
         };
         for pages in [&mut self.slots[index].memory, &mut self.truth] {
             let bytes = pages
@@ -233,7 +270,44 @@ impl World {
                 ),
             );
         }
+        if matches!(rmw, Rmw::Signal | Rmw::CondRead)
+            && self.locks[lock].holder != Some((index, pid, thread))
+        {
+            return self.violate(
+                "mutual exclusion",
+                format!(
+                    "node {} process {pid} used the condition variable of lock {lock_addr:#x} without holding it",
+                    index + 1
+                ),
+            );
+        }
         match rmw {
+            Rmw::Signal => {
+                self.counters.cond_signals += 1;
+                if let Some(mut run) = self.sync_of(index, pid, thread) {
+                    run.signalled = true;
+                    self.set_sync(index, pid, thread, Some(run));
+                }
+                // The waits asleep at this write are owed one answer by the wake.
+                let owed: Vec<u64> = self
+                    .futex_waits
+                    .iter()
+                    .filter(|(_, r)| r.addr == addr && r.answered_tick.is_none())
+                    .map(|(&id, _)| id)
+                    .collect();
+                let op = self.new_op(index, pid, thread, OpKind::FutexWake { lock, cond: true });
+                self.wakes_owed.insert(op.id, owed);
+                let conn = self.slots[index].processes[&pid].threads[thread].conn;
+                self.counters.futex_wakes += 1;
+                self.send(index, conn, op.id, IpcMessage::FutexWake { addr, count: 1 });
+            }
+            Rmw::CondRead => {
+                // Unlock, then wait on the value read (pthread_cond_wait).
+                if let Some(process) = self.slots[index].processes.get_mut(&pid) {
+                    process.threads[thread].cond_wait = Some((lock, old));
+                }
+                self.lock_step(index, pid, thread, lock, Rmw::Unlock);
+            }
             Rmw::TryLock | Rmw::Contend if old == 0 => self.acquired(index, pid, thread, lock),
             Rmw::TryLock => self.lock_step(index, pid, thread, lock, Rmw::Contend),
             Rmw::Contend => self.sleep_on_lock(index, pid, thread, lock),
@@ -258,7 +332,8 @@ impl World {
                         .filter(|(_, r)| r.addr == addr && r.answered_tick.is_none())
                         .map(|(&id, _)| id)
                         .collect();
-                    let op = self.new_op(index, pid, thread, OpKind::FutexWake { lock });
+                    let op =
+                        self.new_op(index, pid, thread, OpKind::FutexWake { lock, cond: false });
                     self.wakes_owed.insert(op.id, owed);
                     let conn = self.slots[index].processes[&pid].threads[thread].conn;
                     self.counters.futex_wakes += 1;
@@ -320,7 +395,49 @@ impl World {
         }
         run.waits += 1;
         self.set_sync(index, pid, thread, Some(run));
-        let op = self.new_op(index, pid, thread, OpKind::FutexWait { lock, expected: 2 });
+        let op = self.new_op(
+            index,
+            pid,
+            thread,
+            OpKind::FutexWait {
+                lock,
+                expected: 2,
+                cond: false,
+            },
+        );
+        let delay = self.rng.gen_range(0..=MAX_WAIT_SEND_DELAY_TICKS);
+        if delay == 0 {
+            self.send_wait(index, pid, thread, op.id);
+        } else {
+            let event = Scheduled::SendFutexWait {
+                node: index,
+                pid,
+                thread,
+                op_id: op.id,
+            };
+            self.schedule(delay, event);
+        }
+    }
+
+    /// A thread that read the condition variable's sequence and unlocked sleeps on it.
+    pub(super) fn start_cond_wait(
+        &mut self,
+        index: usize,
+        pid: i32,
+        thread: usize,
+        lock: usize,
+        expected: u32,
+    ) {
+        if self.locks.get(lock).is_none_or(|l| l.abandoned) {
+            return;
+        }
+        self.counters.cond_waits += 1;
+        let wait = OpKind::FutexWait {
+            lock,
+            expected,
+            cond: true,
+        };
+        let op = self.new_op(index, pid, thread, wait);
         let delay = self.rng.gen_range(0..=MAX_WAIT_SEND_DELAY_TICKS);
         if delay == 0 {
             self.send_wait(index, pid, thread, op.id);
@@ -344,7 +461,12 @@ impl World {
         let Some(op) = state.pending.filter(|op| op.id == op_id) else {
             return;
         };
-        let OpKind::FutexWait { lock, expected } = op.kind else {
+        let OpKind::FutexWait {
+            lock,
+            expected,
+            cond,
+        } = op.kind
+        else {
             return;
         };
         if process.phase != ProcPhase::Live {
@@ -352,7 +474,12 @@ impl World {
             return self.finish_op(index, pid, thread);
         }
         let conn = state.conn;
-        let addr = self.locks[lock].addr;
+        let lock_addr = self.locks[lock].addr;
+        let addr = if cond {
+            lock_addr + COND_OFFSET_BYTES
+        } else {
+            lock_addr
+        };
         let current = self
             .lock_word_offset(index, addr)
             .and_then(|(page, offset)| self.truth.load_u32(page, offset))
@@ -404,7 +531,22 @@ impl World {
         thread: usize,
         lock: usize,
         outcome: FutexOutcome,
+        cond: bool,
     ) {
+        if cond {
+            // Woken, changed, timed out or moved: relock (pthread_cond_wait's return).
+            self.trace
+                .event(21, &[index as u64, pid as u64, outcome as u64]);
+            let run = LockRun {
+                lock,
+                waits: 0,
+                no_copies: 0,
+                holding: false,
+                signalled: false,
+            };
+            self.set_sync(index, pid, thread, Some(run));
+            return self.lock_step(index, pid, thread, lock, Rmw::TryLock);
+        }
         match outcome {
             FutexOutcome::Woken => self.counters.futex_woken += 1,
             FutexOutcome::ValueChanged => self.counters.futex_value_changed += 1,
