@@ -95,6 +95,11 @@ fn attach(space: *const c_char, create: bool) -> c_int {
     }
     // SAFETY: the caller passes a NUL-terminated string.
     let name = unsafe { CStr::from_ptr(space) };
+    // An instance of a program `gallocy run` launched is attached to the program's
+    // space before main (every instance must be): the program's own attach is that.
+    if threads::program() != 0 && runtime::is_attached() {
+        return 0;
+    }
     runtime::attach(name.to_bytes(), create)
 }
 

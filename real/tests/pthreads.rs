@@ -227,3 +227,18 @@ fn a_node_that_dies_ends_the_program_with_a_message_and_its_own_status() {
         "stderr:\n{stderr}"
     );
 }
+
+#[test]
+fn the_explicit_api_places_threads_on_the_nodes_it_names() {
+    let dir = temp_dir("capi-threads");
+    let program = common::build_c(&dir.join("capi_threads"), &["capi_threads.c"], &[]);
+    let got = distributed(&program, &[]);
+    assert!(got.status.success(), "{}", describe(&got));
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout),
+        "sum 21, distinct 3\n",
+        "{}",
+        describe(&got)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
