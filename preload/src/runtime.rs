@@ -134,6 +134,17 @@ pub enum CallError {
     Sys(Errno),
 }
 
+/// An environment variable's value, without allocating.
+pub fn getenv(name: &CStr) -> Option<&'static [u8]> {
+    // SAFETY: getenv returns a pointer into the environment or null; no allocation.
+    let value = unsafe { libc::getenv(name.as_ptr()) };
+    if value.is_null() {
+        return None;
+    }
+    // SAFETY: a NUL-terminated environment string that lives for the process.
+    Some(unsafe { CStr::from_ptr(value) }.to_bytes())
+}
+
 #[inline]
 pub fn is_attached() -> bool {
     RT.attached.load(Ordering::Acquire)

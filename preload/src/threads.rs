@@ -27,7 +27,7 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering
 use gallocy_core::ipc::{ErrorCode, IpcMessage};
 
 use crate::report::Message;
-use crate::runtime::{self, CallError};
+use crate::runtime::{self, getenv, CallError};
 use crate::stack::{self, SwitchContext};
 use crate::sys;
 
@@ -98,16 +98,6 @@ struct ProgramRecord {
 struct Current {
     record: u64,
     ctx: SwitchContext,
-}
-
-fn getenv(name: &CStr) -> Option<&'static [u8]> {
-    // SAFETY: getenv returns a pointer into the environment or null; no allocation.
-    let value = unsafe { libc::getenv(name.as_ptr()) };
-    if value.is_null() {
-        return None;
-    }
-    // SAFETY: a NUL-terminated environment string that lives for the process.
-    Some(unsafe { CStr::from_ptr(value) }.to_bytes())
 }
 
 fn parse(digits: &[u8]) -> Option<u64> {

@@ -25,7 +25,7 @@ fn roundtrip(stream: &mut UnixStream, message: IpcMessage) -> Result<IpcMessage,
 }
 
 /// An administrative connection to the daemon at `socket`, said hello on.
-fn connect_admin(socket: &Path, timeout: Duration) -> Result<UnixStream, String> {
+pub(crate) fn connect_admin(socket: &Path, timeout: Duration) -> Result<UnixStream, String> {
     let mut stream = UnixStream::connect(socket).map_err(|e| {
         format!(
             "no daemon at {}: {e} (is gallocyd running?)",

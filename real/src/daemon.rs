@@ -1577,7 +1577,8 @@ impl Daemon {
     }
 }
 
-fn frame_of(message: IpcMessage) -> Frame {
+/// An application frame with request id 0.
+pub(crate) fn frame_of(message: IpcMessage) -> Frame {
     let mut frame = [0u8; IPC_FRAME_BYTES];
     message.encode(0, &mut frame);
     frame

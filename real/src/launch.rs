@@ -28,6 +28,8 @@ use gallocy_core::ipc::{
 };
 use gallocy_core::programs::{WorkerSpec, MAX_SPEC_BYTES};
 
+use crate::daemon::frame_of;
+
 /// A node of the program was declared down: its threads are lost.
 pub const EXIT_NODE_DOWN: i32 = 85;
 /// The daemon the launcher talks to went away.
@@ -49,12 +51,6 @@ enum Event {
     },
     DaemonGone(String),
     MainExited(std::process::ExitStatus),
-}
-
-fn frame(message: IpcMessage) -> [u8; IPC_FRAME_BYTES] {
-    let mut frame = [0u8; IPC_FRAME_BYTES];
-    message.encode(0, &mut frame);
-    frame
 }
 
 fn read_frame(stream: &mut UnixStream) -> Result<IpcMessage, String> {
@@ -141,17 +137,11 @@ pub fn run(launch: &Launch<'_>) -> Result<i32, String> {
             spec.len()
         ));
     }
-    let mut stream = UnixStream::connect(launch.socket)
-        .map_err(|e| format!("no daemon at {}: {e}", launch.socket.display()))?;
+    let mut stream = crate::admin::connect_admin(launch.socket, START_TIMEOUT)?;
+    // Reports come whenever the program has something to say.
+    stream.set_read_timeout(None).map_err(|e| e.to_string())?;
     stream
-        .write_all(&frame(IpcMessage::admin_hello(std::process::id())))
-        .map_err(|e| format!("send: {e}"))?;
-    match read_frame(&mut stream)? {
-        IpcMessage::Pong => {}
-        other => return Err(format!("the daemon refused the launcher: {other:?}")),
-    }
-    stream
-        .write_all(&frame(IpcMessage::Launch {
+        .write_all(&frame_of(IpcMessage::Launch {
             spec_len: spec.len() as u32,
         }))
         .and_then(|_| stream.write_all(&spec))
@@ -318,7 +308,7 @@ fn reap_orphans() {
 }
 
 fn stop(stream: &mut UnixStream, program: u64) {
-    let _ = stream.write_all(&frame(IpcMessage::StopProgram { program }));
+    let _ = stream.write_all(&frame_of(IpcMessage::StopProgram { program }));
 }
 
 #[derive(Default)]

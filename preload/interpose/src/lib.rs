@@ -18,7 +18,7 @@ use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use gallocy::heap::{self, ChunkSource, Heap, CHUNK_BYTES, MAX_HEAPS};
 use gallocy::report::Message;
-use gallocy::runtime::{self, set_errno};
+use gallocy::runtime::{self, getenv, set_errno};
 use gallocy::sys;
 use gallocy_core::ipc::IpcMessage;
 
@@ -343,16 +343,6 @@ pub extern "C" fn malloc_usable_size(ptr: *mut c_void) -> usize {
         return 0;
     }
     usable(ptr)
-}
-
-fn getenv(name: &CStr) -> Option<&'static [u8]> {
-    // SAFETY: getenv returns a pointer into the environment or null; no allocation.
-    let value = unsafe { libc::getenv(name.as_ptr()) };
-    if value.is_null() {
-        return None;
-    }
-    // SAFETY: a NUL-terminated environment string that lives for the process.
-    Some(unsafe { CStr::from_ptr(value) }.to_bytes())
 }
 
 extern "C" fn init() {

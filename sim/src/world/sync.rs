@@ -54,12 +54,18 @@ pub(super) enum Rmw {
 /// Offset of a lock's condition variable (its sequence word) in the lock's block.
 const COND_OFFSET_BYTES: u64 = 8;
 
-/// The word an operation works on: the lock's, or its condition variable's.
-pub(super) fn rmw_word(lock_addr: u64, rmw: Rmw) -> u64 {
-    match rmw {
-        Rmw::Signal | Rmw::CondRead => lock_addr + COND_OFFSET_BYTES,
-        _ => lock_addr,
+/// A lock's word, or (`cond`) its condition variable's.
+fn word_addr(lock_addr: u64, cond: bool) -> u64 {
+    if cond {
+        lock_addr + COND_OFFSET_BYTES
+    } else {
+        lock_addr
     }
+}
+
+/// The word an operation works on.
+pub(super) fn rmw_word(lock_addr: u64, rmw: Rmw) -> u64 {
+    word_addr(lock_addr, matches!(rmw, Rmw::Signal | Rmw::CondRead))
 }
 
 impl Rmw {
@@ -288,18 +294,7 @@ impl World {
                     run.signalled = true;
                     self.set_sync(index, pid, thread, Some(run));
                 }
-                // The waits asleep at this write are owed one answer by the wake.
-                let owed: Vec<u64> = self
-                    .futex_waits
-                    .iter()
-                    .filter(|(_, r)| r.addr == addr && r.answered_tick.is_none())
-                    .map(|(&id, _)| id)
-                    .collect();
-                let op = self.new_op(index, pid, thread, OpKind::FutexWake { lock, cond: true });
-                self.wakes_owed.insert(op.id, owed);
-                let conn = self.slots[index].processes[&pid].threads[thread].conn;
-                self.counters.futex_wakes += 1;
-                self.send(index, conn, op.id, IpcMessage::FutexWake { addr, count: 1 });
+                self.wake_one(index, pid, thread, lock, true);
             }
             Rmw::CondRead => {
                 // Unlock, then wait on the value read (pthread_cond_wait).
@@ -324,24 +319,46 @@ impl World {
                 }
                 self.set_sync(index, pid, thread, None);
                 if old == 2 {
-                    // The waits that reached their host before this write and sleep
-                    // now are owed one answer by the wake that follows.
-                    let owed: Vec<u64> = self
-                        .futex_waits
-                        .iter()
-                        .filter(|(_, r)| r.addr == addr && r.answered_tick.is_none())
-                        .map(|(&id, _)| id)
-                        .collect();
-                    let op =
-                        self.new_op(index, pid, thread, OpKind::FutexWake { lock, cond: false });
-                    self.wakes_owed.insert(op.id, owed);
-                    let conn = self.slots[index].processes[&pid].threads[thread].conn;
-                    self.counters.futex_wakes += 1;
-                    self.send(index, conn, op.id, IpcMessage::FutexWake { addr, count: 1 });
+                    self.wake_one(index, pid, thread, lock, false);
                 } else {
                     self.finish_op(index, pid, thread);
                 }
             }
+        }
+    }
+
+    /// After a write of the lock's word (or, `cond`, its condition variable's), sends
+    /// `FutexWake(word, 1)`: the waits on the word asleep at the write are owed one
+    /// answer by it.
+    fn wake_one(&mut self, index: usize, pid: i32, thread: usize, lock: usize, cond: bool) {
+        let addr = word_addr(self.locks[lock].addr, cond);
+        let owed: Vec<u64> = self
+            .futex_waits
+            .iter()
+            .filter(|(_, r)| r.addr == addr && r.answered_tick.is_none())
+            .map(|(&id, _)| id)
+            .collect();
+        let op = self.new_op(index, pid, thread, OpKind::FutexWake { lock, cond });
+        self.wakes_owed.insert(op.id, owed);
+        let conn = self.slots[index].processes[&pid].threads[thread].conn;
+        self.counters.futex_wakes += 1;
+        self.send(index, conn, op.id, IpcMessage::FutexWake { addr, count: 1 });
+    }
+
+    /// Starts a futex wait that reaches the host 0 to `MAX_WAIT_SEND_DELAY_TICKS` later.
+    fn wait_later(&mut self, index: usize, pid: i32, thread: usize, wait: OpKind) {
+        let op = self.new_op(index, pid, thread, wait);
+        let delay = self.rng.gen_range(0..=MAX_WAIT_SEND_DELAY_TICKS);
+        if delay == 0 {
+            self.send_wait(index, pid, thread, op.id);
+        } else {
+            let event = Scheduled::SendFutexWait {
+                node: index,
+                pid,
+                thread,
+                op_id: op.id,
+            };
+            self.schedule(delay, event);
         }
     }
 
@@ -395,28 +412,12 @@ impl World {
         }
         run.waits += 1;
         self.set_sync(index, pid, thread, Some(run));
-        let op = self.new_op(
-            index,
-            pid,
-            thread,
-            OpKind::FutexWait {
-                lock,
-                expected: 2,
-                cond: false,
-            },
-        );
-        let delay = self.rng.gen_range(0..=MAX_WAIT_SEND_DELAY_TICKS);
-        if delay == 0 {
-            self.send_wait(index, pid, thread, op.id);
-        } else {
-            let event = Scheduled::SendFutexWait {
-                node: index,
-                pid,
-                thread,
-                op_id: op.id,
-            };
-            self.schedule(delay, event);
-        }
+        let wait = OpKind::FutexWait {
+            lock,
+            expected: 2,
+            cond: false,
+        };
+        self.wait_later(index, pid, thread, wait);
     }
 
     /// A thread that read the condition variable's sequence and unlocked sleeps on it.
@@ -437,19 +438,7 @@ impl World {
             expected,
             cond: true,
         };
-        let op = self.new_op(index, pid, thread, wait);
-        let delay = self.rng.gen_range(0..=MAX_WAIT_SEND_DELAY_TICKS);
-        if delay == 0 {
-            self.send_wait(index, pid, thread, op.id);
-        } else {
-            let event = Scheduled::SendFutexWait {
-                node: index,
-                pid,
-                thread,
-                op_id: op.id,
-            };
-            self.schedule(delay, event);
-        }
+        self.wait_later(index, pid, thread, wait);
     }
 
     /// The thread's wait reaches its host.
@@ -474,12 +463,7 @@ impl World {
             return self.finish_op(index, pid, thread);
         }
         let conn = state.conn;
-        let lock_addr = self.locks[lock].addr;
-        let addr = if cond {
-            lock_addr + COND_OFFSET_BYTES
-        } else {
-            lock_addr
-        };
+        let addr = word_addr(self.locks[lock].addr, cond);
         let current = self
             .lock_word_offset(index, addr)
             .and_then(|(page, offset)| self.truth.load_u32(page, offset))
