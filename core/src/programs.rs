@@ -557,10 +557,6 @@ impl Programs {
         std::mem::take(&mut self.effects)
     }
 
-    pub fn is_idle(&self) -> bool {
-        self.launched.is_empty() && self.hosted.is_empty() && self.spawns.is_empty()
-    }
-
     /// Event bytes not yet acknowledged by the origin (the driver reads a worker's
     /// output only below `MAX_EVENT_BACKLOG_BYTES`).
     pub fn backlog_bytes(&self, program: ProgramId) -> usize {
