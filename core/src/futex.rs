@@ -1,14 +1,20 @@
-//! The futex waits of one node's processes: who sleeps on which word, until when.
+//! The futex waits of one node's processes, and the wakes they exchange with peers.
 //!
 //! A distributed futex across nodes (see docs/protocol.md, "Futexes"): a wait sleeps
-//! at the waiter's own node, and only while that node holds a valid copy of the page.
-//! Any write on another node first takes that copy away, and losing it wakes every
-//! waiter of the page; a wake on this node wakes waiters of the word here. So the
-//! table is plain local bookkeeping: the host decides when to insert and to wake.
+//! at the waiter's own node, after comparing the word in a valid copy of its page. A
+//! wait stays asleep when the copy goes later: any write elsewhere needs that copy
+//! gone first, so the waiter was asleep before the write, and the wake that follows
+//! the write reaches it. A wake wakes waiters of the word here, and, if it woke fewer
+//! than asked, sends a [`FutexMessage::Wake`] to every other live node, retried until
+//! each acknowledges (deduplicated there): the waker's `FutexWoken` answers once all
+//! did. A wake of `n` may so wake up to `n` per node, which futex callers take as
+//! spurious wake-ups.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::types::{PageId, SpaceId};
+use crate::codec::{DecodeError, Reader, Writer};
+use crate::dedupe::{Dedupe, Seen};
+use crate::types::{NodeId, PageId, SpaceId};
 
 /// The driver's name for one application connection (same as `host::ConnId`).
 pub type ConnId = u64;
@@ -122,6 +128,14 @@ impl FutexTable {
         self.wake_pages(PageId { space, index: 0 }, u64::MAX)
     }
 
+    /// Every waiter (the node was evicted: no wake can reach it any more).
+    pub fn wake_all(&mut self) -> Vec<Waiter> {
+        let keys: Vec<Key> = self.waits.keys().copied().collect();
+        keys.into_iter()
+            .filter_map(|key| self.remove_key(key))
+            .collect()
+    }
+
     /// The waiters whose deadline is at or before `now_ticks`.
     pub fn expire(&mut self, now_ticks: u64) -> Vec<Waiter> {
         let due: Vec<Key> = self
@@ -137,6 +151,272 @@ impl FutexTable {
 
     pub fn next_deadline(&self) -> Option<u64> {
         self.deadlines.first().map(|&(deadline, _)| deadline)
+    }
+}
+
+/// Futex traffic between nodes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum FutexMessage {
+    /// Wake up to `count` waiters of the word at `offset_bytes` of `page`.
+    /// `oldest_in_flight` is the sender's oldest wake not yet acknowledged (every id
+    /// below it is settled, so the receiver forgets their outcomes).
+    Wake {
+        wake_id: u64,
+        oldest_in_flight: u64,
+        page: PageId,
+        offset_bytes: u32,
+        count: u32,
+    },
+    /// The receiver woke `woken` waiters for `wake_id` (the same answer to a retry).
+    WakeAck { wake_id: u64, woken: u32 },
+}
+
+const FM_WAKE: u8 = 1;
+const FM_WAKE_ACK: u8 = 2;
+
+impl FutexMessage {
+    pub fn put(&self, w: &mut Writer) {
+        match *self {
+            FutexMessage::Wake {
+                wake_id,
+                oldest_in_flight,
+                page,
+                offset_bytes,
+                count,
+            } => {
+                w.u8(FM_WAKE);
+                w.u64(wake_id);
+                w.u64(oldest_in_flight);
+                w.u32(page.space);
+                w.u64(page.index);
+                w.u32(offset_bytes);
+                w.u32(count);
+            }
+            FutexMessage::WakeAck { wake_id, woken } => {
+                w.u8(FM_WAKE_ACK);
+                w.u64(wake_id);
+                w.u32(woken);
+            }
+        }
+    }
+
+    pub fn get(r: &mut Reader<'_>) -> Result<FutexMessage, DecodeError> {
+        Ok(match r.u8()? {
+            FM_WAKE => FutexMessage::Wake {
+                wake_id: r.u64()?,
+                oldest_in_flight: r.u64()?,
+                page: PageId {
+                    space: r.u32()?,
+                    index: r.u64()?,
+                },
+                offset_bytes: r.u32()?,
+                count: r.u32()?,
+            },
+            FM_WAKE_ACK => FutexMessage::WakeAck {
+                wake_id: r.u64()?,
+                woken: r.u32()?,
+            },
+            _ => return Err(DecodeError::Invalid("futex message kind")),
+        })
+    }
+}
+
+/// How a remote wake is resent while a peer has not acknowledged it.
+#[derive(Clone, Copy, Debug)]
+pub struct WakeTiming {
+    pub retry_base_ticks: u64,
+    pub retry_max_ticks: u64,
+}
+
+/// A `FutexWake` of this node's process whose remote part is in flight.
+#[derive(Clone, Debug)]
+pub struct RemoteWake {
+    pub conn: ConnId,
+    pub request_id: u64,
+    pub page: PageId,
+    pub offset_bytes: u32,
+    /// Waiters still to wake: what each peer is asked for.
+    pub count: u32,
+    /// Woken so far: here, and by the peers that acknowledged.
+    pub woken: u32,
+    /// Peers that have not acknowledged.
+    pub unacked: BTreeSet<NodeId>,
+    next_retry_tick: u64,
+    backoff_ticks: u64,
+}
+
+/// The remote wakes this node sent (at most one per connection: a thread waits for
+/// its `FutexWoken`), and the outcomes of wakes it received, for retries.
+pub struct RemoteWakes {
+    timing: WakeTiming,
+    sent: BTreeMap<u64, RemoteWake>,
+    next_wake_id: u64,
+    received: Dedupe<u32>,
+    /// Planted bug: each wake goes out once, never resent.
+    pub mutant_not_retried: bool,
+}
+
+impl RemoteWakes {
+    pub fn new(timing: WakeTiming) -> RemoteWakes {
+        assert!(timing.retry_base_ticks > 0 && timing.retry_base_ticks <= timing.retry_max_ticks);
+        RemoteWakes {
+            timing,
+            sent: BTreeMap::new(),
+            next_wake_id: 1,
+            received: Dedupe::default(),
+            mutant_not_retried: false,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.sent.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sent.is_empty()
+    }
+
+    fn oldest_in_flight(&self) -> u64 {
+        self.sent
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(self.next_wake_id)
+    }
+
+    fn message(&self, wake_id: u64, wake: &RemoteWake) -> FutexMessage {
+        FutexMessage::Wake {
+            wake_id,
+            oldest_in_flight: self.oldest_in_flight(),
+            page: wake.page,
+            offset_bytes: wake.offset_bytes,
+            count: wake.count,
+        }
+    }
+
+    /// Starts the remote part of a wake that woke `woken_here` of `count` waiters
+    /// here: returns what to send to each of `peers` (none must be this node).
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        &mut self,
+        now_ticks: u64,
+        (conn, request_id): (ConnId, u64),
+        page: PageId,
+        offset_bytes: u32,
+        count: u32,
+        woken_here: u32,
+        peers: &[NodeId],
+    ) -> Vec<(NodeId, FutexMessage)> {
+        assert!(woken_here < count && !peers.is_empty());
+        assert!(
+            self.sent.values().all(|w| w.conn != conn),
+            "one wake per connection"
+        );
+        let wake_id = self.next_wake_id;
+        self.next_wake_id += 1;
+        let wake = RemoteWake {
+            conn,
+            request_id,
+            page,
+            offset_bytes,
+            count: count - woken_here,
+            woken: woken_here,
+            unacked: peers.iter().copied().collect(),
+            next_retry_tick: now_ticks + self.timing.retry_base_ticks,
+            backoff_ticks: self.timing.retry_base_ticks,
+        };
+        // Inserted first: the message's floor must not pass its own id.
+        self.sent.insert(wake_id, wake);
+        let message = self.message(wake_id, &self.sent[&wake_id]);
+        debug_assert!(
+            matches!(message, FutexMessage::Wake { oldest_in_flight, .. } if oldest_in_flight <= wake_id)
+        );
+        if self.mutant_not_retried {
+            // Answered at once, as if every peer had heard it.
+            self.sent
+                .get_mut(&wake_id)
+                .expect("inserted")
+                .unacked
+                .clear();
+        }
+        peers.iter().map(|&peer| (peer, message)).collect()
+    }
+
+    /// Wakes that every peer acknowledged (or was declared down), to answer now:
+    /// only the mutant leaves any right after `start`.
+    pub fn take_settled(&mut self) -> Vec<RemoteWake> {
+        let settled: Vec<u64> = self
+            .sent
+            .iter()
+            .filter(|(_, w)| w.unacked.is_empty())
+            .map(|(&id, _)| id)
+            .collect();
+        settled
+            .into_iter()
+            .filter_map(|id| self.sent.remove(&id))
+            .collect()
+    }
+
+    /// `from` acknowledged `wake_id` with `woken` waiters woken there.
+    pub fn on_ack(&mut self, from: NodeId, wake_id: u64, woken: u32) -> Option<RemoteWake> {
+        let wake = self.sent.get_mut(&wake_id)?;
+        if !wake.unacked.remove(&from) {
+            return None;
+        }
+        wake.woken = wake.woken.saturating_add(woken);
+        if wake.unacked.is_empty() {
+            self.sent.remove(&wake_id)
+        } else {
+            None
+        }
+    }
+
+    /// Resends due wakes; peers `is_down` says are down no longer count (their
+    /// processes are gone). Returns what to send; settled wakes wait in `take_settled`.
+    pub fn tick(
+        &mut self,
+        now_ticks: u64,
+        is_down: &dyn Fn(NodeId) -> bool,
+    ) -> Vec<(NodeId, FutexMessage)> {
+        let mut sends = Vec::new();
+        let ids: Vec<u64> = self.sent.keys().copied().collect();
+        for wake_id in ids {
+            let wake = self.sent.get_mut(&wake_id).expect("listed");
+            wake.unacked.retain(|&peer| !is_down(peer));
+            if wake.unacked.is_empty() || wake.next_retry_tick > now_ticks {
+                continue;
+            }
+            wake.backoff_ticks = (wake.backoff_ticks * 2).min(self.timing.retry_max_ticks);
+            wake.next_retry_tick = now_ticks + wake.backoff_ticks;
+            let wake = self.sent[&wake_id].clone();
+            let message = self.message(wake_id, &wake);
+            sends.extend(wake.unacked.iter().map(|&peer| (peer, message)));
+        }
+        sends
+    }
+
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.sent
+            .values()
+            .filter(|w| !w.unacked.is_empty())
+            .map(|w| w.next_retry_tick)
+            .min()
+    }
+
+    /// The connection closed: nobody waits for its wake's answer. The peers may still
+    /// wake waiters for it (spurious at worst).
+    pub fn remove_conn(&mut self, conn: ConnId) {
+        self.sent.retain(|_, w| w.conn != conn);
+    }
+
+    /// Whether a received wake is new (then `record_received` its outcome), a retry
+    /// of one answered before (its outcome), or settled long ago (ignore it).
+    pub fn check_received(&mut self, from: NodeId, wake_id: u64, oldest: u64) -> Seen<u32> {
+        self.received.check(from, wake_id, oldest)
+    }
+
+    pub fn record_received(&mut self, from: NodeId, wake_id: u64, woken: u32) {
+        self.received.record(from, wake_id, woken);
     }
 }
 
@@ -200,5 +480,98 @@ mod tests {
         table.insert(other);
         assert_eq!(table.wake_space(1).len(), 1);
         assert!(table.is_waiting(2));
+    }
+    fn timing() -> WakeTiming {
+        WakeTiming {
+            retry_base_ticks: 10,
+            retry_max_ticks: 40,
+        }
+    }
+
+    #[test]
+    fn a_remote_wake_is_resent_with_backoff_until_each_live_peer_acknowledged() {
+        let mut wakes = RemoteWakes::new(timing());
+        let page = PageId { space: 1, index: 3 };
+        let sends = wakes.start(100, (7, 70), page, 8, 2, 1, &[2, 3]);
+        assert_eq!(sends.len(), 2);
+        let FutexMessage::Wake {
+            wake_id,
+            oldest_in_flight,
+            count,
+            ..
+        } = sends[0].1
+        else {
+            panic!("{sends:?}");
+        };
+        assert_eq!((oldest_in_flight, count), (wake_id, 1), "asks for the rest");
+        assert!(wakes.tick(109, &|_| false).is_empty(), "not due yet");
+        assert_eq!(wakes.tick(110, &|_| false).len(), 2);
+        assert!(wakes.on_ack(2, wake_id, 1).is_none(), "node 3 is missing");
+        assert!(
+            wakes.on_ack(2, wake_id, 1).is_none(),
+            "a duplicate counts once"
+        );
+        // Backoff doubled: due again at 110 + 20, and only to node 3.
+        assert!(wakes.tick(129, &|_| false).is_empty());
+        assert_eq!(
+            wakes
+                .tick(130, &|_| false)
+                .iter()
+                .map(|s| s.0)
+                .collect::<Vec<_>>(),
+            vec![3]
+        );
+        let done = wakes.on_ack(3, wake_id, 0).expect("all acknowledged");
+        assert_eq!((done.conn, done.request_id, done.woken), (7, 70, 2));
+        assert!(wakes.is_empty() && wakes.next_deadline().is_none());
+    }
+
+    #[test]
+    fn a_peer_declared_down_no_longer_holds_a_wake_back() {
+        let mut wakes = RemoteWakes::new(timing());
+        let page = PageId { space: 1, index: 0 };
+        wakes.start(0, (1, 10), page, 0, 1, 0, &[2]);
+        assert!(wakes.take_settled().is_empty());
+        assert!(wakes.tick(5, &|node| node == 2).is_empty());
+        let settled = wakes.take_settled();
+        assert_eq!(settled.len(), 1);
+        assert_eq!(settled[0].woken, 0);
+    }
+
+    #[test]
+    fn a_received_wake_is_executed_once_and_forgotten_below_the_senders_floor() {
+        let mut wakes = RemoteWakes::new(timing());
+        assert_eq!(wakes.check_received(2, 5, 5), Seen::New);
+        wakes.record_received(2, 5, 1);
+        assert_eq!(wakes.check_received(2, 5, 5), Seen::Done(1));
+        assert_eq!(wakes.check_received(3, 5, 5), Seen::New, "per sender");
+        assert_eq!(wakes.check_received(2, 5, 6), Seen::Stale);
+    }
+
+    #[test]
+    fn encoded_messages_decode_to_themselves() {
+        for message in [
+            FutexMessage::Wake {
+                wake_id: 9,
+                oldest_in_flight: 4,
+                page: PageId {
+                    space: 2,
+                    index: 77,
+                },
+                offset_bytes: 4092,
+                count: u32::MAX,
+            },
+            FutexMessage::WakeAck {
+                wake_id: 1,
+                woken: 3,
+            },
+        ] {
+            let mut w = Writer::with_capacity(64);
+            message.put(&mut w);
+            let mut r = Reader::new(&w.bytes);
+            assert_eq!(FutexMessage::get(&mut r), Ok(message));
+            assert!(r.finish().is_ok());
+        }
+        assert!(FutexMessage::get(&mut Reader::new(&[9])).is_err());
     }
 }

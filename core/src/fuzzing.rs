@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, VecDeque};
 use protobuf::Message as _;
 use raft::eraftpb::{Entry, EntryType, Message as RaftMessage, MessageType};
 
+use crate::futex::FutexMessage;
 use crate::host::{ConnId, Credentials, Host, HostAction, HostConfig, ProcessState, SessionId};
 use crate::ipc::{IpcMessage, Role, IPC_FRAME_BYTES, IPC_NAME_BYTES};
 use crate::meta::{Command, Proposal};
@@ -366,8 +367,19 @@ impl Harness {
             Access::Read
         };
         let bytes = (r.u8() & 1 == 1).then(|| Box::new([r.u8(); PAGE_SIZE_BYTES]));
-        match r.u8() % 14 {
+        match r.u8() % 16 {
             13 => PeerMessage::Program(Self::program_message(r, from)),
+            14 => PeerMessage::Futex(FutexMessage::Wake {
+                wake_id: r.number(),
+                oldest_in_flight: r.number(),
+                page,
+                offset_bytes: r.number() as u32,
+                count: r.number() as u32,
+            }),
+            15 => PeerMessage::Futex(FutexMessage::WakeAck {
+                wake_id: r.number(),
+                woken: r.number() as u32,
+            }),
             0 => PeerMessage::PageRequest {
                 page,
                 request_id: r.number(),

@@ -20,7 +20,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crate::futex::{FutexTable, Waiter};
+use crate::dedupe::Seen;
+use crate::futex::{FutexMessage, FutexTable, RemoteWake, RemoteWakes, Waiter, WakeTiming};
 use crate::ipc::{
     name_from_field, ErrorCode, Frame, FutexOutcome, IpcDecodeError, IpcMessage, IpcStats, Role,
     IPC_FRAME_BYTES, IPC_VERSION, MAX_FAULT_PAGES,
@@ -46,7 +47,7 @@ enum Mutant {
     RevokeDespiteGrantInFlight,
     LeaveSpaceWhileProcessEnding,
     FutexWaitSkipsCompare,
-    FutexKeepsWaitersOnRevoke,
+    FutexWakeSkipsPeers,
 }
 
 /// The driver's name for one application connection.
@@ -358,14 +359,6 @@ enum Pending {
         group: u64,
         page_index: u64,
     },
-    /// A `FutexWake` waiting for this node to hold the page for writing.
-    FutexWake {
-        conn: ConnId,
-        request_id: u64,
-        page: PageId,
-        offset_bytes: u32,
-        count: u32,
-    },
 }
 
 struct FaultGroup {
@@ -430,6 +423,8 @@ pub struct Host {
     membership_retry_tick: u64,
     /// Futex waits of this node's processes.
     futexes: FutexTable,
+    /// Futex wakes sent to peers and not yet acknowledged, and those received.
+    remote_wakes: RemoteWakes,
     /// Launched programs, worker instances here, thread spawns.
     programs: Programs,
     actions: Vec<HostAction>,
@@ -477,6 +472,16 @@ impl Host {
         };
         #[allow(unused_mut)]
         let mut programs = Programs::new(config.node.id, timing);
+        #[allow(unused_mut)]
+        let mut remote_wakes = RemoteWakes::new(WakeTiming {
+            retry_base_ticks: config.node.retry_base_ticks,
+            retry_max_ticks: config.node.retry_max_ticks,
+        });
+        #[cfg(feature = "mutants")]
+        {
+            remote_wakes.mutant_not_retried =
+                config.node.mutant == Some(Mutant::FutexRemoteWakeNotRetried);
+        }
         #[cfg(feature = "mutants")]
         {
             programs.mutant_spawn_not_retried = config.node.mutant == Some(Mutant::SpawnNotRetried);
@@ -503,6 +508,7 @@ impl Host {
             membership_retry: BTreeSet::new(),
             membership_retry_tick: 0,
             futexes: FutexTable::default(),
+            remote_wakes,
             programs,
             actions: Vec::new(),
             node_actions: Vec::new(),
@@ -569,6 +575,7 @@ impl Host {
             .map(|c| c.hello_deadline_tick);
         let retry = (!self.membership_retry.is_empty()).then_some(self.membership_retry_tick);
         let futex = self.futexes.next_deadline();
+        let wakes = self.remote_wakes.next_deadline();
         let programs = self.programs.next_deadline();
         // A deadline already past is due now (the next tick).
         let own = revokes
@@ -576,6 +583,7 @@ impl Host {
             .chain(hellos)
             .chain(retry)
             .chain(futex)
+            .chain(wakes)
             .chain(programs)
             .min()
             .map(|t| t.max(self.now_ticks + 1));
@@ -608,7 +616,17 @@ impl Host {
         let is_down =
             |node: NodeId| evicted || !matches!(meta.nodes.get(&node), Some(NodeStatus::Up));
         self.programs.tick(self.now_ticks, &is_down);
+        let resends = self.remote_wakes.tick(self.now_ticks, &is_down);
         self.apply_program_effects();
+        self.send_futex_messages(resends);
+        self.answer_settled_wakes();
+        if evicted {
+            // Peers send this node no wakes any more: its waiters go back to the
+            // program, whose next fault gets the eviction's error.
+            for waiter in self.futexes.wake_all() {
+                self.answer_wait(waiter, FutexOutcome::Woken);
+            }
+        }
         if !self.membership_retry.is_empty() && self.membership_retry_tick <= self.now_ticks {
             for name in std::mem::take(&mut self.membership_retry) {
                 self.membership_settled(&name);
@@ -868,6 +886,7 @@ impl Host {
             return;
         };
         self.futexes.remove_conn(conn);
+        self.remote_wakes.remove_conn(conn);
         self.programs.conn_closed(self.now_ticks, conn);
         self.apply_program_effects();
         let Some(session_id) = state.session else {
@@ -1480,8 +1499,8 @@ impl Host {
         });
     }
 
-    /// A wake takes the page for writing first: every other node's copy goes, and
-    /// with it every waiter there; then it wakes `count` waiters of this node.
+    /// A wake wakes up to `count` waiters of the word here; if fewer were, it asks
+    /// every other live node for the rest, and is answered once they all answered.
     fn futex_wake(
         &mut self,
         conn: ConnId,
@@ -1493,39 +1512,105 @@ impl Host {
         let Some((page, offset_bytes)) = self.futex_word(session_id, addr) else {
             return self.send_app(conn, request_id, refusal(ErrorCode::InvalidArgument));
         };
-        if self.node.futex_access(page) == Access::Write {
-            return self.finish_wake(conn, request_id, page, offset_bytes, count);
-        }
-        let page_addr = self.sessions[&session_id].layout.page_addr(page.index);
-        let pending = Pending::FutexWake {
-            conn,
-            request_id,
-            page,
-            offset_bytes,
-            count,
-        };
-        let request = AppRequest::Fault {
-            space: page.space,
-            addr: page_addr,
-            access: Access::Write,
-        };
-        self.submit(pending, request);
-    }
-
-    fn finish_wake(
-        &mut self,
-        conn: ConnId,
-        request_id: u64,
-        page: PageId,
-        offset_bytes: u32,
-        count: u32,
-    ) {
         let woken = self.futexes.wake_word(page, offset_bytes, count);
-        let n = woken.len() as u32;
+        let woken_here = woken.len() as u32;
         for waiter in woken {
             self.answer_wait(waiter, FutexOutcome::Woken);
         }
-        self.send_app(conn, request_id, IpcMessage::FutexWoken { woken: n });
+        let peers = self.live_peers();
+        if woken_here == count || peers.is_empty() || self.mutant(Mutant::FutexWakeSkipsPeers) {
+            return self.send_app(
+                conn,
+                request_id,
+                IpcMessage::FutexWoken { woken: woken_here },
+            );
+        }
+        debug_assert!(
+            self.remote_wakes.len() < MAX_APP_CONNECTIONS,
+            "one wake per connection"
+        );
+        let sends = self.remote_wakes.start(
+            self.now_ticks,
+            (conn, request_id),
+            page,
+            offset_bytes,
+            count,
+            woken_here,
+            &peers,
+        );
+        self.send_futex_messages(sends);
+        self.answer_settled_wakes();
+    }
+
+    /// The other members the cluster has up: where a thread of a program may run.
+    fn live_peers(&self) -> Vec<NodeId> {
+        let meta = self.node.meta();
+        self.config
+            .node
+            .members
+            .iter()
+            .copied()
+            .filter(|m| *m != self.config.node.id)
+            .filter(|m| matches!(meta.nodes.get(m), Some(NodeStatus::Up)))
+            .collect()
+    }
+
+    fn send_futex_messages(&mut self, sends: Vec<(NodeId, FutexMessage)>) {
+        for (to, message) in sends {
+            self.actions.push(HostAction::SendPeer(Envelope {
+                from: self.config.node.id,
+                to,
+                message: PeerMessage::Futex(message),
+            }));
+        }
+    }
+
+    fn answer_settled_wakes(&mut self) {
+        for wake in self.remote_wakes.take_settled() {
+            self.answer_remote_wake(wake);
+        }
+    }
+
+    fn answer_remote_wake(&mut self, wake: RemoteWake) {
+        let message = IpcMessage::FutexWoken { woken: wake.woken };
+        self.send_app(wake.conn, wake.request_id, message);
+    }
+
+    /// A futex message from member `from`.
+    fn on_futex_message(&mut self, from: NodeId, message: FutexMessage) {
+        match message {
+            FutexMessage::Wake {
+                wake_id,
+                oldest_in_flight,
+                page,
+                offset_bytes,
+                count,
+            } => {
+                let woken = match self
+                    .remote_wakes
+                    .check_received(from, wake_id, oldest_in_flight)
+                {
+                    Seen::Stale => return,
+                    Seen::Done(woken) => woken,
+                    Seen::New => {
+                        let woken = self.futexes.wake_word(page, offset_bytes, count);
+                        let n = woken.len() as u32;
+                        for waiter in woken {
+                            self.answer_wait(waiter, FutexOutcome::Woken);
+                        }
+                        self.remote_wakes.record_received(from, wake_id, n);
+                        n
+                    }
+                };
+                let ack = FutexMessage::WakeAck { wake_id, woken };
+                self.send_futex_messages(vec![(from, ack)]);
+            }
+            FutexMessage::WakeAck { wake_id, woken } => {
+                if let Some(wake) = self.remote_wakes.on_ack(from, wake_id, woken) {
+                    self.answer_remote_wake(wake);
+                }
+            }
+        }
     }
 
     fn answer_wait(&mut self, waiter: Waiter, outcome: FutexOutcome) {
@@ -1815,16 +1900,7 @@ impl Host {
         if spec.len() > MAX_SPEC_BYTES {
             return self.send_app(conn, request_id, refusal(ErrorCode::InvalidArgument));
         }
-        let meta = self.node.meta();
-        let peers: Vec<NodeId> = self
-            .config
-            .node
-            .members
-            .iter()
-            .copied()
-            .filter(|m| *m != self.config.node.id)
-            .filter(|m| matches!(meta.nodes.get(m), Some(NodeStatus::Up)))
-            .collect();
+        let peers = self.live_peers();
         match self.programs.launch(self.now_ticks, conn, spec, &peers) {
             Ok(program) => self.send_app(conn, request_id, IpcMessage::Launched { program }),
             Err(_) => self.send_app(conn, request_id, refusal(ErrorCode::Busy)),
@@ -1994,6 +2070,7 @@ impl Host {
                 self.programs.on_message(self.now_ticks, from, message);
                 self.apply_program_effects();
             }
+            Action::Futex { from, message } => self.on_futex_message(from, message),
         }
     }
 
@@ -2005,19 +2082,6 @@ impl Host {
             Pending::FaultPart { group, page_index } => {
                 self.fault_part_done(group, page_index, reply)
             }
-            Pending::FutexWake {
-                conn,
-                request_id,
-                page,
-                offset_bytes,
-                count,
-            } => match reply {
-                AppReply::Granted { .. } => {
-                    self.finish_wake(conn, request_id, page, offset_bytes, count)
-                }
-                AppReply::Error(e) => self.send_app(conn, request_id, error_message(e)),
-                _ => self.send_app(conn, request_id, refusal(ErrorCode::Internal)),
-            },
             Pending::Join {
                 conn,
                 request_id,
@@ -2075,12 +2139,8 @@ impl Host {
     /// Lowers every attached process's access to `page` to `access`. With `wait`, the
     /// node is told (with the bytes if asked) once none of them can exceed it.
     fn lower(&mut self, page: PageId, access: Access, wait: Option<(u64, bool)>) {
-        if access == Access::None && !self.mutant(Mutant::FutexKeepsWaitersOnRevoke) {
-            // The copy their compare relied on is going: a write elsewhere may follow.
-            for waiter in self.futexes.wake_pages(page, 1) {
-                self.answer_wait(waiter, FutexOutcome::Woken);
-            }
-        }
+        // Futex waiters of the page sleep on: a write elsewhere, which needs this
+        // copy gone first, is followed by a wake that reaches them.
         let targets: Vec<SessionId> = self
             .sessions
             .iter()

@@ -189,9 +189,9 @@ pub enum IpcMessage {
         expected: u32,
         timeout_ticks: u32,
     },
-    /// A distributed `futex(FUTEX_WAKE)`: wakes up to `count` waiters of this node on
-    /// `addr`, after taking the page for writing (which wakes every waiter on the page
-    /// of every other node). Answered `FutexWoken`.
+    /// A distributed `futex(FUTEX_WAKE)`: wakes up to `count` waiters on `addr` of
+    /// this node, then asks every other live node for the rest. Answered `FutexWoken`
+    /// once every one of them answered (or was declared down).
     FutexWake {
         addr: u64,
         count: u32,

@@ -34,9 +34,12 @@ pub enum Mutant {
     /// The host lets a futex wait sleep without comparing the word, so a wait that
     /// arrives after the write (and its wake) sleeps on.
     FutexWaitSkipsCompare,
-    /// The host keeps a page's futex waiters asleep when the node loses its copy, so
-    /// a write and wake on another node never reach them.
-    FutexKeepsWaitersOnRevoke,
+    /// A futex wake wakes waiters of its own node only, so a waiter on another node
+    /// sleeps on after the write it waits for.
+    FutexWakeSkipsPeers,
+    /// A futex wake goes to the other nodes once, never resent, and is answered at
+    /// once: a lost message loses the wake-up.
+    FutexRemoteWakeNotRetried,
     /// The spawner answers a thread spawn at once and sends it once, without waiting
     /// for the target to acknowledge delivery: a lost message loses the thread.
     SpawnNotRetried,
@@ -46,7 +49,7 @@ pub enum Mutant {
 }
 
 impl Mutant {
-    pub const ALL: [Mutant; 15] = [
+    pub const ALL: [Mutant; 16] = [
         Mutant::GrantWriteWithoutInvalidate,
         Mutant::AckInvalidateBeforeRevoke,
         Mutant::AcceptStaleGrant,
@@ -59,7 +62,8 @@ impl Mutant {
         Mutant::LeaveSpaceWhileProcessEnding,
         Mutant::AckReleaseBeforePagesDropped,
         Mutant::FutexWaitSkipsCompare,
-        Mutant::FutexKeepsWaitersOnRevoke,
+        Mutant::FutexWakeSkipsPeers,
+        Mutant::FutexRemoteWakeNotRetried,
         Mutant::SpawnNotRetried,
         Mutant::SpawnNotDeduplicated,
     ];
@@ -78,7 +82,8 @@ impl Mutant {
             Mutant::LeaveSpaceWhileProcessEnding => "leave-space-while-process-ending",
             Mutant::AckReleaseBeforePagesDropped => "ack-release-before-pages-dropped",
             Mutant::FutexWaitSkipsCompare => "futex-wait-skips-compare",
-            Mutant::FutexKeepsWaitersOnRevoke => "futex-keeps-waiters-on-revoke",
+            Mutant::FutexWakeSkipsPeers => "futex-wake-skips-peers",
+            Mutant::FutexRemoteWakeNotRetried => "futex-remote-wake-not-retried",
             Mutant::SpawnNotRetried => "spawn-not-retried",
             Mutant::SpawnNotDeduplicated => "spawn-not-deduplicated",
         }
@@ -116,8 +121,9 @@ impl Mutant {
             Mutant::FutexWaitSkipsCompare => {
                 "host lets a futex wait sleep without comparing the word"
             }
-            Mutant::FutexKeepsWaitersOnRevoke => {
-                "host keeps futex waiters asleep when the node loses the page"
+            Mutant::FutexWakeSkipsPeers => "futex wake wakes waiters of its own node only",
+            Mutant::FutexRemoteWakeNotRetried => {
+                "futex wake is sent to other nodes once, never resent"
             }
             Mutant::SpawnNotRetried => "spawner answers a thread spawn before it was delivered",
             Mutant::SpawnNotDeduplicated => "target runs every copy of a retried thread spawn",

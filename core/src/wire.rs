@@ -7,11 +7,12 @@
 //! locks; an unknown kind is an error, never a panic.
 
 use crate::codec::{DecodeError, Reader, Writer};
+use crate::futex::FutexMessage;
 use crate::programs::ProgramMessage;
 use crate::types::{Access, NodeId, PageBytes, PageId, SpaceId, PAGE_SIZE_BYTES};
 
 pub const WIRE_MAGIC: u16 = 0x4759;
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 /// Largest frame a peer may send (a page plus headers, or a batch of Raft entries).
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 /// Largest embedded Raft message.
@@ -161,6 +162,8 @@ pub enum PeerMessage {
     },
     /// Programs and their threads across nodes (`programs.rs`), handled by the host.
     Program(ProgramMessage),
+    /// Futex wakes between nodes (`futex.rs`), handled by the host.
+    Futex(FutexMessage),
 }
 
 /// A message with its addressing.
@@ -184,6 +187,7 @@ const KIND_FREE_REPLY: u8 = 10;
 const KIND_LEASE_REQUEST: u8 = 11;
 const KIND_LEASE_GRANT: u8 = 12;
 const KIND_PROGRAM: u8 = 64;
+const KIND_FUTEX: u8 = 65;
 
 /// Whether a frame is the cluster's background chatter (Raft, leases) rather than part
 /// of an application's transaction: a driver may sleep right after background frames.
@@ -257,6 +261,7 @@ impl Envelope {
             PeerMessage::LeaseRequest { .. } => KIND_LEASE_REQUEST,
             PeerMessage::LeaseGrant { .. } => KIND_LEASE_GRANT,
             PeerMessage::Program(_) => KIND_PROGRAM,
+            PeerMessage::Futex(_) => KIND_FUTEX,
         };
         w.u8(kind);
         w.u64(self.from);
@@ -346,6 +351,7 @@ impl Envelope {
                 w.u64(*sent_tick)
             }
             PeerMessage::Program(message) => message.put(&mut w),
+            PeerMessage::Futex(message) => message.put(&mut w),
         }
         debug_assert!(w.bytes.len() <= MAX_FRAME_BYTES);
         w.bytes
@@ -437,6 +443,7 @@ impl Envelope {
                 sent_tick: r.u64()?,
             },
             KIND_PROGRAM => PeerMessage::Program(ProgramMessage::get(&mut r)?),
+            KIND_FUTEX => PeerMessage::Futex(FutexMessage::get(&mut r)?),
             other => return Err(DecodeError::UnknownKind(other)),
         };
         r.finish()?;

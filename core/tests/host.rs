@@ -483,7 +483,7 @@ fn a_futex_wait_sleeps_only_on_a_current_copy_that_holds_the_expected_word() {
 }
 
 #[test]
-fn a_wake_on_another_node_reaches_a_waiter_by_taking_its_copy_away() {
+fn a_waiter_sleeps_on_when_its_copy_goes_and_a_wake_from_another_node_reaches_it() {
     let mut net = Net::new();
     net.attach(0, 10, 100);
     let page = net.root_page(0, 10);
@@ -500,8 +500,30 @@ fn a_wake_on_another_node_reaches_a_waiter_by_taking_its_copy_away() {
     net.wait(1, 22, 90, 5, 0);
     net.step(50);
     assert_eq!(net.answer(1, 22, 90), None, "sleeps on its copy");
-    // Node 1 wakes: it takes the page for writing, so node 2 loses its copy, and that
-    // wakes the waiter before node 2's process has even given the page up.
+    // Node 1 takes the page for writing: node 2's copy goes, its waiter sleeps on.
+    net.send(
+        0,
+        12,
+        51,
+        IpcMessage::Fault {
+            addr: BASE,
+            write: true,
+            pages: 1,
+        },
+    );
+    net.step_until(|net| matches!(net.reply(1, 21), Some(IpcMessage::Revoke { .. })));
+    net.revoke_done(1, 21);
+    net.step_until(|net| net.answered(0, 12, 51));
+    assert!(
+        granted(net.answer(0, 12, 51)),
+        "{:?}",
+        net.answer(0, 12, 51)
+    );
+    net.grant_applied(0, 12);
+    net.write_word(0, page, 6);
+    net.step(50);
+    assert_eq!(net.answer(1, 22, 90), None, "sleeps without its copy");
+    // The wake after the write finds no waiter on node 1 and asks node 2.
     net.send(
         0,
         12,
@@ -511,21 +533,13 @@ fn a_wake_on_another_node_reaches_a_waiter_by_taking_its_copy_away() {
             count: 1,
         },
     );
-    net.step_until(|net| net.answer(1, 22, 90).is_some());
     assert_eq!(net.answer(1, 22, 90), wait_done(FutexOutcome::Woken));
     assert_eq!(
         net.answer(0, 12, 91),
-        None,
-        "the write grant waits for node 2"
+        Some(IpcMessage::FutexWoken { woken: 1 })
     );
-    net.revoke_done(1, 21);
-    net.step_until(|net| net.answer(0, 12, 91).is_some());
-    assert_eq!(
-        net.answer(0, 12, 91),
-        Some(IpcMessage::FutexWoken { woken: 0 })
-    );
-    // Node 2 holds no copy now: a wait there must fetch the page first.
-    net.wait(1, 22, 92, 5, 0);
+    // Node 2 holds no copy now: its next wait must fetch the page first.
+    net.wait(1, 22, 92, 6, 0);
     assert_eq!(net.answer(1, 22, 92), wait_done(FutexOutcome::NoCopy));
 }
 

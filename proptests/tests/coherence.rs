@@ -169,9 +169,9 @@ impl Cluster {
                 Action::DropSpace { space } => {
                     self.violate(format!("node {id} dropped space {space}: it is persistent"));
                 }
-                Action::Program { from, .. } => {
+                Action::Program { from, .. } | Action::Futex { from, .. } => {
                     self.violate(format!(
-                        "node {id} heard a program message from {from}: none was sent"
+                        "node {id} heard a host-layer message from {from}: none was sent"
                     ));
                 }
                 Action::Install {

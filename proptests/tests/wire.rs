@@ -2,6 +2,7 @@
 //! encoding (`gallocy_core::meta::Proposal`): exact round trips, canonical decoding,
 //! and decoders that answer `Err` rather than panic on hostile input.
 
+use gallocy_core::futex::FutexMessage;
 use gallocy_core::meta::{Command, Proposal};
 use gallocy_core::programs::{ProgramMessage, SpawnOutcome, WorkerEvent, WorkerExit, WorkerSpec};
 use gallocy_core::types::{Access, PageBytes, PageId, PAGE_SIZE_BYTES};
@@ -140,6 +141,27 @@ fn peer_message() -> impl Strategy<Value = PeerMessage> {
         any::<u64>().prop_map(|sent_tick| PeerMessage::LeaseRequest { sent_tick }),
         any::<u64>().prop_map(|sent_tick| PeerMessage::LeaseGrant { sent_tick }),
         program_message().prop_map(PeerMessage::Program),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<(u32, u64)>(),
+            any::<u32>(),
+            any::<u32>()
+        )
+            .prop_map(
+                |(wake_id, oldest_in_flight, (space, index), offset_bytes, count)| {
+                    PeerMessage::Futex(FutexMessage::Wake {
+                        wake_id,
+                        oldest_in_flight,
+                        page: PageId { space, index },
+                        offset_bytes,
+                        count,
+                    })
+                }
+            ),
+        (any::<u64>(), any::<u32>()).prop_map(|(wake_id, woken)| PeerMessage::Futex(
+            FutexMessage::WakeAck { wake_id, woken }
+        )),
     ]
 }
 

@@ -317,6 +317,11 @@ pub enum Action {
         from: NodeId,
         message: crate::programs::ProgramMessage,
     },
+    /// A futex wake or its acknowledgement from a member (`futex.rs`), for the host.
+    Futex {
+        from: NodeId,
+        message: crate::futex::FutexMessage,
+    },
 }
 
 /// Counters for status displays and the simulator's summary.

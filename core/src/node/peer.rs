@@ -107,6 +107,7 @@ impl Node {
             }
             // Not the node's business: the host's program layer handles it.
             PeerMessage::Program(message) => self.actions.push(Action::Program { from, message }),
+            PeerMessage::Futex(message) => self.actions.push(Action::Futex { from, message }),
         }
     }
 
