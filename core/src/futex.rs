@@ -4,11 +4,10 @@
 //! at the waiter's own node, after comparing the word in a valid copy of its page. A
 //! wait stays asleep when the copy goes later: any write elsewhere needs that copy
 //! gone first, so the waiter was asleep before the write, and the wake that follows
-//! the write reaches it. A wake wakes waiters of the word here, and, if it woke fewer
-//! than asked, sends a [`FutexMessage::Wake`] to every other live node, retried until
-//! each acknowledges (deduplicated there): the waker's `FutexWoken` answers once all
-//! did. A wake of `n` may so wake up to `n` per node, which futex callers take as
-//! spurious wake-ups.
+//! the write reaches it. A wake wakes waiters of the word here, and sends a
+//! [`FutexMessage::Wake`] to every other live node, retried until each acknowledges
+//! (deduplicated there): the waker's `FutexWoken` answers once all did. A wake of `n`
+//! may so wake up to `n` per node, which futex callers take as spurious wake-ups.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -235,7 +234,7 @@ pub struct RemoteWake {
     pub request_id: u64,
     pub page: PageId,
     pub offset_bytes: u32,
-    /// Waiters still to wake: what each peer is asked for.
+    /// Waiters each peer is asked to wake.
     pub count: u32,
     /// Woken so far: here, and by the peers that acknowledged.
     pub woken: u32,
@@ -294,7 +293,7 @@ impl RemoteWakes {
         }
     }
 
-    /// Starts the remote part of a wake that woke `woken_here` of `count` waiters
+    /// Starts the remote part of a wake of `count` that woke `woken_here` waiters
     /// here: returns what to send to each of `peers` (none must be this node).
     #[allow(clippy::too_many_arguments)]
     pub fn start(
@@ -307,7 +306,7 @@ impl RemoteWakes {
         woken_here: u32,
         peers: &[NodeId],
     ) -> Vec<(NodeId, FutexMessage)> {
-        assert!(woken_here < count && !peers.is_empty());
+        assert!(woken_here <= count && count > 0 && !peers.is_empty());
         assert!(
             self.sent.values().all(|w| w.conn != conn),
             "one wake per connection"
@@ -319,7 +318,7 @@ impl RemoteWakes {
             request_id,
             page,
             offset_bytes,
-            count: count - woken_here,
+            count,
             woken: woken_here,
             unacked: peers.iter().copied().collect(),
             next_retry_tick: now_ticks + self.timing.retry_base_ticks,
@@ -503,7 +502,11 @@ mod tests {
         else {
             panic!("{sends:?}");
         };
-        assert_eq!((oldest_in_flight, count), (wake_id, 1), "asks for the rest");
+        assert_eq!(
+            (oldest_in_flight, count),
+            (wake_id, 2),
+            "asks for the count"
+        );
         assert!(wakes.tick(109, &|_| false).is_empty(), "not due yet");
         assert_eq!(wakes.tick(110, &|_| false).len(), 2);
         assert!(wakes.on_ack(2, wake_id, 1).is_none(), "node 3 is missing");

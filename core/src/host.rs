@@ -942,6 +942,7 @@ impl Host {
             if let Some(state) = self.conns.remove(&conn) {
                 let _ = state;
                 self.futexes.remove_conn(conn);
+                self.remote_wakes.remove_conn(conn);
                 self.programs.conn_closed(self.now_ticks, conn);
                 self.actions.push(HostAction::CloseApp {
                     conn,
@@ -1499,8 +1500,11 @@ impl Host {
         });
     }
 
-    /// A wake wakes up to `count` waiters of the word here; if fewer were, it asks
-    /// every other live node for the rest, and is answered once they all answered.
+    /// A wake wakes up to `count` waiters of the word here and asks every other live
+    /// node to wake up to `count` there too, and is answered once they all answered.
+    /// Not only when too few woke here: a thread of this node that started waiting
+    /// after the write would otherwise take the wake that an older waiter elsewhere
+    /// is owed, and local contention could starve remote waiters for good.
     fn futex_wake(
         &mut self,
         conn: ConnId,
@@ -1518,7 +1522,7 @@ impl Host {
             self.answer_wait(waiter, FutexOutcome::Woken);
         }
         let peers = self.live_peers();
-        if woken_here == count || peers.is_empty() || self.mutant(Mutant::FutexWakeSkipsPeers) {
+        if count == 0 || peers.is_empty() || self.mutant(Mutant::FutexWakeSkipsPeers) {
             return self.send_app(
                 conn,
                 request_id,
@@ -1833,6 +1837,14 @@ impl Host {
     fn start_detach(&mut self, session_id: SessionId, conn: ConnId, request_id: u64) {
         let session = self.sessions.get_mut(&session_id).expect("live");
         session.phase = Phase::Detaching { conn, request_id };
+        // Its sleeping threads leave the space: woken now, so that no later wake is
+        // spent on a thread that will not take the lock it was for.
+        let conns: Vec<ConnId> = session.conns.iter().copied().collect();
+        for conn in conns {
+            if let Some(waiter) = self.futexes.remove_conn(conn) {
+                self.answer_wait(waiter, FutexOutcome::Woken);
+            }
+        }
         self.detach_progress(session_id);
     }
 

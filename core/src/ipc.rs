@@ -190,7 +190,7 @@ pub enum IpcMessage {
         timeout_ticks: u32,
     },
     /// A distributed `futex(FUTEX_WAKE)`: wakes up to `count` waiters on `addr` of
-    /// this node, then asks every other live node for the rest. Answered `FutexWoken`
+    /// this node, and asks every other live node to do the same. Answered `FutexWoken`
     /// once every one of them answered (or was declared down).
     FutexWake {
         addr: u64,

@@ -544,6 +544,37 @@ fn a_waiter_sleeps_on_when_its_copy_goes_and_a_wake_from_another_node_reaches_it
 }
 
 #[test]
+fn a_detaching_process_gives_up_its_waits_so_later_wakes_reach_other_waiters() {
+    let mut net = Net::new();
+    net.attach(0, 10, 100);
+    net.fault(0, 12, 50, true);
+    net.grant_applied(0, 12);
+    net.attach(0, 30, 300);
+    net.fault(0, 32, 51, false);
+    net.grant_applied(0, 32);
+    // The older wait is the detaching process's.
+    net.wait(0, 12, 60, 0, 0);
+    net.wait(0, 32, 61, 0, 0);
+    net.send(0, 10, 62, IpcMessage::Detach);
+    assert_eq!(net.answer(0, 12, 60), wait_done(FutexOutcome::Woken));
+    net.attach(1, 20, 200);
+    net.send(
+        1,
+        22,
+        63,
+        IpcMessage::FutexWake {
+            addr: WORD,
+            count: 1,
+        },
+    );
+    assert_eq!(net.answer(0, 32, 61), wait_done(FutexOutcome::Woken));
+    assert_eq!(
+        net.answer(1, 22, 63),
+        Some(IpcMessage::FutexWoken { woken: 1 })
+    );
+}
+
+#[test]
 fn a_futex_wait_times_out_and_a_closed_connection_forgets_its_wait() {
     let mut net = Net::new();
     net.attach(0, 10, 100);

@@ -49,9 +49,9 @@ int gallocy_ping(void);
  * "Futexes"). gallocy_futex_wait sleeps while *addr == expected, at most timeout_ms
  * (0: no limit): 0 when woken (wake-ups can be spurious: check the condition again),
  * -EAGAIN if the word differs, -ETIMEDOUT, or another negative errno.
- * gallocy_futex_wake wakes up to count waiters on addr, this node's first, then up
- * to the rest on each other node (so a wake across nodes can wake more than count:
- * spurious wake-ups); it returns how many it woke in all, or a negative errno. */
+ * gallocy_futex_wake wakes up to count waiters on addr on this node and on each
+ * other node (so a wake across nodes can wake more than count: spurious
+ * wake-ups); it returns how many it woke in all, or a negative errno. */
 int gallocy_futex_wait(const uint32_t *addr, uint32_t expected, uint32_t timeout_ms);
 int gallocy_futex_wake(const uint32_t *addr, uint32_t count);
 

@@ -237,8 +237,8 @@ pub extern "C" fn gallocy_futex_wait(addr: *const u32, expected: u32, timeout_ms
     }
 }
 
-/// gallocy.h: wakes up to `count` waiters on `addr`, this node's first, then up to the
-/// rest on each other node. How many were woken in all, or a negative errno.
+/// gallocy.h: wakes up to `count` waiters on `addr` on this node and on each other
+/// node. How many were woken in all, or a negative errno.
 #[no_mangle]
 pub extern "C" fn gallocy_futex_wake(addr: *const u32, count: u32) -> c_int {
     match runtime::futex_wake(addr as u64, count) {

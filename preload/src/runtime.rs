@@ -517,8 +517,8 @@ pub fn futex_wait(addr: u64, expected: u32, timeout_ms: u32) -> Result<FutexWait
     Ok(FutexWaitEnd::Woken)
 }
 
-/// Wakes up to `count` waiters on `addr`: this node's first, then, for the rest, up
-/// to that many on each other node; how many were woken in all.
+/// Wakes up to `count` waiters on `addr` on this node and on each other node; how
+/// many were woken in all.
 pub fn futex_wake(addr: u64, count: u32) -> Result<u32, CallError> {
     let addr = space_addr(addr).unwrap_or(addr);
     check_futex_word(addr)?;
