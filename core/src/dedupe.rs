@@ -7,7 +7,11 @@
 
 use std::collections::BTreeMap;
 
+use crate::codec::{DecodeError, Reader, Writer};
 use crate::types::NodeId;
+
+/// Most origins a decoded table may name (members are far fewer).
+const MAX_ORIGINS: usize = 4096;
 
 /// Outcomes kept per origin at most; beyond, the oldest are forgotten (only a
 /// pathological origin with one request stuck behind thousands of newer ones gets there).
@@ -77,5 +81,49 @@ impl<T: Clone> Dedupe<T> {
     /// The outcome of `id` from `origin`, if still remembered.
     pub fn get(&self, origin: NodeId, id: u64) -> Option<&T> {
         self.origins.get(&origin)?.outcomes.get(&id)
+    }
+
+    /// Encodes the table (for a metadata snapshot), each outcome by `put_outcome`.
+    pub fn encode(&self, w: &mut Writer, put_outcome: impl Fn(&mut Writer, &T)) {
+        w.u32(self.origins.len() as u32);
+        for (&origin, state) in &self.origins {
+            w.u64(origin);
+            w.u64(state.floor);
+            w.u32(state.outcomes.len() as u32);
+            for (&id, outcome) in &state.outcomes {
+                w.u64(id);
+                put_outcome(w, outcome);
+            }
+        }
+    }
+
+    /// Decodes what `encode` wrote; bounded, so a hostile snapshot cannot exhaust memory.
+    pub fn decode(
+        r: &mut Reader<'_>,
+        get_outcome: impl Fn(&mut Reader<'_>) -> Result<T, DecodeError>,
+    ) -> Result<Dedupe<T>, DecodeError> {
+        let origin_count = r.u32()? as usize;
+        if origin_count > MAX_ORIGINS {
+            return Err(DecodeError::Invalid("too many origins"));
+        }
+        let mut origins = BTreeMap::new();
+        for _ in 0..origin_count {
+            let origin = r.u64()?;
+            let floor = r.u64()?;
+            let outcome_count = r.u32()? as usize;
+            if outcome_count > MAX_OUTCOMES_PER_ORIGIN {
+                return Err(DecodeError::Invalid("too many outcomes"));
+            }
+            let mut outcomes = BTreeMap::new();
+            for _ in 0..outcome_count {
+                let id = r.u64()?;
+                if id < floor {
+                    return Err(DecodeError::Invalid("outcome below its floor"));
+                }
+                outcomes.insert(id, get_outcome(r)?);
+            }
+            origins.insert(origin, Origin { floor, outcomes });
+        }
+        Ok(Dedupe { origins })
     }
 }

@@ -672,3 +672,455 @@ fn space_name(r: &mut Reader) -> Result<String, DecodeError> {
         .map(str::to_string)
         .map_err(|_| DecodeError::Invalid("space name is not UTF-8"))
 }
+
+// ---------------------------------------------------------------------------------
+// Snapshots: the whole state at an applied index, for log compaction (a member that
+// fell behind the compacted log is sent it by Raft instead of the entries).
+
+const SNAPSHOT_VERSION: u8 = 1;
+/// Largest encoded snapshot: it travels in one Raft message, in one frame.
+pub const MAX_SNAPSHOT_BYTES: usize = 768 << 10;
+/// Most nodes a decoded snapshot may list.
+const MAX_SNAPSHOT_NODES: usize = 4096;
+/// Most chunk runs a decoded snapshot may list (each at least 28 bytes).
+const MAX_SNAPSHOT_RUNS: usize = MAX_SNAPSHOT_BYTES / 28;
+
+/// Every reason an outcome can give, so a decoded one is the same `&'static str`.
+const REJECTIONS: [&str; 19] = [
+    "attaching node is down",
+    "bad chunk count",
+    "bad chunk range",
+    "chunk 0 holds the root block",
+    "creating node is down",
+    "node is down",
+    "not leased to the origin",
+    "range overlaps another space",
+    "space exhausted",
+    "space ids exhausted",
+    "space name must be 1 to 64 bytes",
+    "too many spaces",
+    "unexpected outcome",
+    "unknown space",
+    "chunk size must be a power of two between 4 KiB and 1 GiB",
+    "space base must be non-zero and chunk-aligned",
+    "space size must be a non-zero multiple of the chunk size",
+    "space must end below the 47-bit user address limit",
+    "root size must be a non-zero page multiple no larger than a chunk",
+];
+/// Written for a reason missing from `REJECTIONS` (a new one nobody added).
+const UNLISTED_REJECTION: u8 = u8::MAX;
+
+fn put_reason(w: &mut Writer, why: &str) {
+    let index = REJECTIONS.iter().position(|&r| r == why);
+    debug_assert!(index.is_some(), "rejection {why:?} is not in REJECTIONS");
+    w.u8(index.map_or(UNLISTED_REJECTION, |i| i as u8));
+}
+
+fn get_reason(r: &mut Reader) -> Result<&'static str, DecodeError> {
+    match r.u8()? {
+        UNLISTED_REJECTION => Ok("rejected"),
+        i => REJECTIONS
+            .get(i as usize)
+            .copied()
+            .ok_or(DecodeError::Invalid("rejection reason")),
+    }
+}
+
+fn put_layout(w: &mut Writer, layout: &SpaceLayout) {
+    w.u32(layout.id);
+    w.blob(layout.name.as_bytes());
+    w.u64(layout.base_addr);
+    w.u64(layout.size_bytes);
+    w.u64(layout.chunk_size_bytes);
+    w.u64(layout.root_size_bytes);
+}
+
+fn get_layout(r: &mut Reader) -> Result<SpaceLayout, DecodeError> {
+    let layout = SpaceLayout {
+        id: r.u32()?,
+        name: space_name(r)?,
+        base_addr: r.u64()?,
+        size_bytes: r.u64()?,
+        chunk_size_bytes: r.u64()?,
+        root_size_bytes: r.u64()?,
+    };
+    layout
+        .validate()
+        .map_err(|_| DecodeError::Invalid("space layout"))?;
+    Ok(layout)
+}
+
+fn put_node_set(w: &mut Writer, nodes: &BTreeSet<NodeId>) {
+    w.u32(nodes.len() as u32);
+    for &node in nodes {
+        w.u64(node);
+    }
+}
+
+fn get_node_set(r: &mut Reader) -> Result<BTreeSet<NodeId>, DecodeError> {
+    let count = r.u32()? as usize;
+    if count > MAX_SNAPSHOT_NODES {
+        return Err(DecodeError::Invalid("too many nodes"));
+    }
+    (0..count).map(|_| r.u64()).collect()
+}
+
+impl Outcome {
+    fn put(&self, w: &mut Writer) {
+        match self {
+            Outcome::SpaceCreated(layout) => {
+                w.u8(1);
+                put_layout(w, layout);
+            }
+            Outcome::SpaceRejected(why) => {
+                w.u8(2);
+                put_reason(w, why);
+            }
+            Outcome::Leased {
+                space,
+                first_chunk,
+                count,
+            } => {
+                w.u8(3);
+                w.u32(*space);
+                w.u64(*first_chunk);
+                w.u32(*count);
+            }
+            Outcome::LeaseRejected(why) => {
+                w.u8(4);
+                put_reason(w, why);
+            }
+            Outcome::Detached { space, destroyed } => {
+                w.u8(5);
+                w.u32(*space);
+                w.bool(*destroyed);
+            }
+            Outcome::Releasing {
+                space,
+                first_chunk,
+                count,
+            } => {
+                w.u8(6);
+                w.u32(*space);
+                w.u64(*first_chunk);
+                w.u32(*count);
+            }
+            Outcome::ReleaseRejected(why) => {
+                w.u8(7);
+                put_reason(w, why);
+            }
+            Outcome::ReleaseAcknowledged { freed } => {
+                w.u8(8);
+                w.bool(*freed);
+            }
+            Outcome::MarkedDown(node) => {
+                w.u8(9);
+                w.u64(*node);
+            }
+            Outcome::Unpersisted { space, destroyed } => {
+                w.u8(10);
+                w.opt_u64(space.map(u64::from));
+                w.bool(*destroyed);
+            }
+            Outcome::Stale => w.u8(11),
+        }
+    }
+
+    fn get(r: &mut Reader) -> Result<Outcome, DecodeError> {
+        Ok(match r.u8()? {
+            1 => Outcome::SpaceCreated(get_layout(r)?),
+            2 => Outcome::SpaceRejected(get_reason(r)?),
+            3 => Outcome::Leased {
+                space: r.u32()?,
+                first_chunk: r.u64()?,
+                count: r.u32()?,
+            },
+            4 => Outcome::LeaseRejected(get_reason(r)?),
+            5 => Outcome::Detached {
+                space: r.u32()?,
+                destroyed: r.bool()?,
+            },
+            6 => Outcome::Releasing {
+                space: r.u32()?,
+                first_chunk: r.u64()?,
+                count: r.u32()?,
+            },
+            7 => Outcome::ReleaseRejected(get_reason(r)?),
+            8 => Outcome::ReleaseAcknowledged { freed: r.bool()? },
+            9 => Outcome::MarkedDown(r.u64()?),
+            10 => Outcome::Unpersisted {
+                space: match r.opt_u64()? {
+                    None => None,
+                    Some(id) => {
+                        Some(SpaceId::try_from(id).map_err(|_| DecodeError::Invalid("space id"))?)
+                    }
+                },
+                destroyed: r.bool()?,
+            },
+            11 => Outcome::Stale,
+            _ => return Err(DecodeError::Invalid("outcome kind")),
+        })
+    }
+}
+
+impl MetaState {
+    /// The whole state, for a Raft snapshot. Chunk records go as runs of consecutive
+    /// chunks with the same lessee and home (leases are runs), so a snapshot stays
+    /// small however many chunks are leased.
+    pub fn encode_snapshot(&self) -> Vec<u8> {
+        debug_assert!(self.destroyed.is_empty(), "taken after every apply");
+        let mut w = Writer::with_capacity(4096);
+        w.u8(SNAPSHOT_VERSION);
+        w.u32(self.nodes.len() as u32);
+        for (&node, &status) in &self.nodes {
+            w.u64(node);
+            w.bool(status == NodeStatus::Up);
+        }
+        w.u32(self.spaces.len() as u32);
+        for layout in self.spaces.values() {
+            put_layout(&mut w, layout);
+            w.bool(self.persistent.contains(&layout.id));
+            put_node_set(
+                &mut w,
+                self.attached.get(&layout.id).unwrap_or(&BTreeSet::new()),
+            );
+        }
+        let mut runs: Vec<(SpaceId, u64, u64, ChunkRecord)> = Vec::new();
+        for (&(space, chunk), &record) in &self.chunks {
+            match runs.last_mut() {
+                Some((s, first, count, r))
+                    if *s == space && *first + *count == chunk && *r == record =>
+                {
+                    *count += 1
+                }
+                _ => runs.push((space, chunk, 1, record)),
+            }
+        }
+        w.u32(runs.len() as u32);
+        for (space, first, count, record) in runs {
+            w.u32(space);
+            w.u64(first);
+            w.u64(count);
+            w.u64(record.lessee);
+            w.u64(record.home);
+        }
+        w.u32(self.releasing.len() as u32);
+        for (&(space, first), release) in &self.releasing {
+            w.u32(space);
+            w.u64(first);
+            w.u32(release.count);
+            put_node_set(&mut w, &release.waiting);
+        }
+        w.u32(self.next_space_id);
+        w.u64(self.applied_commands);
+        self.outcomes.encode(&mut w, |w, outcome| outcome.put(w));
+        w.bytes
+    }
+
+    /// Decodes `encode_snapshot`'s bytes; anything malformed or inconsistent is an
+    /// error, never a panic.
+    pub fn decode_snapshot(bytes: &[u8]) -> Result<MetaState, DecodeError> {
+        if bytes.len() > MAX_SNAPSHOT_BYTES {
+            return Err(DecodeError::Invalid("snapshot over size limit"));
+        }
+        let mut r = Reader::new(bytes);
+        let version = r.u8()?;
+        if version != SNAPSHOT_VERSION {
+            return Err(DecodeError::UnsupportedVersion(version));
+        }
+        let mut state = MetaState::default();
+        let node_count = r.u32()? as usize;
+        if node_count > MAX_SNAPSHOT_NODES {
+            return Err(DecodeError::Invalid("too many nodes"));
+        }
+        for _ in 0..node_count {
+            let node = r.u64()?;
+            let status = if r.bool()? {
+                NodeStatus::Up
+            } else {
+                NodeStatus::Down
+            };
+            state.nodes.insert(node, status);
+        }
+        let space_count = r.u32()? as usize;
+        if space_count > MAX_SPACES {
+            return Err(DecodeError::Invalid("too many spaces"));
+        }
+        for _ in 0..space_count {
+            let layout = get_layout(&mut r)?;
+            let id = layout.id;
+            if r.bool()? {
+                state.persistent.insert(id);
+            }
+            state.attached.insert(id, get_node_set(&mut r)?);
+            if state
+                .space_ids_by_name
+                .insert(layout.name.clone(), id)
+                .is_some()
+                || state.spaces.insert(id, layout).is_some()
+            {
+                return Err(DecodeError::Invalid("space listed twice"));
+            }
+        }
+        let run_count = r.u32()? as usize;
+        if run_count > MAX_SNAPSHOT_RUNS {
+            return Err(DecodeError::Invalid("too many chunk runs"));
+        }
+        for _ in 0..run_count {
+            let space = r.u32()?;
+            let first = r.u64()?;
+            let count = r.u64()?;
+            let record = ChunkRecord {
+                lessee: r.u64()?,
+                home: r.u64()?,
+            };
+            let Some(layout) = state.spaces.get(&space) else {
+                return Err(DecodeError::Invalid("chunk of an unknown space"));
+            };
+            let in_space = count > 0
+                && first
+                    .checked_add(count)
+                    .is_some_and(|end| end <= layout.chunk_count());
+            if !in_space {
+                return Err(DecodeError::Invalid("chunk run outside its space"));
+            }
+            for chunk in first..first + count {
+                state.chunks.insert((space, chunk), record);
+            }
+        }
+        let release_count = r.u32()? as usize;
+        if release_count > MAX_SNAPSHOT_RUNS {
+            return Err(DecodeError::Invalid("too many released runs"));
+        }
+        for _ in 0..release_count {
+            let space = r.u32()?;
+            let first = r.u64()?;
+            let count = r.u32()?;
+            let waiting = get_node_set(&mut r)?;
+            if !state.spaces.contains_key(&space) || count == 0 || count > MAX_CHUNKS_PER_LEASE {
+                return Err(DecodeError::Invalid("released run"));
+            }
+            state
+                .releasing
+                .insert((space, first), Release { count, waiting });
+        }
+        state.next_space_id = r.u32()?;
+        state.applied_commands = r.u64()?;
+        state.outcomes = Dedupe::decode(&mut r, Outcome::get)?;
+        r.finish()?;
+        Ok(state)
+    }
+}
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::*;
+
+    fn propose(state: &mut MetaState, origin: NodeId, id: u64, command: Command) -> Outcome {
+        state.apply(&Proposal {
+            origin,
+            proposal_id: id,
+            // Every proposal stays in flight: all outcomes are kept.
+            oldest_in_flight: 1,
+            command,
+        })
+    }
+
+    #[test]
+    fn a_snapshot_decodes_to_the_same_state_and_answers_retries_the_same() {
+        let mut state = MetaState::new(&[1, 2, 3]);
+        let created = propose(
+            &mut state,
+            1,
+            1,
+            Command::CreateSpace {
+                name: "heap".into(),
+                base_addr: 1 << 40,
+                size_bytes: 64 << 20,
+                chunk_size_bytes: 1 << 20,
+                root_size_bytes: 4096,
+                flexible_base: false,
+                persistent: true,
+            },
+        );
+        let Outcome::SpaceCreated(layout) = created else {
+            panic!("{created:?}");
+        };
+        propose(
+            &mut state,
+            2,
+            1,
+            Command::Attach {
+                name: "heap".into(),
+            },
+        );
+        let space = layout.id;
+        let leased = propose(
+            &mut state,
+            2,
+            2,
+            Command::LeaseChunks {
+                space,
+                node: 2,
+                count: 3,
+            },
+        );
+        propose(
+            &mut state,
+            3,
+            1,
+            Command::LeaseChunks {
+                space,
+                node: 3,
+                count: 2,
+            },
+        );
+        propose(
+            &mut state,
+            2,
+            3,
+            Command::ReleaseChunks {
+                space,
+                first_chunk: 1,
+                count: 3,
+            },
+        );
+        let rejected = propose(
+            &mut state,
+            3,
+            2,
+            Command::Attach {
+                name: "nope".into(),
+            },
+        );
+        propose(&mut state, 1, 2, Command::MarkDown { node: 3 });
+        let bytes = state.encode_snapshot();
+        let mut copy = MetaState::decode_snapshot(&bytes).expect("decodes");
+        assert_eq!(copy.encode_snapshot(), bytes);
+        assert_eq!(copy.nodes, state.nodes);
+        assert_eq!(copy.spaces, state.spaces);
+        assert_eq!(copy.chunks, state.chunks);
+        assert_eq!(copy.releasing, state.releasing);
+        assert_eq!(copy.attached, state.attached);
+        assert_eq!(copy.space_by_name("heap").map(|l| l.id), Some(space));
+        // A retried proposal gets its first outcome from the copy too.
+        let retried = Proposal {
+            origin: 2,
+            proposal_id: 2,
+            oldest_in_flight: 1,
+            command: Command::LeaseChunks {
+                space,
+                node: 2,
+                count: 3,
+            },
+        };
+        assert_eq!(copy.apply(&retried), leased);
+        assert_eq!(copy.outcome_of(3, 2), Some(&rejected));
+        for cut in 0..bytes.len() {
+            assert!(
+                MetaState::decode_snapshot(&bytes[..cut]).is_err(),
+                "cut at {cut}"
+            );
+        }
+    }
+}

@@ -1564,6 +1564,8 @@ impl Daemon {
                 "proposals": stats.proposals,
                 "chunks_released": stats.chunks_released,
                 "raft_errors": stats.raft_errors,
+                "log_compactions": stats.log_compactions,
+                "snapshots_installed": stats.snapshots_installed,
                 "app_requests": host.app_requests,
                 "bad_app_frames": host.bad_app_frames,
                 "revocations_sent": host.revocations_sent,

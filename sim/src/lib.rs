@@ -48,8 +48,8 @@ impl RunReport {
             c.joins_given_up, c.output_bytes
         ));
         out.push_str(&format!(
-            "messages:     {} sent, {} delivered, {} retries, {} rejected, {} malformed; {} page faults to the node, {} revocations\n",
-            c.frames_sent, c.frames_delivered, self.retries, self.rejected_messages, self.malformed_frames, c.faults_requested, c.revokes
+            "messages:     {} sent, {} delivered, {} retries, {} rejected, {} malformed; {} page faults to the node, {} revocations; {} log compactions, {} snapshots installed\n",
+            c.frames_sent, c.frames_delivered, self.retries, self.rejected_messages, self.malformed_frames, c.faults_requested, c.revokes, self.log_compactions, self.snapshots_installed
         ));
         out.push_str(&format!(
             "faults:       {} dropped, {} duplicated (loss {:.3}, dup {:.3}, latency <= {} ms), {} partitions, {} one-way, {} crashes; {} leader changes seen\n",

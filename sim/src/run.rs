@@ -115,6 +115,9 @@ pub struct RunReport {
     pub malformed_frames: u64,
     pub rejected_messages: u64,
     pub retries: u64,
+    /// Of the nodes up at the end: log compactions and snapshots installed.
+    pub log_compactions: u64,
+    pub snapshots_installed: u64,
     pub leader_changes_seen: u64,
 }
 
@@ -164,6 +167,9 @@ fn node_config(id: NodeId, members: Vec<NodeId>) -> Config {
     config.revoke_timeout_ticks = 400;
     // Every empty region goes back at once: the release protocol runs as often as it can.
     config.retain_empty_chunks = 0;
+    // Snapshots and compaction happen many times a run, and members cut off by a
+    // partition catch up from a snapshot.
+    config.raft_log_max_entries = 4;
     config
 }
 
@@ -205,6 +211,8 @@ pub fn run(params: RunParams) -> RunReport {
                 malformed_frames: 0,
                 rejected_messages: 0,
                 retries: 0,
+                log_compactions: 0,
+                snapshots_installed: 0,
                 leader_changes_seen: 0,
             }
         }
@@ -407,12 +415,15 @@ fn run_unguarded(params: RunParams) -> RunReport {
         w.check_allocators();
     }
     let (mut malformed, mut rejected, mut retries) = (0, 0, 0);
+    let (mut compactions, mut snapshots) = (0, 0);
     for index in 0..params.nodes {
         if let Some(node) = w.node(index) {
             let stats = node.stats();
             malformed += stats.frames_malformed;
             rejected += stats.messages_rejected;
             retries += stats.retries;
+            compactions += stats.log_compactions;
+            snapshots += stats.snapshots_installed;
         }
     }
     RunReport {
@@ -427,6 +438,8 @@ fn run_unguarded(params: RunParams) -> RunReport {
         malformed_frames: malformed,
         rejected_messages: rejected,
         retries,
+        log_compactions: compactions,
+        snapshots_installed: snapshots,
         leader_changes_seen: leader_changes,
     }
 }

@@ -40,20 +40,23 @@ impl Node {
             let messages = ready.take_messages();
             self.send_raft(messages);
             if !ready.snapshot().is_empty() {
-                // Snapshots are never produced (the log is not compacted), so none arrive
-                // from a correct peer.
-                self.stats.messages_rejected += 1;
+                let snapshot = ready.snapshot().clone();
+                self.install_snapshot(snapshot);
             }
             let committed = ready.take_committed_entries();
             self.apply_entries(committed);
             if !ready.entries().is_empty() {
-                if let Err(error) = self.raft.mut_store().wl().append(ready.entries()) {
+                if let Err(error) = self.raft.mut_store().entries.wl().append(ready.entries()) {
                     self.stats.raft_errors += 1;
                     let _ = error;
                 }
             }
             if let Some(hard_state) = ready.hs() {
-                self.raft.mut_store().wl().set_hardstate(hard_state.clone());
+                self.raft
+                    .mut_store()
+                    .entries
+                    .wl()
+                    .set_hardstate(hard_state.clone());
             }
             let persisted = ready.take_persisted_messages();
             self.send_raft(persisted);
@@ -61,6 +64,7 @@ impl Node {
             if let Some(commit) = light.commit_index() {
                 self.raft
                     .mut_store()
+                    .entries
                     .wl()
                     .mut_hard_state()
                     .set_commit(commit);
@@ -70,11 +74,122 @@ impl Node {
             let committed = light.take_committed_entries();
             self.apply_entries(committed);
             self.raft.advance_apply();
+            self.compact_log();
+            // raft-rs stops replicating to a member it sent a snapshot until told how
+            // the sending went; the transport cannot tell, so every snapshot is
+            // reported delivered. One that was lost makes the member refuse the next
+            // append, and the leader sends the snapshot again.
+            for to in std::mem::take(&mut self.snapshots_sent) {
+                self.raft.report_snapshot(to, raft::SnapshotStatus::Finish);
+            }
         }
+    }
+
+    /// Past `raft_log_max_entries` applied entries beyond the latest snapshot, takes a
+    /// snapshot of the metadata at the applied index and drops the older half of the
+    /// log: the log stays bounded, and a member behind the kept entries is sent the
+    /// snapshot instead.
+    fn compact_log(&mut self) {
+        let applied = self.raft.raft.raft_log.applied;
+        let snapshot_index = self.raft.store().snapshot.get_metadata().index;
+        let max_entries = self.config.raft_log_max_entries;
+        if applied < snapshot_index + max_entries {
+            return;
+        }
+        let data = self.meta.encode_snapshot();
+        if data.len() > crate::meta::MAX_SNAPSHOT_BYTES {
+            // Cannot travel in one message: keep the log (counted, never silent).
+            self.stats.raft_errors += 1;
+            return;
+        }
+        let Ok(term) = self.raft.raft.raft_log.term(applied) else {
+            self.stats.raft_errors += 1;
+            return;
+        };
+        let mut snapshot = raft::eraftpb::Snapshot {
+            data: data.into(),
+            ..Default::default()
+        };
+        let metadata = snapshot.mut_metadata();
+        metadata.index = applied;
+        metadata.term = term;
+        // Membership is fixed: the configuration the log started with.
+        let mut members = self.config.members.clone();
+        members.sort_unstable();
+        metadata.set_conf_state(ConfState::from((members, vec![])));
+        let store = self.raft.mut_store();
+        store.snapshot = snapshot;
+        let first_kept = applied + 1 - max_entries / 2;
+        if store.compact(first_kept).is_err() {
+            self.stats.raft_errors += 1;
+            return;
+        }
+        self.stats.log_compactions += 1;
+    }
+
+    /// A leader sent the metadata at an index past this node's log: replace the state
+    /// with it, then do what the skipped entries would have done to this node (drop
+    /// destroyed spaces, take part in releases, void the copies of nodes gone down).
+    fn install_snapshot(&mut self, snapshot: raft::eraftpb::Snapshot) {
+        // Checked before it was stepped (`raft_message_is_sane`).
+        let Ok(mut state) = MetaState::decode_snapshot(&snapshot.data) else {
+            self.stats.raft_errors += 1;
+            return;
+        };
+        let metadata = snapshot.get_metadata().clone();
+        let store = self.raft.mut_store();
+        if store.entries.wl().apply_snapshot(snapshot.clone()).is_err() {
+            self.stats.raft_errors += 1;
+            return;
+        }
+        store.snapshot = snapshot;
+        store.compacted = (metadata.index, metadata.term);
+        #[cfg(feature = "mutants")]
+        {
+            state.mutant_double_lease = self.meta.mutant_double_lease;
+        }
+        std::mem::swap(&mut self.meta, &mut state);
+        let old = state;
+        self.stats.snapshots_installed += 1;
+        let gone: Vec<SpaceId> = old
+            .spaces
+            .keys()
+            .filter(|id| !self.meta.spaces.contains_key(id))
+            .copied()
+            .collect();
+        for space in gone {
+            self.drop_space(space);
+        }
+        let me = self.config.id;
+        let releases: Vec<(SpaceId, u64, u32)> = self
+            .meta
+            .releasing
+            .iter()
+            .filter(|(key, release)| {
+                release.waiting.contains(&me) && !old.releasing.contains_key(key)
+            })
+            .map(|(&(space, first), release)| (space, first, release.count))
+            .collect();
+        for (space, first_chunk, count) in releases {
+            self.begin_release(space, first_chunk, count);
+        }
+        let downed: Vec<NodeId> = old
+            .nodes
+            .iter()
+            .filter(|&(&node, _)| old.is_up(node) && !self.meta.is_up(node))
+            .map(|(&node, _)| node)
+            .collect();
+        for node in downed {
+            self.on_node_down(node);
+        }
+        self.retry_unmapped(false);
     }
 
     pub(super) fn send_raft(&mut self, messages: Vec<RaftMessage>) {
         for message in messages {
+            if message.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+                self.snapshots_sent.push(message.to);
+            }
             match message.write_to_bytes() {
                 Ok(bytes) => self.send(message.to, PeerMessage::Raft(bytes)),
                 Err(_) => self.stats.raft_errors += 1,
@@ -91,10 +206,6 @@ impl Node {
             }
         };
         if message.from != from || message.to != self.config.id {
-            self.stats.messages_rejected += 1;
-            return;
-        }
-        if message.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
             self.stats.messages_rejected += 1;
             return;
         }
@@ -137,6 +248,7 @@ impl Node {
                 | MessageType::MsgRequestPreVoteResponse
                 | MessageType::MsgHeartbeat
                 | MessageType::MsgHeartbeatResponse
+                | MessageType::MsgSnapshot
         );
         // Term 0 marks a message raft-rs handles without a term check: only a proposal a
         // follower forwards carries it, and a proposal always does (raft-rs aborts when
@@ -153,6 +265,22 @@ impl Node {
                         entry.get_entry_type() == EntryType::EntryNormal
                             && Proposal::decode(&entry.data).is_ok_and(|p| p.origin == from)
                     })
+            }
+            // A snapshot must be of this cluster's members and decode as metadata:
+            // raft-rs restores whatever it is given.
+            MessageType::MsgSnapshot => {
+                let snapshot = message.get_snapshot();
+                let metadata = snapshot.get_metadata();
+                let mut voters = metadata.get_conf_state().voters.clone();
+                voters.sort_unstable();
+                let mut members = self.config.members.clone();
+                members.sort_unstable();
+                metadata.index > 0
+                    && metadata.term > 0
+                    && metadata.term <= message.term
+                    && voters == members
+                    && metadata.get_conf_state().learners.is_empty()
+                    && MetaState::decode_snapshot(&snapshot.data).is_ok()
             }
             MessageType::MsgAppend => {
                 // Term 0 holds no entries: a previous entry of term 0 past index 0

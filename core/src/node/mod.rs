@@ -18,6 +18,8 @@ use raft::eraftpb::{ConfState, Entry, EntryType, Message as RaftMessage};
 use raft::storage::MemStorage;
 use raft::{RawNode, StateRole};
 
+use raft_store::RaftStore;
+
 use crate::alloc::ExtentAllocator;
 use crate::codec::DecodeError;
 use crate::dedupe::{Dedupe, Seen};
@@ -28,6 +30,7 @@ use crate::wire::{Envelope, FreeOutcome, PageDenial, PeerMessage};
 mod consensus;
 mod home;
 mod peer;
+mod raft_store;
 mod requests;
 
 #[cfg(feature = "mutants")]
@@ -87,6 +90,9 @@ pub struct Config {
     /// regions back, so a program that frees and allocates again does not pay two
     /// Raft commits per block.
     pub retain_empty_chunks: u64,
+    /// Applied Raft entries kept in memory beyond the latest metadata snapshot: past
+    /// this many, the node snapshots its metadata and drops the older half.
+    pub raft_log_max_entries: u64,
     #[cfg(feature = "mutants")]
     pub mutant: Option<Mutant>,
 }
@@ -107,6 +113,7 @@ impl Config {
             revoke_timeout_ticks: 2000,
             metadata_wait_ticks: 2000,
             retain_empty_chunks: 4,
+            raft_log_max_entries: 4096,
             #[cfg(feature = "mutants")]
             mutant: None,
         }
@@ -129,6 +136,9 @@ impl Config {
         }
         if self.election_raft_ticks <= self.heartbeat_raft_ticks {
             return Err("election timeout must exceed the heartbeat interval".into());
+        }
+        if self.raft_log_max_entries < 4 {
+            return Err("raft_log_max_entries must be at least 4".into());
         }
         if self.retry_base_ticks == 0 || self.retry_max_ticks < self.retry_base_ticks {
             return Err("retry_max_ticks must be at least retry_base_ticks > 0".into());
@@ -347,6 +357,10 @@ pub struct Stats {
     pub raft_errors: u64,
     /// Chunks this node's allocator gave back to the cluster.
     pub chunks_released: u64,
+    /// Times this node snapshotted its metadata and dropped older log entries.
+    pub log_compactions: u64,
+    /// Metadata snapshots this node installed (it had fallen behind a leader's log).
+    pub snapshots_installed: u64,
 }
 
 // ---------------------------------------------------------------------------------
@@ -603,7 +617,7 @@ struct UnmappedFault {
 
 pub struct Node {
     config: Config,
-    raft: RawNode<MemStorage>,
+    raft: RawNode<RaftStore>,
     meta: MetaState,
     now_ticks: u64,
     next_raft_tick: u64,
@@ -651,6 +665,9 @@ pub struct Node {
     /// True while a Raft `Ready` is being handled: proposals made then (from applied
     /// entries) wait in `queued_proposals` until the Ready is advanced.
     in_ready: bool,
+    /// Members sent a snapshot in this Ready round: reported delivered once it is
+    /// advanced (see `drive_raft_rounds`).
+    snapshots_sent: Vec<NodeId>,
     queued_proposals: Vec<Vec<u8>>,
     loopback: VecDeque<Envelope>,
     actions: Vec<Action>,
@@ -684,8 +701,8 @@ impl Node {
         };
         raft_config.validate().map_err(|e| e.to_string())?;
         let storage = MemStorage::new_with_conf_state(ConfState::from((members.clone(), vec![])));
-        let raft =
-            RawNode::new(&raft_config, storage, &raft_logger()).map_err(|e| e.to_string())?;
+        let raft = RawNode::new(&raft_config, RaftStore::new(storage), &raft_logger())
+            .map_err(|e| e.to_string())?;
         #[allow(unused_mut)]
         let mut meta = MetaState::new(&members);
         #[cfg(feature = "mutants")]
@@ -729,6 +746,7 @@ impl Node {
             next_free_id: 1,
             pending_app_requests: 0,
             in_ready: false,
+            snapshots_sent: Vec::new(),
             queued_proposals: Vec::new(),
             loopback: VecDeque::new(),
             actions: Vec::new(),
