@@ -13,7 +13,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::dedupe::{Dedupe, Seen};
+use crate::retry::RetrySchedule;
 use crate::types::{NodeId, PageId, SpaceId};
+use crate::wire::{get_page, put_page};
 
 /// The driver's name for one application connection (same as `host::ConnId`).
 pub type ConnId = u64;
@@ -186,8 +188,7 @@ impl FutexMessage {
                 w.u8(FM_WAKE);
                 w.u64(wake_id);
                 w.u64(oldest_in_flight);
-                w.u32(page.space);
-                w.u64(page.index);
+                put_page(w, page);
                 w.u32(offset_bytes);
                 w.u32(count);
             }
@@ -204,10 +205,7 @@ impl FutexMessage {
             FM_WAKE => FutexMessage::Wake {
                 wake_id: r.u64()?,
                 oldest_in_flight: r.u64()?,
-                page: PageId {
-                    space: r.u32()?,
-                    index: r.u64()?,
-                },
+                page: get_page(r)?,
                 offset_bytes: r.u32()?,
                 count: r.u32()?,
             },
@@ -240,8 +238,7 @@ pub struct RemoteWake {
     pub woken: u32,
     /// Peers that have not acknowledged.
     pub unacked: BTreeSet<NodeId>,
-    next_retry_tick: u64,
-    backoff_ticks: u64,
+    retry: RetrySchedule,
 }
 
 /// The remote wakes this node sent (at most one per connection: a thread waits for
@@ -283,10 +280,10 @@ impl RemoteWakes {
             .unwrap_or(self.next_wake_id)
     }
 
-    fn message(&self, wake_id: u64, wake: &RemoteWake) -> FutexMessage {
+    fn message(wake_id: u64, oldest_in_flight: u64, wake: &RemoteWake) -> FutexMessage {
         FutexMessage::Wake {
             wake_id,
-            oldest_in_flight: self.oldest_in_flight(),
+            oldest_in_flight,
             page: wake.page,
             offset_bytes: wake.offset_bytes,
             count: wake.count,
@@ -321,12 +318,11 @@ impl RemoteWakes {
             count,
             woken: woken_here,
             unacked: peers.iter().copied().collect(),
-            next_retry_tick: now_ticks + self.timing.retry_base_ticks,
-            backoff_ticks: self.timing.retry_base_ticks,
+            retry: RetrySchedule::starting(now_ticks, self.timing.retry_base_ticks),
         };
         // Inserted first: the message's floor must not pass its own id.
         self.sent.insert(wake_id, wake);
-        let message = self.message(wake_id, &self.sent[&wake_id]);
+        let message = Self::message(wake_id, self.oldest_in_flight(), &self.sent[&wake_id]);
         debug_assert!(
             matches!(message, FutexMessage::Wake { oldest_in_flight, .. } if oldest_in_flight <= wake_id)
         );
@@ -378,17 +374,15 @@ impl RemoteWakes {
         is_down: &dyn Fn(NodeId) -> bool,
     ) -> Vec<(NodeId, FutexMessage)> {
         let mut sends = Vec::new();
-        let ids: Vec<u64> = self.sent.keys().copied().collect();
-        for wake_id in ids {
-            let wake = self.sent.get_mut(&wake_id).expect("listed");
+        let oldest_in_flight = self.oldest_in_flight();
+        for (&wake_id, wake) in self.sent.iter_mut() {
             wake.unacked.retain(|&peer| !is_down(peer));
-            if wake.unacked.is_empty() || wake.next_retry_tick > now_ticks {
+            if wake.unacked.is_empty() || !wake.retry.is_due(now_ticks) {
                 continue;
             }
-            wake.backoff_ticks = (wake.backoff_ticks * 2).min(self.timing.retry_max_ticks);
-            wake.next_retry_tick = now_ticks + wake.backoff_ticks;
-            let wake = self.sent[&wake_id].clone();
-            let message = self.message(wake_id, &wake);
+            wake.retry
+                .backed_off(now_ticks, self.timing.retry_max_ticks);
+            let message = Self::message(wake_id, oldest_in_flight, wake);
             sends.extend(wake.unacked.iter().map(|&peer| (peer, message)));
         }
         sends
@@ -398,7 +392,7 @@ impl RemoteWakes {
         self.sent
             .values()
             .filter(|w| !w.unacked.is_empty())
-            .map(|w| w.next_retry_tick)
+            .map(|w| w.retry.next_tick)
             .min()
     }
 

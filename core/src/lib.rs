@@ -32,6 +32,8 @@ pub mod node;
 #[cfg(feature = "node")]
 pub mod programs;
 #[cfg(feature = "node")]
+mod retry;
+#[cfg(feature = "node")]
 pub mod types;
 #[cfg(feature = "node")]
 pub mod wire;

@@ -198,12 +198,12 @@ pub fn is_background_frame(bytes: &[u8]) -> bool {
     )
 }
 
-fn put_page(w: &mut Writer, page: PageId) {
+pub(crate) fn put_page(w: &mut Writer, page: PageId) {
     w.u32(page.space);
     w.u64(page.index);
 }
 
-fn get_page(r: &mut Reader<'_>) -> Result<PageId, DecodeError> {
+pub(crate) fn get_page(r: &mut Reader<'_>) -> Result<PageId, DecodeError> {
     Ok(PageId {
         space: r.u32()?,
         index: r.u64()?,

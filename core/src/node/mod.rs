@@ -24,6 +24,7 @@ use crate::alloc::ExtentAllocator;
 use crate::codec::DecodeError;
 use crate::dedupe::{Dedupe, Seen};
 use crate::meta::{Command, MetaState, Outcome, Proposal, MAX_PROPOSALS_IN_FLIGHT};
+use crate::retry::RetrySchedule;
 use crate::types::{Access, NodeId, PageBytes, PageId, SpaceId, SpaceLayout, PAGE_SIZE_BYTES};
 use crate::wire::{Envelope, FreeOutcome, PageDenial, PeerMessage};
 
@@ -361,34 +362,6 @@ pub struct Stats {
     pub log_compactions: u64,
     /// Metadata snapshots this node installed (it had fallen behind a leader's log).
     pub snapshots_installed: u64,
-}
-
-// ---------------------------------------------------------------------------------
-/// When an unanswered message is sent again: the first retry after a base delay,
-/// then each delay doubled up to a maximum. The one schedule of every retry loop.
-#[derive(Clone, Copy, Debug)]
-struct RetrySchedule {
-    next_tick: u64,
-    backoff_ticks: u64,
-}
-
-impl RetrySchedule {
-    fn starting(now_ticks: u64, first_backoff_ticks: u64) -> RetrySchedule {
-        RetrySchedule {
-            next_tick: now_ticks + first_backoff_ticks,
-            backoff_ticks: first_backoff_ticks,
-        }
-    }
-
-    fn is_due(&self, now_ticks: u64) -> bool {
-        self.next_tick <= now_ticks
-    }
-
-    /// The message was sent again now: schedule the next time, twice as far.
-    fn backed_off(&mut self, now_ticks: u64, max_backoff_ticks: u64) {
-        self.backoff_ticks = (self.backoff_ticks * 2).min(max_backoff_ticks);
-        self.next_tick = now_ticks + self.backoff_ticks;
-    }
 }
 
 // Local side: what this node holds of a page.
