@@ -367,7 +367,19 @@ impl Harness {
             Access::Read
         };
         let bytes = (r.u8() & 1 == 1).then(|| Box::new([r.u8(); PAGE_SIZE_BYTES]));
-        match r.u8() % 16 {
+        match r.u8() % 18 {
+            16 => PeerMessage::Collect {
+                page,
+                seq: r.number(),
+            },
+            17 => PeerMessage::CollectAck {
+                page,
+                seq: r.number(),
+                held: Access::from_u8(r.u8() % 3).expect("in range"),
+                version: (r.u8() & 1 == 1).then(|| r.number()),
+                seq_seen: r.number(),
+                bytes,
+            },
             13 => PeerMessage::Program(Self::program_message(r, from)),
             14 => PeerMessage::Futex(FutexMessage::Wake {
                 wake_id: r.number(),

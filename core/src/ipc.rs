@@ -93,7 +93,7 @@ impl ErrorCode {
             ErrorCode::OutOfMemory => "out of memory in the space",
             ErrorCode::InvalidFree => "invalid free (double free or not an allocated block)",
             ErrorCode::NotMapped => "address is not in any leased chunk of the space",
-            ErrorCode::PageLost => "page lost: its only copy was on a node that is down",
+            ErrorCode::PageLost => "page lost: no copy of it survived the nodes that went down",
             ErrorCode::NodeDown => "the node that owns the block is down",
             ErrorCode::Evicted => "this node was declared down by the cluster",
             ErrorCode::Busy => "daemon busy, retry",

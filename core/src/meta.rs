@@ -111,8 +111,9 @@ pub enum Outcome {
 pub struct ChunkRecord {
     /// The node that may carve allocations from this chunk.
     pub lessee: NodeId,
-    /// The node that manages coherence of this chunk's pages (owner and copy set).
-    /// Today the lessee; kept separate so replication can move it.
+    /// The node that manages coherence of this chunk's pages (owner and copy set):
+    /// the lessee, until the home is marked down and the chunk moves to a survivor
+    /// (`rehome_chunks_of`). `home != lessee` means the chunk was recovered.
     pub home: NodeId,
 }
 
@@ -167,6 +168,14 @@ impl MetaState {
             state.nodes.insert(node, NodeStatus::Up);
         }
         state
+    }
+
+    /// The nodes up, in id order.
+    pub fn up_nodes(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.nodes
+            .iter()
+            .filter(|(_, &status)| status == NodeStatus::Up)
+            .map(|(&id, _)| id)
     }
 
     pub fn is_up(&self, node: NodeId) -> bool {
@@ -470,6 +479,7 @@ impl MetaState {
                 for space in spaces {
                     self.leave(space, *node);
                 }
+                self.rehome_chunks_of(*node);
                 // A node down drops nothing any more: its processes were fenced.
                 let runs: Vec<(SpaceId, u64)> = self.releasing.keys().copied().collect();
                 for (space, first) in runs {
@@ -479,6 +489,23 @@ impl MetaState {
                     self.free_if_released(space, first);
                 }
                 Outcome::MarkedDown(*node)
+            }
+        }
+    }
+
+    /// Every chunk `down` was home of gets a new home among the nodes up, so its pages
+    /// can be recovered from the copies that survive (docs/protocol.md "Recovery").
+    /// One node per space (`space id mod nodes up`), so a space's chunk records stay
+    /// runs and the homes of a cluster's spaces spread over its survivors. The lessee
+    /// stays: nobody carves new blocks from a down node's chunks.
+    fn rehome_chunks_of(&mut self, down: NodeId) {
+        let up: Vec<NodeId> = self.up_nodes().collect();
+        if up.is_empty() {
+            return;
+        }
+        for (&(space, _), record) in self.chunks.iter_mut() {
+            if record.home == down {
+                record.home = up[space as usize % up.len()];
             }
         }
     }

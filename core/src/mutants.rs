@@ -46,10 +46,16 @@ pub enum Mutant {
     /// The target runs every copy of a retried spawn it receives, so a thread whose
     /// acknowledgement was lost runs twice.
     SpawnNotDeduplicated,
+    /// The new home of a recovered page rebuilds it from the oldest surviving copy
+    /// instead of the newest, losing writes that survivors saw.
+    RecoverFromOldestCopy,
+    /// The new home of a recovered page ignores a surviving writer, so it grants the
+    /// page to others while that node can still write it.
+    RecoverIgnoresWriter,
 }
 
 impl Mutant {
-    pub const ALL: [Mutant; 16] = [
+    pub const ALL: [Mutant; 18] = [
         Mutant::GrantWriteWithoutInvalidate,
         Mutant::AckInvalidateBeforeRevoke,
         Mutant::AcceptStaleGrant,
@@ -66,6 +72,8 @@ impl Mutant {
         Mutant::FutexRemoteWakeNotRetried,
         Mutant::SpawnNotRetried,
         Mutant::SpawnNotDeduplicated,
+        Mutant::RecoverFromOldestCopy,
+        Mutant::RecoverIgnoresWriter,
     ];
 
     pub fn name(self) -> &'static str {
@@ -86,6 +94,8 @@ impl Mutant {
             Mutant::FutexRemoteWakeNotRetried => "futex-remote-wake-not-retried",
             Mutant::SpawnNotRetried => "spawn-not-retried",
             Mutant::SpawnNotDeduplicated => "spawn-not-deduplicated",
+            Mutant::RecoverFromOldestCopy => "recover-from-oldest-copy",
+            Mutant::RecoverIgnoresWriter => "recover-ignores-writer",
         }
     }
 
@@ -127,6 +137,12 @@ impl Mutant {
             }
             Mutant::SpawnNotRetried => "spawner answers a thread spawn before it was delivered",
             Mutant::SpawnNotDeduplicated => "target runs every copy of a retried thread spawn",
+            Mutant::RecoverFromOldestCopy => {
+                "new home rebuilds a recovered page from the oldest surviving copy"
+            }
+            Mutant::RecoverIgnoresWriter => {
+                "new home rebuilds a recovered page ignoring the node that writes it"
+            }
         }
     }
 

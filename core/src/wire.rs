@@ -12,7 +12,7 @@ use crate::programs::ProgramMessage;
 use crate::types::{Access, NodeId, PageBytes, PageId, SpaceId, PAGE_SIZE_BYTES};
 
 pub const WIRE_MAGIC: u16 = 0x4759;
-pub const WIRE_VERSION: u8 = 2;
+pub const WIRE_VERSION: u8 = 3;
 /// Largest frame a peer may send (a page plus headers, or a batch of Raft entries).
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 /// Largest embedded Raft message.
@@ -138,6 +138,23 @@ pub enum PeerMessage {
         version: u64,
         bytes: Option<Box<PageBytes>>,
     },
+    /// New home of a recovered chunk → every node up: what do you hold of this page?
+    /// (docs/protocol.md "Recovery").
+    Collect {
+        page: PageId,
+        seq: u64,
+    },
+    /// Node → new home: what this node holds of the page. `version` is the version of
+    /// the bytes in its memory (None: it never installed any); `bytes` come with it
+    /// unless the node is the writer (its bytes still change; a recall fetches them).
+    CollectAck {
+        page: PageId,
+        seq: u64,
+        held: Access,
+        version: Option<u64>,
+        seq_seen: u64,
+        bytes: Option<Box<PageBytes>>,
+    },
     /// Any node → the node that carved the block: free it.
     FreeRequest {
         space: SpaceId,
@@ -186,6 +203,8 @@ const KIND_FREE_REQUEST: u8 = 9;
 const KIND_FREE_REPLY: u8 = 10;
 const KIND_LEASE_REQUEST: u8 = 11;
 const KIND_LEASE_GRANT: u8 = 12;
+const KIND_COLLECT: u8 = 32;
+const KIND_COLLECT_ACK: u8 = 33;
 const KIND_PROGRAM: u8 = 64;
 const KIND_FUTEX: u8 = 65;
 
@@ -256,6 +275,8 @@ impl Envelope {
             PeerMessage::InvalidateAck { .. } => KIND_INVALIDATE_ACK,
             PeerMessage::Recall { .. } => KIND_RECALL,
             PeerMessage::RecallAck { .. } => KIND_RECALL_ACK,
+            PeerMessage::Collect { .. } => KIND_COLLECT,
+            PeerMessage::CollectAck { .. } => KIND_COLLECT_ACK,
             PeerMessage::FreeRequest { .. } => KIND_FREE_REQUEST,
             PeerMessage::FreeReply { .. } => KIND_FREE_REPLY,
             PeerMessage::LeaseRequest { .. } => KIND_LEASE_REQUEST,
@@ -327,6 +348,25 @@ impl Envelope {
                 put_page(&mut w, *page);
                 w.u64(*seq);
                 w.u64(*version);
+                put_opt_bytes(&mut w, bytes);
+            }
+            PeerMessage::Collect { page, seq } => {
+                put_page(&mut w, *page);
+                w.u64(*seq);
+            }
+            PeerMessage::CollectAck {
+                page,
+                seq,
+                held,
+                version,
+                seq_seen,
+                bytes,
+            } => {
+                put_page(&mut w, *page);
+                w.u64(*seq);
+                w.u8(*held as u8);
+                w.opt_u64(*version);
+                w.u64(*seq_seen);
                 put_opt_bytes(&mut w, bytes);
             }
             PeerMessage::FreeRequest {
@@ -419,6 +459,18 @@ impl Envelope {
                 page: get_page(&mut r)?,
                 seq: r.u64()?,
                 version: r.u64()?,
+                bytes: get_opt_bytes(&mut r)?,
+            },
+            KIND_COLLECT => PeerMessage::Collect {
+                page: get_page(&mut r)?,
+                seq: r.u64()?,
+            },
+            KIND_COLLECT_ACK => PeerMessage::CollectAck {
+                page: get_page(&mut r)?,
+                seq: r.u64()?,
+                held: Access::from_u8(r.u8()?).ok_or(DecodeError::Invalid("held access"))?,
+                version: r.opt_u64()?,
+                seq_seen: r.u64()?,
                 bytes: get_opt_bytes(&mut r)?,
             },
             KIND_FREE_REQUEST => PeerMessage::FreeRequest {

@@ -18,6 +18,7 @@ use gallocy_core::types::{Access, NodeId, PageBytes, PageId, PAGE_SIZE_BYTES};
 use gallocy_core::{
     Action, AppError, AppReply, AppRequest, AppToken, Config, Envelope, Node, PeerMessage,
 };
+use gallocy_sim::ghost::Ghost;
 use proptest::prelude::*;
 use proptest::sample::Index;
 
@@ -89,8 +90,9 @@ struct Cluster {
     /// The page under test and its address, once the setup leased it.
     page: Option<PageId>,
     addr: u64,
-    /// The latest contents of the page, as written by the test.
-    ghost: Box<PageBytes>,
+    /// What the page may hold, as the test wrote and read it (the simulator's ghost:
+    /// exactly the latest write while every node is live).
+    ghost: Ghost,
     revokes: Vec<PendingRevoke>,
     next_token: AppToken,
     /// Application requests not yet answered: token → (node index, request).
@@ -119,7 +121,7 @@ impl Cluster {
             memory: vec![memory; NODES],
             page: None,
             addr: 0,
-            ghost: zero_page(),
+            ghost: Ghost::default(),
             revokes: Vec::new(),
             next_token: 1,
             outstanding: BTreeMap::new(),
@@ -426,6 +428,17 @@ impl Cluster {
         Ok(())
     }
 
+    /// Per node index: not evicted, and up in the metadata of every node not evicted.
+    fn live(&self) -> Vec<bool> {
+        let mut live: Vec<bool> = self.nodes.iter().map(|n| !n.is_evicted()).collect();
+        for node in self.nodes.iter().filter(|n| !n.is_evicted()) {
+            for (index, up) in live.iter_mut().enumerate() {
+                *up &= node.meta().is_up(index as NodeId + 1);
+            }
+        }
+        live
+    }
+
     /// The coherence invariants over what the applications can see right now.
     fn check(&self) -> Result<(), TestCaseError> {
         if let Some(violation) = &self.violation {
@@ -445,18 +458,20 @@ impl Cluster {
             writers,
             readers
         );
+        let live = self.live();
+        let Some(page) = self.page else {
+            return Ok(());
+        };
         for (index, memory) in self.memory.iter().enumerate() {
             if memory.access == Access::None {
                 continue;
             }
-            let bytes = memory.bytes.as_deref().unwrap_or(&[0u8; PAGE_SIZE_BYTES]);
-            if let Some(offset) = (0..PAGE_SIZE_BYTES).find(|&i| bytes[i] != self.ghost[i]) {
+            if !self.ghost.allows(page, memory.bytes.as_deref(), &live) {
                 return Err(TestCaseError::fail(format!(
-                    "node {} may {:?} the page but holds stale bytes (offset {offset}: {} != {})",
+                    "node {} may {:?} the page but holds stale bytes ({})",
                     index + 1,
                     memory.access,
-                    bytes[offset],
-                    self.ghost[offset]
+                    self.ghost.describe(page, memory.bytes.as_deref(), &live)
                 )));
             }
         }
@@ -624,17 +639,22 @@ fn apply(cluster: &mut Cluster, event: &Event) -> Result<(), TestCaseError> {
         } => {
             let need = if *write { Access::Write } else { Access::Read };
             let range = *offset..*offset + 8;
+            let live = cluster.live();
+            let page = cluster.page.expect("set up");
             let memory = &mut cluster.memory[*node];
             if memory.access < need {
                 cluster.fault(*node, need);
             } else if *write {
                 let value = value.to_le_bytes();
                 memory.bytes.get_or_insert_with(zero_page)[range.clone()].copy_from_slice(&value);
-                cluster.ghost[range].copy_from_slice(&value);
+                cluster.ghost.write(page, *offset, &value, *node, &live);
             } else {
                 let bytes = memory.bytes.as_deref().unwrap_or(&[0u8; PAGE_SIZE_BYTES]);
                 prop_assert!(
-                    bytes[range.clone()] == cluster.ghost[range],
+                    cluster
+                        .ghost
+                        .read(page, *offset, &bytes[range], *node, &live)
+                        .is_ok(),
                     "node {} read a stale value at {}",
                     node + 1,
                     offset
@@ -688,11 +708,14 @@ fn run(home: usize, events: &[Event], mutant: Option<&str>) -> Result<(), TestCa
         })?;
         cluster.check()?;
         let granted = matches!(cluster.answers[&token], AppReply::Granted { .. });
+        let live = cluster.live();
+        let page = cluster.page.expect("set up");
         let memory = &mut cluster.memory[node];
         if granted && memory.access == Access::Write {
             let bytes = memory.bytes.get_or_insert_with(zero_page);
             bytes[0] = bytes[0].wrapping_add(1);
-            cluster.ghost[0] = bytes[0];
+            let written = [bytes[0]];
+            cluster.ghost.write(page, 0, &written, node, &live);
             cluster.check()?;
         }
     }

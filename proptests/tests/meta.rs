@@ -164,7 +164,20 @@ fn check_state(state: &MetaState) -> Result<(), TestCaseError> {
             "lessee {} not a member",
             record.lessee
         );
-        prop_assert_eq!(record.home, record.lessee);
+        // The home is the lessee until the lessee is marked down; then a node up (if
+        // any is left).
+        let any_up = state.nodes.values().any(|s| *s == NodeStatus::Up);
+        prop_assert!(
+            record.home == record.lessee || !state.is_up(record.lessee),
+            "chunk {chunk} of space {space} homed on {} while its lessee {} is up",
+            record.home,
+            record.lessee
+        );
+        prop_assert!(
+            state.is_up(record.home) || !any_up,
+            "chunk {chunk} of space {space} homed on down node {}",
+            record.home
+        );
     }
     for (id, layout) in &state.spaces {
         prop_assert_eq!(*id, layout.id);
@@ -523,13 +536,25 @@ fn check_fresh(
             prop_assert_eq!(marked, node);
             prop_assert!(!state.is_up(*node));
             let gone = check_destroyed(before, state, *node, owners)?;
+            // Leases stay; homes on the node move to one node up per space.
+            let up: Vec<NodeId> = state.up_nodes().collect();
             let kept: BTreeMap<_, _> = before
                 .chunks
                 .iter()
                 .filter(|((s, _), _)| !gone.contains(s))
-                .map(|(&k, &v)| (k, v))
+                .map(|(&(s, c), &v)| {
+                    let mut record = v;
+                    if record.home == *node && !up.is_empty() {
+                        record.home = up[s as usize % up.len()];
+                    }
+                    ((s, c), record)
+                })
                 .collect();
-            prop_assert_eq!(&state.chunks, &kept, "mark-down moved leases");
+            prop_assert_eq!(
+                &state.chunks,
+                &kept,
+                "mark-down moved leases or homes wrongly"
+            );
             prop_assert!(
                 state.attached.values().all(|set| !set.contains(node)),
                 "a node marked down is still attached"

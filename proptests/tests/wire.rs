@@ -118,6 +118,25 @@ fn peer_message() -> impl Strategy<Value = PeerMessage> {
                 bytes,
             }
         ),
+        (page_id(), any::<u64>()).prop_map(|(page, seq)| PeerMessage::Collect { page, seq }),
+        (
+            page_id(),
+            any::<u64>(),
+            prop_oneof![Just(Access::None), Just(Access::Read), Just(Access::Write)],
+            proptest::option::of(any::<u64>()),
+            any::<u64>(),
+            opt_page_bytes()
+        )
+            .prop_map(|(page, seq, held, version, seq_seen, bytes)| {
+                PeerMessage::CollectAck {
+                    page,
+                    seq,
+                    held,
+                    version,
+                    seq_seen,
+                    bytes,
+                }
+            }),
         (any::<u32>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
             |(space, addr, request_id, oldest_in_flight)| PeerMessage::FreeRequest {
                 space,

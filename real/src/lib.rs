@@ -1,3 +1,4 @@
+#![recursion_limit = "256"]
 //! gallocy-real: the daemon (`gallocyd`) and the command line (`gallocy`). I/O only:
 //! sockets, timers, memfd, configuration, logging. Protocol decisions live in
 //! `gallocy-core`.

@@ -428,6 +428,68 @@ fn a_killed_daemon_loses_its_processes_not_the_cluster() {
     );
 }
 
+/// The scenario: node 2 writes 64 pages (and homes the space's root block),
+/// node 3 reads them, node 2's daemon is killed; node 1 then reads all 64 intact, the
+/// root block included, recovered from node 3's copies (docs/protocol.md "Recovery").
+#[test]
+fn pages_another_node_read_survive_their_home_being_killed() {
+    let cluster = Cluster::start("recover", 3);
+    let program = e2e_program(&cluster.dir);
+    let line = |child: &mut std::process::Child| {
+        let mut out = child.stdout.take().expect("piped");
+        let mut text = Vec::new();
+        let mut byte = [0u8; 1];
+        while out.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
+            text.push(byte[0]);
+        }
+        String::from_utf8_lossy(&text).into_owned()
+    };
+    let mut writer = cluster
+        .command(2, &program, &["crash-writer"])
+        .spawn()
+        .unwrap();
+    assert_eq!(line(&mut writer), "written", "log 2:\n{}", cluster.log(2));
+    let mut reader = cluster
+        .command(3, &program, &["crash-reader"])
+        .spawn()
+        .unwrap();
+    assert_eq!(
+        line(&mut reader),
+        "read 64 pages",
+        "log 3:\n{}",
+        cluster.log(3)
+    );
+    // SAFETY: signalling the daemon this test started.
+    unsafe { libc::kill(cluster.daemon_pid(2), libc::SIGKILL) };
+    let verify = cluster.run(1, &program, &["crash-verify"], LIMIT);
+    let _ = reader.kill();
+    let _ = reader.wait();
+    let _ = writer.kill();
+    let _ = writer.wait();
+    assert!(
+        verify.status.success(),
+        "{}\nlog 1:\n{}\nlog 3:\n{}",
+        describe(&verify),
+        cluster.log(1),
+        cluster.log(3)
+    );
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("read 64 pages"));
+    let status = gallocy_real::admin::status(&cluster.socket(1)).expect("status");
+    let recovered: u64 = [1, 3]
+        .iter()
+        .map(|&n| {
+            gallocy_real::admin::status(&cluster.socket(n)).expect("status")["counters"]
+                ["pages_recovered"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+        .sum();
+    assert!(
+        recovered >= 64,
+        "pages recovered: {recovered}; status 1: {status}"
+    );
+}
+
 #[test]
 fn cluster_down_leaves_nothing_running() {
     let dir = temp_dir("down");

@@ -5,6 +5,7 @@
 //! random workloads; checkers verify coherence, memory consistency, allocation safety
 //! and liveness. Same seed and flags, same trace hash.
 
+pub mod ghost;
 pub mod run;
 pub mod trace;
 pub mod world;
@@ -55,6 +56,10 @@ impl RunReport {
             "faults:       {} dropped, {} duplicated (loss {:.3}, dup {:.3}, latency <= {} ms), {} partitions, {} one-way, {} crashes; {} leader changes seen\n",
             c.frames_dropped, c.frames_duplicated, self.plan.loss_rate, self.plan.duplicate_rate, self.plan.max_latency_ms,
             self.faults.partitions, self.faults.one_way_partitions, self.faults.crashes, self.leader_changes_seen
+        ));
+        out.push_str(&format!(
+            "recovery:     {} pages rebuilt from survivors' copies, {} served from their master after their writer went down\n",
+            self.pages_recovered, self.pages_reverted
         ));
         out.push_str(&format!(
             "time:         {:.3} s simulated, {:.3} s wall, {:.0} messages/s\n",

@@ -118,6 +118,10 @@ pub struct RunReport {
     /// Of the nodes up at the end: log compactions and snapshots installed.
     pub log_compactions: u64,
     pub snapshots_installed: u64,
+    /// Of the nodes up at the end: pages rebuilt from survivors' copies after their
+    /// home went down, and pages served from the master again after their writer did.
+    pub pages_recovered: u64,
+    pub pages_reverted: u64,
     pub leader_changes_seen: u64,
 }
 
@@ -213,6 +217,8 @@ pub fn run(params: RunParams) -> RunReport {
                 retries: 0,
                 log_compactions: 0,
                 snapshots_installed: 0,
+                pages_recovered: 0,
+                pages_reverted: 0,
                 leader_changes_seen: 0,
             }
         }
@@ -416,6 +422,7 @@ fn run_unguarded(params: RunParams) -> RunReport {
     }
     let (mut malformed, mut rejected, mut retries) = (0, 0, 0);
     let (mut compactions, mut snapshots) = (0, 0);
+    let (mut recovered, mut reverted) = (0, 0);
     for index in 0..params.nodes {
         if let Some(node) = w.node(index) {
             let stats = node.stats();
@@ -424,6 +431,8 @@ fn run_unguarded(params: RunParams) -> RunReport {
             retries += stats.retries;
             compactions += stats.log_compactions;
             snapshots += stats.snapshots_installed;
+            recovered += stats.pages_recovered;
+            reverted += stats.pages_reverted;
         }
     }
     RunReport {
@@ -440,6 +449,8 @@ fn run_unguarded(params: RunParams) -> RunReport {
         retries,
         log_compactions: compactions,
         snapshots_installed: snapshots,
+        pages_recovered: recovered,
+        pages_reverted: reverted,
         leader_changes_seen: leader_changes,
     }
 }

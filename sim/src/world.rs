@@ -25,6 +25,7 @@ use crate::trace::TraceHash;
 
 mod sync;
 mod threads;
+use crate::ghost::Ghost;
 use sync::{LockRun, Rmw, SimLock, WaitRecord, WakeDue};
 
 pub const SPACE_NAME: &str = "sim";
@@ -309,8 +310,8 @@ pub struct World {
     schedule_seq: u64,
     /// Frames hosts sent to processes, delivered in order.
     inbox: VecDeque<(usize, ConnId, Frame)>,
-    /// The latest value of every page, as the applications wrote it (the ghost).
-    truth: BTreeMap<PageId, Box<PageBytes>>,
+    /// What every page may hold, as the applications wrote and saw it (`ghost.rs`).
+    ghost: Ghost,
     /// Live allocations by start: (length, allocating node).
     live: BTreeMap<u64, (u64, NodeId)>,
     /// Starts of live allocations, for picking at random (published pointers).
@@ -429,7 +430,7 @@ impl World {
             scheduled: BTreeMap::new(),
             schedule_seq: 0,
             inbox: VecDeque::new(),
-            truth: BTreeMap::new(),
+            ghost: Ghost::default(),
             live: BTreeMap::new(),
             published: Vec::new(),
             recently_freed: VecDeque::new(),
@@ -481,6 +482,21 @@ impl World {
 
     pub fn is_alive(&self, index: usize) -> bool {
         self.slots[index].host.is_some()
+    }
+
+    /// Per node index: its host runs and no running node has it marked down (then
+    /// its copies are void, or soon will be, like a crashed node's).
+    fn live_nodes(&self) -> Vec<bool> {
+        let mut live: Vec<bool> = self.slots.iter().map(|s| s.host.is_some()).collect();
+        for slot in &self.slots {
+            let Some(host) = &slot.host else {
+                continue;
+            };
+            for (index, up) in live.iter_mut().enumerate() {
+                *up &= host.node().meta().is_up(index as NodeId + 1);
+            }
+        }
+        live
     }
 
     fn violate(&mut self, checker: &'static str, detail: String) {
@@ -806,7 +822,7 @@ impl World {
             .or_insert_with(|| (pages, BTreeSet::new()));
         if run.1.is_empty() {
             self.counters.runs_released += 1;
-            self.truth.retain(|page, _| !range.contains(page));
+            self.ghost.retain(|page| !range.contains(page));
         }
         run.1.insert(index);
         let now = self.now_ticks;
@@ -893,7 +909,7 @@ impl World {
         for slot in &mut self.slots {
             slot.space = None;
         }
-        self.truth.retain(|page, _| page.space != old);
+        self.ghost.retain(|page| page.space != old);
         self.dirty_pages.retain(|page| page.space != old);
         self.live.clear();
         self.published.clear();
@@ -1910,6 +1926,7 @@ impl World {
         }
         self.track_releases();
         let releasing = self.is_releasing(page);
+        let live = self.live_nodes();
         let memory = self.slots[index]
             .memory
             .entry(page)
@@ -1921,26 +1938,29 @@ impl World {
             self.finish_op(index, pid, thread);
             return;
         }
-        let truth = self
-            .truth
-            .entry(page)
-            .or_insert_with(|| Box::new([0u8; PAGE_SIZE_BYTES]));
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&memory[offset..offset + 8]);
         match op.kind {
             OpKind::Read { .. } | OpKind::JoinRead { .. } => {
-                let mut word = [0u8; 8];
-                word.copy_from_slice(&memory[offset..offset + 8]);
                 let value = u64::from_le_bytes(word);
-                let mut expected = [0u8; 8];
-                expected.copy_from_slice(&truth[offset..offset + 8]);
-                let expected = u64::from_le_bytes(expected);
                 self.counters.reads += 1;
                 self.trace.event(5, &[index as u64, addr, value]);
-                if value != expected {
+                if let Err(allowed) = self.ghost.read(page, offset, &word, index, &live) {
+                    let allowed: Vec<String> = allowed
+                        .iter()
+                        .map(|b| {
+                            format!(
+                                "{:#x}",
+                                u64::from_le_bytes(b[..].try_into().expect("8 bytes"))
+                            )
+                        })
+                        .collect();
                     self.violate(
                         "memory consistency",
                         format!(
-                            "process {pid} on node {} read {value:#x} at {addr:#x} but the latest write was {expected:#x}",
-                            index + 1
+                            "process {pid} on node {} read {value:#x} at {addr:#x} but the page may only hold {} there",
+                            index + 1,
+                            allowed.join(" or ")
                         ),
                     );
                 }
@@ -1950,7 +1970,8 @@ impl World {
             }
             OpKind::Write { value, .. } => {
                 memory[offset..offset + 8].copy_from_slice(&value.to_le_bytes());
-                truth[offset..offset + 8].copy_from_slice(&value.to_le_bytes());
+                self.ghost
+                    .write(page, offset, &value.to_le_bytes(), index, &live);
                 self.counters.writes += 1;
                 self.trace.event(6, &[index as u64, addr, value]);
                 self.dirty_pages.insert(page);
@@ -2119,9 +2140,41 @@ impl World {
         }
     }
 
+    /// A page some live node's process saw is never lost: that node holds a copy, and
+    /// the page's home (or its new home, after a crash) rebuilds from the copies.
+    fn check_not_lost(&mut self, index: usize, op: PendingOp) {
+        let addr = match op.kind {
+            OpKind::Read { addr } | OpKind::Write { addr, .. } | OpKind::JoinRead { addr } => addr,
+            OpKind::LockRmw { lock, rmw } => sync::rmw_word(self.locks[lock].addr, rmw),
+            _ => return,
+        };
+        let Some(page) = self.slots[index]
+            .space
+            .as_ref()
+            .and_then(|layout| layout.page_of(addr))
+        else {
+            return;
+        };
+        let live = self.live_nodes();
+        if self.ghost.seen_by_live(page, &live) && !self.is_releasing(page) {
+            self.violate(
+                "no lost observed write",
+                format!(
+                    "page {} of space {} is lost to node {}, but a live node's process saw it",
+                    page.index,
+                    page.space,
+                    index + 1
+                ),
+            );
+        }
+    }
+
     fn on_error(&mut self, index: usize, op: PendingOp, code: ErrorCode, detail: u64) {
         match (op.kind, code) {
-            (_, ErrorCode::PageLost) => self.counters.page_lost += 1,
+            (_, ErrorCode::PageLost) => {
+                self.counters.page_lost += 1;
+                self.check_not_lost(index, op);
+            }
             (_, ErrorCode::NodeDown) => self.counters.node_down_errors += 1,
             (_, ErrorCode::Evicted) => self.counters.evicted_errors += 1,
             (_, ErrorCode::NotMapped) => self.counters.not_mapped += 1,
@@ -2221,6 +2274,7 @@ impl World {
             if self.is_releasing(page) {
                 continue;
             }
+            let live = self.live_nodes();
             let mut writers: Vec<(usize, i32)> = Vec::new();
             let mut readers: Vec<(usize, i32)> = Vec::new();
             for (index, slot) in self.slots.iter().enumerate() {
@@ -2234,20 +2288,16 @@ impl World {
                         Access::Read => readers.push((index + 1, process.pid)),
                         Access::None => continue,
                     }
-                    let bytes = slot.memory.get(&page);
-                    let current = match (self.truth.get(&page), bytes) {
-                        (Some(truth), Some(bytes)) => bytes[..] == truth[..],
-                        (Some(truth), None) => truth.iter().all(|&b| b == 0),
-                        (None, Some(bytes)) => bytes.iter().all(|&b| b == 0),
-                        (None, None) => true,
-                    };
+                    let bytes = slot.memory.get(&page).map(|b| &**b);
+                    let current = self.ghost.allows(page, bytes, &live);
                     if !current {
                         let detail = format!(
-                            "process {} on node {} can access page {} of space {} ({access:?}) holding stale bytes",
+                            "process {} on node {} can access page {} of space {} ({access:?}) holding stale bytes ({})",
                             process.pid,
                             index + 1,
                             page.index,
-                            page.space
+                            page.space,
+                            self.ghost.describe(page, bytes, &live)
                         );
                         self.violate("coherence", detail);
                         return;

@@ -716,15 +716,19 @@ impl Node {
         let void_at =
             self.now_ticks + self.config.fence_after_ticks + self.config.lease_interval_ticks;
         self.pending_voids.insert(node, void_at);
-        // Local side: requests to it fail.
+        // Local side: requests to it go to the page's new home (the entry that marked
+        // it down moved its chunks, `MetaState::rehome_chunks_of`), or fail.
         let affected: Vec<PageId> = self
             .pages
             .iter()
             .filter(|(_, p)| p.request.as_ref().is_some_and(|r| r.home == node))
             .map(|(&id, _)| id)
             .collect();
-        for page in affected {
-            self.fail_local_page(page, AppError::PageLost);
+        for page_id in affected {
+            let page = self.pages.get_mut(&page_id).expect("listed");
+            page.request = None;
+            self.requesting.remove(&page_id);
+            self.advance_local(page_id);
         }
         let frees: Vec<u64> = self
             .remote_frees
@@ -809,11 +813,24 @@ impl Node {
             .filter(|(_, &at)| at <= self.now_ticks)
             .map(|(&node, _)| node)
             .collect();
+        let voided = !due.is_empty();
         for node in due {
             self.pending_voids.remove(&node);
             let pages: Vec<PageId> = self.directory.keys().copied().collect();
             for page in pages {
                 self.directory_node_down(page, node);
+            }
+        }
+        if voided && self.pending_voids.is_empty() {
+            // Recovered pages whose collect waited for the voids.
+            let waiting: Vec<PageId> = self
+                .directory
+                .iter()
+                .filter(|(_, e)| e.needs_collect && e.txn.is_none() && !e.queue.is_empty())
+                .map(|(&id, _)| id)
+                .collect();
+            for page in waiting {
+                self.home_next(page);
             }
         }
     }

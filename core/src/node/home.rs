@@ -22,7 +22,11 @@ impl Node {
             return;
         }
         let members = self.config.members.len();
-        let entry = self.directory.entry(page_id).or_insert_with(DirEntry::new);
+        let recovered = self.chunk_recovered(page_id);
+        let entry = self.directory.entry(page_id).or_insert_with(|| DirEntry {
+            needs_collect: recovered,
+            ..DirEntry::new()
+        });
         let newest = entry.newest_request.entry(request.from).or_insert(0);
         if request.request_id < *newest {
             self.stats.messages_rejected += 1;
@@ -46,10 +50,39 @@ impl Node {
         self.home_start(page_id, request);
     }
 
+    /// Whether the page's chunk was moved off a home that went down: its directory
+    /// entries start from what the survivors hold.
+    pub(super) fn chunk_recovered(&self, page_id: PageId) -> bool {
+        let Some(layout) = self.meta.spaces.get(&page_id.space) else {
+            return false;
+        };
+        self.meta
+            .chunk(page_id.space, layout.chunk_of_page(page_id.index))
+            .is_some_and(|record| record.home != record.lessee)
+    }
+
     pub(super) fn home_start(&mut self, page_id: PageId, request: PageRequestInfo) {
         let skip_invalidate = self.mutant(Mutant::GrantWriteWithoutInvalidate);
         let entry = self.directory.get_mut(&page_id).expect("entry exists");
         assert!(entry.txn.is_none());
+        if entry.needs_collect {
+            if !self.pending_voids.is_empty() {
+                // A node marked down may still read its copies until its void is due,
+                // and the old home may be among them: collect only after every void
+                // (`void_due` starts the queue again).
+                entry.queue.retain(|q| q.from != request.from);
+                entry.queue.push_front(request);
+                return;
+            }
+            entry.seq += 1;
+            let phase = Phase::Collect {
+                seq: entry.seq,
+                pending: self.meta.up_nodes().collect(),
+                reports: BTreeMap::new(),
+            };
+            self.stats.pages_collected += 1;
+            return self.home_begin_phase(page_id, request, phase);
+        }
         let requester = request.from;
         let phase = match entry.writer {
             Some(writer) if writer == requester => None,
@@ -85,17 +118,19 @@ impl Node {
         };
         match phase {
             None => self.home_grant(page_id, request),
-            Some(phase) => {
-                let entry = self.directory.get_mut(&page_id).expect("entry exists");
-                entry.txn = Some(Transaction {
-                    request,
-                    phase: phase.clone(),
-                    retry: RetrySchedule::starting(self.now_ticks, self.config.retry_base_ticks),
-                });
-                self.busy.insert(page_id);
-                self.send_phase(page_id, &phase);
-            }
+            Some(phase) => self.home_begin_phase(page_id, request, phase),
         }
+    }
+
+    fn home_begin_phase(&mut self, page_id: PageId, request: PageRequestInfo, phase: Phase) {
+        let entry = self.directory.get_mut(&page_id).expect("entry exists");
+        entry.txn = Some(Transaction {
+            request,
+            phase: phase.clone(),
+            retry: RetrySchedule::starting(self.now_ticks, self.config.retry_base_ticks),
+        });
+        self.busy.insert(page_id);
+        self.send_phase(page_id, &phase);
     }
 
     pub(super) fn send_phase(&mut self, page_id: PageId, phase: &Phase) {
@@ -121,6 +156,17 @@ impl Node {
                     self.send(
                         node,
                         PeerMessage::Invalidate {
+                            page: page_id,
+                            seq: *seq,
+                        },
+                    );
+                }
+            }
+            Phase::Collect { seq, pending, .. } => {
+                for &node in pending {
+                    self.send(
+                        node,
+                        PeerMessage::Collect {
                             page: page_id,
                             seq: *seq,
                         },
@@ -256,6 +302,7 @@ impl Node {
             return;
         }
         let downgrade = *downgrade;
+        let had_bytes = bytes.is_some();
         if let Some(bytes) = bytes {
             if version != entry.version {
                 self.stats.messages_rejected += 1;
@@ -267,6 +314,119 @@ impl Node {
         }
         entry.writer = None;
         let txn = entry.txn.take().expect("present");
+        if std::mem::take(&mut entry.master_unknown) && !had_bytes {
+            // A recovered writer that turned out never to have written, and no older
+            // copy survived: nothing to serve.
+            entry.lost = true;
+            self.stats.pages_lost += 1;
+            self.busy.remove(&page_id);
+            self.deny_lost(page_id, txn.request.from, txn.request.request_id);
+            self.deny_queue(page_id);
+            return;
+        }
+        self.home_continue(page_id, txn.request);
+    }
+
+    pub(super) fn home_collect_ack(
+        &mut self,
+        from: NodeId,
+        page_id: PageId,
+        seq: u64,
+        report: CopyReport,
+    ) {
+        let Some(entry) = self.directory.get_mut(&page_id) else {
+            self.stats.messages_rejected += 1;
+            return;
+        };
+        let Some(Transaction {
+            phase:
+                Phase::Collect {
+                    seq: want,
+                    pending,
+                    reports,
+                },
+            ..
+        }) = entry.txn.as_mut()
+        else {
+            return;
+        };
+        if *want != seq || !pending.remove(&from) {
+            return;
+        }
+        reports.insert(from, report);
+        if pending.is_empty() {
+            self.home_rebuild(page_id);
+        }
+    }
+
+    /// Every node up has said what it holds of a recovered page: rebuild its directory
+    /// entry. Every copy a node holds (accessible or not) has the bytes of its version,
+    /// and versions only grow, so the newest copy holds every write a survivor saw:
+    /// - a node that holds the page for writing is its writer (no one else can
+    ///   access it); the newest other copy becomes the master it would revert to;
+    /// - else the newest copy is the master and the nodes holding it readable are its
+    ///   readers;
+    /// - no copy at all: the page is lost.
+    fn home_rebuild(&mut self, page_id: PageId) {
+        let oldest_copy = self.mutant(Mutant::RecoverFromOldestCopy);
+        let skip_writer = self.mutant(Mutant::RecoverIgnoresWriter);
+        let entry = self.directory.get_mut(&page_id).expect("entry exists");
+        let txn = entry.txn.take().expect("collecting");
+        let Phase::Collect { reports, .. } = txn.phase else {
+            unreachable!("rebuild after a collect only")
+        };
+        // Newer than anything the old home said, so no node takes what this home says
+        // next for a retransmission or a stale message.
+        let newest_seen = reports.values().map(|r| r.seq_seen).max().unwrap_or(0);
+        entry.seq = entry.seq.max(newest_seen) + 1;
+        entry.needs_collect = false;
+        let writer = reports
+            .iter()
+            .find(|(_, r)| r.held == Access::Write && r.version.is_some() && !skip_writer)
+            .map(|(&node, r)| (node, r.version.expect("checked")));
+        let mut copies: Vec<(u64, NodeId)> = reports
+            .iter()
+            .filter(|(&node, r)| Some(node) != writer.map(|w| w.0) && r.bytes.is_some())
+            .filter_map(|(&node, r)| r.version.map(|v| (v, node)))
+            .filter(|&(v, _)| writer.is_none_or(|(_, wv)| v <= wv))
+            .collect();
+        copies.sort_unstable();
+        let newest = if oldest_copy {
+            copies.first()
+        } else {
+            copies.last()
+        };
+        let master = newest.map(|&(_, node)| reports[&node].bytes.clone().expect("filtered"));
+        match (writer, newest) {
+            (Some((node, version)), _) => {
+                entry.writer = Some(node);
+                entry.version = version;
+                entry.master_unknown = master.is_none();
+                entry.master = master;
+            }
+            (None, Some(&(version, _))) => {
+                entry.version = version;
+                entry.master = master;
+                entry.readers = reports
+                    .iter()
+                    .filter(|(_, r)| r.held == Access::Read && r.version == Some(version))
+                    .map(|(&node, _)| node)
+                    .collect();
+            }
+            (None, None) => {
+                entry.lost = true;
+                self.stats.pages_lost += 1;
+            }
+        }
+        let entry = self.directory.get_mut(&page_id).expect("entry exists");
+        entry.check_invariants();
+        if entry.lost {
+            self.busy.remove(&page_id);
+            self.deny_lost(page_id, txn.request.from, txn.request.request_id);
+            self.deny_queue(page_id);
+            return;
+        }
+        self.stats.pages_recovered += 1;
         self.home_continue(page_id, txn.request);
     }
 
@@ -306,10 +466,19 @@ impl Node {
         entry.readers.remove(&node);
         entry.queue.retain(|q| q.from != node);
         if entry.writer == Some(node) {
-            // The latest contents were only there.
+            // Its writes since the grant were only there, and no other node saw them:
+            // go back to the master, the last contents that left a writer (the next
+            // version, so no copy of the lost writes can pass for current). Lost only
+            // if the master itself did not survive a recovery.
             entry.writer = None;
-            entry.lost = true;
-            self.stats.pages_lost += 1;
+            if entry.master_unknown {
+                entry.lost = true;
+                self.stats.pages_lost += 1;
+            } else {
+                entry.version += 1;
+                self.stats.pages_reverted += 1;
+            }
+            entry.master_unknown = false;
         }
         let entry = self.directory.get_mut(&page_id).expect("listed");
         let Some(txn) = entry.txn.take() else {
@@ -330,6 +499,32 @@ impl Node {
         // may already have given up its copy, and its ack carries the latest bytes.
         // `home_continue` then skips the grant.
         match txn.phase {
+            Phase::Recall { from, .. } if from == node => {
+                // The writer is gone without answering: the master is the latest now.
+                self.home_continue(page_id, txn.request);
+            }
+            Phase::Collect {
+                seq,
+                mut pending,
+                mut reports,
+            } => {
+                // Its copy is void like every other copy of a node down.
+                pending.remove(&node);
+                reports.remove(&node);
+                let done = pending.is_empty();
+                let entry = self.directory.get_mut(&page_id).expect("listed");
+                entry.txn = Some(Transaction {
+                    phase: Phase::Collect {
+                        seq,
+                        pending,
+                        reports,
+                    },
+                    ..txn
+                });
+                if done {
+                    self.home_rebuild(page_id);
+                }
+            }
             Phase::Invalidate { seq, mut pending } => {
                 pending.remove(&node);
                 if pending.is_empty() {

@@ -351,6 +351,13 @@ pub struct Stats {
     pub recalls_sent: u64,
     pub retries: u64,
     pub pages_lost: u64,
+    /// Recovered pages whose directory this node started collecting (it is their
+    /// new home), and rebuilt from the survivors' copies.
+    pub pages_collected: u64,
+    pub pages_recovered: u64,
+    /// Pages whose writer went down, served again from the last contents that left
+    /// a writer.
+    pub pages_reverted: u64,
     pub allocations: u64,
     pub frees: u64,
     pub remote_frees: u64,
@@ -374,10 +381,21 @@ struct OutstandingRequest {
     retry: RetrySchedule,
 }
 
+/// The answer to send the home once a revocation is done (each is an ack).
+#[allow(clippy::enum_variant_names)]
 #[derive(Clone, Copy, Debug)]
 enum RevokeReply {
-    InvalidateAck { seq: u64 },
-    RecallAck { seq: u64, with_bytes: bool },
+    InvalidateAck {
+        seq: u64,
+    },
+    RecallAck {
+        seq: u64,
+        with_bytes: bool,
+    },
+    /// The new home of a recovered page asked what this node holds (`Collect`).
+    CollectAck {
+        seq: u64,
+    },
 }
 
 /// Most home messages held back while a revocation runs (the home retransmits).
@@ -407,7 +425,7 @@ struct LocalPage {
     validated: bool,
     /// Home messages that arrived while a revocation ran; handled when it is done, so
     /// access changes reach the applications in the order the home sent them.
-    deferred: Vec<PeerMessage>,
+    deferred: Vec<(NodeId, PeerMessage)>,
 }
 
 impl LocalPage {
@@ -459,6 +477,22 @@ enum Phase {
         seq: u64,
         pending: BTreeSet<NodeId>,
     },
+    /// A recovered page (its home went down): every node up reports what it holds,
+    /// and the directory is rebuilt from the reports (`home_rebuild`).
+    Collect {
+        seq: u64,
+        pending: BTreeSet<NodeId>,
+        reports: BTreeMap<NodeId, CopyReport>,
+    },
+}
+
+/// What one node holds of a page being recovered (`PeerMessage::CollectAck`).
+#[derive(Clone, Debug)]
+struct CopyReport {
+    held: Access,
+    version: Option<u64>,
+    seq_seen: u64,
+    bytes: Option<Box<PageBytes>>,
 }
 
 #[derive(Clone, Debug)]
@@ -480,6 +514,12 @@ struct DirEntry {
     /// zero page of version 0 (most fresh pages never need a copy).
     master: Option<Box<PageBytes>>,
     lost: bool,
+    /// The page's chunk was recovered from a down home and this directory entry has
+    /// not been rebuilt from the survivors' copies yet: the first request collects.
+    needs_collect: bool,
+    /// Rebuilt with a writer and no other copy: nothing older than the writer's bytes
+    /// survives, so if the writer goes down too the page is lost.
+    master_unknown: bool,
     txn: Option<Transaction>,
     queue: VecDeque<PageRequestInfo>,
     newest_request: BTreeMap<NodeId, u64>,
@@ -494,6 +534,8 @@ impl DirEntry {
             readers: BTreeSet::new(),
             master: None,
             lost: false,
+            needs_collect: false,
+            master_unknown: false,
             txn: None,
             queue: VecDeque::new(),
             newest_request: BTreeMap::new(),
@@ -509,6 +551,15 @@ impl DirEntry {
         }
         if self.lost {
             assert!(self.writer.is_none() && self.txn.is_none());
+        }
+        if self.needs_collect {
+            assert!(self.writer.is_none() && self.readers.is_empty() && !self.lost);
+        }
+        if self.master_unknown {
+            assert!(
+                self.writer.is_some(),
+                "the master is only unknown under a writer"
+            );
         }
     }
 }
@@ -997,10 +1048,29 @@ impl Node {
                     },
                 );
             }
+            RevokeReply::CollectAck { seq } => {
+                let page = &self.pages[&page_id];
+                let message = PeerMessage::CollectAck {
+                    page: page_id,
+                    seq,
+                    held: page.held,
+                    version: if page.installed {
+                        page.mem_version
+                    } else {
+                        None
+                    },
+                    seq_seen: page.seq_seen,
+                    // Nothing to recover from without its version.
+                    bytes: page.mem_version.and(bytes),
+                };
+                self.send(home, message);
+            }
         }
         let deferred = std::mem::take(&mut self.pages.get_mut(&page_id).expect("present").deferred);
-        for message in deferred {
-            self.dispatch(home, message);
+        // Replayed as from their sender: one from a home that went down since is
+        // rejected like any message from a node that is not the page's home.
+        for (from, message) in deferred {
+            self.dispatch(from, message);
         }
         self.advance_local(page_id);
         self.run_loopback();
@@ -1034,7 +1104,12 @@ impl Node {
     }
 
     /// Holds a home message back while a revocation of the page runs. True if deferred.
-    fn defer_during_revoke(&mut self, page_id: PageId, message: &PeerMessage) -> bool {
+    fn defer_during_revoke(
+        &mut self,
+        page_id: PageId,
+        from: NodeId,
+        message: &PeerMessage,
+    ) -> bool {
         let Some(page) = self.pages.get_mut(&page_id) else {
             return false;
         };
@@ -1044,7 +1119,7 @@ impl Node {
         if page.deferred.len() >= MAX_DEFERRED_PER_PAGE {
             page.deferred.remove(0);
         }
-        page.deferred.push(message.clone());
+        page.deferred.push((from, message.clone()));
         true
     }
 
@@ -1249,4 +1324,6 @@ enum Mutant {
     SkipVersionBump,
     ReplyBeforeCommit,
     AckReleaseBeforePagesDropped,
+    RecoverFromOldestCopy,
+    RecoverIgnoresWriter,
 }

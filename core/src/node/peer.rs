@@ -82,6 +82,25 @@ impl Node {
                 version,
                 bytes,
             } => self.home_recall_ack(from, page, seq, version, bytes),
+            PeerMessage::Collect { page, seq } => self.on_collect(from, page, seq),
+            PeerMessage::CollectAck {
+                page,
+                seq,
+                held,
+                version,
+                seq_seen,
+                bytes,
+            } => self.home_collect_ack(
+                from,
+                page,
+                seq,
+                CopyReport {
+                    held,
+                    version,
+                    seq_seen,
+                    bytes,
+                },
+            ),
             PeerMessage::FreeRequest {
                 space,
                 addr,
@@ -143,7 +162,7 @@ impl Node {
             base_version,
             bytes,
         };
-        if self.defer_during_revoke(page_id, &message) {
+        if self.defer_during_revoke(page_id, from, &message) {
             return;
         }
         let PeerMessage::PageGrant { bytes, .. } = message else {
@@ -239,7 +258,11 @@ impl Node {
             return;
         }
         if page.revoke.is_some() {
-            self.defer_during_revoke(page_id, &PeerMessage::Invalidate { page: page_id, seq });
+            self.defer_during_revoke(
+                page_id,
+                from,
+                &PeerMessage::Invalidate { page: page_id, seq },
+            );
             return;
         }
         let page = self.pages.get_mut(&page_id).expect("present");
@@ -303,7 +326,7 @@ impl Node {
                 seq,
                 downgrade,
             };
-            self.defer_during_revoke(page_id, &message);
+            self.defer_during_revoke(page_id, from, &message);
             return;
         }
         let page = self.pages.get_mut(&page_id).expect("present");
@@ -351,6 +374,51 @@ impl Node {
             RevokeReply::RecallAck { seq, with_bytes },
             access,
             with_bytes,
+        );
+    }
+
+    /// The new home of a recovered page asks what this node holds of it. Answered only
+    /// once this node also takes `from` for the home: it has then applied the entry
+    /// that moved the chunk and ignores the old home, so what it reports stays true.
+    /// A copy's bytes are read through a revocation to the access the applications
+    /// already have (nothing changes for them; the host reads the page once every
+    /// earlier access change is done). A writer sends no bytes: they still change.
+    pub(super) fn on_collect(&mut self, from: NodeId, page_id: PageId, seq: u64) {
+        if !self.sent_by_home(from, page_id) {
+            self.stats.messages_rejected += 1;
+            return;
+        }
+        let message = PeerMessage::Collect { page: page_id, seq };
+        if self.defer_during_revoke(page_id, from, &message) {
+            return;
+        }
+        let report = match self.pages.get(&page_id) {
+            None => None,
+            Some(page) => {
+                let version = if page.installed {
+                    page.mem_version
+                } else {
+                    None
+                };
+                if page.held != Access::Write && version.is_some() {
+                    let access = self.page_access(page);
+                    self.start_revoke(page_id, RevokeReply::CollectAck { seq }, access, true);
+                    return;
+                }
+                Some((page.held, version, page.seq_seen))
+            }
+        };
+        let (held, version, seq_seen) = report.unwrap_or((Access::None, None, 0));
+        self.send(
+            from,
+            PeerMessage::CollectAck {
+                page: page_id,
+                seq,
+                held,
+                version,
+                seq_seen,
+                bytes: None,
+            },
         );
     }
 

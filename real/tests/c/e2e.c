@@ -296,6 +296,53 @@ static int survive_reader(void) {
     return ok ? 0 : 73;
 }
 
+/* The crash-tolerance scenario (docs/protocol.md "Recovery"): `crash-writer` creates
+ * the space (so its root block is homed on this node), allocates 64 pages here, fills
+ * page i with a pattern of i, publishes them and stays attached until its daemon dies;
+ * `crash-reader` (another node) reads every page, says so and stays attached;
+ * `crash-verify` (a third node, after the writer's daemon was killed) reads all 64. */
+#define CRASH_PAGES 64
+static uint64_t crash_word(uint64_t page, uint64_t word) {
+    return (page << 32) ^ (word * 0x9E3779B97F4A7C15ull) ^ 0xC0FFEEull;
+}
+
+static int crash_check(const volatile uint64_t *pages) {
+    for (uint64_t p = 0; p < CRASH_PAGES; p++)
+        for (uint64_t w = 0; w < 4096 / 8; w++)
+            if (pages[p * 512 + w] != crash_word(p, w)) {
+                fprintf(stderr, "page %llu word %llu holds %#llx\n", (unsigned long long)p,
+                        (unsigned long long)w, (unsigned long long)pages[p * 512 + w]);
+                return 1;
+            }
+    return 0;
+}
+
+static int crash_writer(void) {
+    attach("crashed");
+    volatile uint64_t *pages = gallocy_malloc(CRASH_PAGES * 4096);
+    if (!pages) { fprintf(stderr, "malloc: %s\n", gallocy_last_error()); return 70; }
+    for (uint64_t p = 0; p < CRASH_PAGES; p++)
+        for (uint64_t w = 0; w < 4096 / 8; w++) pages[p * 512 + w] = crash_word(p, w);
+    root[0] = (uint64_t)pages;
+    printf("written\n");
+    fflush(stdout);
+    for (;;) pause();
+}
+
+static int crash_reader(int stay) {
+    attach("crashed");
+    double deadline = now_s() + 60;
+    while (root[0] == 0) {
+        if (now_s() > deadline) return 72;
+        usleep(1000);
+    }
+    if (crash_check((const volatile uint64_t *)root[0])) return 73;
+    printf("read %d pages\n", CRASH_PAGES);
+    fflush(stdout);
+    if (!stay) return 0;
+    for (;;) pause();
+}
+
 /* A real crash outside the space still crashes (SIGSEGV, default action). */
 static int crash(void) {
     attach("crash");
@@ -347,6 +394,9 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "find")) return find(argv[2]);
     if (!strcmp(argv[1], "churn")) return churn(atoi(argv[2]));
     if (!strcmp(argv[1], "lend")) return lend(atoi(argv[2]));
+    if (!strcmp(argv[1], "crash-writer")) return crash_writer();
+    if (!strcmp(argv[1], "crash-reader")) return crash_reader(1);
+    if (!strcmp(argv[1], "crash-verify")) return crash_reader(0);
     if (!strcmp(argv[1], "survive-writer")) return survive_writer();
     if (!strcmp(argv[1], "survive-reader")) return survive_reader();
     return 2;

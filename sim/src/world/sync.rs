@@ -242,7 +242,10 @@ impl World {
         };
         // Read as the host reads futex words; both maps hold zero pages implicitly.
         let old = self.slots[index].memory.load_u32(page, offset).unwrap_or(0);
-        let expected = self.truth.load_u32(page, offset).unwrap_or(0);
+        let live = self.live_nodes();
+        let seen = self
+            .ghost
+            .read(page, offset, &old.to_le_bytes(), index, &live);
         let new = match rmw {
             Rmw::TryLock if old == 0 => 1,
             Rmw::TryLock | Rmw::CondRead => old,
@@ -250,12 +253,13 @@ impl World {
             Rmw::Unlock => 0,
             Rmw::Signal => old.wrapping_add(1),
         };
-        for pages in [&mut self.slots[index].memory, &mut self.truth] {
-            let bytes = pages
-                .entry(page)
-                .or_insert_with(|| Box::new([0u8; PAGE_SIZE_BYTES]));
-            bytes[offset..offset + 4].copy_from_slice(&new.to_le_bytes());
-        }
+        let bytes = self.slots[index]
+            .memory
+            .entry(page)
+            .or_insert_with(|| Box::new([0u8; PAGE_SIZE_BYTES]));
+        bytes[offset..offset + 4].copy_from_slice(&new.to_le_bytes());
+        self.ghost
+            .write(page, offset, &new.to_le_bytes(), index, &live);
         self.dirty_pages.insert(page);
         self.counters.writes += 1;
         self.trace
@@ -267,12 +271,17 @@ impl World {
                 index + 1
             );
         }
-        if old != expected {
+        if let Err(allowed) = seen {
+            let allowed: Vec<String> = allowed
+                .iter()
+                .map(|b| u32::from_le_bytes(b[..].try_into().expect("4 bytes")).to_string())
+                .collect();
             return self.violate(
                 "memory consistency",
                 format!(
-                    "process {pid} on node {} swapped lock word {addr:#x} holding {old} but the latest write was {expected}",
-                    index + 1
+                    "process {pid} on node {} swapped lock word {addr:#x} holding {old} but it may only hold {}",
+                    index + 1,
+                    allowed.join(" or ")
                 ),
             );
         }
@@ -377,6 +386,13 @@ impl World {
 
     fn acquired(&mut self, index: usize, pid: i32, thread: usize, lock: usize) {
         let addr = self.locks[lock].addr;
+        // A holder whose node crashed before anyone saw its lock word may lose the
+        // lock with its writes (the word reverts): the lock is free again.
+        if let Some((holder_index, _, _)) = self.locks[lock].holder {
+            if !self.live_nodes()[holder_index] {
+                self.locks[lock].holder = None;
+            }
+        }
         if let Some(holder) = self.locks[lock].holder {
             return self.violate(
                 "mutual exclusion",
@@ -466,8 +482,8 @@ impl World {
         let addr = word_addr(self.locks[lock].addr, cond);
         let current = self
             .lock_word_offset(index, addr)
-            .and_then(|(page, offset)| self.truth.load_u32(page, offset))
-            .unwrap_or(0);
+            .map(|(page, offset)| self.ghost.certain_u32(page, offset, &self.live_nodes()))
+            .unwrap_or(Some(0));
         self.futex_waits.insert(
             op_id,
             WaitRecord {
@@ -477,7 +493,8 @@ impl World {
                 answered_tick: None,
             },
         );
-        if current != expected {
+        // Unknown after a crash (the page is one of several states): no bound then.
+        if current.is_some_and(|current| current != expected) {
             self.wake_dues.push(WakeDue {
                 waits: vec![op_id],
                 due_tick: self.now_ticks + WAKE_BOUND_TICKS,
@@ -487,7 +504,7 @@ impl World {
         self.counters.futex_waits += 1;
         if self.debug {
             eprintln!(
-                "[t={}] node {} process {pid} thread {thread} waits on {addr:#x} for {expected} (word {current}, request {op_id})",
+                "[t={}] node {} process {pid} thread {thread} waits on {addr:#x} for {expected} (word {current:?}, request {op_id})",
                 self.now_ticks,
                 index + 1
             );
