@@ -1516,11 +1516,7 @@ impl Host {
         let Some((page, offset_bytes)) = self.futex_word(session_id, addr) else {
             return self.send_app(conn, request_id, refusal(ErrorCode::InvalidArgument));
         };
-        let woken = self.futexes.wake_word(page, offset_bytes, count);
-        let woken_here = woken.len() as u32;
-        for waiter in woken {
-            self.answer_wait(waiter, FutexOutcome::Woken);
-        }
+        let woken_here = self.wake_here(page, offset_bytes, count);
         let peers = self.live_peers();
         if count == 0 || peers.is_empty() || self.mutant(Mutant::FutexWakeSkipsPeers) {
             return self.send_app(
@@ -1597,11 +1593,7 @@ impl Host {
                     Seen::Stale => return,
                     Seen::Done(woken) => woken,
                     Seen::New => {
-                        let woken = self.futexes.wake_word(page, offset_bytes, count);
-                        let n = woken.len() as u32;
-                        for waiter in woken {
-                            self.answer_wait(waiter, FutexOutcome::Woken);
-                        }
+                        let n = self.wake_here(page, offset_bytes, count);
                         self.remote_wakes.record_received(from, wake_id, n);
                         n
                     }
@@ -1615,6 +1607,16 @@ impl Host {
                 }
             }
         }
+    }
+
+    /// Wakes up to `count` waiters of the word on this node; how many it woke.
+    fn wake_here(&mut self, page: PageId, offset_bytes: u32, count: u32) -> u32 {
+        let woken = self.futexes.wake_word(page, offset_bytes, count);
+        let n = woken.len() as u32;
+        for waiter in woken {
+            self.answer_wait(waiter, FutexOutcome::Woken);
+        }
+        n
     }
 
     fn answer_wait(&mut self, waiter: Waiter, outcome: FutexOutcome) {
