@@ -334,7 +334,13 @@ impl Node {
         seq: u64,
         report: CopyReport,
     ) {
-        let Some(entry) = self.directory.get_mut(&page_id) else {
+        // Peers are not authenticated: a report no honest node sends (counters near
+        // overflow, a writer without a written version) is dropped, so it cannot make
+        // the rebuilt entry's arithmetic overflow later.
+        let sane = report.seq_seen < u64::MAX / 2
+            && report.version.is_none_or(|v| v < u64::MAX / 2)
+            && (report.held != Access::Write || report.version.is_some_and(|v| v > 0));
+        let Some(entry) = self.directory.get_mut(&page_id).filter(|_| sane) else {
             self.stats.messages_rejected += 1;
             return;
         };
