@@ -326,7 +326,9 @@ impl Envelope {
                 w.u64(*request_id);
                 w.u8(*reason as u8);
             }
-            PeerMessage::Invalidate { page, seq } | PeerMessage::InvalidateAck { page, seq } => {
+            PeerMessage::Invalidate { page, seq }
+            | PeerMessage::InvalidateAck { page, seq }
+            | PeerMessage::Collect { page, seq } => {
                 put_page(&mut w, *page);
                 w.u64(*seq);
             }
@@ -349,10 +351,6 @@ impl Envelope {
                 w.u64(*seq);
                 w.u64(*version);
                 put_opt_bytes(&mut w, bytes);
-            }
-            PeerMessage::Collect { page, seq } => {
-                put_page(&mut w, *page);
-                w.u64(*seq);
             }
             PeerMessage::CollectAck {
                 page,

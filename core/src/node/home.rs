@@ -22,11 +22,15 @@ impl Node {
             return;
         }
         let members = self.config.members.len();
-        let recovered = self.chunk_recovered(page_id);
-        let entry = self.directory.entry(page_id).or_insert_with(|| DirEntry {
-            needs_collect: recovered,
-            ..DirEntry::new()
-        });
+        if !self.directory.contains_key(&page_id) {
+            // Only a new entry asks whether its chunk was recovered.
+            let entry = DirEntry {
+                needs_collect: self.chunk_recovered(page_id),
+                ..DirEntry::new()
+            };
+            self.directory.insert(page_id, entry);
+        }
+        let entry = self.directory.get_mut(&page_id).expect("present");
         let newest = entry.newest_request.entry(request.from).or_insert(0);
         if request.request_id < *newest {
             self.stats.messages_rejected += 1;

@@ -439,6 +439,12 @@ impl LocalPage {
         }
     }
 
+    /// The version of the bytes in memory as a recovery copy: None if none were
+    /// ever installed (or their version is unknown).
+    fn copy_version(&self) -> Option<u64> {
+        self.mem_version.filter(|_| self.installed)
+    }
+
     fn new() -> LocalPage {
         LocalPage {
             held: Access::None,
@@ -1054,11 +1060,7 @@ impl Node {
                     page: page_id,
                     seq,
                     held: page.held,
-                    version: if page.installed {
-                        page.mem_version
-                    } else {
-                        None
-                    },
+                    version: page.copy_version(),
                     seq_seen: page.seq_seen,
                     // Nothing to recover from without its version.
                     bytes: page.mem_version.and(bytes),

@@ -395,11 +395,7 @@ impl Node {
         let report = match self.pages.get(&page_id) {
             None => None,
             Some(page) => {
-                let version = if page.installed {
-                    page.mem_version
-                } else {
-                    None
-                };
+                let version = page.copy_version();
                 if page.held != Access::Write && version.is_some() {
                     let access = self.page_access(page);
                     self.start_revoke(page_id, RevokeReply::CollectAck { seq }, access, true);
