@@ -253,12 +253,15 @@ pub struct RemoteWakes {
 }
 
 impl RemoteWakes {
-    pub fn new(timing: WakeTiming) -> RemoteWakes {
+    /// `id_base`: this life's first wake id minus one (`Config::id_base`), so a
+    /// restarted node's wakes are never taken for its earlier life's by the receivers'
+    /// deduplication.
+    pub fn new(timing: WakeTiming, id_base: u64) -> RemoteWakes {
         assert!(timing.retry_base_ticks > 0 && timing.retry_base_ticks <= timing.retry_max_ticks);
         RemoteWakes {
             timing,
             sent: BTreeMap::new(),
-            next_wake_id: 1,
+            next_wake_id: id_base + 1,
             received: Dedupe::default(),
             mutant_not_retried: false,
         }
@@ -483,7 +486,7 @@ mod tests {
 
     #[test]
     fn a_remote_wake_is_resent_with_backoff_until_each_live_peer_acknowledged() {
-        let mut wakes = RemoteWakes::new(timing());
+        let mut wakes = RemoteWakes::new(timing(), 0);
         let page = PageId { space: 1, index: 3 };
         let sends = wakes.start(100, (7, 70), page, 8, 2, 1, &[2, 3]);
         assert_eq!(sends.len(), 2);
@@ -525,7 +528,7 @@ mod tests {
 
     #[test]
     fn a_peer_declared_down_no_longer_holds_a_wake_back() {
-        let mut wakes = RemoteWakes::new(timing());
+        let mut wakes = RemoteWakes::new(timing(), 0);
         let page = PageId { space: 1, index: 0 };
         wakes.start(0, (1, 10), page, 0, 1, 0, &[2]);
         assert!(wakes.take_settled().is_empty());
@@ -537,7 +540,7 @@ mod tests {
 
     #[test]
     fn a_received_wake_is_executed_once_and_forgotten_below_the_senders_floor() {
-        let mut wakes = RemoteWakes::new(timing());
+        let mut wakes = RemoteWakes::new(timing(), 0);
         assert_eq!(wakes.check_received(2, 5, 5), Seen::New);
         wakes.record_received(2, 5, 1);
         assert_eq!(wakes.check_received(2, 5, 5), Seen::Done(1));

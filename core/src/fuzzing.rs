@@ -13,7 +13,7 @@ use raft::eraftpb::{Entry, EntryType, Message as RaftMessage, MessageType};
 use crate::futex::FutexMessage;
 use crate::host::{ConnId, Credentials, Host, HostAction, HostConfig, ProcessState, SessionId};
 use crate::ipc::{IpcMessage, Role, IPC_FRAME_BYTES, IPC_NAME_BYTES};
-use crate::meta::{Command, Proposal};
+use crate::meta::{Command, Proposal, FIRST_INCARNATION};
 use crate::node::Config;
 use crate::programs::{ProgramMessage, SpawnOutcome, WorkerEvent, WorkerExit, WorkerSpec};
 use crate::types::{Access, PageBytes, PageId, PAGE_SIZE_BYTES};
@@ -202,7 +202,8 @@ impl Harness {
                     | HostAction::Welcome { .. }
                     | HostAction::Status { .. }
                     | HostAction::SessionEnded { .. }
-                    | HostAction::DropSpace { .. } => {}
+                    | HostAction::DropSpace { .. }
+                    | HostAction::PersistRaft(_) => {}
                 }
             }
             self.actions = actions;
@@ -514,8 +515,13 @@ impl Harness {
                     node: r.u8() as u64 % 4,
                     count: r.number() as u32,
                 },
+                1 if r.u8().is_multiple_of(2) => Command::Rejoin {
+                    node: r.u8() as u64 % 4,
+                    incarnation: r.u8() as u64 % 4,
+                },
                 1 => Command::MarkDown {
                     node: r.u8() as u64 % 4,
+                    incarnation: r.u8() as u64 % 3,
                 },
                 2 => Command::Attach { name: "fz".into() },
                 3 => Command::Detach {
@@ -560,7 +566,13 @@ impl Harness {
 pub fn forged_peer_frame(data: &[u8], from: u64, to: u64) -> Vec<u8> {
     let mut r = Bytes { data };
     let message = Harness::peer_message(&mut r, from);
-    Envelope { from, to, message }.encode()
+    Envelope {
+        from,
+        from_incarnation: FIRST_INCARNATION,
+        to,
+        message,
+    }
+    .encode()
 }
 
 /// Drives two hosts of one cluster with an arbitrary sequence of application
@@ -677,6 +689,7 @@ pub fn host_sequence(data: &[u8]) {
                 let message = Harness::peer_message(&mut r, from);
                 let envelope = Envelope {
                     from,
+                    from_incarnation: FIRST_INCARNATION,
                     to: host as u64 + 1,
                     message,
                 };

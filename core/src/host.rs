@@ -27,7 +27,9 @@ use crate::ipc::{
     IPC_FRAME_BYTES, IPC_VERSION, MAX_FAULT_PAGES,
 };
 use crate::meta::NodeStatus;
-use crate::node::{Action, AppError, AppReply, AppRequest, AppToken, Config, Node};
+use crate::node::{
+    Action, AppError, AppReply, AppRequest, AppToken, Config, Node, PersistedRaft, RaftWrite,
+};
 use crate::programs::{
     LauncherReport, ProgramEffect, ProgramId, ProgramTiming, Programs, SpawnError, SpawnRequest,
     WorkerEvent, WorkerExit, MAX_SPEC_BYTES,
@@ -179,7 +181,7 @@ pub enum ProcessState {
     Mapped,
 }
 
-#[derive(Clone, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Debug)]
 pub enum HostAction {
     /// Send a frame to a peer (`Envelope::encode`).
     SendPeer(Envelope),
@@ -243,6 +245,9 @@ pub enum HostAction {
     /// End this node's worker instance of `program` (it was told on its connection;
     /// the driver makes sure the process ends, after a grace period).
     StopWorker { program: ProgramId },
+    /// Make this change to the node's Raft state durable before carrying out any later
+    /// action (`Action::PersistRaft`).
+    PersistRaft(RaftWrite),
 }
 
 /// Host counters, for status displays.
@@ -414,8 +419,10 @@ pub struct Host {
     /// Released runs, by the node's token.
     release_waits: BTreeMap<u64, ReleaseWait>,
     next_service_token: u64,
-    /// The incarnation each peer had when first heard (see `PeerHello`).
+    /// The newest incarnation each peer said hello as (see `PeerHello`).
     peer_incarnations: BTreeMap<NodeId, u64>,
+    /// Each member's life in the metadata at the last tick (a change is a restart).
+    peer_lives: BTreeMap<NodeId, u64>,
     memberships: BTreeMap<String, Membership>,
     /// Names whose membership change was refused at once (`Busy`): tried again at
     /// `membership_retry_tick`, never in a loop within one input.
@@ -463,7 +470,17 @@ fn frame_of(request_id: u64, message: IpcMessage) -> Frame {
 impl Host {
     pub fn new(config: HostConfig) -> Result<Host, String> {
         config.validate()?;
-        let node = Node::new(config.node.clone())?;
+        Host::with_node(Node::new(config.node.clone())?, config)
+    }
+
+    /// A daemon restarting from its disk as `config.node.incarnation`
+    /// (`Node::restart`): it serves applications once it has rejoined.
+    pub fn restart(config: HostConfig, persisted: &PersistedRaft) -> Result<Host, String> {
+        config.validate()?;
+        Host::with_node(Node::restart(config.node.clone(), persisted)?, config)
+    }
+
+    fn with_node(node: Node, config: HostConfig) -> Result<Host, String> {
         let timing = ProgramTiming {
             retry_base_ticks: config.node.retry_base_ticks,
             retry_max_ticks: config.node.retry_max_ticks,
@@ -471,12 +488,15 @@ impl Host {
             spawn_timeout_ticks: config.node.down_after_ticks,
         };
         #[allow(unused_mut)]
-        let mut programs = Programs::new(config.node.id, timing);
+        let mut programs = Programs::new(config.node.id, config.node.incarnation, timing);
         #[allow(unused_mut)]
-        let mut remote_wakes = RemoteWakes::new(WakeTiming {
-            retry_base_ticks: config.node.retry_base_ticks,
-            retry_max_ticks: config.node.retry_max_ticks,
-        });
+        let mut remote_wakes = RemoteWakes::new(
+            WakeTiming {
+                retry_base_ticks: config.node.retry_base_ticks,
+                retry_max_ticks: config.node.retry_max_ticks,
+            },
+            config.node.id_base(),
+        );
         #[cfg(feature = "mutants")]
         {
             remote_wakes.mutant_not_retried =
@@ -504,6 +524,7 @@ impl Host {
             release_waits: BTreeMap::new(),
             next_service_token: 1,
             peer_incarnations: BTreeMap::new(),
+            peer_lives: BTreeMap::new(),
             memberships: BTreeMap::new(),
             membership_retry: BTreeSet::new(),
             membership_retry_tick: 0,
@@ -613,8 +634,20 @@ impl Host {
         let meta = self.node.meta();
         // A node the cluster declared down hears from nobody: to it, everyone is.
         let evicted = self.node.is_evicted();
-        let is_down =
-            |node: NodeId| evicted || !matches!(meta.nodes.get(&node), Some(NodeStatus::Up));
+        // A member that restarted since the last tick lost its instances, waits and
+        // threads like one that went down: for one tick it counts as down.
+        let restarted: BTreeSet<NodeId> = meta
+            .incarnations
+            .iter()
+            .filter(|&(node, life)| self.peer_lives.get(node).is_some_and(|known| known != life))
+            .map(|(&node, _)| node)
+            .collect();
+        self.peer_lives.clone_from(&meta.incarnations);
+        let is_down = |node: NodeId| {
+            evicted
+                || restarted.contains(&node)
+                || !matches!(meta.nodes.get(&node), Some(NodeStatus::Up))
+        };
         self.programs.tick(self.now_ticks, &is_down);
         let resends = self.remote_wakes.tick(self.now_ticks, &is_down);
         self.apply_program_effects();
@@ -702,19 +735,23 @@ impl Host {
                 ));
             }
         }
-        let known = *self
+        // A restarted member keeps its Raft state on its disk: a later life is welcome
+        // (the node sorts out which of its messages still count), an earlier one is a
+        // connection of a life that ended.
+        let known = self
             .peer_incarnations
             .entry(peer)
             .or_insert(hello.incarnation);
-        if known != hello.incarnation {
+        if hello.incarnation < *known {
+            let known = *known;
             self.counters.peer_frames_refused += 1;
             return Err(format!(
-                "node {peer} restarted (incarnation {} after {known}): its Raft state is gone, and a \
-                 member that forgets its log could break Raft's safety; give the restarted daemon \
-                 a new node id",
+                "node {peer} speaks for incarnation {}, but incarnation {known} of it was heard \
+                 already",
                 hello.incarnation
             ));
         }
+        *known = hello.incarnation;
         Ok(peer)
     }
 
@@ -1274,7 +1311,8 @@ impl Host {
         let me = self.config.node.id;
         let meta = self.node.meta();
         if let Some(layout) = meta.space_by_name(&name) {
-            if meta.is_attached(layout.id, me) {
+            // A rejoining node's metadata is its earlier life's: the request waits.
+            if meta.is_attached(layout.id, me) && !self.node.is_rejoining() {
                 let layout = layout.clone();
                 let pid = self.conns[&join.conn].creds.pid;
                 return self.welcome(join.conn, join.request_id, pid, layout);
@@ -1557,11 +1595,8 @@ impl Host {
 
     fn send_futex_messages(&mut self, sends: Vec<(NodeId, FutexMessage)>) {
         for (to, message) in sends {
-            self.actions.push(HostAction::SendPeer(Envelope {
-                from: self.config.node.id,
-                to,
-                message: PeerMessage::Futex(message),
-            }));
+            let envelope = self.node.envelope(to, PeerMessage::Futex(message));
+            self.actions.push(HostAction::SendPeer(envelope));
         }
     }
 
@@ -1945,11 +1980,8 @@ impl Host {
         for effect in self.programs.drain_effects() {
             match effect {
                 ProgramEffect::Send { to, message } => {
-                    self.actions.push(HostAction::SendPeer(Envelope {
-                        from: self.config.node.id,
-                        to,
-                        message: PeerMessage::Program(message),
-                    }))
+                    let envelope = self.node.envelope(to, PeerMessage::Program(message));
+                    self.actions.push(HostAction::SendPeer(envelope))
                 }
                 ProgramEffect::Report { conn, report } => self.report(conn, report),
                 ProgramEffect::StartWorker { program, spec } => {
@@ -2085,6 +2117,7 @@ impl Host {
                 self.apply_program_effects();
             }
             Action::Futex { from, message } => self.on_futex_message(from, message),
+            Action::PersistRaft(write) => self.actions.push(HostAction::PersistRaft(write)),
         }
     }
 

@@ -41,7 +41,12 @@ pub mod wire;
 #[cfg(feature = "node")]
 pub use codec::DecodeError;
 #[cfg(feature = "node")]
-pub use node::{Action, AppError, AppReply, AppRequest, AppToken, Config, Node, Stats};
+pub use node::{
+    Action, AppError, AppReply, AppRequest, AppToken, Config, Node, PersistedRaft, RaftWrite, Stats,
+};
+/// Raft's message types, for drivers that store a node's `RaftWrite`s.
+#[cfg(feature = "node")]
+pub use raft::eraftpb;
 #[cfg(feature = "node")]
 pub use types::{Access, NodeId, PageBytes, PageId, SpaceId, SpaceLayout, PAGE_SIZE_BYTES};
 #[cfg(feature = "node")]

@@ -55,8 +55,14 @@ pub enum Command {
     /// no page state, no process access, its memory of the pages zeroed.
     ReleaseDone { space: SpaceId, first_chunk: u64 },
     /// `node` stopped answering: its leases stay (nothing is reused), its page copies
-    /// are void, and pages only it held are lost. It leaves every attach set.
-    MarkDown { node: NodeId },
+    /// are void, and pages only it held are lost. It leaves every attach set. Only
+    /// about the life of `node` named by `incarnation`: a mark-down decided before the
+    /// node restarted and rejoined does nothing to its new life.
+    MarkDown { node: NodeId, incarnation: u64 },
+    /// The origin, down, restarted as `incarnation` (greater than every earlier one)
+    /// with its Raft log but none of its pages: it is up again, holding nothing, homing
+    /// nothing (its chunks moved when it went down).
+    Rejoin { node: NodeId, incarnation: u64 },
     /// The space named `name` is kept no longer: it ends when its attach set is empty,
     /// at once if it is (an administrator's `gallocy space unpersist`).
     Unpersist { name: String },
@@ -98,6 +104,8 @@ pub enum Outcome {
         freed: bool,
     },
     MarkedDown(NodeId),
+    Rejoined(NodeId),
+    RejoinRejected(&'static str),
     /// `space`: None if no space has that name; `destroyed` if it ended at once.
     Unpersisted {
         space: Option<SpaceId>,
@@ -113,8 +121,25 @@ pub struct ChunkRecord {
     pub lessee: NodeId,
     /// The node that manages coherence of this chunk's pages (owner and copy set):
     /// the lessee, until the home is marked down and the chunk moves to a survivor
-    /// (`rehome_chunks_of`). `home != lessee` means the chunk was recovered.
+    /// (`rehome_chunks_of`).
     pub home: NodeId,
+    /// The lessee's life that leased it: its allocator state (which blocks are live)
+    /// ended with that life.
+    pub lessee_incarnation: u64,
+}
+
+impl ChunkRecord {
+    /// Whether the lessee's life that carved this chunk has ended (it was marked down,
+    /// and may have rejoined since as a later life).
+    pub fn lessee_lost(&self, meta: &MetaState) -> bool {
+        !meta.is_up(self.lessee) || meta.incarnation(self.lessee) != self.lessee_incarnation
+    }
+
+    /// Whether the chunk's directory no longer lives where it began (with the lessee's
+    /// life that leased it): its pages are rebuilt from the copies that survive.
+    pub fn recovered(&self, meta: &MetaState) -> bool {
+        self.home != self.lessee || meta.incarnation(self.lessee) != self.lessee_incarnation
+    }
 }
 
 /// A run of chunks being released, until every node up has dropped its pages.
@@ -135,6 +160,8 @@ pub enum NodeStatus {
 #[derive(Clone, Debug, Default)]
 pub struct MetaState {
     pub nodes: BTreeMap<NodeId, NodeStatus>,
+    /// Per member, its current life: 1 until it first restarts and rejoins.
+    pub incarnations: BTreeMap<NodeId, u64>,
     pub spaces: BTreeMap<SpaceId, SpaceLayout>,
     pub space_ids_by_name: BTreeMap<String, SpaceId>,
     pub chunks: BTreeMap<(SpaceId, u64), ChunkRecord>,
@@ -166,8 +193,14 @@ impl MetaState {
         };
         for &node in members {
             state.nodes.insert(node, NodeStatus::Up);
+            state.incarnations.insert(node, FIRST_INCARNATION);
         }
         state
+    }
+
+    /// The member's current incarnation (0 for a node that is not a member).
+    pub fn incarnation(&self, node: NodeId) -> u64 {
+        self.incarnations.get(&node).copied().unwrap_or(0)
     }
 
     /// The nodes up, in id order.
@@ -346,6 +379,7 @@ impl MetaState {
                     ChunkRecord {
                         lessee: proposal.origin,
                         home: proposal.origin,
+                        lessee_incarnation: self.incarnation(proposal.origin),
                     },
                 );
                 self.space_ids_by_name.insert(name.clone(), id);
@@ -462,6 +496,7 @@ impl MetaState {
                         ChunkRecord {
                             lessee: *node,
                             home: *node,
+                            lessee_incarnation: self.incarnation(*node),
                         },
                     );
                 }
@@ -471,7 +506,11 @@ impl MetaState {
                     count: count as u32,
                 }
             }
-            Command::MarkDown { node } => {
+            Command::MarkDown { node, incarnation } => {
+                if !self.is_up(*node) || *incarnation != self.incarnation(*node) {
+                    // Already down, or about a life that already ended.
+                    return Outcome::MarkedDown(*node);
+                }
                 if let Some(status) = self.nodes.get_mut(node) {
                     *status = NodeStatus::Down;
                 }
@@ -489,6 +528,34 @@ impl MetaState {
                     self.free_if_released(space, first);
                 }
                 Outcome::MarkedDown(*node)
+            }
+            Command::Rejoin { node, incarnation } => {
+                if proposal.origin != *node {
+                    return Outcome::RejoinRejected("rejoin for another node");
+                }
+                if !self.nodes.contains_key(node) {
+                    return Outcome::RejoinRejected("not a member");
+                }
+                if self.is_up(*node) {
+                    return Outcome::RejoinRejected("node is up");
+                }
+                if *incarnation <= self.incarnation(*node) {
+                    return Outcome::RejoinRejected("stale incarnation");
+                }
+                self.nodes.insert(*node, NodeStatus::Up);
+                self.incarnations.insert(*node, *incarnation);
+                // Chunks left on down homes (no node was up when they went down) get a
+                // home now that one is.
+                let down: Vec<NodeId> = self
+                    .nodes
+                    .iter()
+                    .filter(|(_, &status)| status == NodeStatus::Down)
+                    .map(|(&id, _)| id)
+                    .collect();
+                for gone in down {
+                    self.rehome_chunks_of(gone);
+                }
+                Outcome::Rejoined(*node)
             }
         }
     }
@@ -571,7 +638,10 @@ const CMD_DETACH: u8 = 5;
 const CMD_RELEASE_CHUNKS: u8 = 6;
 const CMD_RELEASE_DONE: u8 = 7;
 const CMD_UNPERSIST: u8 = 8;
-const ENTRY_VERSION: u8 = 2;
+const CMD_REJOIN: u8 = 9;
+const ENTRY_VERSION: u8 = 3;
+/// A member's life before it first restarts.
+pub const FIRST_INCARNATION: u64 = 1;
 
 impl Proposal {
     pub fn encode(&self) -> Vec<u8> {
@@ -628,9 +698,15 @@ impl Proposal {
                 w.u64(*node);
                 w.u32(*count);
             }
-            Command::MarkDown { node } => {
+            Command::MarkDown { node, incarnation } => {
                 w.u8(CMD_MARK_DOWN);
                 w.u64(*node);
+                w.u64(*incarnation);
+            }
+            Command::Rejoin { node, incarnation } => {
+                w.u8(CMD_REJOIN);
+                w.u64(*node);
+                w.u64(*incarnation);
             }
             Command::Unpersist { name } => {
                 w.u8(CMD_UNPERSIST);
@@ -677,7 +753,14 @@ impl Proposal {
                 node: r.u64()?,
                 count: r.u32()?,
             },
-            CMD_MARK_DOWN => Command::MarkDown { node: r.u64()? },
+            CMD_MARK_DOWN => Command::MarkDown {
+                node: r.u64()?,
+                incarnation: r.u64()?,
+            },
+            CMD_REJOIN => Command::Rejoin {
+                node: r.u64()?,
+                incarnation: r.u64()?,
+            },
             CMD_UNPERSIST => Command::Unpersist {
                 name: space_name(&mut r)?,
             },
@@ -704,16 +787,16 @@ fn space_name(r: &mut Reader) -> Result<String, DecodeError> {
 // Snapshots: the whole state at an applied index, for log compaction (a member that
 // fell behind the compacted log is sent it by Raft instead of the entries).
 
-const SNAPSHOT_VERSION: u8 = 1;
+const SNAPSHOT_VERSION: u8 = 2;
 /// Largest encoded snapshot: it travels in one Raft message, in one frame.
 pub const MAX_SNAPSHOT_BYTES: usize = 768 << 10;
 /// Most nodes a decoded snapshot may list.
 const MAX_SNAPSHOT_NODES: usize = 4096;
-/// Most chunk runs a decoded snapshot may list (each at least 28 bytes).
-const MAX_SNAPSHOT_RUNS: usize = MAX_SNAPSHOT_BYTES / 28;
+/// Most chunk runs a decoded snapshot may list (each at least 36 bytes).
+const MAX_SNAPSHOT_RUNS: usize = MAX_SNAPSHOT_BYTES / 36;
 
 /// Every reason an outcome can give, so a decoded one is the same `&'static str`.
-const REJECTIONS: [&str; 19] = [
+const REJECTIONS: [&str; 23] = [
     "attaching node is down",
     "bad chunk count",
     "bad chunk range",
@@ -733,6 +816,10 @@ const REJECTIONS: [&str; 19] = [
     "space size must be a non-zero multiple of the chunk size",
     "space must end below the 47-bit user address limit",
     "root size must be a non-zero page multiple no larger than a chunk",
+    "rejoin for another node",
+    "not a member",
+    "node is up",
+    "stale incarnation",
 ];
 /// Written for a reason missing from `REJECTIONS` (a new one nobody added).
 const UNLISTED_REJECTION: u8 = u8::MAX;
@@ -850,6 +937,14 @@ impl Outcome {
                 w.bool(*destroyed);
             }
             Outcome::Stale => w.u8(11),
+            Outcome::Rejoined(node) => {
+                w.u8(12);
+                w.u64(*node);
+            }
+            Outcome::RejoinRejected(why) => {
+                w.u8(13);
+                put_reason(w, why);
+            }
         }
     }
 
@@ -885,6 +980,8 @@ impl Outcome {
                 destroyed: r.bool()?,
             },
             11 => Outcome::Stale,
+            12 => Outcome::Rejoined(r.u64()?),
+            13 => Outcome::RejoinRejected(get_reason(r)?),
             _ => return Err(DecodeError::Invalid("outcome kind")),
         })
     }
@@ -902,6 +999,7 @@ impl MetaState {
         for (&node, &status) in &self.nodes {
             w.u64(node);
             w.bool(status == NodeStatus::Up);
+            w.u64(self.incarnation(node));
         }
         w.u32(self.spaces.len() as u32);
         for layout in self.spaces.values() {
@@ -930,6 +1028,7 @@ impl MetaState {
             w.u64(count);
             w.u64(record.lessee);
             w.u64(record.home);
+            w.u64(record.lessee_incarnation);
         }
         w.u32(self.releasing.len() as u32);
         for (&(space, first), release) in &self.releasing {
@@ -967,7 +1066,12 @@ impl MetaState {
             } else {
                 NodeStatus::Down
             };
+            let incarnation = r.u64()?;
+            if incarnation == 0 {
+                return Err(DecodeError::Invalid("incarnation 0"));
+            }
             state.nodes.insert(node, status);
+            state.incarnations.insert(node, incarnation);
         }
         let space_count = r.u32()? as usize;
         if space_count > MAX_SPACES {
@@ -1000,6 +1104,7 @@ impl MetaState {
             let record = ChunkRecord {
                 lessee: r.u64()?,
                 home: r.u64()?,
+                lessee_incarnation: r.u64()?,
             };
             let Some(layout) = state.spaces.get(&space) else {
                 return Err(DecodeError::Invalid("chunk of an unknown space"));
@@ -1120,7 +1225,15 @@ mod snapshot_tests {
                 name: "nope".into(),
             },
         );
-        propose(&mut state, 1, 2, Command::MarkDown { node: 3 });
+        propose(
+            &mut state,
+            1,
+            2,
+            Command::MarkDown {
+                node: 3,
+                incarnation: 1,
+            },
+        );
         let bytes = state.encode_snapshot();
         let mut copy = MetaState::decode_snapshot(&bytes).expect("decodes");
         assert_eq!(copy.encode_snapshot(), bytes);

@@ -22,7 +22,19 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::types::NodeId;
 
+/// `origin << PROGRAM_ORIGIN_SHIFT | (origin's life - 1) << PROGRAM_LIFE_SHIFT | counter`:
+/// unique in the cluster across restarts (a restarted origin's new programs must not
+/// be mistaken for its earlier life's, which other nodes remember as ended).
 pub type ProgramId = u64;
+const PROGRAM_ORIGIN_SHIFT: u32 = 40;
+const PROGRAM_LIFE_SHIFT: u32 = 24;
+/// Programs one life of a node may launch (the counter's bits).
+pub const MAX_PROGRAMS_PER_LIFE: u64 = (1 << PROGRAM_LIFE_SHIFT) - 1;
+
+/// The node that launched `program`.
+pub fn program_origin(program: ProgramId) -> NodeId {
+    program >> PROGRAM_ORIGIN_SHIFT
+}
 pub type ThreadId = u64;
 /// The driver's name for one application connection (same as `host::ConnId`).
 pub type ConnId = u64;
@@ -40,6 +52,8 @@ pub const MAX_EVENT_BACKLOG_BYTES: usize = 4 << 20;
 pub const MAX_PROGRAMS: usize = 64;
 /// Spawns in flight from one host.
 pub const MAX_SPAWNS_IN_FLIGHT: usize = 4096;
+/// Programs never launched here whose spawns are remembered at once.
+const MAX_UNKNOWN_SPAWNED_PROGRAMS: usize = 64;
 /// Threads remembered per program as delivered, for deduplication of retried spawns.
 pub const SPAWN_DEDUPE_WINDOW: usize = 4096;
 /// Events resent per stream and retry.
@@ -516,6 +530,8 @@ pub struct Programs {
     node: NodeId,
     timing: ProgramTiming,
     now_ticks: u64,
+    /// This node's and life's part of its program ids.
+    program_base: u64,
     next_program: u64,
     next_thread: u64,
     launched: BTreeMap<ProgramId, Launched>,
@@ -524,6 +540,10 @@ pub struct Programs {
     /// Programs that ended here (bounded): a late spawn of one is answered `Ended`,
     /// a late launch does not start it again.
     ended: BTreeSet<ProgramId>,
+    /// Programs never launched here that spawns came for, with the tick the first came
+    /// (bounded): past `spawn_timeout_ticks` they are refused, since a launch that far
+    /// behind will not come (this node restarted after the program began, say).
+    unknown_spawned: BTreeMap<ProgramId, u64>,
     effects: Vec<ProgramEffect>,
     /// Mutant switches (the host sets them from its configuration).
     pub mutant_spawn_not_retried: bool,
@@ -531,22 +551,31 @@ pub struct Programs {
 }
 
 impl Programs {
-    pub fn new(node: NodeId, timing: ProgramTiming) -> Programs {
+    /// `incarnation`: this node's life (`Config::incarnation`), part of its program ids.
+    pub fn new(node: NodeId, incarnation: u64, timing: ProgramTiming) -> Programs {
         assert!(
-            node < (1 << (64 - THREAD_NODE_SHIFT)),
-            "node id too large for thread ids"
+            node < (1 << (64 - THREAD_NODE_SHIFT.max(PROGRAM_ORIGIN_SHIFT))),
+            "node id too large for thread and program ids"
+        );
+        assert!(
+            incarnation >= 1
+                && incarnation - 1 < (1 << (PROGRAM_ORIGIN_SHIFT - PROGRAM_LIFE_SHIFT)),
+            "incarnation too large for program ids"
         );
         assert!(timing.retry_base_ticks > 0 && timing.retry_max_ticks >= timing.retry_base_ticks);
         Programs {
             node,
             timing,
             now_ticks: 0,
+            program_base: (node << PROGRAM_ORIGIN_SHIFT)
+                | ((incarnation - 1) << PROGRAM_LIFE_SHIFT),
             next_program: 1,
             next_thread: 1,
             launched: BTreeMap::new(),
             hosted: BTreeMap::new(),
             spawns: BTreeMap::new(),
             ended: BTreeSet::new(),
+            unknown_spawned: BTreeMap::new(),
             effects: Vec::new(),
             mutant_spawn_not_retried: false,
             mutant_spawn_not_deduplicated: false,
@@ -586,10 +615,13 @@ impl Programs {
         peers: &[NodeId],
     ) -> Result<ProgramId, SpawnError> {
         self.now_ticks = now_ticks;
-        if self.launched.len() + self.hosted.len() >= MAX_PROGRAMS || spec.len() > MAX_SPEC_BYTES {
+        if self.launched.len() + self.hosted.len() >= MAX_PROGRAMS
+            || spec.len() > MAX_SPEC_BYTES
+            || self.next_program > MAX_PROGRAMS_PER_LIFE
+        {
             return Err(SpawnError::Busy);
         }
-        let program = (self.node << 32) | self.next_program;
+        let program = self.program_base | self.next_program;
         self.next_program += 1;
         let mut launched = Launched {
             launcher,
@@ -928,7 +960,7 @@ impl Programs {
         self.now_ticks = now_ticks;
         match message {
             ProgramMessage::Launch { program, spec } => {
-                if program >> 32 != from {
+                if program_origin(program) != from {
                     return;
                 }
                 if !self.hosted.contains_key(&program) && !self.ended.contains(&program) {
@@ -937,6 +969,7 @@ impl Programs {
                         return;
                     }
                     self.hosted.insert(program, Hosted::new(from, true));
+                    self.unknown_spawned.remove(&program);
                     self.effects
                         .push(ProgramEffect::StartWorker { program, spec });
                 }
@@ -958,7 +991,7 @@ impl Programs {
             } => {
                 let Some(launched) = self.launched.get_mut(&program) else {
                     // Forgotten (stopped and settled): acknowledge so the sender ends.
-                    if program >> 32 == self.node {
+                    if program_origin(program) == self.node {
                         self.send(from, ProgramMessage::EventAck { program, seq });
                     }
                     return;
@@ -1040,10 +1073,30 @@ impl Programs {
                 }
                 let live = self.hosted.get(&program).is_some_and(|h| !h.stopped);
                 if !live {
-                    // Not launched here yet: no answer, the spawner tries again. Ended
-                    // here: it may have run before.
+                    // Not launched here yet: no answer, the spawner tries again, for a
+                    // while. Ended here: it may have run before.
                     if self.ended.contains(&program) || self.hosted.contains_key(&program) {
                         let outcome = SpawnOutcome::Ended;
+                        self.send(from, ProgramMessage::SpawnAck { thread, outcome });
+                        return;
+                    }
+                    if !self.unknown_spawned.contains_key(&program)
+                        && self.unknown_spawned.len() >= MAX_UNKNOWN_SPAWNED_PROGRAMS
+                    {
+                        let oldest = self
+                            .unknown_spawned
+                            .iter()
+                            .min_by_key(|&(_, &tick)| tick)
+                            .map(|(&p, _)| p)
+                            .expect("non-empty");
+                        self.unknown_spawned.remove(&oldest);
+                    }
+                    let first = *self
+                        .unknown_spawned
+                        .entry(program)
+                        .or_insert(self.now_ticks);
+                    if self.now_ticks.saturating_sub(first) >= self.timing.spawn_timeout_ticks {
+                        let outcome = SpawnOutcome::Refused;
                         self.send(from, ProgramMessage::SpawnAck { thread, outcome });
                     }
                     return;

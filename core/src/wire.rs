@@ -1,7 +1,8 @@
 //! The peer wire format: every message between two `gallocyd`s, defined once and used
 //! by the simulator and the daemon alike.
 //!
-//! Frame: `magic u16 = 0x4759 ("GY") | version u8 | kind u8 | from u64 | to u64 | body`.
+//! Frame: `magic u16 = 0x4759 ("GY") | version u8 | kind u8 | from u64 |
+//! from_incarnation u64 | to u64 | body`.
 //! All integers little-endian. Kinds 1..=31 are coherence and allocation, 32..=63 are
 //! reserved for replication of page contents, 64..=127 for distributed threads and
 //! locks; an unknown kind is an error, never a panic.
@@ -12,18 +13,17 @@ use crate::programs::ProgramMessage;
 use crate::types::{Access, NodeId, PageBytes, PageId, SpaceId, PAGE_SIZE_BYTES};
 
 pub const WIRE_MAGIC: u16 = 0x4759;
-pub const WIRE_VERSION: u8 = 3;
+pub const WIRE_VERSION: u8 = 4;
 /// Largest frame a peer may send (a page plus headers, or a batch of Raft entries).
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 /// Largest embedded Raft message.
 pub const MAX_RAFT_MESSAGE_BYTES: usize = MAX_FRAME_BYTES - 64;
-const HEADER_BYTES: usize = 2 + 1 + 1 + 8 + 8;
+const HEADER_BYTES: usize = 2 + 1 + 1 + 8 + 8 + 8;
 
 /// The first bytes on every peer connection:
 /// `b"GYHI" | version u8 | node id u64 | incarnation u64`.
-/// A daemon refuses a peer that speaks another version, is not a member, or comes back
-/// with another incarnation (a restarted daemon lost its in-memory Raft state, and a
-/// Raft member that forgets its log can break safety).
+/// A daemon refuses a peer that speaks another version, is not a member, or speaks for
+/// an incarnation older than one it already heard (a connection of a life that ended).
 pub const PEER_HELLO_BYTES: usize = 21;
 const PEER_HELLO_MAGIC: [u8; 4] = *b"GYHI";
 
@@ -31,7 +31,7 @@ const PEER_HELLO_MAGIC: [u8; 4] = *b"GYHI";
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct PeerHello {
     pub node: NodeId,
-    /// Distinct for every start of a daemon (its start time, for example).
+    /// The member's life: 1 at first, one more at every restart (kept on its disk).
     pub incarnation: u64,
 }
 
@@ -187,6 +187,9 @@ pub enum PeerMessage {
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Envelope {
     pub from: NodeId,
+    /// The sender's life (`Config::incarnation`): a message of a life that ended, or of
+    /// one the receiver has not seen rejoin yet, says nothing about the pages.
+    pub from_incarnation: u64,
     pub to: NodeId,
     pub message: PeerMessage,
 }
@@ -286,6 +289,7 @@ impl Envelope {
         };
         w.u8(kind);
         w.u64(self.from);
+        w.u64(self.from_incarnation);
         w.u64(self.to);
         match &self.message {
             PeerMessage::Raft(bytes) => w.blob(bytes),
@@ -410,6 +414,7 @@ impl Envelope {
         }
         let kind = r.u8()?;
         let from = r.u64()?;
+        let from_incarnation = r.u64()?;
         let to = r.u64()?;
         if from == 0 || to == 0 {
             return Err(DecodeError::Invalid("node id 0"));
@@ -497,6 +502,11 @@ impl Envelope {
             other => return Err(DecodeError::UnknownKind(other)),
         };
         r.finish()?;
-        Ok(Envelope { from, to, message })
+        Ok(Envelope {
+            from,
+            from_incarnation,
+            to,
+            message,
+        })
     }
 }

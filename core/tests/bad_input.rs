@@ -5,7 +5,13 @@ use gallocy_core::wire::{WIRE_MAGIC, WIRE_VERSION};
 use gallocy_core::{Config, Envelope, Node, PageId, PeerMessage};
 
 fn frame(from: u64, to: u64, message: PeerMessage) -> Vec<u8> {
-    Envelope { from, to, message }.encode()
+    Envelope {
+        from,
+        from_incarnation: 1,
+        to,
+        message,
+    }
+    .encode()
 }
 
 #[test]

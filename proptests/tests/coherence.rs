@@ -163,6 +163,8 @@ impl Cluster {
                     });
                 }
                 Action::Reply { token, reply } => self.on_reply(index, token, reply),
+                // No node restarts here: what a disk would keep is never read back.
+                Action::PersistRaft(_) => {}
                 Action::ReleasePages { first_page, .. } => {
                     self.violate(format!(
                         "node {id} released page {first_page}: nothing was freed"

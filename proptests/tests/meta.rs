@@ -88,7 +88,10 @@ fn command(overlong_names: bool) -> impl Strategy<Value = Command> {
         // Space 0 never exists; node 4 is not a member; count 0 is invalid.
         6 => (0u32..=4, 1u64..=4, prop_oneof![4 => 1u32..=4, 1 => 0u32..=70_000])
             .prop_map(|(space, node, count)| Command::LeaseChunks { space, node, count }),
-        1 => (1u64..=4).prop_map(|node| Command::MarkDown { node }),
+        1 => (1u64..=4, 1u64..=3)
+            .prop_map(|(node, incarnation)| Command::MarkDown { node, incarnation }),
+        1 => (1u64..=4, 1u64..=3)
+            .prop_map(|(node, incarnation)| Command::Rejoin { node, incarnation }),
         2 => prop::sample::select(vec!["a", "b", "c", "e"])
             .prop_map(|name| Command::Attach { name: name.to_string() }),
         3 => (0u32..=6).prop_map(|space| Command::Detach { space }),
@@ -111,6 +114,7 @@ fn step() -> impl Strategy<Value = Step> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Snapshot {
     nodes: BTreeMap<NodeId, NodeStatus>,
+    incarnations: BTreeMap<NodeId, u64>,
     spaces: BTreeMap<SpaceId, SpaceLayout>,
     names: BTreeMap<String, SpaceId>,
     chunks: BTreeMap<(SpaceId, u64), ChunkRecord>,
@@ -123,6 +127,7 @@ struct Snapshot {
 fn snapshot(state: &MetaState) -> Snapshot {
     Snapshot {
         nodes: state.nodes.clone(),
+        incarnations: state.incarnations.clone(),
         spaces: state.spaces.clone(),
         names: state.space_ids_by_name.clone(),
         chunks: state.chunks.clone(),
@@ -165,10 +170,10 @@ fn check_state(state: &MetaState) -> Result<(), TestCaseError> {
             record.lessee
         );
         // The home is the lessee until the lessee is marked down; then a node up (if
-        // any is left).
+        // any is left), also once the lessee rejoined.
         let any_up = state.nodes.values().any(|s| *s == NodeStatus::Up);
         prop_assert!(
-            record.home == record.lessee || !state.is_up(record.lessee),
+            record.home == record.lessee || record.lessee_lost(state),
             "chunk {chunk} of space {space} homed on {} while its lessee {} is up",
             record.home,
             record.lessee
@@ -532,7 +537,49 @@ fn check_fresh(
                 "rejected space leased chunks"
             );
         }
-        (Command::MarkDown { node }, Outcome::MarkedDown(marked)) => {
+        (Command::MarkDown { node, incarnation }, Outcome::MarkedDown(marked))
+            if before.nodes.get(node) != Some(&NodeStatus::Up)
+                || before.incarnations.get(node) != Some(incarnation) =>
+        {
+            // Down already, or about an earlier life: nothing changes.
+            prop_assert_eq!(marked, node);
+            prop_assert_eq!(&state.nodes, &before.nodes, "stale mark-down changed nodes");
+            prop_assert_eq!(
+                &state.chunks,
+                &before.chunks,
+                "stale mark-down moved chunks"
+            );
+        }
+        (Command::Rejoin { node, incarnation }, Outcome::Rejoined(rejoined)) => {
+            prop_assert_eq!(rejoined, node);
+            prop_assert_eq!(proposal.origin, *node, "rejoined for another node");
+            prop_assert_eq!(before.nodes.get(node), Some(&NodeStatus::Down));
+            prop_assert!(before
+                .incarnations
+                .get(node)
+                .is_some_and(|i| i < incarnation));
+            prop_assert!(state.is_up(*node));
+            prop_assert_eq!(state.incarnation(*node), *incarnation);
+            prop_assert!(
+                state.chunks.iter().all(|(key, record)| {
+                    let old = before.chunks[key];
+                    old == *record || before.nodes.get(&old.home) == Some(&NodeStatus::Down)
+                }),
+                "rejoin moved chunks homed by a node up"
+            );
+        }
+        (Command::Rejoin { node, incarnation }, Outcome::RejoinRejected(_)) => {
+            let acceptable = proposal.origin == *node
+                && before.nodes.get(node) == Some(&NodeStatus::Down)
+                && before
+                    .incarnations
+                    .get(node)
+                    .is_some_and(|i| i < incarnation);
+            prop_assert!(!acceptable, "a valid rejoin was refused");
+            prop_assert_eq!(&state.nodes, &before.nodes, "refused rejoin changed nodes");
+            prop_assert_eq!(&state.incarnations, &before.incarnations);
+        }
+        (Command::MarkDown { node, .. }, Outcome::MarkedDown(marked)) => {
             prop_assert_eq!(marked, node);
             prop_assert!(!state.is_up(*node));
             let gone = check_destroyed(before, state, *node, owners)?;

@@ -264,11 +264,14 @@ proptest! {
 }
 
 fn envelope() -> impl Strategy<Value = Envelope> {
-    (node_id(), node_id(), peer_message()).prop_map(|(from, to, message)| Envelope {
-        from,
-        to,
-        message,
-    })
+    (node_id(), any::<u64>(), node_id(), peer_message()).prop_map(
+        |(from, from_incarnation, to, message)| Envelope {
+            from,
+            from_incarnation,
+            to,
+            message,
+        },
+    )
 }
 
 fn space_name() -> impl Strategy<Value = String> {
@@ -312,7 +315,10 @@ fn command() -> impl Strategy<Value = Command> {
         any::<u32>().prop_map(|space| Command::Detach { space }),
         (any::<u32>(), any::<u64>(), any::<u32>())
             .prop_map(|(space, node, count)| Command::LeaseChunks { space, node, count }),
-        any::<u64>().prop_map(|node| Command::MarkDown { node }),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(node, incarnation)| Command::MarkDown { node, incarnation }),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(node, incarnation)| Command::Rejoin { node, incarnation }),
         space_name().prop_map(|name| Command::Unpersist { name }),
     ]
 }

@@ -469,6 +469,7 @@ impl Daemon {
 
     fn apply(&mut self, action: HostAction) {
         match action {
+            HostAction::PersistRaft(_) => {}
             HostAction::SendPeer(envelope) => {
                 let to = envelope.to;
                 self.send_peer(to, envelope.encode());

@@ -234,6 +234,16 @@ impl Ghost {
         })
     }
 
+    /// Node `node` crashed: what its processes made or saw is gone with them (a
+    /// restarted node starts with nothing seen).
+    pub fn forget_observer(&mut self, node: usize) {
+        for page in self.pages.values_mut() {
+            for generation in page.history.iter_mut() {
+                generation.observers.remove(&node);
+            }
+        }
+    }
+
     pub fn retain(&mut self, mut keep: impl FnMut(&PageId) -> bool) {
         self.pages.retain(|page, _| keep(page));
     }

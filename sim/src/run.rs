@@ -93,6 +93,8 @@ pub struct FaultPlan {
     /// Mean ticks between partitions (0: none).
     pub partition_every_ticks: u64,
     pub crash_ticks: Vec<u64>,
+    /// Per crash (same order): restarted from its disk this long after, or never.
+    pub restart_after_ticks: Vec<Option<u64>>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -100,6 +102,7 @@ pub struct FaultCounters {
     pub partitions: u64,
     pub one_way_partitions: u64,
     pub crashes: u64,
+    pub restarts: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -122,6 +125,8 @@ pub struct RunReport {
     /// home went down, and pages served from the master again after their writer did.
     pub pages_recovered: u64,
     pub pages_reverted: u64,
+    /// Of the nodes up at the end: restarted nodes applied back up.
+    pub rejoins: u64,
     pub leader_changes_seen: u64,
 }
 
@@ -152,6 +157,10 @@ impl FaultPlan {
                 plan.crash_ticks.push(rng.gen_range(300..4000));
             }
             plan.crash_ticks.sort_unstable();
+            for _ in 0..crashes {
+                let restart = rng.gen_bool(0.6).then(|| rng.gen_range(100..3000));
+                plan.restart_after_ticks.push(restart);
+            }
         }
         plan
     }
@@ -212,6 +221,7 @@ pub fn run(params: RunParams) -> RunReport {
                     step: 0,
                     tick: 0,
                 }),
+                rejoins: 0,
                 malformed_frames: 0,
                 rejected_messages: 0,
                 retries: 0,
@@ -270,6 +280,9 @@ fn run_unguarded(params: RunParams) -> RunReport {
         u64::MAX
     };
     let mut crash_ticks = plan.crash_ticks.clone();
+    let mut restart_after_ticks = plan.restart_after_ticks.clone();
+    // (tick, node index) of restarts due.
+    let mut restarts_due: Vec<(u64, usize)> = Vec::new();
     let mut crashed = vec![false; params.nodes];
     let mut heal_tick: Option<u64> = None;
     let mut leader_changes = 0u64;
@@ -298,16 +311,30 @@ fn run_unguarded(params: RunParams) -> RunReport {
             }
         }
 
+        // Restarts go on after the final heal too: a node down for good is a fault,
+        // one coming back is part of the cluster's life.
+        while let Some(position) = restarts_due.iter().position(|&(t, _)| t <= now) {
+            let (_, victim) = restarts_due.remove(position);
+            crashed[victim] = false;
+            faults.restarts += 1;
+            sim.bounce(host_name(victim));
+            world.borrow_mut().restart(victim);
+        }
+
         // Fault injection during the workload phase.
         if heal_tick.is_none() {
             while crash_ticks.first().is_some_and(|&t| t <= now) {
                 crash_ticks.remove(0);
+                let restart = restart_after_ticks.remove(0);
                 let alive: Vec<usize> = (0..params.nodes).filter(|&i| !crashed[i]).collect();
                 let victim = alive[rng.gen_range(0..alive.len())];
                 crashed[victim] = true;
                 faults.crashes += 1;
                 sim.crash(host_name(victim));
                 world.borrow_mut().crash(victim);
+                if let Some(after) = restart {
+                    restarts_due.push((now + after, victim));
+                }
             }
             if let Some(active) = &partition {
                 if active.heal_tick <= now {
@@ -422,7 +449,7 @@ fn run_unguarded(params: RunParams) -> RunReport {
     }
     let (mut malformed, mut rejected, mut retries) = (0, 0, 0);
     let (mut compactions, mut snapshots) = (0, 0);
-    let (mut recovered, mut reverted) = (0, 0);
+    let (mut recovered, mut reverted, mut rejoins) = (0, 0, 0);
     for index in 0..params.nodes {
         if let Some(node) = w.node(index) {
             let stats = node.stats();
@@ -433,6 +460,7 @@ fn run_unguarded(params: RunParams) -> RunReport {
             snapshots += stats.snapshots_installed;
             recovered += stats.pages_recovered;
             reverted += stats.pages_reverted;
+            rejoins += stats.rejoins;
         }
     }
     RunReport {
@@ -451,6 +479,7 @@ fn run_unguarded(params: RunParams) -> RunReport {
         snapshots_installed: snapshots,
         pages_recovered: recovered,
         pages_reverted: reverted,
+        rejoins,
         leader_changes_seen: leader_changes,
     }
 }

@@ -25,6 +25,7 @@ use crate::trace::TraceHash;
 
 mod sync;
 mod threads;
+use crate::disk::SimDisk;
 use crate::ghost::Ghost;
 use sync::{LockRun, Rmw, SimLock, WaitRecord, WakeDue};
 
@@ -55,6 +56,8 @@ pub struct Violation {
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Counters {
+    /// Crashed nodes started again from their disks.
+    pub restarts: u64,
     pub ops_issued: u64,
     pub ops_completed: u64,
     pub reads: u64,
@@ -240,6 +243,12 @@ enum ConnKind {
 
 struct NodeSlot {
     host: Option<Host>,
+    /// Survives crashes: what a restart reads.
+    disk: SimDisk,
+    /// The life the host runs (or last ran) as.
+    incarnation: u64,
+    /// Its configuration, for restarts.
+    host_config: HostConfig,
     /// The node's memory for its spaces (the daemon's memfd): what every process of
     /// the node reads and writes, under its own access.
     memory: BTreeMap<PageId, Box<PageBytes>>,
@@ -407,9 +416,12 @@ impl World {
             host_config.space_base_addr = SPACE_BASE_ADDR;
             host_config.space_size_bytes = SPACE_SIZE_BYTES;
             host_config.space_chunk_size_bytes = CHUNK_SIZE_BYTES;
-            let host = Host::new(host_config).expect("valid simulator configuration");
+            let host = Host::new(host_config.clone()).expect("valid simulator configuration");
             slots.push(NodeSlot {
                 host: Some(host),
+                disk: SimDisk::default(),
+                incarnation: host_config.node.incarnation,
+                host_config,
                 memory: BTreeMap::new(),
                 processes: BTreeMap::new(),
                 conns: BTreeMap::new(),
@@ -522,6 +534,16 @@ impl World {
     pub fn crash(&mut self, index: usize) {
         let slot = &mut self.slots[index];
         slot.host = None;
+        slot.disk.crash(&mut self.rng);
+        if self.debug {
+            eprintln!("[t={}] node {} crashed", self.now_ticks, index + 1);
+        }
+        self.ghost.forget_observer(index);
+        for lock in self.locks.iter_mut() {
+            if lock.holder_index() == Some(index) {
+                lock.holder_crashed = true;
+            }
+        }
         slot.memory.clear();
         slot.processes.clear();
         slot.conns.clear();
@@ -534,6 +556,36 @@ impl World {
         });
         self.inbox.retain(|(node, _, _)| *node != index);
         self.trace.event(1, &[index as u64, self.now_ticks]);
+    }
+
+    /// Starts crashed node `index` again from its disk, as its next incarnation: it
+    /// rejoins with its Raft log and none of its pages.
+    pub fn restart(&mut self, index: usize) {
+        let slot = &mut self.slots[index];
+        assert!(slot.host.is_none(), "restart of a running node");
+        slot.incarnation += 1;
+        let mut config = slot.host_config.clone();
+        config.node.incarnation = slot.incarnation;
+        let host = match Host::restart(config, slot.disk.read()) {
+            Ok(host) => host,
+            Err(error) => {
+                return self.violate(
+                    "restart",
+                    format!(
+                        "node {} could not restart from its disk: {error}",
+                        index + 1
+                    ),
+                );
+            }
+        };
+        slot.host = Some(host);
+        self.counters.restarts += 1;
+        if self.debug {
+            eprintln!("[t={}] node {} restarted", self.now_ticks, index + 1);
+        }
+        self.trace.event(11, &[index as u64, self.now_ticks]);
+        self.pump(index);
+        self.settle();
     }
 
     /// A frame arrived at node `index` from the network.
@@ -557,6 +609,9 @@ impl World {
     }
 
     pub fn take_outbox(&mut self, index: usize) -> Vec<(NodeId, Vec<u8>)> {
+        if !self.outbox[index].is_empty() {
+            self.slots[index].disk.frames_sent();
+        }
         std::mem::take(&mut self.outbox[index])
     }
 
@@ -596,6 +651,7 @@ impl World {
 
     fn apply_action(&mut self, index: usize, action: HostAction) {
         match action {
+            HostAction::PersistRaft(write) => self.slots[index].disk.write(write),
             HostAction::SendPeer(envelope) => {
                 self.counters.frames_sent += 1;
                 if self.outbox[index].is_empty() {
@@ -805,10 +861,11 @@ impl World {
             .retain(|page, _| !range.contains(page));
         // A node declared down may apply the release after the run was freed without
         // it (and leased again): its drop says nothing about the ghost.
+        // So may a restarted node replaying its log before it rejoined.
         let evicted = self.slots[index]
             .host
             .as_ref()
-            .is_none_or(|h| h.node().is_evicted());
+            .is_none_or(|h| h.node().is_evicted() || h.node().is_rejoining());
         if evicted {
             let now = self.now_ticks;
             if let Some(host) = self.slots[index].host.as_mut() {
@@ -2186,7 +2243,10 @@ impl World {
                 if expect_valid {
                     self.violate(
                         "allocation safety",
-                        format!("valid free of live block {addr:#x} refused"),
+                        format!(
+                            "valid free of live block {addr:#x} refused on node {}",
+                            index + 1
+                        ),
                     );
                 }
                 self.counters.invalid_frees_rejected += 1;

@@ -39,9 +39,16 @@ impl Node {
             }
             let messages = ready.take_messages();
             self.send_raft(messages);
+            let mut write = RaftWrite {
+                must_sync: ready.must_sync(),
+                ..RaftWrite::default()
+            };
             if !ready.snapshot().is_empty() {
                 let snapshot = ready.snapshot().clone();
-                self.install_snapshot(snapshot);
+                if self.install_snapshot(snapshot.clone()) {
+                    write.snapshot = Some(snapshot);
+                    write.clear_log = true;
+                }
             }
             let committed = ready.take_committed_entries();
             self.apply_entries(committed);
@@ -50,6 +57,7 @@ impl Node {
                     self.stats.raft_errors += 1;
                     let _ = error;
                 }
+                write.entries = ready.entries().to_vec();
             }
             if let Some(hard_state) = ready.hs() {
                 self.raft
@@ -57,17 +65,25 @@ impl Node {
                     .entries
                     .wl()
                     .set_hardstate(hard_state.clone());
+                write.hard_state = Some(hard_state.clone());
+            }
+            // Durable before any message that depends on it leaves (the driver carries
+            // out actions in order).
+            if write != RaftWrite::default() {
+                self.actions.push(Action::PersistRaft(write));
             }
             let persisted = ready.take_persisted_messages();
             self.send_raft(persisted);
             let mut light = self.raft.advance(ready);
             if let Some(commit) = light.commit_index() {
-                self.raft
-                    .mut_store()
-                    .entries
-                    .wl()
-                    .mut_hard_state()
-                    .set_commit(commit);
+                let store = self.raft.mut_store();
+                store.entries.wl().mut_hard_state().set_commit(commit);
+                // A commit index may be lost in a crash (Raft learns it again).
+                let hard_state = store.entries.rl().hard_state().clone();
+                self.actions.push(Action::PersistRaft(RaftWrite {
+                    hard_state: Some(hard_state),
+                    ..RaftWrite::default()
+                }));
             }
             let messages = light.take_messages();
             self.send_raft(messages);
@@ -118,29 +134,36 @@ impl Node {
         members.sort_unstable();
         metadata.set_conf_state(ConfState::from((members, vec![])));
         let store = self.raft.mut_store();
-        store.snapshot = snapshot;
+        store.snapshot = snapshot.clone();
         let first_kept = applied + 1 - max_entries / 2;
         if store.compact(first_kept).is_err() {
             self.stats.raft_errors += 1;
             return;
         }
         self.stats.log_compactions += 1;
+        // Not synced: lost, the log it stands for is still on the disk.
+        self.actions.push(Action::PersistRaft(RaftWrite {
+            snapshot: Some(snapshot),
+            first_kept_index: Some(first_kept),
+            ..RaftWrite::default()
+        }));
     }
 
     /// A leader sent the metadata at an index past this node's log: replace the state
     /// with it, then do what the skipped entries would have done to this node (drop
     /// destroyed spaces, take part in releases, void the copies of nodes gone down).
-    fn install_snapshot(&mut self, snapshot: raft::eraftpb::Snapshot) {
+    /// Returns whether it was installed (to be made durable).
+    fn install_snapshot(&mut self, snapshot: raft::eraftpb::Snapshot) -> bool {
         // Checked before it was stepped (`raft_message_is_sane`).
         let Ok(mut state) = MetaState::decode_snapshot(&snapshot.data) else {
             self.stats.raft_errors += 1;
-            return;
+            return false;
         };
         let metadata = snapshot.get_metadata().clone();
         let store = self.raft.mut_store();
         if store.entries.wl().apply_snapshot(snapshot.clone()).is_err() {
             self.stats.raft_errors += 1;
-            return;
+            return false;
         }
         store.snapshot = snapshot;
         store.compacted = (metadata.index, metadata.term);
@@ -173,16 +196,34 @@ impl Node {
         for (space, first_chunk, count) in releases {
             self.begin_release(space, first_chunk, count);
         }
+        // A life that ended in the skipped entries: down now, or up as a later life.
         let downed: Vec<NodeId> = old
             .nodes
-            .iter()
-            .filter(|&(&node, _)| old.is_up(node) && !self.meta.is_up(node))
-            .map(|(&node, _)| node)
+            .keys()
+            .filter(|&&node| {
+                old.is_up(node)
+                    && (!self.meta.is_up(node)
+                        || self.meta.incarnation(node) != old.incarnation(node))
+            })
+            .copied()
             .collect();
         for node in downed {
             self.on_node_down(node);
         }
+        let rejoined: Vec<NodeId> = self
+            .meta
+            .nodes
+            .keys()
+            .filter(|&&node| {
+                self.meta.is_up(node) && self.meta.incarnation(node) > old.incarnation(node)
+            })
+            .copied()
+            .collect();
+        for node in rejoined {
+            self.on_node_rejoined(node);
+        }
         self.retry_unmapped(false);
+        true
     }
 
     pub(super) fn send_raft(&mut self, messages: Vec<RaftMessage>) {
@@ -348,7 +389,7 @@ impl Node {
                 }
             };
             let was_up = match proposal.command {
-                Command::MarkDown { node } => self.meta.is_up(node),
+                Command::MarkDown { node, .. } => self.meta.is_up(node),
                 _ => false,
             };
             let executed_before = self.meta.applied_commands;
@@ -369,10 +410,13 @@ impl Node {
             }
             // On the Up→Down transition only: a retried or second leader's MarkDown
             // must not postpone the void or rescan the directory again.
-            if let Command::MarkDown { node } = proposal.command {
+            if let Command::MarkDown { node, .. } = proposal.command {
                 if was_up && !self.meta.is_up(node) {
                     self.on_node_down(node);
                 }
+            }
+            if let Outcome::Rejoined(node) = outcome {
+                self.on_node_rejoined(node);
             }
             if proposal.origin == self.config.id {
                 if let Some(pending) = self.proposals.remove(&proposal.proposal_id) {
@@ -509,7 +553,7 @@ impl Node {
             (Purpose::ReleaseForApp { token }, _) => {
                 self.reply_error(token, AppError::InvalidArgument("unexpected outcome"))
             }
-            (Purpose::MarkDown, _) => {}
+            (Purpose::MarkDown | Purpose::Rejoin, _) => {}
             (
                 Purpose::CreateSpace { token }
                 | Purpose::Attach { token }
@@ -554,7 +598,13 @@ impl Node {
         }
         for node in suspects {
             if self
-                .propose(Command::MarkDown { node }, Purpose::MarkDown)
+                .propose(
+                    Command::MarkDown {
+                        node,
+                        incarnation: self.meta.incarnation(node),
+                    },
+                    Purpose::MarkDown,
+                )
                 .is_ok()
             {
                 self.down_proposed.insert(node);
@@ -562,8 +612,39 @@ impl Node {
         }
     }
 
+    /// A restarted node first ends its previous life in the metadata (a `MarkDown` of
+    /// the incarnation the metadata has, which voids its copies and moves its chunks
+    /// like any crash), then comes back up as this life (`Rejoin`). One step at a time;
+    /// proposals retry on their own, and a step refused because the metadata here was
+    /// behind is followed by the right one once it caught up.
+    pub(super) fn drive_rejoin(&mut self) {
+        if !self.rejoining
+            || self.leader_id == 0
+            || self
+                .proposals
+                .values()
+                .any(|p| matches!(p.purpose, Purpose::Rejoin))
+        {
+            return;
+        }
+        let me = self.config.id;
+        let command = if self.meta.is_up(me) {
+            Command::MarkDown {
+                node: me,
+                incarnation: self.meta.incarnation(me),
+            }
+        } else {
+            Command::Rejoin {
+                node: me,
+                incarnation: self.config.incarnation,
+            }
+        };
+        let _ = self.propose(command, Purpose::Rejoin);
+    }
+
     pub(super) fn update_fence(&mut self) {
         let in_contact = !self.evicted
+            && !self.rejoining
             && (self.is_leader
                 || self.lease_sent_tick.is_some_and(|t| {
                     self.now_ticks.saturating_sub(t) <= self.config.fence_after_ticks
@@ -707,7 +788,10 @@ impl Node {
 
     pub(super) fn on_node_down(&mut self, node: NodeId) {
         if node == self.config.id {
-            self.evict_self();
+            // While rejoining, the life marked down is an earlier one.
+            if !self.rejoining {
+                self.evict_self();
+            }
             return;
         }
         // Home side: the node's copies become void, but not at once: a leader may have
@@ -740,6 +824,24 @@ impl Node {
             let free = self.remote_frees.remove(&id).expect("listed");
             self.reply_error(free.token, AppError::NodeDown(node));
         }
+    }
+
+    /// `node` came back up as a new life (its previous one was marked down first, so
+    /// its copies are void or pending void, and its chunks have new homes).
+    fn on_node_rejoined(&mut self, node: NodeId) {
+        if node == self.config.id {
+            if self.meta.incarnation(node) == self.config.incarnation {
+                self.rejoining = false;
+                self.stats.rejoins += 1;
+                for (token, request, _) in std::mem::take(&mut self.rejoin_waiting) {
+                    self.dispatch_request(token, request);
+                }
+            }
+            return;
+        }
+        // It may be marked down again if it goes silent again.
+        self.down_proposed.remove(&node);
+        self.last_heard_tick.insert(node, self.now_ticks);
     }
 
     /// Takes the applications' access to every page this node holds (the node keeps
@@ -797,7 +899,7 @@ impl Node {
                 Purpose::LeaseForAllocator { .. }
                 | Purpose::ReleaseRegion { .. }
                 | Purpose::ReleaseDone => {}
-                Purpose::MarkDown => {
+                Purpose::MarkDown | Purpose::Rejoin => {
                     self.proposals.insert(id, proposal);
                 }
             }

@@ -21,6 +21,11 @@ impl Node {
             self.stats.messages_rejected += 1;
             return;
         }
+        if self.pending_voids.contains_key(&request.from) {
+            // A node that rejoined before its earlier life's copies are void here: this
+            // directory may still list that life's copies as its own. It asks again.
+            return;
+        }
         let members = self.config.members.len();
         if !self.directory.contains_key(&page_id) {
             // Only a new entry asks whether its chunk was recovered.
@@ -62,7 +67,7 @@ impl Node {
         };
         self.meta
             .chunk(page_id.space, layout.chunk_of_page(page_id.index))
-            .is_some_and(|record| record.home != record.lessee)
+            .is_some_and(|record| record.recovered(&self.meta))
     }
 
     pub(super) fn home_start(&mut self, page_id: PageId, request: PageRequestInfo) {

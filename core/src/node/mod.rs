@@ -19,11 +19,14 @@ use raft::storage::MemStorage;
 use raft::{RawNode, StateRole};
 
 use raft_store::RaftStore;
+pub use raft_store::{PersistedRaft, RaftWrite};
 
 use crate::alloc::ExtentAllocator;
 use crate::codec::DecodeError;
 use crate::dedupe::{Dedupe, Seen};
-use crate::meta::{Command, MetaState, Outcome, Proposal, MAX_PROPOSALS_IN_FLIGHT};
+use crate::meta::{
+    Command, MetaState, Outcome, Proposal, FIRST_INCARNATION, MAX_PROPOSALS_IN_FLIGHT,
+};
 use crate::retry::RetrySchedule;
 use crate::types::{Access, NodeId, PageBytes, PageId, SpaceId, SpaceLayout, PAGE_SIZE_BYTES};
 use crate::wire::{Envelope, FreeOutcome, PageDenial, PeerMessage};
@@ -53,6 +56,8 @@ pub const MAX_REMOTE_FREES_IN_FLIGHT: usize = 1024;
 const MAX_LOOPBACK_STEPS: usize = 1 << 16;
 /// Bound on Ready rounds per input (raft-rs needs at most a few).
 const MAX_READY_ROUNDS: usize = 64;
+/// Most application requests a rejoining node holds.
+const MAX_REJOIN_WAITING: usize = 4096;
 /// Largest single allocation.
 pub const MAX_ALLOCATION_BYTES: u64 = 1 << 40;
 /// Default size of a space's root block.
@@ -94,9 +99,17 @@ pub struct Config {
     /// Applied Raft entries kept in memory beyond the latest metadata snapshot: past
     /// this many, the node snapshots its metadata and drops the older half.
     pub raft_log_max_entries: u64,
+    /// This life of the node: `FIRST_INCARNATION` at its first start, one more at each
+    /// restart from its disk (`Node::restart`). Its request and proposal ids start at
+    /// `id_base`, so no id of a later life repeats one of an earlier.
+    pub incarnation: u64,
     #[cfg(feature = "mutants")]
     pub mutant: Option<Mutant>,
 }
+
+/// Most lives a node may have: ids of each life get 2^40 values (`Config::id_base`),
+/// and program ids keep 16 bits for it.
+pub const MAX_INCARNATION: u64 = 1 << 16;
 
 impl Config {
     pub fn new(id: NodeId, members: Vec<NodeId>) -> Config {
@@ -115,9 +128,15 @@ impl Config {
             metadata_wait_ticks: 2000,
             retain_empty_chunks: 4,
             raft_log_max_entries: 4096,
+            incarnation: FIRST_INCARNATION,
             #[cfg(feature = "mutants")]
             mutant: None,
         }
+    }
+
+    /// The first request, proposal, free and wake id of this life (minus one).
+    pub fn id_base(&self) -> u64 {
+        (self.incarnation - 1) << 40
     }
 
     /// Checks the configuration as a whole; the error names the values that disagree.
@@ -137,6 +156,12 @@ impl Config {
         }
         if self.election_raft_ticks <= self.heartbeat_raft_ticks {
             return Err("election timeout must exceed the heartbeat interval".into());
+        }
+        if self.incarnation == 0 || self.incarnation > MAX_INCARNATION {
+            return Err(format!(
+                "incarnation must be 1 to {MAX_INCARNATION}, not {}",
+                self.incarnation
+            ));
         }
         if self.raft_log_max_entries < 4 {
             return Err("raft_log_max_entries must be at least 4".into());
@@ -285,7 +310,7 @@ impl From<FreeOutcome> for AppReply {
     }
 }
 
-#[derive(Clone, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Debug)]
 pub enum Action {
     /// Send a frame to a peer (`Envelope::encode`).
     Send(Envelope),
@@ -333,6 +358,10 @@ pub enum Action {
         from: NodeId,
         message: crate::futex::FutexMessage,
     },
+    /// Make this change to the node's Raft log and hard state durable, as one atomic
+    /// write (`RaftWrite`), before carrying out any later action; if `must_sync`,
+    /// synced to the disk first. What a restart reads back is `PersistedRaft`.
+    PersistRaft(RaftWrite),
 }
 
 /// Counters for status displays and the simulator's summary.
@@ -358,6 +387,11 @@ pub struct Stats {
     /// Pages whose writer went down, served again from the last contents that left
     /// a writer.
     pub pages_reverted: u64,
+    /// Times this node, restarted, was applied back up (`Rejoin`).
+    pub rejoins: u64,
+    /// Messages dropped for their sender's incarnation: of a life that ended, or of one
+    /// this node has not seen rejoin yet.
+    pub messages_other_life: u64,
     pub allocations: u64,
     pub frees: u64,
     pub remote_frees: u64,
@@ -605,6 +639,8 @@ enum Purpose {
         token: AppToken,
     },
     MarkDown,
+    /// A step of this restarted node's rejoin (`drive_rejoin`).
+    Rejoin,
 }
 
 #[derive(Clone, Debug)]
@@ -661,6 +697,11 @@ pub struct Node {
     down_proposed: BTreeSet<NodeId>,
     fenced: bool,
     evicted: bool,
+    /// Restarted, and its `Rejoin` entry not applied yet: Raft only, no pages.
+    rejoining: bool,
+    /// Application requests made while rejoining, with their deadline tick: served
+    /// once rejoined, `Busy` past the deadline.
+    rejoin_waiting: VecDeque<(AppToken, AppRequest, u64)>,
     /// Nodes marked down whose copies the home voids at the given tick.
     pending_voids: BTreeMap<NodeId, u64>,
 
@@ -709,7 +750,23 @@ fn raft_logger() -> slog::Logger {
 }
 
 impl Node {
+    /// A node's first start: an empty log, every member up.
     pub fn new(config: Config) -> Result<Node, String> {
+        Node::start(config, None)
+    }
+
+    /// A node restarting from its disk, as the next incarnation (`config.incarnation`
+    /// above the one that wrote `persisted`). It has its Raft log but no page, no
+    /// directory and no allocator: until its `Rejoin` entry is applied it takes part
+    /// in Raft only (docs/protocol.md "Restart and rejoin").
+    pub fn restart(config: Config, persisted: &PersistedRaft) -> Result<Node, String> {
+        if config.incarnation == FIRST_INCARNATION {
+            return Err("a restart needs an incarnation above the first".into());
+        }
+        Node::start(config, Some(persisted))
+    }
+
+    fn start(config: Config, persisted: Option<&PersistedRaft>) -> Result<Node, String> {
         config.validate()?;
         let mut members = config.members.clone();
         members.sort_unstable();
@@ -730,16 +787,34 @@ impl Node {
             ..Default::default()
         };
         raft_config.validate().map_err(|e| e.to_string())?;
-        let storage = MemStorage::new_with_conf_state(ConfState::from((members.clone(), vec![])));
-        let raft = RawNode::new(&raft_config, RaftStore::new(storage), &raft_logger())
-            .map_err(|e| e.to_string())?;
         #[allow(unused_mut)]
-        let mut meta = MetaState::new(&members);
+        let (store, mut meta) = match persisted {
+            None => {
+                let storage =
+                    MemStorage::new_with_conf_state(ConfState::from((members.clone(), vec![])));
+                (RaftStore::new(storage), MetaState::new(&members))
+            }
+            Some(persisted) => {
+                let store = RaftStore::restore(&members, persisted)?;
+                // The metadata at the snapshot; the entries after it are applied again
+                // as raft-rs hands them over.
+                let meta = if persisted.snapshot.get_metadata().index > 0 {
+                    MetaState::decode_snapshot(&persisted.snapshot.data)
+                        .map_err(|e| format!("persisted metadata snapshot: {e}"))?
+                } else {
+                    MetaState::new(&members)
+                };
+                (store, meta)
+            }
+        };
+        let raft = RawNode::new(&raft_config, store, &raft_logger()).map_err(|e| e.to_string())?;
         #[cfg(feature = "mutants")]
         {
             meta.mutant_double_lease = config.mutant == Some(Mutant::DoubleLease);
         }
-        let single = members.len() == 1;
+        let single = members.len() == 1 && persisted.is_none();
+        let id_base = config.id_base();
+        let rejoining = persisted.is_some();
         let mut node = Node {
             config,
             raft,
@@ -754,10 +829,12 @@ impl Node {
             down_proposed: BTreeSet::new(),
             fenced: true,
             evicted: false,
+            rejoining,
+            rejoin_waiting: VecDeque::new(),
             pending_voids: BTreeMap::new(),
-            next_proposal_id: 1,
+            next_proposal_id: id_base + 1,
             proposals: BTreeMap::new(),
-            next_request_id: 1,
+            next_request_id: id_base + 1,
             next_revoke_token: 1,
             allocators: BTreeMap::new(),
             pending_allocations: BTreeMap::new(),
@@ -773,7 +850,7 @@ impl Node {
             releases: BTreeMap::new(),
             next_release_token: 1,
             release_acks_due: VecDeque::new(),
-            next_free_id: 1,
+            next_free_id: id_base + 1,
             pending_app_requests: 0,
             in_ready: false,
             snapshots_sent: Vec::new(),
@@ -830,6 +907,10 @@ impl Node {
     }
     pub fn is_evicted(&self) -> bool {
         self.evicted
+    }
+    /// Restarted and not rejoined yet (serves no page).
+    pub fn is_rejoining(&self) -> bool {
+        self.rejoining
     }
     pub fn allocator(&self, space: SpaceId) -> Option<&ExtentAllocator> {
         self.allocators.get(&space)
@@ -902,6 +983,7 @@ impl Node {
                 self.drive_raft();
             }
             if !self.is_leader
+                && !self.rejoining
                 && self.leader_id != 0
                 && self.now_ticks >= self.next_lease_request_tick
             {
@@ -909,6 +991,15 @@ impl Node {
                 let sent_tick = self.now_ticks;
                 self.send(self.leader_id, PeerMessage::LeaseRequest { sent_tick });
             }
+        }
+        self.drive_rejoin();
+        while self
+            .rejoin_waiting
+            .front()
+            .is_some_and(|&(_, _, deadline)| deadline <= self.now_ticks)
+        {
+            let (token, _, _) = self.rejoin_waiting.pop_front().expect("checked");
+            self.reply_error(token, AppError::Busy);
         }
         self.update_fence();
         self.void_due();
@@ -1143,12 +1234,18 @@ impl Node {
         self.reply(token, AppReply::Error(error));
     }
 
-    fn send(&mut self, to: NodeId, message: PeerMessage) {
-        let envelope = Envelope {
+    /// A message from this node's current life to `to`.
+    pub fn envelope(&self, to: NodeId, message: PeerMessage) -> Envelope {
+        Envelope {
             from: self.config.id,
+            from_incarnation: self.config.incarnation,
             to,
             message,
-        };
+        }
+    }
+
+    fn send(&mut self, to: NodeId, message: PeerMessage) {
+        let envelope = self.envelope(to, message);
         if to == self.config.id {
             self.loopback.push_back(envelope);
         } else {

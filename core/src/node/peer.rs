@@ -10,19 +10,32 @@ impl Node {
     /// A message off the network (or the loopback): from a member, so it counts as
     /// hearing from that member.
     pub(super) fn handle_envelope(&mut self, envelope: Envelope) {
-        let Envelope { from, to, message } = envelope;
+        let Envelope {
+            from,
+            from_incarnation,
+            to,
+            message,
+        } = envelope;
         if to != self.config.id || !self.config.members.contains(&from) {
             self.stats.messages_rejected += 1;
             return;
         }
         self.last_heard_tick.insert(from, self.now_ticks);
+        // Raft copes with messages of any life (its state is on the sender's disk);
+        // everything else is about pages and threads of the life the metadata names.
+        if from_incarnation != self.meta.incarnation(from)
+            && !matches!(message, PeerMessage::Raft(_))
+        {
+            self.stats.messages_other_life += 1;
+            return;
+        }
         self.dispatch(from, message);
     }
 
     /// Handles an accepted message; also replays messages deferred during a revocation,
     /// which say nothing about whether their sender is alive now.
     pub(super) fn dispatch(&mut self, from: NodeId, message: PeerMessage) {
-        if self.evicted
+        if (self.evicted || self.rejoining)
             && !matches!(
                 message,
                 PeerMessage::Raft(_) | PeerMessage::LeaseRequest { .. }
@@ -467,10 +480,10 @@ impl Node {
                     .and_then(|l| l.chunk_of_addr(addr))
                     .is_some_and(|chunk| {
                         self.meta.releasing_run(space, chunk).is_none()
-                            && self
-                                .meta
-                                .chunk(space, chunk)
-                                .is_some_and(|r| r.lessee == self.config.id)
+                            && self.meta.chunk(space, chunk).is_some_and(|r| {
+                                r.lessee == self.config.id
+                                    && r.lessee_incarnation == self.config.incarnation
+                            })
                     });
                 let outcome = if owned {
                     self.free_local(space, addr)

@@ -1,9 +1,67 @@
 //! The Raft log's storage: raft-rs's in-memory log, plus the latest metadata snapshot,
-//! which raft-rs sends to a member that fell behind the compacted log.
+//! which raft-rs sends to a member that fell behind the compacted log. The node keeps
+//! it in memory and tells the driver every change (`RaftWrite`) to make durable; a
+//! restart starts from what the driver read back (`PersistedRaft`).
 
-use raft::eraftpb::{Entry, Snapshot};
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::storage::MemStorage;
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
+
+/// One change to the durable Raft state, applied atomically in this order: `snapshot`
+/// (with `clear_log`, the log is replaced by it), then the entries before
+/// `first_kept_index` dropped, then `entries` written (replacing any persisted entry
+/// at or past the first one's index), then `hard_state`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RaftWrite {
+    pub snapshot: Option<Snapshot>,
+    /// The snapshot came from the leader: every entry persisted before goes.
+    pub clear_log: bool,
+    pub first_kept_index: Option<u64>,
+    pub entries: Vec<Entry>,
+    pub hard_state: Option<HardState>,
+    /// Raft needs this on the disk before the node's next message leaves (votes,
+    /// terms, appended entries); a commit index alone may be lost in a crash.
+    pub must_sync: bool,
+}
+
+/// What a node's disk holds of its Raft state: what `RaftWrite`s applied in order
+/// leave (`apply`). A driver with its own storage engine rebuilds the same from it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PersistedRaft {
+    pub hard_state: HardState,
+    /// Empty (index 0) until the first compaction or installed snapshot.
+    pub snapshot: Snapshot,
+    /// Consecutive entries, oldest first.
+    pub entries: Vec<Entry>,
+}
+
+impl PersistedRaft {
+    pub fn apply(&mut self, write: &RaftWrite) {
+        if let Some(snapshot) = &write.snapshot {
+            self.snapshot = snapshot.clone();
+        }
+        if write.clear_log {
+            self.entries.clear();
+        }
+        if let Some(first_kept) = write.first_kept_index {
+            self.entries.retain(|e| e.index >= first_kept);
+        }
+        if let Some(first) = write.entries.first() {
+            self.entries.retain(|e| e.index < first.index);
+            self.entries.extend(write.entries.iter().cloned());
+        }
+        if let Some(hard_state) = &write.hard_state {
+            self.hard_state = hard_state.clone();
+        }
+    }
+
+    /// Whether anything was ever persisted (a first start has nothing).
+    pub fn is_empty(&self) -> bool {
+        self.hard_state == HardState::default()
+            && self.snapshot.get_metadata().index == 0
+            && self.entries.is_empty()
+    }
+}
 
 pub(super) struct RaftStore {
     pub(super) entries: MemStorage,
@@ -21,6 +79,59 @@ impl RaftStore {
             snapshot: Snapshot::default(),
             compacted: (0, 0),
         }
+    }
+
+    /// The store a restart begins with: the persisted snapshot, the entries after it,
+    /// the hard state. An inconsistent disk (a gap in the entries, a commit past the
+    /// log) is an error, never a panic.
+    pub(super) fn restore(members: &[u64], persisted: &PersistedRaft) -> Result<RaftStore, String> {
+        let storage = MemStorage::new_with_conf_state(ConfState::from((members.to_vec(), vec![])));
+        let mut store = RaftStore::new(storage);
+        let snapshot_index = persisted.snapshot.get_metadata().index;
+        if snapshot_index > 0 {
+            store
+                .entries
+                .wl()
+                .apply_snapshot(persisted.snapshot.clone())
+                .map_err(|e| format!("persisted snapshot: {e}"))?;
+            store.compacted = (snapshot_index, persisted.snapshot.get_metadata().term);
+            store.snapshot = persisted.snapshot.clone();
+        }
+        // Entries the snapshot covers stay behind it (compaction keeps some for members
+        // slightly behind); the in-memory log starts after it.
+        let after: Vec<Entry> = persisted
+            .entries
+            .iter()
+            .filter(|e| e.index > snapshot_index)
+            .cloned()
+            .collect();
+        for (offset, entry) in after.iter().enumerate() {
+            if entry.index != snapshot_index + 1 + offset as u64 {
+                return Err(format!(
+                    "persisted Raft log has a gap: entry {} where {} was expected",
+                    entry.index,
+                    snapshot_index + 1 + offset as u64
+                ));
+            }
+        }
+        if !after.is_empty() {
+            store
+                .entries
+                .wl()
+                .append(&after)
+                .map_err(|e| format!("persisted entries: {e}"))?;
+        }
+        let last_index = snapshot_index + after.len() as u64;
+        if persisted.hard_state.commit > last_index {
+            return Err(format!(
+                "persisted commit index {} is past the log's last entry {last_index}",
+                persisted.hard_state.commit
+            ));
+        }
+        let mut hard_state = persisted.hard_state.clone();
+        hard_state.commit = hard_state.commit.max(snapshot_index);
+        store.entries.wl().set_hardstate(hard_state);
+        Ok(store)
     }
 
     /// Drops the entries before `first_kept`, which must be at most one past the

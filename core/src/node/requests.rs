@@ -12,6 +12,18 @@ impl Node {
             self.reply_error(token, AppError::Evicted);
             return;
         }
+        if self.rejoining {
+            // Its metadata still has the earlier life (attached, leasing, homing):
+            // nothing an application asks can be done before the rejoin.
+            if self.rejoin_waiting.len() >= MAX_REJOIN_WAITING {
+                self.reply_error(token, AppError::Busy);
+            } else {
+                let deadline_tick = self.now_ticks + self.config.metadata_wait_ticks;
+                self.rejoin_waiting
+                    .push_back((token, request, deadline_tick));
+            }
+            return;
+        }
         match request {
             AppRequest::CreateSpace {
                 name,
@@ -249,13 +261,14 @@ impl Node {
             self.wait_for_metadata(token, space, addr, None);
             return;
         }
+        if record.lessee_lost(&self.meta) {
+            // Which blocks are live there ended with the life that carved them.
+            self.reply_error(token, AppError::NodeDown(record.lessee));
+            return;
+        }
         if record.lessee == self.config.id {
             let outcome = self.free_local(space, addr);
             self.reply(token, AppReply::from(outcome));
-            return;
-        }
-        if !self.meta.is_up(record.lessee) {
-            self.reply_error(token, AppError::NodeDown(record.lessee));
             return;
         }
         if self.remote_frees.len() >= MAX_REMOTE_FREES_IN_FLIGHT {

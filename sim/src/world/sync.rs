@@ -78,6 +78,12 @@ impl Rmw {
     }
 }
 
+impl SimLock {
+    pub(super) fn holder_index(&self) -> Option<usize> {
+        self.holder.map(|(index, _, _)| index)
+    }
+}
+
 #[derive(Clone, Debug)]
 pub(super) struct SimLock {
     pub(super) addr: u64,
@@ -85,6 +91,8 @@ pub(super) struct SimLock {
     holder: Option<(usize, i32, usize)>,
     /// Its holder's process ended while holding it: nobody will unlock it.
     abandoned: bool,
+    /// Its holder's node crashed (it may have restarted since).
+    pub(super) holder_crashed: bool,
 }
 
 /// A thread's lock operation in progress.
@@ -389,8 +397,9 @@ impl World {
         // A holder whose node crashed before anyone saw its lock word may lose the
         // lock with its writes (the word reverts): the lock is free again.
         if let Some((holder_index, _, _)) = self.locks[lock].holder {
-            if !self.live_nodes()[holder_index] {
+            if !self.live_nodes()[holder_index] || self.locks[lock].holder_crashed {
                 self.locks[lock].holder = None;
+                self.locks[lock].holder_crashed = false;
             }
         }
         if let Some(holder) = self.locks[lock].holder {
@@ -403,6 +412,7 @@ impl World {
             );
         }
         self.locks[lock].holder = Some((index, pid, thread));
+        self.locks[lock].holder_crashed = false;
         self.counters.locks_acquired += 1;
         self.trace.event(19, &[index as u64, pid as u64, addr]);
         let Some(mut run) = self.sync_of(index, pid, thread) else {
@@ -650,6 +660,7 @@ impl World {
             addr,
             holder: None,
             abandoned: false,
+            holder_crashed: false,
         });
     }
 }

@@ -41,6 +41,9 @@ pub(super) struct SimProgram {
     workers: BTreeSet<usize>,
     output_sent: BTreeMap<usize, Vec<u8>>,
     output_heard: BTreeMap<usize, Vec<u8>>,
+    /// Per node, the life it had at the launch: a node restarted since left the
+    /// program, like one that went down.
+    lives: Vec<u64>,
 }
 
 /// One spawned thread, by its record's address.
@@ -179,6 +182,7 @@ impl World {
                     workers: BTreeSet::new(),
                     output_sent: BTreeMap::new(),
                     output_heard: BTreeMap::new(),
+                    lives: self.slots.iter().map(|s| s.incarnation).collect(),
                 });
             }
             (ConnKind::Launcher, IpcMessage::Error { .. }) => {
@@ -279,6 +283,7 @@ impl World {
         // end with it; a worker declared down ends its stream).
         let gone = |index: usize| {
             self.slots[index].host.is_none()
+                || self.slots[index].incarnation != program.lives[index]
                 || self.slots.iter().filter_map(|s| s.host.as_ref()).any(|h| {
                     matches!(
                         h.node().meta().nodes.get(&(index as NodeId + 1)),
