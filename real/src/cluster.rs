@@ -236,7 +236,8 @@ struct NodeSetup {
     plaintext_tcp: bool,
 }
 
-/// Writes node `id`'s configuration and starts its daemon.
+/// Writes node `id`'s configuration and starts its daemon, as a new member: whatever
+/// Raft state an earlier cluster left in the node's directory goes.
 fn start_daemon(
     dir: &Path,
     node: &NodeSetup,
@@ -261,11 +262,33 @@ fn start_daemon(
             home.clone(),
         )
     };
+    let data_dir = config.data_dir();
+    if data_dir.exists() {
+        std::fs::remove_dir_all(&data_dir)
+            .map_err(|e| format!("remove {}: {e}", data_dir.display()))?;
+    }
     let config_path = home.join("gallocyd.toml");
     std::fs::write(&config_path, config.to_toml())
         .map_err(|e| format!("write {}: {e}", config_path.display()))?;
-    let log_file =
-        std::fs::File::create(home.join("gallocyd.log")).map_err(|e| format!("create log: {e}"))?;
+    spawn_daemon(&home, gallocyd, false)
+}
+
+/// Starts the daemon configured in `home/gallocyd.toml`, in a session of its own, its
+/// output in `home/gallocyd.log` (appended to if `append_log`), its pid in
+/// `home/gallocyd.pid`.
+fn spawn_daemon(
+    home: &Path,
+    gallocyd: &Path,
+    append_log: bool,
+) -> Result<std::process::Child, String> {
+    let config_path = home.join("gallocyd.toml");
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(append_log)
+        .truncate(!append_log)
+        .open(home.join("gallocyd.log"))
+        .map_err(|e| format!("open log: {e}"))?;
     let mut command = Command::new(gallocyd);
     command
         .arg("--config")
@@ -291,6 +314,46 @@ fn start_daemon(
         return Err(format!("write pid file: {e}"));
     }
     Ok(child)
+}
+
+/// Starts node `id` of the local cluster in `dir` again, after its daemon died: the
+/// same configuration and data directory, so it comes back as the next life of the
+/// same member (its Raft log from its disk, its pages from the other nodes). Returns
+/// once it has rejoined (its status says so), or with its log if it exits first.
+pub fn restart(dir: &Path, id: u64, gallocyd: &Path) -> Result<(), String> {
+    let home = node_dir(dir, id);
+    if !home.join("gallocyd.toml").exists() {
+        return Err(format!("{} has no gallocyd.toml", home.display()));
+    }
+    if let Ok(pid) = std::fs::read_to_string(home.join("gallocyd.pid")) {
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            if pid_alive(pid) && is_gallocyd(pid) {
+                return Err(format!("node {id} is running (pid {pid})"));
+            }
+        }
+    }
+    let mut child = spawn_daemon(&home, gallocyd, true)?;
+    let deadline = Instant::now() + LEADER_TIMEOUT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = std::fs::read_to_string(home.join("gallocyd.log")).unwrap_or_default();
+            return Err(format!("gallocyd of node {id} exited ({status}):\n{log}"));
+        }
+        let status = crate::admin::status(&app_socket(dir, id)).ok();
+        if status.is_some_and(|s| {
+            s["rejoining"] == false && s["leader"].as_u64().is_some_and(|l| l != 0)
+        }) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "node {id} did not rejoin within {} s (see {})",
+                LEADER_TIMEOUT.as_secs(),
+                home.join("gallocyd.log").display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Stops every daemon of the cluster in `dir` and removes its sockets and pid files.

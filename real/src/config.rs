@@ -108,6 +108,11 @@ pub struct DaemonConfig {
     pub app_socket: PathBuf,
     /// Runtime directory (pid file, logs).
     pub runtime_dir: PathBuf,
+    /// Where the Raft log, hard state and the node's life are kept (raft-engine's
+    /// files): `runtime_dir/raft` unless set. A daemon started again on the same
+    /// directory restarts as the next life of the same member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
     /// Group allowed to connect besides the daemon's own user (by gid), if any.
     #[serde(default)]
     pub app_group: Option<u32>,
@@ -165,6 +170,7 @@ impl DaemonConfig {
             peers,
             app_socket,
             runtime_dir,
+            data_dir: None,
             app_group: None,
             space: SpaceDefaults::default(),
             log: default_log(),
@@ -185,6 +191,7 @@ impl DaemonConfig {
         let dir = path.parent().unwrap_or(Path::new("."));
         config.app_socket = dir.join(&config.app_socket);
         config.runtime_dir = dir.join(&config.runtime_dir);
+        config.data_dir = config.data_dir.map(|data| dir.join(data));
         config.listen = config.listen.resolved(dir);
         for peer in &mut config.peers {
             peer.addr = peer.addr.resolved(dir);
@@ -194,6 +201,13 @@ impl DaemonConfig {
             .validate()
             .map_err(|e| format!("bad config {}: {e}", path.display()))?;
         Ok(config)
+    }
+
+    /// The directory of the node's Raft state (`data_dir`).
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| self.runtime_dir.join("raft"))
     }
 
     pub fn to_toml(&self) -> String {

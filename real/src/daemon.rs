@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{DaemonConfig, PeerAddr};
 use crate::memory::{NodeSpaces, SpaceMemory};
+use crate::raft_disk::RaftDisk;
 use crate::tls::{cert_names_member, PeerTls, TlsStream};
 use crate::workers::{self, Chunk, Worker};
 
@@ -216,8 +217,12 @@ pub struct Daemon {
     processes: BTreeMap<SessionId, ProcessHandle>,
     counters: Counters,
     actions: Vec<HostAction>,
-    /// This daemon's start, distinct across restarts (see `PeerHello`).
+    /// This daemon's life as a member: one more at every restart (see `PeerHello`).
     incarnation: u64,
+    /// The Raft log and hard state on disk.
+    raft_disk: RaftDisk,
+    /// Set when the daemon cannot go on (its Raft state could not be written).
+    fatal: Option<String>,
     /// Credentials of the peer links (TLS over TCP), when configured.
     tls: Option<PeerTls>,
     credentials_checked: Instant,
@@ -266,7 +271,27 @@ impl Daemon {
         check_private_peer_dirs(&config)?;
         let tls = config.tls.as_ref().map(PeerTls::load).transpose()?;
         let uid = rustix::process::getuid().as_raw();
-        let host = Host::new(config.host_config(uid))?;
+        let data_dir = config.data_dir();
+        let opened = RaftDisk::open(&data_dir, config.node_id)?;
+        let mut host_config = config.host_config(uid);
+        host_config.node.incarnation = opened.incarnation;
+        let host = match &opened.persisted {
+            None => Host::new(host_config)?,
+            Some(persisted) => {
+                info!(
+                    node = config.node_id,
+                    incarnation = opened.incarnation,
+                    entries = persisted.entries.len(),
+                    snapshot_index = persisted.snapshot.get_metadata().index,
+                    term = persisted.hard_state.term,
+                    "restarting from the Raft state in {}",
+                    data_dir.display()
+                );
+                Host::restart(host_config, persisted)?
+            }
+        };
+        let incarnation = opened.incarnation;
+        let raft_disk = opened.disk;
         let poll = Poll::new().map_err(|e| io_error("epoll", e))?;
         let mut app_listener = bind_unix(&config.app_socket)?;
         // Only this user (and a configured group) may attach: checked again with
@@ -337,9 +362,9 @@ impl Daemon {
             processes: BTreeMap::new(),
             counters: Counters::default(),
             actions: Vec::new(),
-            incarnation: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64),
+            incarnation,
+            raft_disk,
+            fatal: None,
             busy_until: None,
             read_buffer: Vec::new(),
             workers: BTreeMap::new(),
@@ -353,6 +378,12 @@ impl Daemon {
     pub fn run(&mut self) -> Result<(), String> {
         let mut events = Events::with_capacity(1024);
         while !SHUTDOWN.load(Ordering::SeqCst) {
+            if let Some(error) = self.fatal.take() {
+                for worker in self.workers.values_mut() {
+                    worker.kill();
+                }
+                return Err(format!("cannot go on: {error}"));
+            }
             // Poll without sleeping for a short while after an application's request
             // or page traffic: a sleeping vCPU takes tens of microseconds to wake on
             // this kind of VM, which would dominate a request's latency. Otherwise
@@ -468,8 +499,21 @@ impl Daemon {
     }
 
     fn apply(&mut self, action: HostAction) {
+        if self.fatal.is_some() {
+            // Nothing after a Raft write that failed may happen (the run loop ends).
+            return;
+        }
         match action {
-            HostAction::PersistRaft(_) => {}
+            HostAction::PersistRaft(write) => {
+                // Carried out before any later action (a vote before the message that
+                // casts it); a write that fails ends the daemon: a member that cannot
+                // keep its promises must not go on making them.
+                if self.fatal.is_none() {
+                    if let Err(error) = self.raft_disk.write(&write) {
+                        self.fatal = Some(error);
+                    }
+                }
+            }
             HostAction::SendPeer(envelope) => {
                 let to = envelope.to;
                 self.send_peer(to, envelope.encode());
@@ -1541,6 +1585,9 @@ impl Daemon {
             "term": node.term(),
             "fenced": node.is_fenced(),
             "evicted": node.is_evicted(),
+            // Restarted and not yet applied back up: serves no page until then.
+            "rejoining": node.is_rejoining(),
+            "raft_disk": {"writes": self.raft_disk.writes, "syncs": self.raft_disk.syncs},
             "members": members,
             "spaces": spaces,
             "pages": {"read": read, "write": write, "homed": node.directory_len()},
@@ -1554,6 +1601,8 @@ impl Daemon {
                 "frames_received": stats.frames_received,
                 "frames_malformed": stats.frames_malformed,
                 "messages_rejected": stats.messages_rejected,
+                "messages_other_life": stats.messages_other_life,
+                "rejoins": stats.rejoins,
                 "grants_sent": stats.grants_sent,
                 "invalidations_sent": stats.invalidations_sent,
                 "recalls_sent": stats.recalls_sent,

@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod launch;
 pub mod memory;
+pub mod raft_disk;
 pub mod run;
 pub mod tls;
 pub mod workers;

@@ -490,6 +490,97 @@ fn pages_another_node_read_survive_their_home_being_killed() {
     );
 }
 
+/// A killed daemon started again on its directory rejoins as the same member: its
+/// Raft state comes from its disk, the pages it homed come back from the copies other
+/// nodes hold, and it serves applications again (a new space between it and another
+/// node, both ways).
+#[test]
+fn a_killed_daemon_restarts_rejoins_and_serves_again() {
+    let cluster = Cluster::start("restart", 3);
+    let program = e2e_program(&cluster.dir);
+    let line = |child: &mut std::process::Child| {
+        let mut out = child.stdout.take().expect("piped");
+        let mut text = Vec::new();
+        let mut byte = [0u8; 1];
+        while out.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
+            text.push(byte[0]);
+        }
+        String::from_utf8_lossy(&text).into_owned()
+    };
+    let mut writer = cluster
+        .command(2, &program, &["crash-writer"])
+        .spawn()
+        .unwrap();
+    assert_eq!(line(&mut writer), "written", "log 2:\n{}", cluster.log(2));
+    let mut reader = cluster
+        .command(3, &program, &["crash-reader"])
+        .spawn()
+        .unwrap();
+    assert_eq!(
+        line(&mut reader),
+        "read 64 pages",
+        "log 3:\n{}",
+        cluster.log(3)
+    );
+    let old_pid = cluster.daemon_pid(2);
+    // SAFETY: signalling the daemon this test started.
+    unsafe { libc::kill(old_pid, libc::SIGKILL) };
+    // Reaped here (it is this test's child's child only if cluster up ran in-process).
+    let gone = std::time::Instant::now() + LIMIT;
+    while cluster.daemon_alive(2) {
+        // SAFETY: waitpid with WNOHANG on a pid; harmless if not our child.
+        unsafe { libc::waitpid(old_pid, std::ptr::null_mut(), libc::WNOHANG) };
+        assert!(
+            std::time::Instant::now() < gone,
+            "node 2's daemon did not die"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let gallocyd = std::path::PathBuf::from(env!("CARGO_BIN_EXE_gallocyd"));
+    gallocy_real::cluster::restart(&cluster.dir, 2, &gallocyd)
+        .unwrap_or_else(|e| panic!("restart: {e}\nlog 1:\n{}", cluster.log(1)));
+    let status = gallocy_real::admin::status(&cluster.socket(2)).expect("status");
+    assert_eq!(status["incarnation"].as_u64(), Some(2), "{status}");
+    assert_eq!(status["rejoining"], false, "{status}");
+    assert!(
+        status["counters"]["rejoins"].as_u64() == Some(1),
+        "{status}"
+    );
+    // The pages node 2 homed and wrote, read on node 2 again: from node 3's copies.
+    let verify = cluster.run(2, &program, &["crash-verify"], LIMIT);
+    let _ = writer.kill();
+    let _ = writer.wait();
+    assert!(
+        verify.status.success(),
+        "{}\nlog 2:\n{}\nlog 3:\n{}",
+        describe(&verify),
+        cluster.log(2),
+        cluster.log(3)
+    );
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("read 64 pages"));
+    let _ = reader.kill();
+    let _ = reader.wait();
+    // It serves new work both ways: node 2 publishes to node 1, then node 1 to node 2.
+    publish_then_consume(
+        &mut cluster.command(2, &program, &["publish"]),
+        &mut cluster.command(1, &program, &["consume"]),
+        LIMIT,
+    );
+    publish_then_consume(
+        &mut cluster.command(1, &program, &["publish"]),
+        &mut cluster.command(2, &program, &["consume"]),
+        LIMIT,
+    );
+    for node in 1..=3 {
+        let status = gallocy_real::admin::status(&cluster.socket(node)).expect("status");
+        assert_eq!(
+            status["leader"],
+            gallocy_real::admin::status(&cluster.socket(1)).expect("status")["leader"]
+        );
+        assert!(status["raft_disk"]["syncs"].as_u64() > Some(0), "{status}");
+    }
+}
+
 #[test]
 fn cluster_down_leaves_nothing_running() {
     let dir = temp_dir("down");

@@ -97,6 +97,14 @@ enum ClusterAction {
         #[arg(long, default_value = "unix", value_parser = ["unix", "tls", "tcp"])]
         peers: String,
     },
+    /// Start node N of the local cluster in DIR again after its daemon died: it
+    /// rejoins as the same member with its Raft log, and gets its pages from the others.
+    Restart {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The node to start again.
+        node: u64,
+    },
     /// Stop the cluster in DIR; nothing is left running.
     Down {
         #[arg(long)]
@@ -205,6 +213,20 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             },
+            ClusterAction::Restart { dir, node } => {
+                match cluster::gallocyd_path()
+                    .and_then(|gallocyd| cluster::restart(&dir, node, &gallocyd))
+                {
+                    Ok(()) => {
+                        println!("node {node} rejoined the cluster in {}", dir.display());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("gallocy: {e}");
+                        ExitCode::from(1)
+                    }
+                }
+            }
             ClusterAction::Down { dir } => match cluster::down(&dir) {
                 Ok(stopped) => {
                     println!("stopped {stopped} daemons in {}", dir.display());
