@@ -450,6 +450,7 @@ pub fn error_message(error: AppError) -> IpcMessage {
         AppError::UnknownSpace => (ErrorCode::UnknownSpace, 0),
         AppError::SpaceRejected(_) => (ErrorCode::SpaceRejected, 0),
         AppError::InvalidArgument(_) => (ErrorCode::InvalidArgument, 0),
+        AppError::MembershipRejected(why) => (ErrorCode::MembershipRejected, why as u64),
         AppError::OutOfMemory => (ErrorCode::OutOfMemory, 0),
         AppError::InvalidFree => (ErrorCode::InvalidFree, 0),
         AppError::NotMapped => (ErrorCode::NotMapped, 0),
@@ -478,6 +479,12 @@ impl Host {
     pub fn restart(config: HostConfig, persisted: &PersistedRaft) -> Result<Host, String> {
         config.validate()?;
         Host::with_node(Node::restart(config.node.clone(), persisted)?, config)
+    }
+
+    /// A daemon's first start as a node the cluster will add (`Node::join`).
+    pub fn join_cluster(config: HostConfig) -> Result<Host, String> {
+        config.validate()?;
+        Host::with_node(Node::join(config.node.clone())?, config)
     }
 
     fn with_node(node: Node, config: HostConfig) -> Result<Host, String> {
@@ -723,7 +730,7 @@ impl Host {
     /// restarted daemon lost its in-memory Raft state.
     pub fn peer_hello(&mut self, hello: PeerHello, proof: PeerProof) -> Result<NodeId, String> {
         let peer = hello.node;
-        if !self.config.node.members.contains(&peer) || peer == self.config.node.id {
+        if !self.node.is_member(peer) || peer == self.config.node.id {
             self.counters.peer_frames_refused += 1;
             return Err(format!("hello from node {peer}, not a member"));
         }
@@ -1180,6 +1187,18 @@ impl Host {
             (Some(_), IpcMessage::Status) => {
                 self.actions.push(HostAction::Status { conn, request_id })
             }
+            (Some(Role::Admin), IpcMessage::AddMember { node }) => {
+                self.submit(
+                    Pending::Request { conn, request_id },
+                    AppRequest::AddMember { node },
+                );
+            }
+            (Some(Role::Admin), IpcMessage::RemoveMember { node }) => {
+                self.submit(
+                    Pending::Request { conn, request_id },
+                    AppRequest::RemoveMember { node },
+                );
+            }
             (Some(Role::Admin), IpcMessage::Unpersist { name }) => {
                 let Ok(name) = std::str::from_utf8(name_from_field(&name)) else {
                     return self.send_app(conn, request_id, refusal(ErrorCode::InvalidArgument));
@@ -1221,7 +1240,7 @@ impl Host {
                 if self.session_of(conn).is_none() {
                     return self.send_app(conn, request_id, refusal(ErrorCode::NotAttached));
                 }
-                if !self.config.node.members.contains(&node) {
+                if !self.node.meta().nodes.contains_key(&node) {
                     return self.send_app(conn, request_id, refusal(ErrorCode::InvalidArgument));
                 }
                 let up = matches!(self.node.meta().nodes.get(&node), Some(NodeStatus::Up));
@@ -1312,7 +1331,7 @@ impl Host {
         let meta = self.node.meta();
         if let Some(layout) = meta.space_by_name(&name) {
             // A rejoining node's metadata is its earlier life's: the request waits.
-            if meta.is_attached(layout.id, me) && !self.node.is_rejoining() {
+            if meta.is_attached(layout.id, me) && self.node.is_serving() {
                 let layout = layout.clone();
                 let pid = self.conns[&join.conn].creds.pid;
                 return self.welcome(join.conn, join.request_id, pid, layout);
@@ -1582,14 +1601,10 @@ impl Host {
 
     /// The other members the cluster has up: where a thread of a program may run.
     fn live_peers(&self) -> Vec<NodeId> {
-        let meta = self.node.meta();
-        self.config
-            .node
-            .members
-            .iter()
-            .copied()
+        self.node
+            .meta()
+            .up_nodes()
             .filter(|m| *m != self.config.node.id)
-            .filter(|m| matches!(meta.nodes.get(m), Some(NodeStatus::Up)))
             .collect()
     }
 
@@ -2173,6 +2188,9 @@ impl Host {
                         IpcMessage::Leased { addr, size_bytes }
                     }
                     AppReply::Unpersisted { destroyed } => IpcMessage::Unpersisted { destroyed },
+                    AppReply::MembershipChanged { node, added } => {
+                        IpcMessage::MembershipChanged { node, added }
+                    }
                     AppReply::Error(e) => error_message(e),
                     AppReply::Granted { .. } | AppReply::Space(_) | AppReply::Detached { .. } => {
                         refusal(ErrorCode::Internal)

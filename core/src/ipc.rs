@@ -58,6 +58,8 @@ pub enum ErrorCode {
     Internal = 16,
     /// The program has no instance on that node (never launched there, or ended).
     NoInstance = 17,
+    /// A membership change refused; `detail` is a `meta::MembershipRejection` code.
+    MembershipRejected = 18,
 }
 
 impl ErrorCode {
@@ -79,6 +81,7 @@ impl ErrorCode {
             14 => ErrorCode::UnknownSession,
             15 => ErrorCode::NotAttached,
             17 => ErrorCode::NoInstance,
+            18 => ErrorCode::MembershipRejected,
             _ => ErrorCode::Internal,
         }
     }
@@ -103,6 +106,7 @@ impl ErrorCode {
             ErrorCode::NotAttached => "not attached to a space",
             ErrorCode::Internal => "internal daemon error",
             ErrorCode::NoInstance => "the program has no instance on that node",
+            ErrorCode::MembershipRejected => "membership change refused",
         }
     }
 }
@@ -220,9 +224,21 @@ pub enum IpcMessage {
         node: u64,
         record_addr: u64,
     },
+    /// Administrative: make `node` a member (its daemon was started to join), or
+    /// remove it for good. Answered `MembershipChanged` once the change is applied.
+    AddMember {
+        node: u64,
+    },
+    RemoveMember {
+        node: u64,
+    },
     // Daemon → application.
     Launched {
         program: u64,
+    },
+    MembershipChanged {
+        node: u64,
+        added: bool,
     },
     /// About the worker instance on `node`; `what` is a `REPORT_*` value, followed by
     /// `len_bytes` of data (output bytes, a refusal reason).
@@ -339,6 +355,8 @@ const KIND_LAUNCH: u8 = 16;
 const KIND_STOP_PROGRAM: u8 = 17;
 const KIND_SERVE_THREADS: u8 = 18;
 const KIND_SPAWN_THREAD: u8 = 19;
+const KIND_ADD_MEMBER: u8 = 20;
+const KIND_REMOVE_MEMBER: u8 = 21;
 const KIND_WELCOME: u8 = 65;
 const KIND_ALLOCATED: u8 = 66;
 const KIND_FREED: u8 = 67;
@@ -356,6 +374,7 @@ const KIND_WORKER_REPORT: u8 = 78;
 const KIND_RUN_THREAD: u8 = 79;
 const KIND_THREAD_SPAWNED: u8 = 80;
 const KIND_STOP_THREADS: u8 = 81;
+const KIND_MEMBERSHIP_CHANGED: u8 = 82;
 
 /// `WorkerReport::what`.
 pub const REPORT_STARTED: u8 = 1;
@@ -444,6 +463,9 @@ impl IpcMessage {
             IpcMessage::FutexWoken { .. } => KIND_FUTEX_WOKEN,
             IpcMessage::Launch { .. } => KIND_LAUNCH,
             IpcMessage::StopProgram { .. } => KIND_STOP_PROGRAM,
+            IpcMessage::AddMember { .. } => KIND_ADD_MEMBER,
+            IpcMessage::RemoveMember { .. } => KIND_REMOVE_MEMBER,
+            IpcMessage::MembershipChanged { .. } => KIND_MEMBERSHIP_CHANGED,
             IpcMessage::ServeThreads { .. } => KIND_SERVE_THREADS,
             IpcMessage::SpawnThread { .. } => KIND_SPAWN_THREAD,
             IpcMessage::Launched { .. } => KIND_LAUNCHED,
@@ -528,6 +550,11 @@ impl IpcMessage {
             IpcMessage::FutexWaitDone { outcome } => out.u8(outcome as u8),
             IpcMessage::FutexWoken { woken } => out.u32(woken),
             IpcMessage::Launch { spec_len } => out.u32(spec_len),
+            IpcMessage::AddMember { node } | IpcMessage::RemoveMember { node } => out.u64(node),
+            IpcMessage::MembershipChanged { node, added } => {
+                out.u64(node);
+                out.u8(added as u8);
+            }
             IpcMessage::StopProgram { program }
             | IpcMessage::ServeThreads { program }
             | IpcMessage::Launched { program } => out.u64(program),
@@ -726,6 +753,16 @@ impl IpcMessage {
             KIND_FUTEX_WOKEN => IpcMessage::FutexWoken { woken: r.u32() },
             KIND_LAUNCH => IpcMessage::Launch { spec_len: r.u32() },
             KIND_STOP_PROGRAM => IpcMessage::StopProgram { program: r.u64() },
+            KIND_ADD_MEMBER => IpcMessage::AddMember { node: r.u64() },
+            KIND_REMOVE_MEMBER => IpcMessage::RemoveMember { node: r.u64() },
+            KIND_MEMBERSHIP_CHANGED => IpcMessage::MembershipChanged {
+                node: r.u64(),
+                added: match r.u8() {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(IpcDecodeError::Invalid),
+                },
+            },
             KIND_SERVE_THREADS => IpcMessage::ServeThreads { program: r.u64() },
             KIND_SPAWN_THREAD => IpcMessage::SpawnThread {
                 program: r.u64(),

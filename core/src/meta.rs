@@ -66,7 +66,60 @@ pub enum Command {
     /// The space named `name` is kept no longer: it ends when its attach set is empty,
     /// at once if it is (an administrator's `gallocy space unpersist`).
     Unpersist { name: String },
+    /// `node` becomes a member (a Raft voter), up, in its first life, holding and
+    /// homing nothing. Carried by a Raft configuration change (`EntryConfChange`), so
+    /// the metadata and Raft's own membership change at the same entry.
+    AddMember { node: NodeId },
+    /// `node` leaves the cluster for good: marked down first if it is up (its copies
+    /// void, its chunks moved), then forgotten; its id is never a member again.
+    RemoveMember { node: NodeId },
 }
+
+/// Why a membership change was refused.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum MembershipRejection {
+    AlreadyMember = 1,
+    /// Ids of removed members are never reused: their messages must never count.
+    IdRemoved = 2,
+    NotMember = 3,
+    /// The last member up cannot be removed (nobody would be left to serve).
+    LastMemberUp = 4,
+    TooManyMembers = 5,
+    /// Node id 0, or one past the id space.
+    BadNodeId = 6,
+}
+
+impl MembershipRejection {
+    pub fn from_code(code: u64) -> Option<MembershipRejection> {
+        Some(match code {
+            1 => MembershipRejection::AlreadyMember,
+            2 => MembershipRejection::IdRemoved,
+            3 => MembershipRejection::NotMember,
+            4 => MembershipRejection::LastMemberUp,
+            5 => MembershipRejection::TooManyMembers,
+            6 => MembershipRejection::BadNodeId,
+            _ => return None,
+        })
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            MembershipRejection::AlreadyMember => "the node is already a member",
+            MembershipRejection::IdRemoved => {
+                "that node id belonged to a removed member; give the new node another id"
+            }
+            MembershipRejection::NotMember => "the node is not a member",
+            MembershipRejection::LastMemberUp => "it is the last member up",
+            MembershipRejection::TooManyMembers => "the cluster has the most members it may have",
+            MembershipRejection::BadNodeId => "node ids are 1 to 2^24 - 1",
+        }
+    }
+}
+
+/// Most members a cluster may have (node ids must also fit program and thread ids).
+pub const MAX_MEMBERS: usize = 64;
+/// Node ids are below this (they are part of thread and program ids).
+pub const NODE_ID_LIMIT: NodeId = 1 << 24;
 
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct Proposal {
@@ -106,6 +159,12 @@ pub enum Outcome {
     MarkedDown(NodeId),
     Rejoined(NodeId),
     RejoinRejected(&'static str),
+    /// `added`: the node became a member; else it was removed.
+    MembershipChanged {
+        node: NodeId,
+        added: bool,
+    },
+    MembershipRejected(MembershipRejection),
     /// `space`: None if no space has that name; `destroyed` if it ended at once.
     Unpersisted {
         space: Option<SpaceId>,
@@ -162,6 +221,8 @@ pub struct MetaState {
     pub nodes: BTreeMap<NodeId, NodeStatus>,
     /// Per member, its current life: 1 until it first restarts and rejoins.
     pub incarnations: BTreeMap<NodeId, u64>,
+    /// Ids of members removed: never members again.
+    pub removed: BTreeSet<NodeId>,
     pub spaces: BTreeMap<SpaceId, SpaceLayout>,
     pub space_ids_by_name: BTreeMap<String, SpaceId>,
     pub chunks: BTreeMap<(SpaceId, u64), ChunkRecord>,
@@ -511,23 +572,49 @@ impl MetaState {
                     // Already down, or about a life that already ended.
                     return Outcome::MarkedDown(*node);
                 }
-                if let Some(status) = self.nodes.get_mut(node) {
-                    *status = NodeStatus::Down;
-                }
-                let spaces: Vec<SpaceId> = self.attached.keys().copied().collect();
-                for space in spaces {
-                    self.leave(space, *node);
-                }
-                self.rehome_chunks_of(*node);
-                // A node down drops nothing any more: its processes were fenced.
-                let runs: Vec<(SpaceId, u64)> = self.releasing.keys().copied().collect();
-                for (space, first) in runs {
-                    if let Some(release) = self.releasing.get_mut(&(space, first)) {
-                        release.waiting.remove(node);
-                    }
-                    self.free_if_released(space, first);
-                }
+                self.mark_down(*node);
                 Outcome::MarkedDown(*node)
+            }
+            Command::AddMember { node } => {
+                if *node == 0 || *node >= NODE_ID_LIMIT {
+                    return Outcome::MembershipRejected(MembershipRejection::BadNodeId);
+                }
+                if self.nodes.contains_key(node) {
+                    return Outcome::MembershipRejected(MembershipRejection::AlreadyMember);
+                }
+                if self.removed.contains(node) {
+                    return Outcome::MembershipRejected(MembershipRejection::IdRemoved);
+                }
+                if self.nodes.len() >= MAX_MEMBERS {
+                    return Outcome::MembershipRejected(MembershipRejection::TooManyMembers);
+                }
+                self.nodes.insert(*node, NodeStatus::Up);
+                self.incarnations.insert(*node, FIRST_INCARNATION);
+                // Chunks left on down homes (no node was up when they went down) get a
+                // home now that one is.
+                self.rehome_chunks_of_down_nodes();
+                Outcome::MembershipChanged {
+                    node: *node,
+                    added: true,
+                }
+            }
+            Command::RemoveMember { node } => {
+                if !self.nodes.contains_key(node) {
+                    return Outcome::MembershipRejected(MembershipRejection::NotMember);
+                }
+                if self.is_up(*node) && self.up_nodes().count() == 1 {
+                    return Outcome::MembershipRejected(MembershipRejection::LastMemberUp);
+                }
+                if self.is_up(*node) {
+                    self.mark_down(*node);
+                }
+                self.nodes.remove(node);
+                self.incarnations.remove(node);
+                self.removed.insert(*node);
+                Outcome::MembershipChanged {
+                    node: *node,
+                    added: false,
+                }
             }
             Command::Rejoin { node, incarnation } => {
                 if proposal.origin != *node {
@@ -546,15 +633,7 @@ impl MetaState {
                 self.incarnations.insert(*node, *incarnation);
                 // Chunks left on down homes (no node was up when they went down) get a
                 // home now that one is.
-                let down: Vec<NodeId> = self
-                    .nodes
-                    .iter()
-                    .filter(|(_, &status)| status == NodeStatus::Down)
-                    .map(|(&id, _)| id)
-                    .collect();
-                for gone in down {
-                    self.rehome_chunks_of(gone);
-                }
+                self.rehome_chunks_of_down_nodes();
                 Outcome::Rejoined(*node)
             }
         }
@@ -565,6 +644,40 @@ impl MetaState {
     /// One node per space (`space id mod nodes up`), so a space's chunk records stay
     /// runs and the homes of a cluster's spaces spread over its survivors. The lessee
     /// stays: nobody carves new blocks from a down node's chunks.
+    /// `node` is down: it leaves every attach set and every release it was part of,
+    /// and its chunks get new homes.
+    fn mark_down(&mut self, node: NodeId) {
+        if let Some(status) = self.nodes.get_mut(&node) {
+            *status = NodeStatus::Down;
+        }
+        let spaces: Vec<SpaceId> = self.attached.keys().copied().collect();
+        for space in spaces {
+            self.leave(space, node);
+        }
+        self.rehome_chunks_of(node);
+        // A node down drops nothing any more: its processes were fenced.
+        let runs: Vec<(SpaceId, u64)> = self.releasing.keys().copied().collect();
+        for (space, first) in runs {
+            if let Some(release) = self.releasing.get_mut(&(space, first)) {
+                release.waiting.remove(&node);
+            }
+            self.free_if_released(space, first);
+        }
+    }
+
+    /// Chunks homed on nodes that are down or no longer members move to nodes up.
+    fn rehome_chunks_of_down_nodes(&mut self) {
+        let gone: BTreeSet<NodeId> = self
+            .chunks
+            .values()
+            .map(|record| record.home)
+            .filter(|home| !self.is_up(*home))
+            .collect();
+        for home in gone {
+            self.rehome_chunks_of(home);
+        }
+    }
+
     fn rehome_chunks_of(&mut self, down: NodeId) {
         let up: Vec<NodeId> = self.up_nodes().collect();
         if up.is_empty() {
@@ -639,6 +752,8 @@ const CMD_RELEASE_CHUNKS: u8 = 6;
 const CMD_RELEASE_DONE: u8 = 7;
 const CMD_UNPERSIST: u8 = 8;
 const CMD_REJOIN: u8 = 9;
+const CMD_ADD_MEMBER: u8 = 10;
+const CMD_REMOVE_MEMBER: u8 = 11;
 const ENTRY_VERSION: u8 = 3;
 /// A member's life before it first restarts.
 pub const FIRST_INCARNATION: u64 = 1;
@@ -708,6 +823,14 @@ impl Proposal {
                 w.u64(*node);
                 w.u64(*incarnation);
             }
+            Command::AddMember { node } => {
+                w.u8(CMD_ADD_MEMBER);
+                w.u64(*node);
+            }
+            Command::RemoveMember { node } => {
+                w.u8(CMD_REMOVE_MEMBER);
+                w.u64(*node);
+            }
             Command::Unpersist { name } => {
                 w.u8(CMD_UNPERSIST);
                 w.blob(name.as_bytes());
@@ -761,6 +884,8 @@ impl Proposal {
                 node: r.u64()?,
                 incarnation: r.u64()?,
             },
+            CMD_ADD_MEMBER => Command::AddMember { node: r.u64()? },
+            CMD_REMOVE_MEMBER => Command::RemoveMember { node: r.u64()? },
             CMD_UNPERSIST => Command::Unpersist {
                 name: space_name(&mut r)?,
             },
@@ -945,6 +1070,15 @@ impl Outcome {
                 w.u8(13);
                 put_reason(w, why);
             }
+            Outcome::MembershipChanged { node, added } => {
+                w.u8(14);
+                w.u64(*node);
+                w.bool(*added);
+            }
+            Outcome::MembershipRejected(why) => {
+                w.u8(15);
+                w.u8(*why as u8);
+            }
         }
     }
 
@@ -982,6 +1116,14 @@ impl Outcome {
             11 => Outcome::Stale,
             12 => Outcome::Rejoined(r.u64()?),
             13 => Outcome::RejoinRejected(get_reason(r)?),
+            14 => Outcome::MembershipChanged {
+                node: r.u64()?,
+                added: r.bool()?,
+            },
+            15 => Outcome::MembershipRejected(
+                MembershipRejection::from_code(r.u8()? as u64)
+                    .ok_or(DecodeError::Invalid("membership rejection"))?,
+            ),
             _ => return Err(DecodeError::Invalid("outcome kind")),
         })
     }
@@ -1001,6 +1143,7 @@ impl MetaState {
             w.bool(status == NodeStatus::Up);
             w.u64(self.incarnation(node));
         }
+        put_node_set(&mut w, &self.removed);
         w.u32(self.spaces.len() as u32);
         for layout in self.spaces.values() {
             put_layout(&mut w, layout);
@@ -1072,6 +1215,14 @@ impl MetaState {
             }
             state.nodes.insert(node, status);
             state.incarnations.insert(node, incarnation);
+        }
+        state.removed = get_node_set(&mut r)?;
+        if state
+            .removed
+            .iter()
+            .any(|node| state.nodes.contains_key(node))
+        {
+            return Err(DecodeError::Invalid("a removed node is a member"));
         }
         let space_count = r.u32()? as usize;
         if space_count > MAX_SPACES {

@@ -828,7 +828,7 @@ pub fn errno_of(error: CallError) -> i32 {
             ErrorCode::NotMapped => libc::EFAULT,
             ErrorCode::PageLost | ErrorCode::NodeDown | ErrorCode::Evicted => libc::EIO,
             ErrorCode::Busy => libc::EAGAIN,
-            ErrorCode::SpaceRejected => libc::EINVAL,
+            ErrorCode::SpaceRejected | ErrorCode::MembershipRejected => libc::EINVAL,
             ErrorCode::UnknownSession | ErrorCode::NotAttached => libc::ENOTCONN,
             ErrorCode::Internal => libc::EIO,
             ErrorCode::NoInstance => libc::EAGAIN,

@@ -6,7 +6,8 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use gallocy_core::ipc::{name_field, IpcMessage, IPC_FRAME_BYTES, IPC_NAME_BYTES};
+use gallocy_core::ipc::{name_field, ErrorCode, IpcMessage, IPC_FRAME_BYTES, IPC_NAME_BYTES};
+use gallocy_core::meta::MembershipRejection;
 
 fn roundtrip(stream: &mut UnixStream, message: IpcMessage) -> Result<IpcMessage, String> {
     let mut frame = [0u8; IPC_FRAME_BYTES];
@@ -16,6 +17,16 @@ fn roundtrip(stream: &mut UnixStream, message: IpcMessage) -> Result<IpcMessage,
         .read_exact(&mut frame)
         .map_err(|e| format!("receive: {e}"))?;
     match IpcMessage::decode(&frame) {
+        Ok((
+            _,
+            IpcMessage::Error {
+                code: ErrorCode::MembershipRejected,
+                detail,
+            },
+        )) => Err(format!(
+            "membership change refused: {}",
+            MembershipRejection::from_code(detail).map_or("unknown reason", |why| why.describe())
+        )),
         Ok((_, IpcMessage::Error { code, detail })) => {
             Err(format!("daemon refused: {} ({detail})", code.describe()))
         }
@@ -51,6 +62,26 @@ pub fn unpersist(socket: &Path, name: &str) -> Result<bool, String> {
     match roundtrip(&mut stream, IpcMessage::Unpersist { name: field })? {
         IpcMessage::Unpersisted { destroyed } => Ok(destroyed),
         _ => Err("unexpected reply to unpersist".into()),
+    }
+}
+
+/// Makes `node` a member of the cluster of the daemon at `socket` (its own daemon was
+/// started to join), or removes it for good (`add` false). Returns once the change is
+/// applied there.
+pub fn change_membership(socket: &Path, node: u64, add: bool) -> Result<(), String> {
+    // One Raft commit: allow for an election.
+    let mut stream = connect_admin(socket, Duration::from_secs(30))?;
+    let request = if add {
+        IpcMessage::AddMember { node }
+    } else {
+        IpcMessage::RemoveMember { node }
+    };
+    match roundtrip(&mut stream, request)? {
+        IpcMessage::MembershipChanged {
+            node: changed,
+            added,
+        } if changed == node && added == add => Ok(()),
+        _ => Err("unexpected reply to a membership change".into()),
     }
 }
 

@@ -2,6 +2,7 @@
 //! directories, or TCP peers on 127.0.0.1 with TLS); `gallocy cluster init|revoke`:
 //! configurations and credentials for a cluster of several hosts.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -333,6 +334,200 @@ pub fn restart(dir: &Path, id: u64, gallocyd: &Path) -> Result<(), String> {
         }
     }
     let mut child = spawn_daemon(&home, gallocyd, true)?;
+    wait_serving(dir, id, &mut child)
+}
+
+/// The configurations of the local cluster in `dir`, by node id (every `node<i>`
+/// directory with a `gallocyd.toml`).
+fn node_configs(dir: &Path) -> Result<BTreeMap<u64, DaemonConfig>, String> {
+    let mut configs = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| format!("read {}: {e}", dir.display()))? {
+        let home = entry.map_err(|e| e.to_string())?.path();
+        let path = home.join("gallocyd.toml");
+        if path.exists() {
+            let config = DaemonConfig::load(&path)?;
+            configs.insert(config.node_id, config);
+        }
+    }
+    if configs.is_empty() {
+        return Err(format!("no cluster in {}", dir.display()));
+    }
+    Ok(configs)
+}
+
+/// Writes `config` as its node's configuration, whole or not at all (a daemon re-reads
+/// it once a second).
+fn write_config(dir: &Path, config: &DaemonConfig) -> Result<(), String> {
+    let home = node_dir(dir, config.node_id);
+    let path = home.join("gallocyd.toml");
+    let partial = home.join("gallocyd.toml.new");
+    std::fs::write(&partial, config.to_toml())
+        .and_then(|()| std::fs::rename(&partial, &path))
+        .map_err(|e| format!("write {}: {e}", path.display()))
+}
+
+/// The first member of `configs` other than `not` whose daemon answers and serves (to
+/// send it a membership change).
+fn answering_member(
+    dir: &Path,
+    configs: &BTreeMap<u64, DaemonConfig>,
+    not: u64,
+) -> Result<u64, String> {
+    configs
+        .keys()
+        .copied()
+        .filter(|&id| id != not)
+        .find(|&id| {
+            crate::admin::status(&app_socket(dir, id)).is_ok_and(|s| {
+                s["evicted"] == false && s["joining"] == false && s["rejoining"] == false
+            })
+        })
+        .ok_or_else(|| format!("no daemon of the cluster in {} serves", dir.display()))
+}
+
+/// Adds a node to the running local cluster in `dir`: the next free id, its directory
+/// and configuration (its peers: every member, itself included, reached as the others
+/// are), credentials from the cluster's CA if it has one; every member's configuration
+/// gets the new peer (their daemons read it within a second); its daemon starts to
+/// join, a member adds it (a Raft configuration change), and this returns once the new
+/// node has the metadata and serves. Returns its id.
+pub fn add(dir: &Path, gallocyd: &Path) -> Result<u64, String> {
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| format!("resolve {}: {e}", dir.display()))?;
+    let mut configs = node_configs(&dir)?;
+    if configs.len() >= gallocy_core::meta::MAX_MEMBERS {
+        return Err("the cluster has the most members it may have".into());
+    }
+    let template = configs.values().next().expect("non-empty").clone();
+    // Ids of removed nodes are never reused: their directories stay.
+    let mut id = configs
+        .values()
+        .flat_map(|c| c.peers.iter().map(|p| p.id))
+        .max()
+        .unwrap_or(0)
+        + 1;
+    while node_dir(&dir, id).exists() {
+        id += 1;
+    }
+    let home = node_dir(&dir, id);
+    create_private_dir(&home)?;
+    let listen = match &template.listen {
+        PeerAddr::Unix(_) => {
+            let path = home.join("peer.sock");
+            if path.as_os_str().len() > MAX_SOCKET_PATH_BYTES {
+                return Err(format!(
+                    "socket path {} is longer than {MAX_SOCKET_PATH_BYTES} bytes; use a shorter --dir",
+                    path.display()
+                ));
+            }
+            PeerAddr::Unix(path)
+        }
+        PeerAddr::Tcp(_) => PeerAddr::Tcp(free_local_ports(1)?[0]),
+    };
+    let tls = match &template.tls {
+        Some(_) => Some(ClusterCa::open(&dir.join("ca"))?.issue(id, &home)?),
+        None => None,
+    };
+    let mut peers = template.peers.clone();
+    peers.push(PeerConfig {
+        id,
+        addr: listen.clone(),
+    });
+    let config = DaemonConfig {
+        space: template.space.clone(),
+        log: template.log.clone(),
+        tls,
+        plaintext_tcp: template.plaintext_tcp,
+        revoke_timeout_ms: template.revoke_timeout_ms,
+        down_after_ms: template.down_after_ms,
+        join: true,
+        ..DaemonConfig::new(
+            id,
+            listen,
+            peers.clone(),
+            home.join("app.sock"),
+            home.clone(),
+        )
+    };
+    write_config(&dir, &config)?;
+    for member in configs.values_mut() {
+        member.peers = peers.clone();
+        write_config(&dir, member)?;
+    }
+    let member = answering_member(&dir, &configs, id)?;
+    let mut child = spawn_daemon(&home, gallocyd, false)?;
+    if let Err(why) = crate::admin::change_membership(&app_socket(&dir, member), id, true) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(format!("node {member} did not add node {id}: {why}"));
+    }
+    wait_serving(&dir, id, &mut child)?;
+    Ok(id)
+}
+
+/// Removes node `id` from the local cluster in `dir` for good, dead or alive: a
+/// member applies the change (the node is marked down first if it is up: its copies
+/// void, its chunks moved), its daemon is stopped if it runs, and it leaves every
+/// member's configuration. Its directory stays (with its log), so its id is never
+/// given again by `add`.
+pub fn remove(dir: &Path, id: u64) -> Result<(), String> {
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| format!("resolve {}: {e}", dir.display()))?;
+    let mut configs = node_configs(&dir)?;
+    if !configs.contains_key(&id) {
+        return Err(format!(
+            "node {id} is not in the cluster in {}",
+            dir.display()
+        ));
+    }
+    let member = answering_member(&dir, &configs, id)?;
+    crate::admin::change_membership(&app_socket(&dir, member), id, false)?;
+    let home = node_dir(&dir, id);
+    if let Ok(pid) = std::fs::read_to_string(home.join("gallocyd.pid")) {
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            stop_daemon(pid);
+        }
+        let _ = std::fs::remove_file(home.join("gallocyd.pid"));
+    }
+    configs.remove(&id);
+    // Kept for the record under another name: not a member's configuration any more.
+    std::fs::rename(
+        home.join("gallocyd.toml"),
+        home.join("gallocyd.toml.removed"),
+    )
+    .map_err(|e| format!("rename {}: {e}", home.join("gallocyd.toml").display()))?;
+    for member in configs.values_mut() {
+        member.peers.retain(|p| p.id != id);
+        write_config(&dir, member)?;
+    }
+    Ok(())
+}
+
+/// SIGTERM to a gallocyd, SIGKILL if it has not ended within `STOP_TIMEOUT`.
+fn stop_daemon(pid: i32) {
+    if !(pid_alive(pid) && is_gallocyd(pid)) {
+        return;
+    }
+    // SAFETY: signalling a daemon of this cluster (checked by name above).
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    while pid_alive(pid) && is_gallocyd(pid) && Instant::now() < deadline {
+        // SAFETY: waitpid with WNOHANG; harmless if not our child.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if pid_alive(pid) && is_gallocyd(pid) {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+/// Waits until node `id`'s daemon serves: no longer joining or rejoining, with a
+/// leader; or returns its log if it exits first.
+fn wait_serving(dir: &Path, id: u64, child: &mut std::process::Child) -> Result<(), String> {
+    let home = node_dir(dir, id);
     let deadline = Instant::now() + LEADER_TIMEOUT;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
@@ -341,13 +536,15 @@ pub fn restart(dir: &Path, id: u64, gallocyd: &Path) -> Result<(), String> {
         }
         let status = crate::admin::status(&app_socket(dir, id)).ok();
         if status.is_some_and(|s| {
-            s["rejoining"] == false && s["leader"].as_u64().is_some_and(|l| l != 0)
+            s["rejoining"] == false
+                && s["joining"] == false
+                && s["leader"].as_u64().is_some_and(|l| l != 0)
         }) {
             return Ok(());
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "node {id} did not rejoin within {} s (see {})",
+                "node {id} did not come to serve within {} s (see {})",
                 LEADER_TIMEOUT.as_secs(),
                 home.join("gallocyd.log").display()
             ));

@@ -113,6 +113,10 @@ pub struct DaemonConfig {
     /// directory restarts as the next life of the same member.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
+    /// This node is not in the cluster's first configuration: at its first start it
+    /// waits to be added (`gallocy cluster add`) instead of starting a new cluster.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub join: bool,
     /// Group allowed to connect besides the daemon's own user (by gid), if any.
     #[serde(default)]
     pub app_group: Option<u32>,
@@ -171,6 +175,7 @@ impl DaemonConfig {
             app_socket,
             runtime_dir,
             data_dir: None,
+            join: false,
             app_group: None,
             space: SpaceDefaults::default(),
             log: default_log(),

@@ -223,6 +223,9 @@ pub struct Daemon {
     raft_disk: RaftDisk,
     /// Set when the daemon cannot go on (its Raft state could not be written).
     fatal: Option<String>,
+    /// The configuration file, re-read once a second for its peers (`watch_config`).
+    config_path: Option<std::path::PathBuf>,
+    config_checked: Instant,
     /// Credentials of the peer links (TLS over TCP), when configured.
     tls: Option<PeerTls>,
     credentials_checked: Instant,
@@ -276,6 +279,13 @@ impl Daemon {
         let mut host_config = config.host_config(uid);
         host_config.node.incarnation = opened.incarnation;
         let host = match &opened.persisted {
+            None if config.join => {
+                info!(
+                    node = config.node_id,
+                    "started to join: waiting to be added"
+                );
+                Host::join_cluster(host_config)?
+            }
             None => Host::new(host_config)?,
             Some(persisted) => {
                 info!(
@@ -365,6 +375,8 @@ impl Daemon {
             incarnation,
             raft_disk,
             fatal: None,
+            config_path: None,
+            config_checked: now,
             busy_until: None,
             read_buffer: Vec::new(),
             workers: BTreeMap::new(),
@@ -425,6 +437,7 @@ impl Daemon {
                 self.reconnect_due();
                 self.close_silent_peers();
                 self.check_credentials();
+                self.reload_peers();
             }
         }
         info!("gallocyd stopping");
@@ -841,6 +854,82 @@ impl Daemon {
             .collect();
         for token in tls_conns {
             self.close(token, "credentials reloaded");
+        }
+    }
+
+    /// Follows the peers of the configuration file at `path` (see `reload_peers`).
+    pub fn watch_config(&mut self, path: std::path::PathBuf) {
+        self.config_path = Some(path);
+    }
+
+    /// Once a second: the peers listed in the configuration file, where a member added
+    /// at run time is found (`gallocy cluster add` writes it into every member's file).
+    /// A peer new to the file is connected to, one whose address changed is reconnected,
+    /// one gone from the file is no longer. Other settings take a restart.
+    fn reload_peers(&mut self) {
+        let Some(path) = &self.config_path else {
+            return;
+        };
+        if self.config_checked.elapsed() < CREDENTIALS_CHECK_INTERVAL {
+            return;
+        }
+        self.config_checked = Instant::now();
+        let peers = match DaemonConfig::load(path) {
+            Ok(config) if config.node_id == self.config.node_id => config.peers,
+            Ok(_) => {
+                warn!("{} names another node: peers not reloaded", path.display());
+                return;
+            }
+            Err(why) => {
+                warn!("peers not reloaded: {why}");
+                return;
+            }
+        };
+        if peers == self.config.peers {
+            return;
+        }
+        let now = Instant::now();
+        let me = self.config.node_id;
+        let mut close = Vec::new();
+        for peer in peers.iter().filter(|p| p.id != me) {
+            match self.outbound.get_mut(&peer.id) {
+                Some(outbound) if outbound.addr == peer.addr => {}
+                Some(outbound) => {
+                    info!(peer = peer.id, addr = %peer.addr, "peer address changed");
+                    outbound.addr = peer.addr.clone();
+                    close.extend(outbound.token.take());
+                    outbound.next_attempt = now;
+                }
+                None => {
+                    info!(peer = peer.id, addr = %peer.addr, "peer added to the configuration");
+                    self.outbound.insert(
+                        peer.id,
+                        Outbound {
+                            addr: peer.addr.clone(),
+                            token: None,
+                            pending: VecDeque::new(),
+                            next_attempt: now,
+                            backoff: RECONNECT_MIN,
+                        },
+                    );
+                }
+            }
+        }
+        let gone: Vec<NodeId> = self
+            .outbound
+            .keys()
+            .copied()
+            .filter(|id| !peers.iter().any(|p| p.id == *id))
+            .collect();
+        for id in gone {
+            info!(peer = id, "peer removed from the configuration");
+            if let Some(outbound) = self.outbound.remove(&id) {
+                close.extend(outbound.token);
+            }
+        }
+        self.config.peers = peers;
+        for token in close {
+            self.close(token, "peer configuration changed");
         }
     }
 
@@ -1587,6 +1676,8 @@ impl Daemon {
             "evicted": node.is_evicted(),
             // Restarted and not yet applied back up: serves no page until then.
             "rejoining": node.is_rejoining(),
+            // Started to join, not yet added: serves nothing until then.
+            "joining": node.is_joining(),
             "raft_disk": {"writes": self.raft_disk.writes, "syncs": self.raft_disk.syncs},
             "members": members,
             "spaces": spaces,
@@ -1603,6 +1694,7 @@ impl Daemon {
                 "messages_rejected": stats.messages_rejected,
                 "messages_other_life": stats.messages_other_life,
                 "rejoins": stats.rejoins,
+                "membership_changes": stats.membership_changes,
                 "grants_sent": stats.grants_sent,
                 "invalidations_sent": stats.invalidations_sent,
                 "recalls_sent": stats.recalls_sent,

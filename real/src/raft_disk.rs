@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use gallocy_core::eraftpb::{Entry, HardState, Snapshot};
+use gallocy_core::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use gallocy_core::{NodeId, PersistedRaft, RaftWrite};
 use raft_engine::{Command, Config, Engine, LogBatch, MessageExt, ReadableSize};
 
@@ -19,6 +19,7 @@ const LOG_GROUP: u64 = 1;
 const STATE_GROUP: u64 = 2;
 const KEY_HARD_STATE: &[u8] = b"hard_state";
 const KEY_SNAPSHOT: &[u8] = b"snapshot";
+const KEY_CONF_STATE: &[u8] = b"conf_state";
 const KEY_NODE_ID: &[u8] = b"node_id";
 const KEY_INCARNATION: &[u8] = b"incarnation";
 /// Log files are rotated at this size, and purged once this much is behind them: the
@@ -150,6 +151,11 @@ impl RaftDisk {
             .get_message::<Snapshot>(STATE_GROUP, KEY_SNAPSHOT)
             .map_err(|e| engine_error("read snapshot", e))?
             .unwrap_or_default();
+        let conf_state = self
+            .engine
+            .get_message::<ConfState>(STATE_GROUP, KEY_CONF_STATE)
+            .map_err(|e| engine_error("read membership", e))?
+            .unwrap_or_default();
         let mut entries = Vec::new();
         if let (Some(first), Some(last)) = (
             self.engine.first_index(LOG_GROUP),
@@ -169,6 +175,7 @@ impl RaftDisk {
             hard_state,
             snapshot,
             entries,
+            conf_state,
         })
     }
 
@@ -226,6 +233,11 @@ impl RaftDisk {
                 .put_message(STATE_GROUP, KEY_HARD_STATE.to_vec(), hard_state)
                 .map_err(|e| engine_error("write hard state", e))?;
         }
+        if let Some(conf_state) = &write.conf_state {
+            batch
+                .put_message(STATE_GROUP, KEY_CONF_STATE.to_vec(), conf_state)
+                .map_err(|e| engine_error("write membership", e))?;
+        }
         if batch.is_empty() {
             return Ok(());
         }
@@ -282,6 +294,14 @@ mod tests {
         snapshot.data = vec![7; 100].into();
         let writes = vec![
             RaftWrite {
+                conf_state: Some(ConfState {
+                    voters: vec![1, 2, 3],
+                    ..Default::default()
+                }),
+                must_sync: true,
+                ..Default::default()
+            },
+            RaftWrite {
                 entries: entries(1..=10, 1),
                 hard_state: Some(hard_state(1, 0)),
                 must_sync: true,
@@ -294,10 +314,15 @@ mod tests {
                 must_sync: true,
                 ..Default::default()
             },
-            // Compaction behind a snapshot of our own.
+            // Compaction behind a snapshot of our own, with a membership change.
             RaftWrite {
                 snapshot: Some(snapshot.clone()),
                 first_kept_index: Some(6),
+                conf_state: Some(ConfState {
+                    voters: vec![1, 2, 3, 4],
+                    ..Default::default()
+                }),
+                must_sync: true,
                 ..Default::default()
             },
             RaftWrite {

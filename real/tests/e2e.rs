@@ -581,6 +581,62 @@ fn a_killed_daemon_restarts_rejoins_and_serves_again() {
     }
 }
 
+/// Membership at run time: a fourth node added to a running 3-node cluster serves
+/// (a space shared with node 1 both ways); then node 2 is killed and removed, and the
+/// three members left go on allocating and faulting pages between them.
+#[test]
+fn a_node_is_added_to_a_running_cluster_and_a_dead_one_removed() {
+    let cluster = Cluster::start("members", 3);
+    let program = e2e_program(&cluster.dir);
+    let gallocyd = std::path::PathBuf::from(env!("CARGO_BIN_EXE_gallocyd"));
+    let id = gallocy_real::cluster::add(&cluster.dir, &gallocyd)
+        .unwrap_or_else(|e| panic!("add: {e}\nlog 1:\n{}", cluster.log(1)));
+    assert_eq!(id, 4);
+    let status = gallocy_real::admin::status(&cluster.socket(4)).expect("status");
+    assert_eq!(
+        status["members"].as_array().map(|m| m.len()),
+        Some(4),
+        "{status}"
+    );
+    publish_then_consume(
+        &mut cluster.command(4, &program, &["publish"]),
+        &mut cluster.command(1, &program, &["consume"]),
+        LIMIT,
+    );
+    publish_then_consume(
+        &mut cluster.command(1, &program, &["publish"]),
+        &mut cluster.command(4, &program, &["consume"]),
+        LIMIT,
+    );
+    let pid = cluster.daemon_pid(2);
+    // SAFETY: signalling the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    gallocy_real::cluster::remove(&cluster.dir, 2)
+        .unwrap_or_else(|e| panic!("remove: {e}\nlog 1:\n{}", cluster.log(1)));
+    for node in [1, 3, 4] {
+        let status = cluster.wait_for_status(node, LIMIT, "three members", |s| {
+            s["members"].as_array().is_some_and(|m| m.len() == 3)
+        });
+        assert!(
+            status["counters"]["membership_changes"].as_u64() >= Some(1),
+            "{status}"
+        );
+    }
+    publish_then_consume(
+        &mut cluster.command(3, &program, &["publish"]),
+        &mut cluster.command(4, &program, &["consume"]),
+        LIMIT,
+    );
+    // Re-adding the removed id is refused: ids are never reused.
+    let refused = gallocy_real::admin::change_membership(&cluster.socket(1), 2, true);
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.contains("removed member")),
+        "{refused:?}"
+    );
+}
+
 #[test]
 fn cluster_down_leaves_nothing_running() {
     let dir = temp_dir("down");

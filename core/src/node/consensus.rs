@@ -18,8 +18,8 @@ impl Node {
 
     pub(super) fn drive_raft_rounds(&mut self) {
         for _ in 0..MAX_READY_ROUNDS {
-            for data in std::mem::take(&mut self.queued_proposals) {
-                let _ = self.raft.propose(vec![], data);
+            for proposal in std::mem::take(&mut self.queued_proposals) {
+                self.submit_proposal(&proposal);
             }
             if !self.raft.has_ready() {
                 return;
@@ -32,7 +32,8 @@ impl Node {
                 if self.is_leader && !was_leader {
                     // Start every failure detector afresh: a new leader has no history.
                     let now = self.now_ticks;
-                    for &member in &self.config.members {
+                    let members: Vec<NodeId> = self.meta.nodes.keys().copied().collect();
+                    for member in members {
                         self.last_heard_tick.insert(member, now);
                     }
                 }
@@ -46,6 +47,7 @@ impl Node {
             if !ready.snapshot().is_empty() {
                 let snapshot = ready.snapshot().clone();
                 if self.install_snapshot(snapshot.clone()) {
+                    write.conf_state = Some(snapshot.get_metadata().get_conf_state().clone());
                     write.snapshot = Some(snapshot);
                     write.clear_log = true;
                 }
@@ -105,11 +107,17 @@ impl Node {
     /// snapshot of the metadata at the applied index and drops the older half of the
     /// log: the log stays bounded, and a member behind the kept entries is sent the
     /// snapshot instead.
+    ///
+    /// After a membership change it does so at once, whatever the log's length, and
+    /// durably with the new membership: a node added has an empty log, and the leader
+    /// sends it a snapshot only once its own log no longer starts at index 1. A restart
+    /// then finds the membership with the metadata it goes with.
     fn compact_log(&mut self) {
         let applied = self.raft.raft.raft_log.applied;
         let snapshot_index = self.raft.store().snapshot.get_metadata().index;
         let max_entries = self.config.raft_log_max_entries;
-        if applied < snapshot_index + max_entries {
+        let membership_changed = std::mem::take(&mut self.membership_changed);
+        if applied < snapshot_index + max_entries && !membership_changed {
             return;
         }
         let data = self.meta.encode_snapshot();
@@ -129,22 +137,28 @@ impl Node {
         let metadata = snapshot.mut_metadata();
         metadata.index = applied;
         metadata.term = term;
-        // Membership is fixed: the configuration the log started with.
-        let mut members = self.config.members.clone();
-        members.sort_unstable();
-        metadata.set_conf_state(ConfState::from((members, vec![])));
+        let conf_state = self.raft.raft.prs().conf().to_conf_state();
+        metadata.set_conf_state(conf_state.clone());
         let store = self.raft.mut_store();
         store.snapshot = snapshot.clone();
-        let first_kept = applied + 1 - max_entries / 2;
+        // At least entry 1 goes after a membership change (see above).
+        let first_kept = applied
+            .saturating_add(1)
+            .saturating_sub(max_entries / 2)
+            .max(if membership_changed { 2 } else { 1 })
+            .min(applied + 1);
         if store.compact(first_kept).is_err() {
             self.stats.raft_errors += 1;
             return;
         }
         self.stats.log_compactions += 1;
-        // Not synced: lost, the log it stands for is still on the disk.
+        // Not synced unless membership changed: lost, the log it stands for is still on
+        // the disk.
         self.actions.push(Action::PersistRaft(RaftWrite {
             snapshot: Some(snapshot),
             first_kept_index: Some(first_kept),
+            conf_state: membership_changed.then_some(conf_state),
+            must_sync: membership_changed,
             ..RaftWrite::default()
         }));
     }
@@ -221,6 +235,9 @@ impl Node {
             .collect();
         for node in rejoined {
             self.on_node_rejoined(node);
+        }
+        if self.joining && self.meta.nodes.contains_key(&self.config.id) {
+            self.joined();
         }
         self.retry_unmapped(false);
         true
@@ -303,8 +320,16 @@ impl Node {
             MessageType::MsgPropose => {
                 !message.entries.is_empty()
                     && message.entries.iter().all(|entry| {
-                        entry.get_entry_type() == EntryType::EntryNormal
-                            && Proposal::decode(&entry.data).is_ok_and(|p| p.origin == from)
+                        let data = match entry.get_entry_type() {
+                            EntryType::EntryNormal => Some(entry.data.to_vec()),
+                            EntryType::EntryConfChange => ConfChange::parse_from_bytes(&entry.data)
+                                .ok()
+                                .map(|change| change.context.to_vec()),
+                            EntryType::EntryConfChangeV2 => None,
+                        };
+                        data.is_some_and(|data| {
+                            Proposal::decode(&data).is_ok_and(|p| p.origin == from)
+                        })
                     })
             }
             // A snapshot must be of this cluster's members and decode as metadata:
@@ -314,14 +339,16 @@ impl Node {
                 let metadata = snapshot.get_metadata();
                 let mut voters = metadata.get_conf_state().voters.clone();
                 voters.sort_unstable();
-                let mut members = self.config.members.clone();
-                members.sort_unstable();
+                // Raft's members are the metadata's: changed by the same entries.
+                let members_agree = MetaState::decode_snapshot(&snapshot.data)
+                    .is_ok_and(|state| state.nodes.keys().copied().eq(voters.iter().copied()));
                 metadata.index > 0
                     && metadata.term > 0
                     && metadata.term <= message.term
-                    && voters == members
+                    && !voters.is_empty()
                     && metadata.get_conf_state().learners.is_empty()
-                    && MetaState::decode_snapshot(&snapshot.data).is_ok()
+                    && metadata.get_conf_state().voters_outgoing.is_empty()
+                    && members_agree
             }
             MessageType::MsgAppend => {
                 // Term 0 holds no entries: a previous entry of term 0 past index 0
@@ -359,9 +386,9 @@ impl Node {
         };
         self.stats.proposals += 1;
         if self.in_ready {
-            self.queued_proposals.push(proposal.encode());
+            self.queued_proposals.push(proposal.clone());
         } else {
-            let _ = self.raft.propose(vec![], proposal.encode());
+            self.submit_proposal(&proposal);
         }
         self.proposals.insert(
             proposal_id,
@@ -375,9 +402,112 @@ impl Node {
         Ok(())
     }
 
+    /// Hands a proposal to raft-rs: a membership command as a configuration change
+    /// (the proposal is its context), any other as a normal entry.
+    pub(super) fn submit_proposal(&mut self, proposal: &Proposal) {
+        let data = proposal.encode();
+        let change = match proposal.command {
+            Command::AddMember { node } => Some((ConfChangeType::AddNode, node)),
+            Command::RemoveMember { node } => Some((ConfChangeType::RemoveNode, node)),
+            _ => None,
+        };
+        match change {
+            Some((change_type, node_id)) => {
+                let mut change = ConfChange::default();
+                change.set_change_type(change_type);
+                change.node_id = node_id;
+                change.context = data.into();
+                // Refused while another change is pending: the retry proposes it again.
+                let _ = self.raft.propose_conf_change(vec![], change);
+            }
+            None => {
+                let _ = self.raft.propose(vec![], data);
+            }
+        }
+    }
+
+    /// A committed configuration change: its proposal (the context) is applied to the
+    /// metadata like any other, and Raft's membership follows when the metadata took it.
+    fn apply_membership_entry(&mut self, entry: &Entry) -> Option<(Proposal, Outcome)> {
+        let change = ConfChange::parse_from_bytes(&entry.data).ok();
+        let proposal = change
+            .as_ref()
+            .and_then(|change| Proposal::decode(&change.context).ok());
+        let (Some(change), Some(proposal)) = (change, proposal) else {
+            // Every replica skips the same entry, so they stay identical.
+            self.stats.raft_errors += 1;
+            return None;
+        };
+        let matches = match proposal.command {
+            Command::AddMember { node } => {
+                change.get_change_type() == ConfChangeType::AddNode && change.node_id == node
+            }
+            Command::RemoveMember { node } => {
+                change.get_change_type() == ConfChangeType::RemoveNode && change.node_id == node
+            }
+            _ => false,
+        };
+        if !matches {
+            self.stats.raft_errors += 1;
+            return None;
+        }
+        let executed_before = self.meta.applied_commands;
+        let outcome = self.meta.apply(&proposal);
+        let executed = self.meta.applied_commands > executed_before;
+        if let (true, Outcome::MembershipChanged { node, added }) = (executed, &outcome) {
+            let (node, added) = (*node, *added);
+            match self.raft.apply_conf_change(&change) {
+                Ok(conf_state) => {
+                    self.raft
+                        .mut_store()
+                        .entries
+                        .wl()
+                        .set_conf_state(conf_state);
+                }
+                Err(_) => self.stats.raft_errors += 1,
+            }
+            self.membership_changed = true;
+            self.stats.membership_changes += 1;
+            if added {
+                self.last_heard_tick.insert(node, self.now_ticks);
+                if node == self.config.id && self.joining {
+                    self.joined();
+                }
+            } else {
+                self.on_node_down(node);
+                self.last_heard_tick.remove(&node);
+                self.down_proposed.remove(&node);
+            }
+        }
+        Some((proposal, outcome))
+    }
+
+    /// This node, started to join, is a member in its metadata: it serves from now on.
+    pub(super) fn joined(&mut self) {
+        self.joining = false;
+        for (token, request, _) in std::mem::take(&mut self.rejoin_waiting) {
+            self.dispatch_request(token, request);
+        }
+    }
+
     pub(super) fn apply_entries(&mut self, entries: Vec<Entry>) {
         for entry in entries {
-            if entry.data.is_empty() || entry.get_entry_type() != EntryType::EntryNormal {
+            if entry.data.is_empty() {
+                continue;
+            }
+            if entry.get_entry_type() == EntryType::EntryConfChange {
+                if let Some((proposal, outcome)) = self.apply_membership_entry(&entry) {
+                    if proposal.origin == self.config.id {
+                        if let Some(pending) = self.proposals.remove(&proposal.proposal_id) {
+                            self.complete_proposal(pending.purpose, outcome);
+                        }
+                    }
+                }
+                continue;
+            }
+            if entry.get_entry_type() != EntryType::EntryNormal {
+                // Never proposed (joint changes are not used).
+                self.stats.raft_errors += 1;
                 continue;
             }
             let proposal = match Proposal::decode(&entry.data) {
@@ -554,6 +684,15 @@ impl Node {
                 self.reply_error(token, AppError::InvalidArgument("unexpected outcome"))
             }
             (Purpose::MarkDown | Purpose::Rejoin, _) => {}
+            (Purpose::Membership { token }, Outcome::MembershipChanged { node, added }) => {
+                self.reply(token, AppReply::MembershipChanged { node, added })
+            }
+            (Purpose::Membership { token }, Outcome::MembershipRejected(why)) => {
+                self.reply_error(token, AppError::MembershipRejected(why))
+            }
+            (Purpose::Membership { token }, _) => {
+                self.reply_error(token, AppError::InvalidArgument("unexpected outcome"))
+            }
             (
                 Purpose::CreateSpace { token }
                 | Purpose::Attach { token }
@@ -584,7 +723,8 @@ impl Node {
     pub(super) fn detect_down_nodes(&mut self) {
         let now = self.now_ticks;
         let mut suspects = Vec::new();
-        for &member in &self.config.members {
+        let members: Vec<NodeId> = self.meta.nodes.keys().copied().collect();
+        for member in members {
             if member == self.config.id
                 || !self.meta.is_up(member)
                 || self.down_proposed.contains(&member)
@@ -644,7 +784,7 @@ impl Node {
 
     pub(super) fn update_fence(&mut self) {
         let in_contact = !self.evicted
-            && !self.rejoining
+            && self.is_serving()
             && (self.is_leader
                 || self.lease_sent_tick.is_some_and(|t| {
                     self.now_ticks.saturating_sub(t) <= self.config.fence_after_ticks
@@ -895,6 +1035,7 @@ impl Node {
                 | Purpose::ReleaseForApp { token }
                 | Purpose::Attach { token }
                 | Purpose::Detach { token }
+                | Purpose::Membership { token }
                 | Purpose::Unpersist { token } => self.reply_error(token, AppError::Evicted),
                 Purpose::LeaseForAllocator { .. }
                 | Purpose::ReleaseRegion { .. }

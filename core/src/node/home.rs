@@ -26,7 +26,7 @@ impl Node {
             // directory may still list that life's copies as its own. It asks again.
             return;
         }
-        let members = self.config.members.len();
+        let members = self.meta.nodes.len().max(1);
         if !self.directory.contains_key(&page_id) {
             // Only a new entry asks whether its chunk was recovered.
             let entry = DirEntry {

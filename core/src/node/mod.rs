@@ -14,7 +14,9 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use protobuf::Message as _;
-use raft::eraftpb::{ConfState, Entry, EntryType, Message as RaftMessage};
+use raft::eraftpb::{
+    ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message as RaftMessage,
+};
 use raft::storage::MemStorage;
 use raft::{RawNode, StateRole};
 
@@ -240,6 +242,14 @@ pub enum AppRequest {
         count: u32,
     },
     /// Keep the space named `name` no longer when its last process has gone.
+    /// Administrative: make `node` a member (it was started to join), or remove it.
+    /// Answered `MembershipChanged` once applied.
+    AddMember {
+        node: NodeId,
+    },
+    RemoveMember {
+        node: NodeId,
+    },
     Unpersist {
         name: String,
     },
@@ -270,6 +280,8 @@ pub enum AppError {
     Evicted,
     /// Too many requests in flight; retry later.
     Busy,
+    /// A membership change the metadata refused.
+    MembershipRejected(crate::meta::MembershipRejection),
 }
 
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -293,6 +305,10 @@ pub enum AppReply {
         destroyed: bool,
     },
     /// No longer kept; `destroyed` if it ended at once (nobody attached).
+    MembershipChanged {
+        node: NodeId,
+        added: bool,
+    },
     Unpersisted {
         destroyed: bool,
     },
@@ -389,6 +405,8 @@ pub struct Stats {
     pub pages_reverted: u64,
     /// Times this node, restarted, was applied back up (`Rejoin`).
     pub rejoins: u64,
+    /// Members added or removed (applied here).
+    pub membership_changes: u64,
     /// Messages dropped for their sender's incarnation: of a life that ended, or of one
     /// this node has not seen rejoin yet.
     pub messages_other_life: u64,
@@ -606,6 +624,17 @@ impl DirEntry {
 
 // ---------------------------------------------------------------------------------
 
+/// How a node starts.
+#[derive(Clone, Copy)]
+enum Start<'a> {
+    /// A member of the cluster's first configuration, on an empty disk.
+    First,
+    /// From what its disk kept, as a later life.
+    Restart(&'a PersistedRaft),
+    /// Not in the first configuration: added later by `AddMember`.
+    Join,
+}
+
 #[derive(Clone, Debug)]
 enum Purpose {
     CreateSpace {
@@ -641,6 +670,10 @@ enum Purpose {
     MarkDown,
     /// A step of this restarted node's rejoin (`drive_rejoin`).
     Rejoin,
+    /// An administrator's `AddMember` or `RemoveMember`.
+    Membership {
+        token: AppToken,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -699,6 +732,8 @@ pub struct Node {
     evicted: bool,
     /// Restarted, and its `Rejoin` entry not applied yet: Raft only, no pages.
     rejoining: bool,
+    /// Started to join, and not yet a member in its metadata: Raft only, no pages.
+    joining: bool,
     /// Application requests made while rejoining, with their deadline tick: served
     /// once rejoined, `Busy` past the deadline.
     rejoin_waiting: VecDeque<(AppToken, AppRequest, u64)>,
@@ -739,7 +774,9 @@ pub struct Node {
     /// Members sent a snapshot in this Ready round: reported delivered once it is
     /// advanced (see `drive_raft_rounds`).
     snapshots_sent: Vec<NodeId>,
-    queued_proposals: Vec<Vec<u8>>,
+    queued_proposals: Vec<Proposal>,
+    /// A membership change was applied: snapshot and compact at once (`compact_log`).
+    membership_changed: bool,
     loopback: VecDeque<Envelope>,
     actions: Vec<Action>,
     stats: Stats,
@@ -752,7 +789,7 @@ fn raft_logger() -> slog::Logger {
 impl Node {
     /// A node's first start: an empty log, every member up.
     pub fn new(config: Config) -> Result<Node, String> {
-        Node::start(config, None)
+        Node::start(config, Start::First)
     }
 
     /// A node restarting from its disk, as the next incarnation (`config.incarnation`
@@ -763,10 +800,22 @@ impl Node {
         if config.incarnation == FIRST_INCARNATION {
             return Err("a restart needs an incarnation above the first".into());
         }
-        Node::start(config, Some(persisted))
+        Node::start(config, Start::Restart(persisted))
     }
 
-    fn start(config: Config, persisted: Option<&PersistedRaft>) -> Result<Node, String> {
+    /// A node's first start when it is not in the cluster's first configuration: it
+    /// knows no member's state until the leader sends it the metadata, once an
+    /// administrator added it (`AddMember`); it serves nothing before.
+    /// `config.members` lists the nodes it may hear from.
+    pub fn join(config: Config) -> Result<Node, String> {
+        Node::start(config, Start::Join)
+    }
+
+    fn start(config: Config, start: Start) -> Result<Node, String> {
+        let persisted = match start {
+            Start::Restart(persisted) => Some(persisted),
+            Start::First | Start::Join => None,
+        };
         config.validate()?;
         let mut members = config.members.clone();
         members.sort_unstable();
@@ -788,21 +837,30 @@ impl Node {
         };
         raft_config.validate().map_err(|e| e.to_string())?;
         #[allow(unused_mut)]
-        let (store, mut meta) = match persisted {
-            None => {
+        let (store, mut meta) = match start {
+            Start::First => {
                 let storage =
                     MemStorage::new_with_conf_state(ConfState::from((members.clone(), vec![])));
                 (RaftStore::new(storage), MetaState::new(&members))
             }
-            Some(persisted) => {
-                let store = RaftStore::restore(&members, persisted)?;
+            // No voter: raft-rs waits for the leader, which sends a snapshot (the
+            // leader's log starts past index 1 once a member is added).
+            Start::Join => (RaftStore::new(MemStorage::new()), MetaState::default()),
+            Start::Restart(persisted) => {
+                let store = RaftStore::restore(persisted)?;
                 // The metadata at the snapshot; the entries after it are applied again
-                // as raft-rs hands them over.
+                // as raft-rs hands them over. Without a snapshot, membership never
+                // changed (every change writes one with it), so the persisted voters are
+                // the first configuration's.
                 let meta = if persisted.snapshot.get_metadata().index > 0 {
                     MetaState::decode_snapshot(&persisted.snapshot.data)
                         .map_err(|e| format!("persisted metadata snapshot: {e}"))?
+                } else if persisted.conf_state.voters.is_empty() {
+                    MetaState::default()
                 } else {
-                    MetaState::new(&members)
+                    let mut voters = persisted.conf_state.voters.clone();
+                    voters.sort_unstable();
+                    MetaState::new(&voters)
                 };
                 (store, meta)
             }
@@ -812,9 +870,10 @@ impl Node {
         {
             meta.mutant_double_lease = config.mutant == Some(Mutant::DoubleLease);
         }
-        let single = members.len() == 1 && persisted.is_none();
+        let single = members.len() == 1 && matches!(start, Start::First);
         let id_base = config.id_base();
         let rejoining = persisted.is_some();
+        let joining = matches!(start, Start::Join);
         let mut node = Node {
             config,
             raft,
@@ -830,6 +889,7 @@ impl Node {
             fenced: true,
             evicted: false,
             rejoining,
+            joining,
             rejoin_waiting: VecDeque::new(),
             pending_voids: BTreeMap::new(),
             next_proposal_id: id_base + 1,
@@ -855,10 +915,20 @@ impl Node {
             in_ready: false,
             snapshots_sent: Vec::new(),
             queued_proposals: Vec::new(),
+            membership_changed: false,
             loopback: VecDeque::new(),
             actions: Vec::new(),
             stats: Stats::default(),
         };
+        if matches!(start, Start::First) {
+            // The first configuration, durable before anything else: a restart before
+            // any membership change replays the log from it.
+            node.actions.push(Action::PersistRaft(RaftWrite {
+                conf_state: Some(ConfState::from((members.clone(), vec![]))),
+                must_sync: true,
+                ..RaftWrite::default()
+            }));
+        }
         if single {
             // A one-node cluster elects itself at once.
             let _ = node.raft.campaign();
@@ -911,6 +981,21 @@ impl Node {
     /// Restarted and not rejoined yet (serves no page).
     pub fn is_rejoining(&self) -> bool {
         self.rejoining
+    }
+    /// Started to join the cluster and not a member yet (serves no page).
+    pub fn is_joining(&self) -> bool {
+        self.joining
+    }
+    /// Whether the node may serve applications: a member in its own metadata, neither
+    /// rejoining nor joining.
+    pub fn is_serving(&self) -> bool {
+        !self.rejoining && !self.joining
+    }
+    /// Whether `node` may send to this one: a member in the metadata, or (for a node
+    /// whose metadata is behind) one of the configured members never removed.
+    pub fn is_member(&self, node: NodeId) -> bool {
+        self.meta.nodes.contains_key(&node)
+            || (self.config.members.contains(&node) && !self.meta.removed.contains(&node))
     }
     pub fn allocator(&self, space: SpaceId) -> Option<&ExtentAllocator> {
         self.allocators.get(&space)
@@ -983,7 +1068,7 @@ impl Node {
                 self.drive_raft();
             }
             if !self.is_leader
-                && !self.rejoining
+                && self.is_serving()
                 && self.leader_id != 0
                 && self.now_ticks >= self.next_lease_request_tick
             {
@@ -1018,7 +1103,8 @@ impl Node {
 
     /// The longest election timeout of any member, in Raft ticks.
     fn election_timeout_raft_ticks(&self) -> u64 {
-        (self.config.election_raft_ticks + 3 * self.config.members.len() + 1) as u64
+        let members = self.config.members.len().max(self.meta.nodes.len());
+        (self.config.election_raft_ticks + 3 * members + 1) as u64
     }
 
     /// The next tick at which `tick` has something to do: a Raft tick, a retry, a
@@ -1297,9 +1383,9 @@ impl Node {
             let pending = self.proposals.get_mut(&id).expect("listed");
             pending.proposal.oldest_in_flight = oldest_in_flight;
             pending.retry.backed_off(now, max);
-            let data = pending.proposal.encode();
+            let proposal = pending.proposal.clone();
             self.stats.retries += 1;
-            let _ = self.raft.propose(vec![], data);
+            self.submit_proposal(&proposal);
             self.drive_raft();
         }
         // Page requests.

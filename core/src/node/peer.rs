@@ -16,7 +16,7 @@ impl Node {
             to,
             message,
         } = envelope;
-        if to != self.config.id || !self.config.members.contains(&from) {
+        if to != self.config.id || !self.is_member(from) {
             self.stats.messages_rejected += 1;
             return;
         }
@@ -35,7 +35,7 @@ impl Node {
     /// Handles an accepted message; also replays messages deferred during a revocation,
     /// which say nothing about whether their sender is alive now.
     pub(super) fn dispatch(&mut self, from: NodeId, message: PeerMessage) {
-        if (self.evicted || self.rejoining)
+        if (self.evicted || !self.is_serving())
             && !matches!(
                 message,
                 PeerMessage::Raft(_) | PeerMessage::LeaseRequest { .. }

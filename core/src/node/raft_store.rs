@@ -19,6 +19,8 @@ pub struct RaftWrite {
     pub first_kept_index: Option<u64>,
     pub entries: Vec<Entry>,
     pub hard_state: Option<HardState>,
+    /// Raft's membership after an applied change (and the first configuration).
+    pub conf_state: Option<ConfState>,
     /// Raft needs this on the disk before the node's next message leaves (votes,
     /// terms, appended entries); a commit index alone may be lost in a crash.
     pub must_sync: bool,
@@ -33,6 +35,9 @@ pub struct PersistedRaft {
     pub snapshot: Snapshot,
     /// Consecutive entries, oldest first.
     pub entries: Vec<Entry>,
+    /// The latest membership written (empty for a node that joined and never learnt
+    /// one).
+    pub conf_state: ConfState,
 }
 
 impl PersistedRaft {
@@ -53,6 +58,9 @@ impl PersistedRaft {
         if let Some(hard_state) = &write.hard_state {
             self.hard_state = hard_state.clone();
         }
+        if let Some(conf_state) = &write.conf_state {
+            self.conf_state = conf_state.clone();
+        }
     }
 
     /// Whether anything was ever persisted (a first start has nothing).
@@ -60,6 +68,7 @@ impl PersistedRaft {
         self.hard_state == HardState::default()
             && self.snapshot.get_metadata().index == 0
             && self.entries.is_empty()
+            && self.conf_state == ConfState::default()
     }
 }
 
@@ -84,9 +93,8 @@ impl RaftStore {
     /// The store a restart begins with: the persisted snapshot, the entries after it,
     /// the hard state. An inconsistent disk (a gap in the entries, a commit past the
     /// log) is an error, never a panic.
-    pub(super) fn restore(members: &[u64], persisted: &PersistedRaft) -> Result<RaftStore, String> {
-        let storage = MemStorage::new_with_conf_state(ConfState::from((members.to_vec(), vec![])));
-        let mut store = RaftStore::new(storage);
+    pub(super) fn restore(persisted: &PersistedRaft) -> Result<RaftStore, String> {
+        let mut store = RaftStore::new(MemStorage::new());
         let snapshot_index = persisted.snapshot.get_metadata().index;
         if snapshot_index > 0 {
             store
@@ -131,6 +139,14 @@ impl RaftStore {
         let mut hard_state = persisted.hard_state.clone();
         hard_state.commit = hard_state.commit.max(snapshot_index);
         store.entries.wl().set_hardstate(hard_state);
+        // The membership last written; a snapshot's is older or the same (they are
+        // written together when membership changes).
+        if !persisted.conf_state.voters.is_empty() {
+            store
+                .entries
+                .wl()
+                .set_conf_state(persisted.conf_state.clone());
+        }
         Ok(store)
     }
 

@@ -12,9 +12,10 @@ impl Node {
             self.reply_error(token, AppError::Evicted);
             return;
         }
-        if self.rejoining {
-            // Its metadata still has the earlier life (attached, leasing, homing):
-            // nothing an application asks can be done before the rejoin.
+        if !self.is_serving() {
+            // Its metadata still has the earlier life (attached, leasing, homing), or
+            // none yet (joining): nothing an application asks can be done before the
+            // rejoin or the join.
             if self.rejoin_waiting.len() >= MAX_REJOIN_WAITING {
                 self.reply_error(token, AppError::Busy);
             } else {
@@ -81,6 +82,16 @@ impl Node {
                 addr,
                 access,
             } => self.fault(token, space, addr, access),
+            AppRequest::AddMember { node } => self.propose_or_reply(
+                token,
+                Command::AddMember { node },
+                Purpose::Membership { token },
+            ),
+            AppRequest::RemoveMember { node } => self.propose_or_reply(
+                token,
+                Command::RemoveMember { node },
+                Purpose::Membership { token },
+            ),
             AppRequest::Unpersist { name } => {
                 if !crate::types::is_valid_space_name(&name) {
                     self.reply_error(token, AppError::UnknownSpace);

@@ -105,6 +105,21 @@ enum ClusterAction {
         /// The node to start again.
         node: u64,
     },
+    /// Add a node to the running local cluster in DIR (the next free id): its
+    /// directory and daemon, every member's configuration, and the Raft change; returns
+    /// once it serves.
+    Add {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Remove node N from the local cluster in DIR for good, dead or alive (its pages'
+    /// surviving copies stay served by the others; its id is never reused).
+    Remove {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The node to remove.
+        node: u64,
+    },
     /// Stop the cluster in DIR; nothing is left running.
     Down {
         #[arg(long)]
@@ -227,6 +242,32 @@ fn main() -> ExitCode {
                     }
                 }
             }
+            ClusterAction::Add { dir } => {
+                match cluster::gallocyd_path().and_then(|gallocyd| cluster::add(&dir, &gallocyd)) {
+                    Ok(id) => {
+                        println!(
+                            "node {id} joined the cluster in {}: GALLOCY_SOCKET={}",
+                            dir.display(),
+                            cluster::app_socket(&dir, id).display()
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("gallocy: {e}");
+                        ExitCode::from(1)
+                    }
+                }
+            }
+            ClusterAction::Remove { dir, node } => match cluster::remove(&dir, node) {
+                Ok(()) => {
+                    println!("node {node} removed from the cluster in {}", dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("gallocy: {e}");
+                    ExitCode::from(1)
+                }
+            },
             ClusterAction::Down { dir } => match cluster::down(&dir) {
                 Ok(stopped) => {
                     println!("stopped {stopped} daemons in {}", dir.display());

@@ -90,7 +90,9 @@ fn config_from(args: Args) -> Result<DaemonConfig, String> {
 }
 
 fn main() -> ExitCode {
-    let config = match config_from(Args::parse()) {
+    let args = Args::parse();
+    let config_path = args.config.clone();
+    let config = match config_from(args) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("gallocyd: {e}");
@@ -112,6 +114,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Some(path) = config_path {
+        // Peers added to (or removed from) the file reach the daemon within a second.
+        daemon.watch_config(path);
+    }
     match daemon.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
