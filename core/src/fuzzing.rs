@@ -570,6 +570,7 @@ pub fn forged_peer_frame(data: &[u8], from: u64, to: u64) -> Vec<u8> {
         from,
         from_incarnation: FIRST_INCARNATION,
         to,
+        to_incarnation: FIRST_INCARNATION,
         message,
     }
     .encode()
@@ -691,6 +692,7 @@ pub fn host_sequence(data: &[u8]) {
                     from,
                     from_incarnation: FIRST_INCARNATION,
                     to: host as u64 + 1,
+                    to_incarnation: FIRST_INCARNATION,
                     message,
                 };
                 let _ = h.hosts[host].peer_frame(h.now, from, &envelope.encode());

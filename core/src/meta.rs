@@ -484,10 +484,10 @@ impl MetaState {
                     return Outcome::ReleaseRejected("chunk 0 holds the root block");
                 }
                 let all_leased_to_origin = (first..first + count as u64).all(|chunk| {
-                    self.chunks
-                        .get(&(*space, chunk))
-                        .is_some_and(|r| r.lessee == proposal.origin)
-                        && self.releasing_run(*space, chunk).is_none()
+                    self.chunks.get(&(*space, chunk)).is_some_and(|r| {
+                        r.lessee == proposal.origin
+                            && r.lessee_incarnation == self.incarnation(proposal.origin)
+                    }) && self.releasing_run(*space, chunk).is_none()
                 });
                 if !all_leased_to_origin {
                     return Outcome::ReleaseRejected("not leased to the origin");

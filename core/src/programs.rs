@@ -543,7 +543,9 @@ pub struct Programs {
     /// Programs never launched here that spawns came for, with the tick the first came
     /// (bounded): past `spawn_timeout_ticks` they are refused, since a launch that far
     /// behind will not come (this node restarted after the program began, say).
-    unknown_spawned: BTreeMap<ProgramId, u64>,
+    /// With the threads refused so (a late launch must not run them: their spawners
+    /// were told they never run).
+    unknown_spawned: BTreeMap<ProgramId, (u64, BTreeSet<ThreadId>)>,
     effects: Vec<ProgramEffect>,
     /// Mutant switches (the host sets them from its configuration).
     pub mutant_spawn_not_retried: bool,
@@ -968,8 +970,11 @@ impl Programs {
                         // Not acknowledged: the origin retries, and we may have room then.
                         return;
                     }
-                    self.hosted.insert(program, Hosted::new(from, true));
-                    self.unknown_spawned.remove(&program);
+                    let mut hosted = Hosted::new(from, true);
+                    if let Some((_, refused)) = self.unknown_spawned.remove(&program) {
+                        hosted.refused = refused;
+                    }
+                    self.hosted.insert(program, hosted);
                     self.effects
                         .push(ProgramEffect::StartWorker { program, spec });
                 }
@@ -1086,16 +1091,21 @@ impl Programs {
                         let oldest = self
                             .unknown_spawned
                             .iter()
-                            .min_by_key(|&(_, &tick)| tick)
+                            .min_by_key(|&(_, (tick, _))| *tick)
                             .map(|(&p, _)| p)
                             .expect("non-empty");
                         self.unknown_spawned.remove(&oldest);
                     }
-                    let first = *self
+                    let (first, refused) = self
                         .unknown_spawned
                         .entry(program)
-                        .or_insert(self.now_ticks);
-                    if self.now_ticks.saturating_sub(first) >= self.timing.spawn_timeout_ticks {
+                        .or_insert((self.now_ticks, BTreeSet::new()));
+                    if self.now_ticks.saturating_sub(*first) >= self.timing.spawn_timeout_ticks {
+                        // Bounded like a program's own window: past it, a refused thread
+                        // is not remembered (a launch that late is not expected).
+                        if refused.len() < SPAWN_DEDUPE_WINDOW {
+                            refused.insert(thread);
+                        }
                         let outcome = SpawnOutcome::Refused;
                         self.send(from, ProgramMessage::SpawnAck { thread, outcome });
                     }

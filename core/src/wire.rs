@@ -2,7 +2,7 @@
 //! by the simulator and the daemon alike.
 //!
 //! Frame: `magic u16 = 0x4759 ("GY") | version u8 | kind u8 | from u64 |
-//! from_incarnation u64 | to u64 | body`.
+//! from_incarnation u64 | to u64 | to_incarnation u64 | body`.
 //! All integers little-endian. Kinds 1..=31 are coherence and allocation, 32..=63 are
 //! reserved for replication of page contents, 64..=127 for distributed threads and
 //! locks; an unknown kind is an error, never a panic.
@@ -18,7 +18,7 @@ pub const WIRE_VERSION: u8 = 4;
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 /// Largest embedded Raft message.
 pub const MAX_RAFT_MESSAGE_BYTES: usize = MAX_FRAME_BYTES - 64;
-const HEADER_BYTES: usize = 2 + 1 + 1 + 8 + 8 + 8;
+const HEADER_BYTES: usize = 2 + 1 + 1 + 8 + 8 + 8 + 8;
 
 /// The first bytes on every peer connection:
 /// `b"GYHI" | version u8 | node id u64 | incarnation u64`.
@@ -191,6 +191,10 @@ pub struct Envelope {
     /// one the receiver has not seen rejoin yet, says nothing about the pages.
     pub from_incarnation: u64,
     pub to: NodeId,
+    /// The receiver's life as the sender's metadata has it: a message meant for a life
+    /// that ended (delayed, or sent before the sender learnt of the restart) is not
+    /// taken by the next one, whose ids may repeat the earlier life's.
+    pub to_incarnation: u64,
     pub message: PeerMessage,
 }
 
@@ -291,6 +295,7 @@ impl Envelope {
         w.u64(self.from);
         w.u64(self.from_incarnation);
         w.u64(self.to);
+        w.u64(self.to_incarnation);
         match &self.message {
             PeerMessage::Raft(bytes) => w.blob(bytes),
             PeerMessage::PageRequest {
@@ -416,6 +421,7 @@ impl Envelope {
         let from = r.u64()?;
         let from_incarnation = r.u64()?;
         let to = r.u64()?;
+        let to_incarnation = r.u64()?;
         if from == 0 || to == 0 {
             return Err(DecodeError::Invalid("node id 0"));
         }
@@ -506,6 +512,7 @@ impl Envelope {
             from,
             from_incarnation,
             to,
+            to_incarnation,
             message,
         })
     }

@@ -9,6 +9,7 @@ fn frame(from: u64, to: u64, message: PeerMessage) -> Vec<u8> {
         from,
         from_incarnation: 1,
         to,
+        to_incarnation: 1,
         message,
     }
     .encode()

@@ -264,14 +264,22 @@ proptest! {
 }
 
 fn envelope() -> impl Strategy<Value = Envelope> {
-    (node_id(), any::<u64>(), node_id(), peer_message()).prop_map(
-        |(from, from_incarnation, to, message)| Envelope {
-            from,
-            from_incarnation,
-            to,
-            message,
-        },
+    (
+        node_id(),
+        any::<u64>(),
+        node_id(),
+        any::<u64>(),
+        peer_message(),
     )
+        .prop_map(
+            |(from, from_incarnation, to, to_incarnation, message)| Envelope {
+                from,
+                from_incarnation,
+                to,
+                to_incarnation,
+                message,
+            },
+        )
 }
 
 fn space_name() -> impl Strategy<Value = String> {

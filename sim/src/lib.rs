@@ -54,9 +54,9 @@ impl RunReport {
             c.frames_sent, c.frames_delivered, self.retries, self.rejected_messages, self.malformed_frames, c.faults_requested, c.revokes, self.log_compactions, self.snapshots_installed
         ));
         out.push_str(&format!(
-            "faults:       {} dropped, {} duplicated (loss {:.3}, dup {:.3}, latency <= {} ms), {} partitions, {} one-way, {} crashes, {} restarts from disk; {} leader changes seen\n",
+            "faults:       {} dropped, {} duplicated (loss {:.3}, dup {:.3}, latency <= {} ms), {} partitions, {} one-way, {} crashes, {} restarts from disk, {} members added, {} removed; {} leader changes seen\n",
             c.frames_dropped, c.frames_duplicated, self.plan.loss_rate, self.plan.duplicate_rate, self.plan.max_latency_ms,
-            self.faults.partitions, self.faults.one_way_partitions, self.faults.crashes, self.faults.restarts, self.leader_changes_seen
+            self.faults.partitions, self.faults.one_way_partitions, self.faults.crashes, self.faults.restarts, c.members_added, c.members_removed, self.leader_changes_seen
         ));
         out.push_str(&format!(
             "recovery:     {} pages rebuilt from survivors' copies, {} served from their master after their writer went down, {} rejoins\n",

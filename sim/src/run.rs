@@ -95,6 +95,11 @@ pub struct FaultPlan {
     pub crash_ticks: Vec<u64>,
     /// Per crash (same order): restarted from its disk this long after, or never.
     pub restart_after_ticks: Vec<Option<u64>>,
+    /// Per crash never restarted (same order): removed from the cluster this long
+    /// after, or never.
+    pub remove_after_ticks: Vec<Option<u64>>,
+    /// The last node starts outside the first configuration and is added at this tick.
+    pub join_tick: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -151,7 +156,13 @@ impl FaultPlan {
             plan.partition_every_ticks = rng.gen_range(200..1500);
         }
         if params.faults.crashes() && params.nodes >= 3 {
-            let max_crashes = (params.nodes - 1) / 2;
+            // Membership changes ride with crashes: a node joins in half the runs (the
+            // first configuration is one smaller, and fewer crashes keep its majority).
+            if params.nodes >= 4 && rng.gen_bool(0.5) {
+                plan.join_tick = Some(rng.gen_range(200..3000));
+            }
+            let first_members = params.nodes - plan.join_tick.is_some() as usize;
+            let max_crashes = ((first_members - 1) / 2).max(1);
             let crashes = rng.gen_range(1..=max_crashes);
             for _ in 0..crashes {
                 plan.crash_ticks.push(rng.gen_range(300..4000));
@@ -160,6 +171,9 @@ impl FaultPlan {
             for _ in 0..crashes {
                 let restart = rng.gen_bool(0.6).then(|| rng.gen_range(100..3000));
                 plan.restart_after_ticks.push(restart);
+                let remove =
+                    (restart.is_none() && rng.gen_bool(0.5)).then(|| rng.gen_range(200..2000));
+                plan.remove_after_ticks.push(remove);
             }
         }
         plan
@@ -246,6 +260,7 @@ fn run_unguarded(params: RunParams) -> RunReport {
             threads_per_process: 4,
             max_revoke_delay_ticks: plan.max_revoke_delay_ticks,
             mutant: params.mutant,
+            joiner: plan.join_tick.map(|_| params.nodes - 1),
         },
         node_config,
     )));
@@ -281,8 +296,11 @@ fn run_unguarded(params: RunParams) -> RunReport {
     };
     let mut crash_ticks = plan.crash_ticks.clone();
     let mut restart_after_ticks = plan.restart_after_ticks.clone();
-    // (tick, node index) of restarts due.
+    let mut remove_after_ticks = plan.remove_after_ticks.clone();
+    // (tick, node index) of restarts and removals due.
     let mut restarts_due: Vec<(u64, usize)> = Vec::new();
+    let mut removals_due: Vec<(u64, usize)> = Vec::new();
+    let mut join_due = plan.join_tick;
     let mut crashed = vec![false; params.nodes];
     let mut heal_tick: Option<u64> = None;
     let mut leader_changes = 0u64;
@@ -321,11 +339,24 @@ fn run_unguarded(params: RunParams) -> RunReport {
             world.borrow_mut().restart(victim);
         }
 
+        // Membership changes, asked during the workload and carried on until applied.
+        if join_due.is_some_and(|t| t <= now) {
+            join_due = None;
+            world
+                .borrow_mut()
+                .request_membership(params.nodes - 1, true);
+        }
+        while let Some(position) = removals_due.iter().position(|&(t, _)| t <= now) {
+            let (_, victim) = removals_due.remove(position);
+            world.borrow_mut().request_membership(victim, false);
+        }
+
         // Fault injection during the workload phase.
         if heal_tick.is_none() {
             while crash_ticks.first().is_some_and(|&t| t <= now) {
                 crash_ticks.remove(0);
                 let restart = restart_after_ticks.remove(0);
+                let remove = remove_after_ticks.remove(0);
                 let alive: Vec<usize> = (0..params.nodes).filter(|&i| !crashed[i]).collect();
                 let victim = alive[rng.gen_range(0..alive.len())];
                 crashed[victim] = true;
@@ -334,6 +365,9 @@ fn run_unguarded(params: RunParams) -> RunReport {
                 world.borrow_mut().crash(victim);
                 if let Some(after) = restart {
                     restarts_due.push((now + after, victim));
+                }
+                if let Some(after) = remove {
+                    removals_due.push((now + after, victim));
                 }
             }
             if let Some(active) = &partition {

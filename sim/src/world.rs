@@ -14,6 +14,7 @@ use gallocy_core::host::{
 use gallocy_core::ipc::{
     ErrorCode, Frame, FutexOutcome, IpcMessage, Role, IPC_FRAME_BYTES, IPC_NAME_BYTES,
 };
+use gallocy_core::meta::NodeStatus;
 use gallocy_core::node::Mutant;
 use gallocy_core::{
     Access, Config, Node, NodeId, PageBytes, PageId, SpaceId, SpaceLayout, PAGE_SIZE_BYTES,
@@ -58,6 +59,9 @@ pub struct Violation {
 pub struct Counters {
     /// Crashed nodes started again from their disks.
     pub restarts: u64,
+    /// Membership changes asked by the administrator and applied on every node up.
+    pub members_added: u64,
+    pub members_removed: u64,
     pub ops_issued: u64,
     pub ops_completed: u64,
     pub reads: u64,
@@ -298,7 +302,13 @@ pub struct WorldParams {
     pub threads_per_process: usize,
     pub max_revoke_delay_ticks: u64,
     pub mutant: Option<Mutant>,
+    /// A node (by index) outside the first configuration: it starts to join, and an
+    /// administrator adds it during the run (`request_membership`).
+    pub joiner: Option<usize>,
 }
+
+/// How often the administrator asks again for a membership change not applied yet.
+const MEMBERSHIP_RETRY_TICKS: u64 = 400;
 
 /// How many ticks a drain waits for the space to be destroyed before processes may
 /// start again (a partitioned node may hold its detach back for long).
@@ -359,6 +369,8 @@ pub struct World {
     releasing_runs: BTreeMap<(SpaceId, u64), (u64, BTreeSet<usize>)>,
     /// Simulated mutexes of the current space (see `sync.rs`).
     locks: Vec<SimLock>,
+    /// Membership changes the administrator wants, by node index: (add, next ask tick).
+    membership_goals: BTreeMap<usize, (bool, u64)>,
     /// Futex waits that reached their host, by operation id.
     futex_waits: BTreeMap<u64, WaitRecord>,
     /// Answers waits are owed.
@@ -407,16 +419,33 @@ fn encode(request_id: u64, message: IpcMessage) -> Frame {
 
 impl World {
     pub fn new(params: WorldParams, node_config: impl Fn(NodeId, Vec<NodeId>) -> Config) -> World {
-        let members: Vec<NodeId> = (1..=params.nodes as NodeId).collect();
+        let everyone: Vec<NodeId> = (1..=params.nodes as NodeId).collect();
+        let joiner = params.joiner.map(|index| index as NodeId + 1);
+        // The first configuration: everyone but the joiner, who knows them all.
+        let members: Vec<NodeId> = everyone
+            .iter()
+            .copied()
+            .filter(|&id| Some(id) != joiner)
+            .collect();
         let mut slots = Vec::new();
-        for &id in &members {
-            let mut config = node_config(id, members.clone());
+        for &id in &everyone {
+            let known = if Some(id) == joiner {
+                everyone.clone()
+            } else {
+                members.clone()
+            };
+            let mut config = node_config(id, known);
             config.mutant = params.mutant;
             let mut host_config = HostConfig::new(config);
             host_config.space_base_addr = SPACE_BASE_ADDR;
             host_config.space_size_bytes = SPACE_SIZE_BYTES;
             host_config.space_chunk_size_bytes = CHUNK_SIZE_BYTES;
-            let host = Host::new(host_config.clone()).expect("valid simulator configuration");
+            let host = if Some(id) == joiner {
+                Host::join_cluster(host_config.clone())
+            } else {
+                Host::new(host_config.clone())
+            }
+            .expect("valid simulator configuration");
             slots.push(NodeSlot {
                 host: Some(host),
                 disk: SimDisk::default(),
@@ -466,6 +495,7 @@ impl World {
             unpersist_due_tick: 0,
             releasing_runs: BTreeMap::new(),
             locks: Vec::new(),
+            membership_goals: BTreeMap::new(),
             futex_waits: BTreeMap::new(),
             wake_dues: Vec::new(),
             wakes_owed: BTreeMap::new(),
@@ -504,8 +534,13 @@ impl World {
             let Some(host) = &slot.host else {
                 continue;
             };
+            // Marked down or removed in its metadata (a node that is not a member yet,
+            // or a metadata that knows none yet, marks nobody down).
+            let meta = host.node().meta();
             for (index, up) in live.iter_mut().enumerate() {
-                *up &= host.node().meta().is_up(index as NodeId + 1);
+                let node = index as NodeId + 1;
+                *up &= meta.nodes.get(&node) != Some(&NodeStatus::Down)
+                    && !meta.removed.contains(&node);
             }
         }
         live
@@ -627,6 +662,7 @@ impl World {
         }
         self.settle();
         self.run_scheduled();
+        self.manage_membership();
         self.manage_processes();
         self.manage_program();
         self.start_early_workers();
@@ -1240,6 +1276,76 @@ impl World {
                     }
                 }
                 self.settle();
+            }
+        }
+    }
+
+    /// The administrator wants node `index` added (`add`) or removed for good: asked
+    /// of a random serving member now and again until every serving node applied it.
+    pub fn request_membership(&mut self, index: usize, add: bool) {
+        self.membership_goals.insert(index, (add, self.now_ticks));
+        self.trace.event(23, &[index as u64, add as u64]);
+    }
+
+    fn manage_membership(&mut self) {
+        let goals: Vec<(usize, bool, u64)> = self
+            .membership_goals
+            .iter()
+            .map(|(&index, &(add, due))| (index, add, due))
+            .collect();
+        for (index, add, due) in goals {
+            let node = index as NodeId + 1;
+            let serving: Vec<usize> = (0..self.slots.len())
+                .filter(|&i| {
+                    self.slots[i]
+                        .host
+                        .as_ref()
+                        .is_some_and(|h| h.node().is_serving() && !h.node().is_evicted())
+                })
+                .collect();
+            let applied = !serving.is_empty()
+                && serving.iter().all(|&i| {
+                    let meta = self.slots[i].host.as_ref().expect("serving").node().meta();
+                    // A removal is done once it is no member (removed, or never added).
+                    meta.nodes.contains_key(&node) == add
+                });
+            if applied {
+                self.membership_goals.remove(&index);
+                if add {
+                    self.counters.members_added += 1;
+                } else {
+                    self.counters.members_removed += 1;
+                }
+                if self.debug {
+                    eprintln!(
+                        "[t={}] node {node} {} on every serving node",
+                        self.now_ticks,
+                        if add { "added" } else { "removed" }
+                    );
+                }
+                continue;
+            }
+            let candidates: Vec<usize> = serving.into_iter().filter(|&i| i != index).collect();
+            if due > self.now_ticks || candidates.is_empty() {
+                continue;
+            }
+            self.membership_goals
+                .insert(index, (add, self.now_ticks + MEMBERSHIP_RETRY_TICKS));
+            let via = candidates[self.rng.gen_range(0..candidates.len())];
+            let message = if add {
+                IpcMessage::AddMember { node }
+            } else {
+                IpcMessage::RemoveMember { node }
+            };
+            // Not awaited: the goal is checked on the nodes' metadata.
+            let conn = self.open_conn(via, 0, ConnKind::Admin);
+            self.send(via, conn, 1, IpcMessage::admin_hello(0));
+            self.send(via, conn, 2, message);
+            self.slots[via].conns.remove(&conn);
+            let now = self.now_ticks;
+            if let Some(host) = self.slots[via].host.as_mut() {
+                host.app_closed(now, conn);
+                self.pump(via);
             }
         }
     }

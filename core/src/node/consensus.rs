@@ -229,7 +229,11 @@ impl Node {
             .nodes
             .keys()
             .filter(|&&node| {
-                self.meta.is_up(node) && self.meta.incarnation(node) > old.incarnation(node)
+                // A member new to this node (it joined, or this node is joining) did
+                // not rejoin: it starts its first life.
+                old.nodes.contains_key(&node)
+                    && self.meta.is_up(node)
+                    && self.meta.incarnation(node) > old.incarnation(node)
             })
             .copied()
             .collect();
@@ -758,6 +762,15 @@ impl Node {
     /// proposals retry on their own, and a step refused because the metadata here was
     /// behind is followed by the right one once it caught up.
     pub(super) fn drive_rejoin(&mut self) {
+        let me = self.config.id;
+        if self.rejoining
+            && self.meta.is_up(me)
+            && self.meta.incarnation(me) == self.config.incarnation
+        {
+            // Applied already (learnt from a snapshot that skipped the entry).
+            self.on_node_rejoined(me);
+            return;
+        }
         if !self.rejoining
             || self.leader_id == 0
             || self
@@ -767,7 +780,6 @@ impl Node {
         {
             return;
         }
-        let me = self.config.id;
         let command = if self.meta.is_up(me) {
             Command::MarkDown {
                 node: me,
@@ -970,7 +982,7 @@ impl Node {
     /// its copies are void or pending void, and its chunks have new homes).
     fn on_node_rejoined(&mut self, node: NodeId) {
         if node == self.config.id {
-            if self.meta.incarnation(node) == self.config.incarnation {
+            if self.rejoining && self.meta.incarnation(node) == self.config.incarnation {
                 self.rejoining = false;
                 self.stats.rejoins += 1;
                 for (token, request, _) in std::mem::take(&mut self.rejoin_waiting) {

@@ -1326,6 +1326,7 @@ impl Node {
             from: self.config.id,
             from_incarnation: self.config.incarnation,
             to,
+            to_incarnation: self.meta.incarnation(to),
             message,
         }
     }

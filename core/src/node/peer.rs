@@ -14,6 +14,7 @@ impl Node {
             from,
             from_incarnation,
             to,
+            to_incarnation,
             message,
         } = envelope;
         if to != self.config.id || !self.is_member(from) {
@@ -23,9 +24,11 @@ impl Node {
         self.last_heard_tick.insert(from, self.now_ticks);
         // Raft copes with messages of any life (its state is on the sender's disk);
         // everything else is about pages and threads of the life the metadata names.
-        if from_incarnation != self.meta.incarnation(from)
-            && !matches!(message, PeerMessage::Raft(_))
-        {
+        // The loopback is always of this life (the metadata may not have it yet).
+        let of_other_life = from != self.config.id
+            && (from_incarnation != self.meta.incarnation(from)
+                || to_incarnation != self.config.incarnation);
+        if of_other_life && !matches!(message, PeerMessage::Raft(_)) {
             self.stats.messages_other_life += 1;
             return;
         }

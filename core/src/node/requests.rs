@@ -397,10 +397,9 @@ impl Node {
         let releasable = first_chunk > 0
             && (first_chunk..first_chunk + count as u64).all(|chunk| {
                 let start = layout.base_addr + chunk * chunk_size;
-                self.meta
-                    .chunk(space, chunk)
-                    .is_some_and(|r| r.lessee == me)
-                    && self.meta.releasing_run(space, chunk).is_none()
+                self.meta.chunk(space, chunk).is_some_and(|r| {
+                    r.lessee == me && r.lessee_incarnation == self.config.incarnation
+                }) && self.meta.releasing_run(space, chunk).is_none()
                     && allocator.is_none_or(|a| a.region_of(start).is_none())
             });
         if !releasable {

@@ -363,12 +363,26 @@ impl World {
         self.access(index, pid, thread, op, false);
     }
 
-    /// The record is ready: ask for the thread on a random node.
+    /// The record is ready: ask for the thread on a random member (of the cluster as
+    /// the spawner's node knows it: a node not yet added, or removed, is no target).
     pub(super) fn spawn_with_record(&mut self, index: usize, pid: i32, thread: usize, record: u64) {
         let Some(program) = self.program.as_ref().map(|p| p.id) else {
             return;
         };
-        let target = self.rng.gen_range(0..self.slots.len());
+        let Some(members) = self.slots[index].host.as_ref().map(|h| {
+            h.node()
+                .meta()
+                .nodes
+                .keys()
+                .map(|&id| id as usize - 1)
+                .collect::<Vec<usize>>()
+        }) else {
+            return;
+        };
+        if members.is_empty() {
+            return;
+        }
+        let target = members[self.rng.gen_range(0..members.len())];
         let value = (self.next_op_id << 8) | 0x5a;
         self.sim_threads.insert(
             record,
