@@ -17,7 +17,10 @@ use crate::meta::{Command, Proposal, FIRST_INCARNATION};
 use crate::node::Config;
 use crate::programs::{ProgramMessage, SpawnOutcome, WorkerEvent, WorkerExit, WorkerSpec};
 use crate::types::{Access, PageBytes, PageId, PAGE_SIZE_BYTES};
-use crate::wire::{decode_peer_hello, Envelope, FreeOutcome, PageDenial, PeerHello, PeerMessage};
+use crate::wire::{
+    decode_peer_hello, BackupCopy, CopyReport, Envelope, FreeOutcome, PageDenial, PeerHello,
+    PeerMessage, FINAL_CONTENTS,
+};
 
 const SPACE_BASE_ADDR: u64 = 0x1000_0000_0000;
 const SPACE_SIZE_BYTES: u64 = 64 << 20;
@@ -252,6 +255,7 @@ impl Harness {
                     pid: 100 + r.u8() as u32 % 4,
                     create: !flags.is_multiple_of(4),
                     persistent: flags & 4 != 0,
+                    replicas: (flags >> 3) % 6,
                     name,
                 }
             }
@@ -368,7 +372,16 @@ impl Harness {
             Access::Read
         };
         let bytes = (r.u8() & 1 == 1).then(|| Box::new([r.u8(); PAGE_SIZE_BYTES]));
-        match r.u8() % 18 {
+        let backup = |r: &mut Bytes<'_>| BackupCopy {
+            version: r.number(),
+            sub: if r.u8() & 1 == 1 {
+                FINAL_CONTENTS
+            } else {
+                r.number()
+            },
+            bytes: Box::new([r.u8(); PAGE_SIZE_BYTES]),
+        };
+        match r.u8() % 22 {
             16 => PeerMessage::Collect {
                 page,
                 seq: r.number(),
@@ -376,10 +389,32 @@ impl Harness {
             17 => PeerMessage::CollectAck {
                 page,
                 seq: r.number(),
-                held: Access::from_u8(r.u8() % 3).expect("in range"),
-                version: (r.u8() & 1 == 1).then(|| r.number()),
-                seq_seen: r.number(),
+                report: CopyReport {
+                    held: Access::from_u8(r.u8() % 3).expect("in range"),
+                    version: (r.u8() & 1 == 1).then(|| r.number()),
+                    seq_seen: r.number(),
+                    bytes,
+                    backup: (r.u8() & 1 == 1).then(|| backup(r)),
+                },
+            },
+            18 => PeerMessage::Flush {
+                page,
+                request_id: r.number(),
+                version: r.number(),
                 bytes,
+            },
+            19 => PeerMessage::FlushAck {
+                page,
+                request_id: r.number(),
+            },
+            20 => PeerMessage::Backup {
+                page,
+                seq: r.number(),
+                copy: backup(r),
+            },
+            21 => PeerMessage::BackupAck {
+                page,
+                seq: r.number(),
             },
             13 => PeerMessage::Program(Self::program_message(r, from)),
             14 => PeerMessage::Futex(FutexMessage::Wake {
@@ -545,6 +580,7 @@ impl Harness {
                     root_size_bytes: 65536,
                     flexible_base: r.u8() & 1 == 1,
                     persistent: false,
+                    replicas: r.u8() % 6,
                 },
             };
             entry.data = Proposal {

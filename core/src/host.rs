@@ -119,6 +119,8 @@ pub struct HostConfig {
     pub space_base_addr: u64,
     pub space_size_bytes: u64,
     pub space_chunk_size_bytes: u64,
+    /// k of a space created without one (`SpaceLayout::replicas`).
+    pub space_replicas: u8,
     /// A connection that has not said hello after this long is closed.
     pub hello_timeout_ticks: u64,
 }
@@ -132,6 +134,7 @@ impl HostConfig {
             space_base_addr: 0x2000_0000_0000,
             space_size_bytes: 4 << 30,
             space_chunk_size_bytes: 1 << 20,
+            space_replicas: crate::types::DEFAULT_REPLICAS,
             hello_timeout_ticks: 5000,
         }
     }
@@ -384,6 +387,8 @@ struct Join {
     request_id: u64,
     create: bool,
     persistent: bool,
+    /// k asked (0: `HostConfig::space_replicas`).
+    replicas: u8,
 }
 
 /// This node's membership of the space with one name, while it changes. One change
@@ -1110,6 +1115,7 @@ impl Host {
                     role: Role::Main,
                     create,
                     persistent,
+                    replicas,
                     name,
                     ..
                 },
@@ -1128,6 +1134,7 @@ impl Host {
                     request_id,
                     create,
                     persistent,
+                    replicas,
                 };
                 self.join(name, join);
             }
@@ -1300,6 +1307,7 @@ impl Host {
                         align_bytes,
                     },
                     IpcMessage::Free { addr } => AppRequest::Free { space, addr },
+                    IpcMessage::Sync => AppRequest::Sync { space },
                     IpcMessage::LeaseChunks { count } => AppRequest::LeaseChunks { space, count },
                     IpcMessage::ReleaseChunks { addr, count } => {
                         AppRequest::ReleaseChunks { space, addr, count }
@@ -1345,6 +1353,10 @@ impl Host {
                 chunk_size_bytes: self.config.space_chunk_size_bytes,
                 flexible_base: true,
                 persistent: join.persistent,
+                replicas: match join.replicas {
+                    0 => self.config.space_replicas,
+                    k => k,
+                },
             }
         } else {
             AppRequest::AttachSpace { name: name.clone() }
@@ -2191,6 +2203,7 @@ impl Host {
                     AppReply::MembershipChanged { node, added } => {
                         IpcMessage::MembershipChanged { node, added }
                     }
+                    AppReply::Synced => IpcMessage::Synced,
                     AppReply::Error(e) => error_message(e),
                     AppReply::Granted { .. } | AppReply::Space(_) | AppReply::Detached { .. } => {
                         refusal(ErrorCode::Internal)

@@ -22,6 +22,9 @@ pub type Frame = [u8; IPC_FRAME_BYTES];
 /// `Hello` flag bits.
 const HELLO_CREATE: u8 = 1;
 const HELLO_PERSISTENT: u8 = 2;
+/// Bits 2..5 of the flags: k for a space this hello creates (0: the daemon's default).
+const HELLO_REPLICAS_SHIFT: u8 = 2;
+const HELLO_REPLICAS_MASK: u8 = 0b111 << HELLO_REPLICAS_SHIFT;
 
 /// What a connection is for, named in its `Hello`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -138,6 +141,9 @@ pub enum IpcMessage {
         /// With `create`: a space this hello creates stays when its last process has
         /// gone (otherwise it is destroyed on every node then).
         persistent: bool,
+        /// With `create`: k, the copies of each page (0: the daemon's default, at most 7
+        /// on the wire; the daemon refuses more than `types::MAX_REPLICAS`).
+        replicas: u8,
         name: [u8; IPC_NAME_BYTES],
     },
     Allocate {
@@ -224,6 +230,10 @@ pub enum IpcMessage {
         node: u64,
         record_addr: u64,
     },
+    /// `gallocy_sync`: every write this process made to the space before it is on k
+    /// nodes once answered `Synced` (the daemon flushes every page of its node written
+    /// since its last flush).
+    Sync,
     /// Administrative: make `node` a member (its daemon was started to join), or
     /// remove it for good. Answered `MembershipChanged` once the change is applied.
     AddMember {
@@ -240,6 +250,7 @@ pub enum IpcMessage {
         node: u64,
         added: bool,
     },
+    Synced,
     /// About the worker instance on `node`; `what` is a `REPORT_*` value, followed by
     /// `len_bytes` of data (output bytes, a refusal reason).
     WorkerReport {
@@ -357,6 +368,7 @@ const KIND_SERVE_THREADS: u8 = 18;
 const KIND_SPAWN_THREAD: u8 = 19;
 const KIND_ADD_MEMBER: u8 = 20;
 const KIND_REMOVE_MEMBER: u8 = 21;
+const KIND_SYNC: u8 = 22;
 const KIND_WELCOME: u8 = 65;
 const KIND_ALLOCATED: u8 = 66;
 const KIND_FREED: u8 = 67;
@@ -375,6 +387,7 @@ const KIND_RUN_THREAD: u8 = 79;
 const KIND_THREAD_SPAWNED: u8 = 80;
 const KIND_STOP_THREADS: u8 = 81;
 const KIND_MEMBERSHIP_CHANGED: u8 = 82;
+const KIND_SYNCED: u8 = 83;
 
 /// `WorkerReport::what`.
 pub const REPORT_STARTED: u8 = 1;
@@ -450,6 +463,8 @@ impl IpcMessage {
             IpcMessage::ReleaseChunks { .. } => KIND_RELEASE,
             IpcMessage::Ping => KIND_PING,
             IpcMessage::Stats => KIND_STATS,
+            IpcMessage::Sync => KIND_SYNC,
+            IpcMessage::Synced => KIND_SYNCED,
             IpcMessage::RevokeDone { .. } => KIND_REVOKE_DONE,
             IpcMessage::Detach => KIND_DETACH,
             IpcMessage::GrantApplied { .. } => KIND_GRANT_APPLIED,
@@ -500,10 +515,13 @@ impl IpcMessage {
                 pid,
                 create,
                 persistent,
+                replicas,
                 name,
             } => {
                 out.u8(role as u8);
-                out.u8(create as u8 | (persistent as u8) << 1);
+                out.u8(create as u8
+                    | (persistent as u8) << 1
+                    | (replicas.min(7) << HELLO_REPLICAS_SHIFT) & HELLO_REPLICAS_MASK);
                 out.u64(session);
                 out.u32(pid);
                 out.bytes(&name);
@@ -526,7 +544,12 @@ impl IpcMessage {
                 out.u64(addr);
                 out.u32(count);
             }
-            IpcMessage::Ping | IpcMessage::Stats | IpcMessage::Detach | IpcMessage::Status => {}
+            IpcMessage::Ping
+            | IpcMessage::Stats
+            | IpcMessage::Detach
+            | IpcMessage::Status
+            | IpcMessage::Sync
+            | IpcMessage::Synced => {}
             IpcMessage::GrantApplied { page_addr, pages } => {
                 out.u64(page_addr);
                 out.u32(pages);
@@ -677,11 +700,12 @@ impl IpcMessage {
                     _ => return Err(IpcDecodeError::Invalid),
                 };
                 let flags = r.u8();
-                if flags & !(HELLO_CREATE | HELLO_PERSISTENT) != 0 {
+                if flags & !(HELLO_CREATE | HELLO_PERSISTENT | HELLO_REPLICAS_MASK) != 0 {
                     return Err(IpcDecodeError::Invalid);
                 }
                 let create = flags & HELLO_CREATE != 0;
                 let persistent = flags & HELLO_PERSISTENT != 0;
+                let replicas = (flags & HELLO_REPLICAS_MASK) >> HELLO_REPLICAS_SHIFT;
                 let session = r.u64();
                 let pid = r.u32();
                 let mut name = [0u8; IPC_NAME_BYTES];
@@ -692,6 +716,7 @@ impl IpcMessage {
                     pid,
                     create,
                     persistent,
+                    replicas,
                     name,
                 }
             }
@@ -712,6 +737,8 @@ impl IpcMessage {
             },
             KIND_PING => IpcMessage::Ping,
             KIND_STATS => IpcMessage::Stats,
+            KIND_SYNC => IpcMessage::Sync,
+            KIND_SYNCED => IpcMessage::Synced,
             KIND_REVOKE_DONE => IpcMessage::RevokeDone { token: r.u64() },
             KIND_DETACH => IpcMessage::Detach,
             KIND_GRANT_APPLIED => IpcMessage::GrantApplied {
@@ -842,6 +869,7 @@ impl IpcMessage {
             pid,
             create: false,
             persistent: false,
+            replicas: 0,
             name: [0u8; IPC_NAME_BYTES],
         }
     }

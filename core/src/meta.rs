@@ -30,6 +30,8 @@ pub enum Command {
         flexible_base: bool,
         /// Keep the space when its last process has gone (set by whoever creates it).
         persistent: bool,
+        /// k, the copies of each page (`SpaceLayout::replicas`).
+        replicas: u8,
     },
     /// The origin has a process that joins the space named `name`: add the origin to
     /// its attach set. Creating (or joining by `CreateSpace`) attaches too.
@@ -386,6 +388,7 @@ impl MetaState {
                 root_size_bytes,
                 flexible_base,
                 persistent,
+                replicas,
             } => {
                 if !self.is_up(proposal.origin) {
                     return Outcome::SpaceRejected("creating node is down");
@@ -423,6 +426,7 @@ impl MetaState {
                     size_bytes: *size_bytes,
                     chunk_size_bytes: *chunk_size_bytes,
                     root_size_bytes: *root_size_bytes,
+                    replicas: *replicas,
                 };
                 if let Err(why) = layout.validate() {
                     return Outcome::SpaceRejected(why);
@@ -774,6 +778,7 @@ impl Proposal {
                 root_size_bytes,
                 flexible_base,
                 persistent,
+                replicas,
             } => {
                 w.u8(CMD_CREATE_SPACE);
                 w.blob(name.as_bytes());
@@ -783,6 +788,7 @@ impl Proposal {
                 w.u64(*root_size_bytes);
                 w.bool(*flexible_base);
                 w.bool(*persistent);
+                w.u8(*replicas);
             }
             Command::Attach { name } => {
                 w.u8(CMD_ATTACH);
@@ -857,6 +863,7 @@ impl Proposal {
                 root_size_bytes: r.u64()?,
                 flexible_base: r.bool()?,
                 persistent: r.bool()?,
+                replicas: r.u8()?,
             },
             CMD_ATTACH => Command::Attach {
                 name: space_name(&mut r)?,
@@ -921,7 +928,7 @@ const MAX_SNAPSHOT_NODES: usize = 4096;
 const MAX_SNAPSHOT_RUNS: usize = MAX_SNAPSHOT_BYTES / 36;
 
 /// Every reason an outcome can give, so a decoded one is the same `&'static str`.
-const REJECTIONS: [&str; 23] = [
+const REJECTIONS: [&str; 24] = [
     "attaching node is down",
     "bad chunk count",
     "bad chunk range",
@@ -941,6 +948,7 @@ const REJECTIONS: [&str; 23] = [
     "space size must be a non-zero multiple of the chunk size",
     "space must end below the 47-bit user address limit",
     "root size must be a non-zero page multiple no larger than a chunk",
+    "replicas must be 1 to 4",
     "rejoin for another node",
     "not a member",
     "node is up",
@@ -972,6 +980,7 @@ fn put_layout(w: &mut Writer, layout: &SpaceLayout) {
     w.u64(layout.size_bytes);
     w.u64(layout.chunk_size_bytes);
     w.u64(layout.root_size_bytes);
+    w.u8(layout.replicas);
 }
 
 fn get_layout(r: &mut Reader) -> Result<SpaceLayout, DecodeError> {
@@ -982,6 +991,7 @@ fn get_layout(r: &mut Reader) -> Result<SpaceLayout, DecodeError> {
         size_bytes: r.u64()?,
         chunk_size_bytes: r.u64()?,
         root_size_bytes: r.u64()?,
+        replicas: r.u8()?,
     };
     layout
         .validate()
@@ -1324,6 +1334,7 @@ mod snapshot_tests {
                 root_size_bytes: 4096,
                 flexible_base: false,
                 persistent: true,
+                replicas: 2,
             },
         );
         let Outcome::SpaceCreated(layout) = created else {

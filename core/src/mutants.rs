@@ -52,10 +52,16 @@ pub enum Mutant {
     /// The new home of a recovered page ignores a surviving writer, so it grants the
     /// page to others while that node can still write it.
     RecoverIgnoresWriter,
+    /// The home acknowledges a flush (and grants a page) before the backups it sent
+    /// have the bytes: a synced or shared write can be on fewer than k nodes.
+    AckBeforeBackup,
+    /// The new home of a recovered page ignores the backup copies nodes keep, so a
+    /// synced write whose writer and home both went down is lost.
+    RecoverIgnoresBackups,
 }
 
 impl Mutant {
-    pub const ALL: [Mutant; 18] = [
+    pub const ALL: [Mutant; 20] = [
         Mutant::GrantWriteWithoutInvalidate,
         Mutant::AckInvalidateBeforeRevoke,
         Mutant::AcceptStaleGrant,
@@ -74,6 +80,8 @@ impl Mutant {
         Mutant::SpawnNotDeduplicated,
         Mutant::RecoverFromOldestCopy,
         Mutant::RecoverIgnoresWriter,
+        Mutant::AckBeforeBackup,
+        Mutant::RecoverIgnoresBackups,
     ];
 
     pub fn name(self) -> &'static str {
@@ -96,6 +104,8 @@ impl Mutant {
             Mutant::SpawnNotDeduplicated => "spawn-not-deduplicated",
             Mutant::RecoverFromOldestCopy => "recover-from-oldest-copy",
             Mutant::RecoverIgnoresWriter => "recover-ignores-writer",
+            Mutant::AckBeforeBackup => "ack-before-backup",
+            Mutant::RecoverIgnoresBackups => "recover-ignores-backups",
         }
     }
 
@@ -142,6 +152,12 @@ impl Mutant {
             }
             Mutant::RecoverIgnoresWriter => {
                 "new home rebuilds a recovered page ignoring the node that writes it"
+            }
+            Mutant::AckBeforeBackup => {
+                "home acknowledges a flush or grants a page before its backups have the bytes"
+            }
+            Mutant::RecoverIgnoresBackups => {
+                "new home rebuilds a recovered page ignoring the backup copies"
             }
         }
     }

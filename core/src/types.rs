@@ -52,7 +52,16 @@ pub struct SpaceLayout {
     /// A zero-initialised block at the start of the space, reserved at creation, at the
     /// same address everywhere: how processes publish their first pointers.
     pub root_size_bytes: u64,
+    /// k: a page's contents are on this many nodes before another node's process may
+    /// see them, and `gallocy_sync` makes a process's writes so (docs/protocol.md
+    /// "Replication"). 1 to `MAX_REPLICAS`.
+    pub replicas: u8,
 }
+
+/// Most copies of a page a space may ask for.
+pub const MAX_REPLICAS: u8 = 4;
+/// The daemon's default k.
+pub const DEFAULT_REPLICAS: u8 = 2;
 
 /// Largest space name, in bytes.
 pub const SPACE_NAME_MAX_BYTES: usize = 64;
@@ -136,6 +145,9 @@ impl SpaceLayout {
             || self.root_size_bytes > self.chunk_size_bytes
         {
             return Err("root size must be a non-zero page multiple no larger than a chunk");
+        }
+        if self.replicas == 0 || self.replicas > MAX_REPLICAS {
+            return Err("replicas must be 1 to 4");
         }
         Ok(())
     }

@@ -144,16 +144,37 @@ pub enum PeerMessage {
         page: PageId,
         seq: u64,
     },
-    /// Node → new home: what this node holds of the page. `version` is the version of
-    /// the bytes in its memory (None: it never installed any); `bytes` come with it
-    /// unless the node is the writer (its bytes still change; a recall fetches them).
+    /// Node → new home: what this node holds of the page.
     CollectAck {
         page: PageId,
         seq: u64,
-        held: Access,
-        version: Option<u64>,
-        seq_seen: u64,
+        report: CopyReport,
+    },
+    /// Writer (or former writer) → home: make this page durable (`gallocy_sync`):
+    /// keep `bytes`, its contents now at `version`, as the master, and answer
+    /// `FlushAck` once the page's contents are on k nodes. Without bytes (the node
+    /// writes the page no more: its writes left with a recall) the home only makes
+    /// sure of the k copies.
+    Flush {
+        page: PageId,
+        request_id: u64,
+        version: u64,
         bytes: Option<Box<PageBytes>>,
+    },
+    FlushAck {
+        page: PageId,
+        request_id: u64,
+    },
+    /// Home → node: keep this copy of the page for recovery (docs/protocol.md
+    /// "Replication"); its applications do not see it.
+    Backup {
+        page: PageId,
+        seq: u64,
+        copy: BackupCopy,
+    },
+    BackupAck {
+        page: PageId,
+        seq: u64,
     },
     /// Any node → the node that carved the block: free it.
     FreeRequest {
@@ -181,6 +202,53 @@ pub enum PeerMessage {
     Program(ProgramMessage),
     /// Futex wakes between nodes (`futex.rs`), handled by the host.
     Futex(FutexMessage),
+}
+
+/// What one node holds of a page being recovered (`PeerMessage::CollectAck`).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct CopyReport {
+    pub held: Access,
+    /// The version of the bytes in its memory (None: it never installed any).
+    pub version: Option<u64>,
+    pub seq_seen: u64,
+    /// The memory's bytes, unless the node is the writer (they still change; a recall
+    /// fetches them).
+    pub bytes: Option<Box<PageBytes>>,
+    /// The backup copy it keeps for the page's home, if any.
+    pub backup: Option<BackupCopy>,
+}
+
+/// A copy kept for recovery only. Ordered by `(version, sub)`: the final contents of
+/// a version (what left its writer with a recall) have `sub = FINAL_CONTENTS`, and a
+/// writer's flushes of that version come before them in the order they were made.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct BackupCopy {
+    pub version: u64,
+    pub sub: u64,
+    pub bytes: Box<PageBytes>,
+}
+
+/// `BackupCopy::sub` of a version's final contents.
+pub const FINAL_CONTENTS: u64 = u64::MAX;
+
+impl BackupCopy {
+    pub fn order(&self) -> (u64, u64) {
+        (self.version, self.sub)
+    }
+}
+
+fn put_backup(w: &mut Writer, copy: &BackupCopy) {
+    w.u64(copy.version);
+    w.u64(copy.sub);
+    w.raw(&copy.bytes[..]);
+}
+
+fn get_backup(r: &mut Reader<'_>) -> Result<BackupCopy, DecodeError> {
+    Ok(BackupCopy {
+        version: r.u64()?,
+        sub: r.u64()?,
+        bytes: get_page_bytes(r)?,
+    })
 }
 
 /// A message with its addressing.
@@ -212,6 +280,10 @@ const KIND_LEASE_REQUEST: u8 = 11;
 const KIND_LEASE_GRANT: u8 = 12;
 const KIND_COLLECT: u8 = 32;
 const KIND_COLLECT_ACK: u8 = 33;
+const KIND_FLUSH: u8 = 34;
+const KIND_FLUSH_ACK: u8 = 35;
+const KIND_BACKUP: u8 = 36;
+const KIND_BACKUP_ACK: u8 = 37;
 const KIND_PROGRAM: u8 = 64;
 const KIND_FUTEX: u8 = 65;
 
@@ -284,6 +356,10 @@ impl Envelope {
             PeerMessage::RecallAck { .. } => KIND_RECALL_ACK,
             PeerMessage::Collect { .. } => KIND_COLLECT,
             PeerMessage::CollectAck { .. } => KIND_COLLECT_ACK,
+            PeerMessage::Flush { .. } => KIND_FLUSH,
+            PeerMessage::FlushAck { .. } => KIND_FLUSH_ACK,
+            PeerMessage::Backup { .. } => KIND_BACKUP,
+            PeerMessage::BackupAck { .. } => KIND_BACKUP_ACK,
             PeerMessage::FreeRequest { .. } => KIND_FREE_REQUEST,
             PeerMessage::FreeReply { .. } => KIND_FREE_REPLY,
             PeerMessage::LeaseRequest { .. } => KIND_LEASE_REQUEST,
@@ -337,7 +413,8 @@ impl Envelope {
             }
             PeerMessage::Invalidate { page, seq }
             | PeerMessage::InvalidateAck { page, seq }
-            | PeerMessage::Collect { page, seq } => {
+            | PeerMessage::Collect { page, seq }
+            | PeerMessage::BackupAck { page, seq } => {
                 put_page(&mut w, *page);
                 w.u64(*seq);
             }
@@ -361,20 +438,40 @@ impl Envelope {
                 w.u64(*version);
                 put_opt_bytes(&mut w, bytes);
             }
-            PeerMessage::CollectAck {
+            PeerMessage::CollectAck { page, seq, report } => {
+                put_page(&mut w, *page);
+                w.u64(*seq);
+                w.u8(report.held as u8);
+                w.opt_u64(report.version);
+                w.u64(report.seq_seen);
+                put_opt_bytes(&mut w, &report.bytes);
+                match &report.backup {
+                    None => w.u8(0),
+                    Some(copy) => {
+                        w.u8(1);
+                        put_backup(&mut w, copy);
+                    }
+                }
+            }
+            PeerMessage::Flush {
                 page,
-                seq,
-                held,
+                request_id,
                 version,
-                seq_seen,
                 bytes,
             } => {
                 put_page(&mut w, *page);
-                w.u64(*seq);
-                w.u8(*held as u8);
-                w.opt_u64(*version);
-                w.u64(*seq_seen);
+                w.u64(*request_id);
+                w.u64(*version);
                 put_opt_bytes(&mut w, bytes);
+            }
+            PeerMessage::FlushAck { page, request_id } => {
+                put_page(&mut w, *page);
+                w.u64(*request_id);
+            }
+            PeerMessage::Backup { page, seq, copy } => {
+                put_page(&mut w, *page);
+                w.u64(*seq);
+                put_backup(&mut w, copy);
             }
             PeerMessage::FreeRequest {
                 space,
@@ -477,10 +574,36 @@ impl Envelope {
             KIND_COLLECT_ACK => PeerMessage::CollectAck {
                 page: get_page(&mut r)?,
                 seq: r.u64()?,
-                held: Access::from_u8(r.u8()?).ok_or(DecodeError::Invalid("held access"))?,
-                version: r.opt_u64()?,
-                seq_seen: r.u64()?,
+                report: CopyReport {
+                    held: Access::from_u8(r.u8()?).ok_or(DecodeError::Invalid("held access"))?,
+                    version: r.opt_u64()?,
+                    seq_seen: r.u64()?,
+                    bytes: get_opt_bytes(&mut r)?,
+                    backup: match r.u8()? {
+                        0 => None,
+                        1 => Some(get_backup(&mut r)?),
+                        _ => return Err(DecodeError::Invalid("backup tag")),
+                    },
+                },
+            },
+            KIND_FLUSH => PeerMessage::Flush {
+                page: get_page(&mut r)?,
+                request_id: r.u64()?,
+                version: r.u64()?,
                 bytes: get_opt_bytes(&mut r)?,
+            },
+            KIND_FLUSH_ACK => PeerMessage::FlushAck {
+                page: get_page(&mut r)?,
+                request_id: r.u64()?,
+            },
+            KIND_BACKUP => PeerMessage::Backup {
+                page: get_page(&mut r)?,
+                seq: r.u64()?,
+                copy: get_backup(&mut r)?,
+            },
+            KIND_BACKUP_ACK => PeerMessage::BackupAck {
+                page: get_page(&mut r)?,
+                seq: r.u64()?,
             },
             KIND_FREE_REQUEST => PeerMessage::FreeRequest {
                 space: r.u32()?,

@@ -144,6 +144,7 @@ impl Net {
             pid: pid as u32,
             create: true,
             persistent: false,
+            replicas: 0,
             name,
         };
         self.send(h, conn, 1, hello(Role::Main, 0));
@@ -366,6 +367,7 @@ fn forged_grant_reports_and_faults_are_refused_without_harm() {
             pid: 999,
             create: false,
             persistent: false,
+            replicas: 0,
             name: [0u8; IPC_NAME_BYTES],
         },
     );

@@ -152,6 +152,7 @@ impl Net {
             pid: pid as u32,
             create: true,
             persistent: false,
+            replicas: 0,
             name,
         };
         self.send(h, conn, 1, hello(Role::Main, 0));

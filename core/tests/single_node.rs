@@ -25,6 +25,7 @@ fn create_space(node: &mut Node) -> u32 {
             chunk_size_bytes: 64 << 10,
             flexible_base: false,
             persistent: false,
+            replicas: 2,
         },
     );
     match replies(node).pop() {
@@ -122,6 +123,7 @@ fn an_exact_fit_takes_the_last_chunk() {
             chunk_size_bytes: 64 << 10,
             flexible_base: false,
             persistent: false,
+            replicas: 2,
         },
     );
     let space = match replies(&mut node).pop() {

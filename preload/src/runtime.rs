@@ -251,6 +251,7 @@ fn hello(
     session: u64,
     create: bool,
     persistent: bool,
+    replicas: u8,
     name: [u8; gallocy_core::ipc::IPC_NAME_BYTES],
 ) -> Result<u64, Errno> {
     let request_id = RT.next_request_id.fetch_add(1, Ordering::Relaxed);
@@ -261,6 +262,7 @@ fn hello(
         pid: sys::getpid() as u32,
         create,
         persistent,
+        replicas,
         name,
     }
     .encode(request_id, &mut frame);
@@ -275,7 +277,7 @@ fn open_session_connection(role: Role) -> Result<i32, CallError> {
     let fd = sys::connect_unix(socket_path()).map_err(CallError::Sys)?;
     let session = RT.session.load(Ordering::Acquire);
     let name = [0u8; gallocy_core::ipc::IPC_NAME_BYTES];
-    if let Err(e) = hello(fd, role, session, false, false, name) {
+    if let Err(e) = hello(fd, role, session, false, false, 0, name) {
         sys::close(fd);
         return Err(CallError::Sys(e));
     }
@@ -948,12 +950,19 @@ pub fn attach(space: &[u8], create: bool) -> i32 {
         }
     };
     // A space this process creates outlives its last process only if asked.
-    // SAFETY: getenv returns a pointer into the environment or null; no allocation.
-    let persistent_env = unsafe { libc::getenv(c"GALLOCY_PERSISTENT".as_ptr()) };
-    // SAFETY: a non-null getenv result is a NUL-terminated string.
-    let persistent =
-        !persistent_env.is_null() && unsafe { CStr::from_ptr(persistent_env) }.to_bytes() == b"1";
-    if hello(main_fd, Role::Main, 0, create, persistent, name).is_err() {
+    let persistent = getenv(c"GALLOCY_PERSISTENT") == Some(b"1");
+    // And has k copies of each page as asked (else the daemon's default).
+    let replicas = match getenv(c"GALLOCY_REPLICAS") {
+        None => 0,
+        Some(&[digit @ b'1'..=b'4']) => digit - b'0',
+        Some(_) => {
+            sys::close(main_fd);
+            return fail(libc::EINVAL, |m| {
+                m.str("GALLOCY_REPLICAS must be 1 to 4 (copies of each page)");
+            });
+        }
+    };
+    if hello(main_fd, Role::Main, 0, create, persistent, replicas, name).is_err() {
         sys::close(main_fd);
         return fail(libc::ECONNRESET, |m| {
             m.str("the daemon at ")

@@ -394,6 +394,7 @@ impl Cluster {
                 // Nodes here use the space without attaching: it must outlive the
                 // creator's mark-down.
                 persistent: true,
+                replicas: 2,
             },
         );
         self.settle_until("space created", |c| c.answers.contains_key(&create))?;

@@ -29,18 +29,20 @@ fn message() -> impl Strategy<Value = IpcMessage> {
             any::<u32>(),
             any::<bool>(),
             any::<bool>(),
+            0u8..8,
             any::<[u8; IPC_NAME_BYTES]>()
         )
-            .prop_map(
-                |(role, session, pid, create, persistent, name)| IpcMessage::Hello {
+            .prop_map(|(role, session, pid, create, persistent, replicas, name)| {
+                IpcMessage::Hello {
                     role,
                     session,
                     pid,
                     create,
                     persistent,
-                    name
+                    replicas,
+                    name,
                 }
-            ),
+            }),
         (any::<u64>(), any::<u64>()).prop_map(|(size_bytes, align_bytes)| IpcMessage::Allocate {
             size_bytes,
             align_bytes

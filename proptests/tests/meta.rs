@@ -77,6 +77,8 @@ fn create_space(overlong_names: bool) -> impl Strategy<Value = Command> {
                     root_size_bytes: root_pages * 4096,
                     flexible_base,
                     persistent,
+                    // 0 and 5 are refused like any other bad layout.
+                    replicas: (root_pages % 6) as u8,
                 }
             },
         )
@@ -738,6 +740,7 @@ fn create_space_with_overlong_name_is_answered() {
             chunk_size_bytes: 1 << 16,
             flexible_base: false,
             persistent: false,
+            replicas: 2,
         },
     );
     let mut actions = Vec::new();

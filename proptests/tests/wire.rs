@@ -7,8 +7,8 @@ use gallocy_core::meta::{Command, Proposal};
 use gallocy_core::programs::{ProgramMessage, SpawnOutcome, WorkerEvent, WorkerExit, WorkerSpec};
 use gallocy_core::types::{Access, PageBytes, PageId, PAGE_SIZE_BYTES};
 use gallocy_core::wire::{
-    decode_peer_hello, encode_peer_hello, Envelope, FreeOutcome, PageDenial, PeerHello,
-    PeerMessage, MAX_FRAME_BYTES, PEER_HELLO_BYTES,
+    decode_peer_hello, encode_peer_hello, BackupCopy, CopyReport, Envelope, FreeOutcome,
+    PageDenial, PeerHello, PeerMessage, MAX_FRAME_BYTES, PEER_HELLO_BYTES,
 };
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -125,18 +125,35 @@ fn peer_message() -> impl Strategy<Value = PeerMessage> {
             prop_oneof![Just(Access::None), Just(Access::Read), Just(Access::Write)],
             proptest::option::of(any::<u64>()),
             any::<u64>(),
-            opt_page_bytes()
+            opt_page_bytes(),
+            proptest::option::of(backup_copy())
         )
-            .prop_map(|(page, seq, held, version, seq_seen, bytes)| {
+            .prop_map(|(page, seq, held, version, seq_seen, bytes, backup)| {
                 PeerMessage::CollectAck {
                     page,
                     seq,
-                    held,
-                    version,
-                    seq_seen,
-                    bytes,
+                    report: CopyReport {
+                        held,
+                        version,
+                        seq_seen,
+                        bytes,
+                        backup,
+                    },
                 }
             }),
+        (page_id(), any::<u64>(), any::<u64>(), opt_page_bytes()).prop_map(
+            |(page, request_id, version, bytes)| PeerMessage::Flush {
+                page,
+                request_id,
+                version,
+                bytes,
+            }
+        ),
+        (page_id(), any::<u64>())
+            .prop_map(|(page, request_id)| PeerMessage::FlushAck { page, request_id }),
+        (page_id(), any::<u64>(), backup_copy())
+            .prop_map(|(page, seq, copy)| PeerMessage::Backup { page, seq, copy }),
+        (page_id(), any::<u64>()).prop_map(|(page, seq)| PeerMessage::BackupAck { page, seq }),
         (any::<u32>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
             |(space, addr, request_id, oldest_in_flight)| PeerMessage::FreeRequest {
                 space,
@@ -263,6 +280,14 @@ proptest! {
     }
 }
 
+fn backup_copy() -> impl Strategy<Value = BackupCopy> {
+    (any::<u64>(), any::<u64>(), any::<u8>()).prop_map(|(version, sub, fill)| BackupCopy {
+        version,
+        sub,
+        bytes: Box::new([fill; PAGE_SIZE_BYTES]),
+    })
+}
+
 fn envelope() -> impl Strategy<Value = Envelope> {
     (
         node_id(),
@@ -316,6 +341,7 @@ fn command() -> impl Strategy<Value = Command> {
                         root_size_bytes,
                         flexible_base,
                         persistent,
+                        replicas: (root_size_bytes % 251) as u8,
                     }
                 }
             ),
@@ -521,6 +547,7 @@ proptest! {
                 root_size_bytes: 1 << 16,
                 flexible_base: false,
                 persistent: false,
+                replicas: 2,
             },
         };
         prop_assert!(Proposal::decode(&proposal.encode()).is_err());

@@ -827,6 +827,7 @@ fn hello_frame(role: Role, session: u64, name: &[u8]) -> [u8; IPC_FRAME_BYTES] {
         pid: std::process::id(),
         create: true,
         persistent: false,
+        replicas: 0,
         name: field,
     }
     .encode(1, &mut frame);
@@ -889,6 +890,7 @@ fn hostile_application_frames_do_not_crash_a_daemon() {
                         pid: b as u32,
                         create: false,
                         persistent: false,
+                        replicas: 0,
                         name: [0u8; IPC_NAME_BYTES],
                     },
                     _ => IpcMessage::Stats,

@@ -11,6 +11,14 @@
 //! allowed states that agree with what it read (none: a violation); a write applies to
 //! every allowed state. So with every node alive the check is exact, and after a crash
 //! the page is any state from the last one a survivor saw on, until reads narrow it.
+//!
+//! Replication (docs/protocol.md "Replication") adds a second reason to keep a
+//! generation: once its contents reached a node other than their writer's (another
+//! node's process could have observed them), or a sync of a node that saw them
+//! completed, they are on k nodes, and so survive any k - 1 *losses* after that (a node
+//! crashing, or marked down: either way its copies are gone). A generation is kept
+//! while a live node saw it, or while fewer than k losses came after it was so
+//! protected.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -27,6 +35,18 @@ struct Generation {
     states: Vec<Box<PageBytes>>,
     /// Nodes (indexes) whose processes made or saw this generation.
     observers: BTreeSet<usize>,
+    /// The node, and its life, whose process wrote these contents (None: the zero
+    /// page).
+    origin: Option<(usize, u64)>,
+    /// The loss count when these contents were put on k nodes (reached another node,
+    /// or a sync covered them); the latest such moment.
+    protected_at: Option<u64>,
+    /// Names the generation for a sync that covers it (stable as old ones go).
+    serial: u64,
+    /// The loss count when its contents were written: their copies were all made
+    /// after, so protection counts losses from here (a home may count a copy on a node
+    /// that crashed unnoticed since).
+    made_at: u64,
 }
 
 #[derive(Default)]
@@ -34,6 +54,25 @@ struct GhostPage {
     /// Oldest first. Starts with the zero page, which nobody has seen (a node may
     /// still hold it, from a grant its process never used).
     history: VecDeque<Generation>,
+    next_serial: u64,
+}
+
+/// What keeps a generation: live observers, or protection that fewer than k losses
+/// have come after.
+#[derive(Clone, Copy)]
+struct Keep<'a> {
+    live: &'a [bool],
+    losses: u64,
+    replicas: u64,
+}
+
+impl Keep<'_> {
+    fn keeps(&self, generation: &Generation) -> bool {
+        generation.observers.iter().any(|&n| self.live[n])
+            || generation
+                .protected_at
+                .is_some_and(|at| self.losses - at < self.replicas)
+    }
 }
 
 #[derive(Default)]
@@ -43,6 +82,13 @@ pub struct Ghost {
     pub states_dropped: u64,
     /// Accesses that found a page in more than one state after a crash.
     pub uncertain_accesses: u64,
+    /// Nodes lost so far (crashed, or marked down while running).
+    pub losses: u64,
+    /// k of the pages' space: protected contents survive k - 1 losses.
+    pub replicas: u64,
+    /// Per node, crashes so far: its life (a restarted node's writes are not its
+    /// earlier life's).
+    lives: BTreeMap<usize, u64>,
 }
 
 fn zero_page() -> Box<PageBytes> {
@@ -55,22 +101,27 @@ impl GhostPage {
             self.history.push_back(Generation {
                 states: vec![zero_page()],
                 observers: BTreeSet::new(),
+                origin: None,
+                protected_at: None,
+                serial: 0,
+                made_at: 0,
             });
+            self.next_serial = 1;
         }
     }
 
     /// Index of the first generation whose states are allowed now.
-    fn anchor(&self, live: &[bool]) -> usize {
+    fn anchor(&self, keep: Keep) -> usize {
         self.history
             .iter()
-            .rposition(|g| g.observers.iter().any(|&n| live[n]))
+            .rposition(|g| keep.keeps(g))
             .unwrap_or(0)
     }
 
     /// The states the page may hold now, each once.
-    fn allowed(&self, live: &[bool]) -> Vec<&PageBytes> {
+    fn allowed(&self, keep: Keep) -> Vec<&PageBytes> {
         let mut allowed: Vec<&PageBytes> = Vec::new();
-        for generation in self.history.iter().skip(self.anchor(live)) {
+        for generation in self.history.iter().skip(self.anchor(keep)) {
             for state in &generation.states {
                 if !allowed.iter().any(|a| a[..] == state[..]) {
                     allowed.push(state);
@@ -80,7 +131,14 @@ impl GhostPage {
         allowed
     }
 
-    fn push(&mut self, mut states: Vec<Box<PageBytes>>, node: usize, dropped: &mut u64) {
+    fn push(
+        &mut self,
+        mut states: Vec<Box<PageBytes>>,
+        node: usize,
+        origin: Option<(usize, u64)>,
+        made_at: u64,
+        dropped: &mut u64,
+    ) {
         if states.len() > MAX_STATES_PER_GENERATION {
             *dropped += (states.len() - MAX_STATES_PER_GENERATION) as u64;
             states.drain(..states.len() - MAX_STATES_PER_GENERATION);
@@ -89,22 +147,48 @@ impl GhostPage {
             self.history.pop_front();
             *dropped += 1;
         }
+        let serial = self.next_serial;
+        self.next_serial += 1;
         self.history.push_back(Generation {
             states,
             observers: BTreeSet::from([node]),
+            origin,
+            protected_at: None,
+            serial,
+            made_at,
         });
     }
 }
 
-fn allowed_words(ghost: &GhostPage, live: &[bool], at: usize) -> Vec<u64> {
+fn allowed_words(ghost: &GhostPage, keep: Keep, at: usize) -> Vec<u64> {
     ghost
-        .allowed(live)
+        .allowed(keep)
         .into_iter()
         .map(|b| u64::from_le_bytes(b[at..at + 8].try_into().expect("8")))
         .collect()
 }
 
 impl Ghost {
+    /// A ghost for a space with k = `replicas`.
+    pub fn with_replicas(replicas: u64) -> Ghost {
+        Ghost {
+            replicas,
+            ..Ghost::default()
+        }
+    }
+
+    fn life(&self, node: usize) -> u64 {
+        self.lives.get(&node).copied().unwrap_or(0)
+    }
+
+    fn keep<'a>(&self, live: &'a [bool]) -> Keep<'a> {
+        Keep {
+            live,
+            losses: self.losses,
+            replicas: self.replicas.max(1),
+        }
+    }
+
     /// A process of node `node` read `read` at `offset` of `page`: Err(what the page
     /// may hold there) if no allowed state has those bytes.
     pub fn read(
@@ -116,9 +200,14 @@ impl Ghost {
         live: &[bool],
     ) -> Result<(), Vec<Vec<u8>>> {
         let end = offset + read.len();
+        let keep = Keep {
+            live,
+            losses: self.losses,
+            replicas: self.replicas.max(1),
+        };
         let ghost = self.pages.entry(page).or_default();
         ghost.start_zeroed();
-        let anchor = ghost.anchor(live);
+        let anchor = ghost.anchor(keep);
         let newest = ghost.history.len() - 1;
         if anchor == newest && ghost.history[newest].states.len() == 1 {
             // Certain: the common case, checked without copying the page.
@@ -130,7 +219,7 @@ impl Ghost {
             return Ok(());
         }
         self.uncertain_accesses += 1;
-        let allowed = ghost.allowed(live);
+        let allowed = ghost.allowed(keep);
         let matching: Vec<Box<PageBytes>> = allowed
             .iter()
             .filter(|s| s[offset..end] == *read)
@@ -139,17 +228,26 @@ impl Ghost {
         if matching.is_empty() {
             return Err(allowed.iter().map(|s| s[offset..end].to_vec()).collect());
         }
-        ghost.push(matching, node, &mut self.states_dropped);
+        let (origin, made_at) = ghost
+            .history
+            .back()
+            .map_or((None, 0), |g| (g.origin, g.made_at));
+        ghost.push(matching, node, origin, made_at, &mut self.states_dropped);
         Ok(())
     }
 
     /// A process of node `node` wrote `bytes` at `offset` of `page`.
     pub fn write(&mut self, page: PageId, offset: usize, bytes: &[u8], node: usize, live: &[bool]) {
         let end = offset + bytes.len();
+        let keep = Keep {
+            live,
+            losses: self.losses,
+            replicas: self.replicas.max(1),
+        };
         let ghost = self.pages.entry(page).or_default();
         ghost.start_zeroed();
         let mut next: Vec<Box<PageBytes>> = Vec::new();
-        for state in ghost.allowed(live) {
+        for state in ghost.allowed(keep) {
             let mut state = Box::new(*state);
             state[offset..end].copy_from_slice(bytes);
             if !next.iter().any(|n| n[..] == state[..]) {
@@ -159,7 +257,16 @@ impl Ghost {
         if next.len() > 1 {
             self.uncertain_accesses += 1;
         }
-        ghost.push(next, node, &mut self.states_dropped);
+        let life = self.life(node);
+        let losses = self.losses;
+        let ghost = self.pages.get_mut(&page).expect("started");
+        ghost.push(
+            next,
+            node,
+            Some((node, life)),
+            losses,
+            &mut self.states_dropped,
+        );
     }
 
     /// The bytes at `offset`, if the page may hold only one value there.
@@ -168,7 +275,7 @@ impl Ghost {
             return Some(0);
         };
         let mut values = ghost
-            .allowed(live)
+            .allowed(self.keep(live))
             .into_iter()
             .map(|s| u32::from_le_bytes(s[offset..offset + 4].try_into().expect("4 bytes")));
         let first = values.next().unwrap_or(0);
@@ -183,7 +290,7 @@ impl Ghost {
         match self.pages.get(&page) {
             None => memory.iter().all(|&b| b == 0),
             Some(ghost) => ghost
-                .allowed(live)
+                .allowed(self.keep(live))
                 .into_iter()
                 .any(|state| state[..] == memory[..]),
         }
@@ -198,20 +305,21 @@ impl Ghost {
         };
         let word =
             |b: &PageBytes, at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8"));
-        let allowed = ghost.allowed(live);
+        let keep = self.keep(live);
+        let allowed = ghost.allowed(keep);
         let mut out = format!(
             "{} allowed state(s), {} generation(s) kept, from {}",
             allowed.len(),
             ghost.history.len(),
-            ghost.anchor(live)
+            ghost.anchor(keep)
         );
         let at = (0..PAGE_SIZE_BYTES / 8).map(|w| w * 8).find(|&at| {
-            allowed_words(ghost, live, at)
+            allowed_words(ghost, keep, at)
                 .into_iter()
                 .all(|w| w != word(memory, at))
         });
         if let Some(at) = at {
-            let words: Vec<String> = allowed_words(ghost, live, at)
+            let words: Vec<String> = allowed_words(ghost, keep, at)
                 .into_iter()
                 .map(|w| format!("{w:#x}"))
                 .collect();
@@ -223,20 +331,101 @@ impl Ghost {
         out
     }
 
-    /// Whether a live node's process saw a state of `page`: that node holds a copy, so
-    /// the page must not be lost.
+    /// Whether a live node's process saw a state of `page`, or one is still protected
+    /// (on k nodes, fewer than k losses ago): the page must not be lost.
     pub fn seen_by_live(&self, page: PageId, live: &[bool]) -> bool {
-        self.pages.get(&page).is_some_and(|ghost| {
-            ghost
-                .history
-                .iter()
-                .any(|g| g.observers.iter().any(|&n| live[n]))
-        })
+        let keep = self.keep(live);
+        self.pages
+            .get(&page)
+            .is_some_and(|ghost| ghost.history.iter().any(|g| keep.keeps(g)))
+    }
+
+    /// A process of `node` touches `page`, whose bytes in the node's memory are
+    /// `memory`: if they are contents another node's process wrote, they reached this
+    /// node by a grant, before which the home put them on k nodes; they survive k - 1
+    /// losses from now. (Checked on the whole page: a read of a few bytes may agree
+    /// with several generations.)
+    pub fn exposed(&mut self, page: PageId, node: usize, memory: &PageBytes) {
+        let me = (node, self.life(node));
+        let Some(ghost) = self.pages.get_mut(&page) else {
+            return;
+        };
+        let holding = ghost
+            .history
+            .iter_mut()
+            .rev()
+            .find(|g| g.states.iter().any(|state| state[..] == memory[..]));
+        if let Some(generation) = holding {
+            // The first time only: a later access may be of the copy this node already
+            // holds, served without the home (which re-replicates only on a grant).
+            if generation.origin.is_some_and(|origin| origin != me)
+                && generation.protected_at.is_none()
+            {
+                generation.protected_at = Some(generation.made_at);
+            }
+        }
+    }
+
+    /// For debugging a seed: each generation's serial, origin, observers and
+    /// protection.
+    pub fn protection(&self, page: PageId) -> String {
+        let Some(ghost) = self.pages.get(&page) else {
+            return "untouched".into();
+        };
+        let mut out = format!("losses {}:", self.losses);
+        for g in ghost.history.iter().rev().take(6) {
+            out += &format!(
+                " [#{} origin {:?} seen {:?} protected {:?} word0 {:#x}]",
+                g.serial,
+                g.origin.map(|(o, life)| (o + 1, life)),
+                g.observers.iter().map(|o| o + 1).collect::<Vec<_>>(),
+                g.protected_at,
+                u64::from_le_bytes(g.states[0][..8].try_into().expect("8"))
+            );
+        }
+        out
+    }
+
+    /// For a sync node `node` starts: per page, the newest generation its processes
+    /// wrote (what the sync must make durable; contents it only read were put on k
+    /// nodes when they reached it).
+    pub fn written_by(&self, node: usize) -> Vec<(PageId, u64)> {
+        let life = self.life(node);
+        self.pages
+            .iter()
+            .filter_map(|(&page, ghost)| {
+                ghost
+                    .history
+                    .iter()
+                    .rev()
+                    .find(|g| g.origin == Some((node, life)))
+                    .map(|g| (page, g.serial))
+            })
+            .collect()
+    }
+
+    /// A sync answered: the generations it covered are on k nodes from now, unless
+    /// they were so before (an earlier sync, or they reached another node): a sync
+    /// flushes only what was written since the node's last flush, so their copies date
+    /// from then, and losses since may have taken some.
+    /// `losses`: the loss count when the sync started (its copies are made after, but
+    /// a flush of a page its node writes no more counts copies made since the write).
+    pub fn synced(&mut self, covered: &[(PageId, u64)], losses: u64) {
+        for &(page, serial) in covered {
+            let Some(ghost) = self.pages.get_mut(&page) else {
+                continue;
+            };
+            if let Some(generation) = ghost.history.iter_mut().find(|g| g.serial == serial) {
+                let at = losses.min(generation.made_at);
+                generation.protected_at.get_or_insert(at);
+            }
+        }
     }
 
     /// Node `node` crashed: what its processes made or saw is gone with them (a
     /// restarted node starts with nothing seen).
     pub fn forget_observer(&mut self, node: usize) {
+        *self.lives.entry(node).or_insert(0) += 1;
         for page in self.pages.values_mut() {
             for generation in page.history.iter_mut() {
                 generation.observers.remove(&node);

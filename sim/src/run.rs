@@ -100,6 +100,12 @@ pub struct FaultPlan {
     pub remove_after_ticks: Vec<Option<u64>>,
     /// The last node starts outside the first configuration and is added at this tick.
     pub join_tick: Option<u64>,
+    /// Crashes come right after a sync is answered, on the node that synced (its
+    /// synced writes must already be on the other copies), instead of at their ticks.
+    pub crash_after_sync: bool,
+    /// k of the workload's spaces: every page on this many nodes before another
+    /// node's process sees it, and synced writes survive k - 1 crashes.
+    pub replicas: u8,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -130,6 +136,11 @@ pub struct RunReport {
     /// home went down, and pages served from the master again after their writer did.
     pub pages_recovered: u64,
     pub pages_reverted: u64,
+    /// Of the nodes up at the end: flushes that replaced a master, backups sent by
+    /// homes and pages backed up on nodes.
+    pub flushes_applied: u64,
+    pub backups_sent: u64,
+    pub backups_kept: u64,
     /// Of the nodes up at the end: restarted nodes applied back up.
     pub rejoins: u64,
     pub leader_changes_seen: u64,
@@ -142,6 +153,7 @@ impl FaultPlan {
         let mut plan = FaultPlan {
             max_latency_ms: 1,
             max_revoke_delay_ticks: 0,
+            replicas: 2,
             ..FaultPlan::default()
         };
         if params.faults.network() {
@@ -155,6 +167,12 @@ impl FaultPlan {
         if params.faults.partitions() {
             plan.partition_every_ticks = rng.gen_range(200..1500);
         }
+        // k: 1 (no copies promised beyond the protocol's), 2 (the default) or 3.
+        plan.replicas = match rng.gen_range(0..5) {
+            0 => 1,
+            1 | 2 => 2,
+            _ => 3,
+        };
         if params.faults.crashes() && params.nodes >= 3 {
             // Membership changes ride with crashes: a node joins in half the runs (the
             // first configuration is one smaller, and fewer crashes keep its majority).
@@ -168,6 +186,7 @@ impl FaultPlan {
                 plan.crash_ticks.push(rng.gen_range(300..4000));
             }
             plan.crash_ticks.sort_unstable();
+            plan.crash_after_sync = rng.gen_bool(0.5);
             for _ in 0..crashes {
                 let restart = rng.gen_bool(0.6).then(|| rng.gen_range(100..3000));
                 plan.restart_after_ticks.push(restart);
@@ -243,6 +262,9 @@ pub fn run(params: RunParams) -> RunReport {
                 snapshots_installed: 0,
                 pages_recovered: 0,
                 pages_reverted: 0,
+                flushes_applied: 0,
+                backups_sent: 0,
+                backups_kept: 0,
                 leader_changes_seen: 0,
             }
         }
@@ -261,6 +283,7 @@ fn run_unguarded(params: RunParams) -> RunReport {
             max_revoke_delay_ticks: plan.max_revoke_delay_ticks,
             mutant: params.mutant,
             joiner: plan.join_tick.map(|_| params.nodes - 1),
+            replicas: plan.replicas,
         },
         node_config,
     )));
@@ -353,12 +376,23 @@ fn run_unguarded(params: RunParams) -> RunReport {
 
         // Fault injection during the workload phase.
         if heal_tick.is_none() {
+            // A sync just answered: in runs that do so, the next crash is now, there.
+            let synced = world.borrow_mut().take_synced_node();
+            if let Some(node) = synced.filter(|&i| plan.crash_after_sync && !crashed[i]) {
+                if let Some(first) = crash_ticks.first_mut() {
+                    *first = now;
+                }
+                world.borrow_mut().crash_next = Some(node);
+            }
             while crash_ticks.first().is_some_and(|&t| t <= now) {
                 crash_ticks.remove(0);
                 let restart = restart_after_ticks.remove(0);
                 let remove = remove_after_ticks.remove(0);
                 let alive: Vec<usize> = (0..params.nodes).filter(|&i| !crashed[i]).collect();
-                let victim = alive[rng.gen_range(0..alive.len())];
+                let chosen = world.borrow_mut().crash_next.take();
+                let victim = chosen
+                    .filter(|i| alive.contains(i))
+                    .unwrap_or_else(|| alive[rng.gen_range(0..alive.len())]);
                 crashed[victim] = true;
                 faults.crashes += 1;
                 sim.crash(host_name(victim));
@@ -484,6 +518,7 @@ fn run_unguarded(params: RunParams) -> RunReport {
     let (mut malformed, mut rejected, mut retries) = (0, 0, 0);
     let (mut compactions, mut snapshots) = (0, 0);
     let (mut recovered, mut reverted, mut rejoins) = (0, 0, 0);
+    let (mut flushes, mut backups_sent, mut backups_kept) = (0, 0, 0);
     for index in 0..params.nodes {
         if let Some(node) = w.node(index) {
             let stats = node.stats();
@@ -494,6 +529,9 @@ fn run_unguarded(params: RunParams) -> RunReport {
             snapshots += stats.snapshots_installed;
             recovered += stats.pages_recovered;
             reverted += stats.pages_reverted;
+            flushes += stats.flushes_applied;
+            backups_sent += stats.backups_sent;
+            backups_kept += stats.backups_kept;
             rejoins += stats.rejoins;
         }
     }
@@ -513,6 +551,9 @@ fn run_unguarded(params: RunParams) -> RunReport {
         snapshots_installed: snapshots,
         pages_recovered: recovered,
         pages_reverted: reverted,
+        flushes_applied: flushes,
+        backups_sent,
+        backups_kept,
         rejoins,
         leader_changes_seen: leader_changes,
     }

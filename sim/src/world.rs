@@ -68,6 +68,8 @@ pub struct Counters {
     pub writes: u64,
     pub allocations: u64,
     pub frees: u64,
+    /// Syncs answered (`gallocy_sync`).
+    pub syncs: u64,
     pub remote_frees_ok: u64,
     pub invalid_frees_rejected: u64,
     pub faults_requested: u64,
@@ -162,6 +164,9 @@ enum OpKind {
     Spawn {
         record: u64,
     },
+    /// `gallocy_sync`: what its node's processes wrote or saw is on k nodes once
+    /// answered.
+    Sync,
     /// A join's read of its thread's record.
     JoinRead {
         addr: u64,
@@ -305,6 +310,8 @@ pub struct WorldParams {
     /// A node (by index) outside the first configuration: it starts to join, and an
     /// administrator adds it during the run (`request_membership`).
     pub joiner: Option<usize>,
+    /// k of the spaces the workload creates.
+    pub replicas: u8,
 }
 
 /// How often the administrator asks again for a membership change not applied yet.
@@ -371,6 +378,15 @@ pub struct World {
     locks: Vec<SimLock>,
     /// Membership changes the administrator wants, by node index: (add, next ask tick).
     membership_goals: BTreeMap<usize, (bool, u64)>,
+    /// Which nodes were live when last looked at (`live_nodes` counts losses).
+    was_live: Vec<bool>,
+    /// Per sync in flight (by op id): what it covers (`Ghost::seen_by` at its start).
+    /// The node whose process had the last sync answered.
+    last_synced: Option<usize>,
+    /// The run's next crash is of this node (the driver decides when).
+    pub crash_next: Option<usize>,
+    /// With the ghost's loss count then (its flushes come after).
+    sync_covers: BTreeMap<u64, (u64, Vec<(PageId, u64)>)>,
     /// Futex waits that reached their host, by operation id.
     futex_waits: BTreeMap<u64, WaitRecord>,
     /// Answers waits are owed.
@@ -419,6 +435,7 @@ fn encode(request_id: u64, message: IpcMessage) -> Frame {
 
 impl World {
     pub fn new(params: WorldParams, node_config: impl Fn(NodeId, Vec<NodeId>) -> Config) -> World {
+        let (node_count, replicas) = (params.nodes, params.replicas);
         let everyone: Vec<NodeId> = (1..=params.nodes as NodeId).collect();
         let joiner = params.joiner.map(|index| index as NodeId + 1);
         // The first configuration: everyone but the joiner, who knows them all.
@@ -471,7 +488,7 @@ impl World {
             scheduled: BTreeMap::new(),
             schedule_seq: 0,
             inbox: VecDeque::new(),
-            ghost: Ghost::default(),
+            ghost: Ghost::with_replicas(replicas as u64),
             live: BTreeMap::new(),
             published: Vec::new(),
             recently_freed: VecDeque::new(),
@@ -496,6 +513,10 @@ impl World {
             releasing_runs: BTreeMap::new(),
             locks: Vec::new(),
             membership_goals: BTreeMap::new(),
+            was_live: vec![true; node_count],
+            sync_covers: BTreeMap::new(),
+            last_synced: None,
+            crash_next: None,
             futex_waits: BTreeMap::new(),
             wake_dues: Vec::new(),
             wakes_owed: BTreeMap::new(),
@@ -528,7 +549,7 @@ impl World {
 
     /// Per node index: its host runs and no running node has it marked down (then
     /// its copies are void, or soon will be, like a crashed node's).
-    fn live_nodes(&self) -> Vec<bool> {
+    fn live_nodes(&mut self) -> Vec<bool> {
         let mut live: Vec<bool> = self.slots.iter().map(|s| s.host.is_some()).collect();
         for slot in &self.slots {
             let Some(host) = &slot.host else {
@@ -543,6 +564,13 @@ impl World {
                     && !meta.removed.contains(&node);
             }
         }
+        // A node that stops being live loses its copies: one loss for the ghost.
+        for (index, &now) in live.iter().enumerate() {
+            if self.was_live[index] && !now {
+                self.ghost.losses += 1;
+            }
+        }
+        self.was_live.clone_from(&live);
         live
     }
 
@@ -570,6 +598,11 @@ impl World {
         let slot = &mut self.slots[index];
         slot.host = None;
         slot.disk.crash(&mut self.rng);
+        slot.memory.clear();
+        slot.processes.clear();
+        slot.conns.clear();
+        // Its copies are gone: one loss for the ghost, counted now.
+        self.live_nodes();
         if self.debug {
             eprintln!("[t={}] node {} crashed", self.now_ticks, index + 1);
         }
@@ -579,9 +612,6 @@ impl World {
                 lock.holder_crashed = true;
             }
         }
-        slot.memory.clear();
-        slot.processes.clear();
-        slot.conns.clear();
         self.outbox[index].clear();
         self.scheduled.retain(|_, event| {
             !matches!(event,
@@ -931,8 +961,12 @@ impl World {
         let mut freed = Vec::new();
         for (&(space, first_page), (_, seen_by)) in &self.releasing_runs {
             let done = seen_by.iter().any(|&i| {
+                // A restarted node's metadata is its disk's until it rejoined: behind.
                 self.slots[i].host.as_ref().is_some_and(|h| {
                     let meta = h.node().meta();
+                    if !h.node().is_serving() {
+                        return false;
+                    }
                     match meta.spaces.get(&space) {
                         None => true,
                         Some(layout) => {
@@ -1127,6 +1161,7 @@ impl World {
                 pid: pid as u32,
                 create: true,
                 persistent,
+                replicas: self.params.replicas,
                 name: name_field(),
             },
         );
@@ -1185,6 +1220,7 @@ impl World {
     fn forget_ops(&mut self, process: &Process) {
         for thread in &process.threads {
             if let Some(op) = thread.pending {
+                self.sync_covers.remove(&op.id);
                 if let Some((addr, _, _)) = self.freeing.remove(&op.id) {
                     self.limbo.insert(addr);
                 }
@@ -1278,6 +1314,12 @@ impl World {
                 self.settle();
             }
         }
+    }
+
+    /// The node whose process had a sync answered since the last call (a crash there
+    /// tests that synced writes are elsewhere too).
+    pub fn take_synced_node(&mut self) -> Option<usize> {
+        self.last_synced.take()
     }
 
     /// The administrator wants node `index` added (`add`) or removed for good: asked
@@ -1752,6 +1794,7 @@ impl World {
                 pid: pid as u32,
                 create: false,
                 persistent: false,
+                replicas: self.params.replicas,
                 name: [0u8; IPC_NAME_BYTES],
             },
         );
@@ -1780,6 +1823,7 @@ impl World {
                     pid: pid as u32,
                     create: false,
                     persistent: false,
+                    replicas: self.params.replicas,
                     name: [0u8; IPC_NAME_BYTES],
                 },
             );
@@ -1917,6 +1961,12 @@ impl World {
         }
         if (35..39).contains(&roll) && self.start_spawn(index, pid, thread) {
             return;
+        }
+        if (39..42).contains(&roll) {
+            let op = self.new_op(index, pid, thread, OpKind::Sync);
+            let covers = (self.ghost.losses, self.ghost.written_by(index));
+            self.sync_covers.insert(op.id, covers);
+            return self.send(index, conn, op.id, IpcMessage::Sync);
         }
         if roll < 14 || !have_blocks {
             let size_bytes = match self.rng.gen_range(0..100) {
@@ -2090,6 +2140,11 @@ impl World {
         self.track_releases();
         let releasing = self.is_releasing(page);
         let live = self.live_nodes();
+        let record = self.slots[index].host.as_ref().and_then(|h| {
+            let meta = h.node().meta();
+            let layout = meta.spaces.get(&page.space)?;
+            meta.chunk(page.space, layout.chunk_of_page(page.index))
+        });
         let memory = self.slots[index]
             .memory
             .entry(page)
@@ -2103,6 +2158,18 @@ impl World {
         }
         let mut word = [0u8; 8];
         word.copy_from_slice(&memory[offset..offset + 8]);
+        let memory = self.slots[index].memory.get(&page).expect("inserted");
+        self.ghost.exposed(page, index, memory);
+        let memory = self.slots[index].memory.get_mut(&page).expect("inserted");
+        if self.debug_page == Some(page.index) {
+            eprintln!(
+                "[t={}] node {} process {pid} touches page (word {:#x} at {offset}; chunk {record:?}); ghost: {}",
+                self.now_ticks,
+                index + 1,
+                u64::from_le_bytes(word),
+                self.ghost.protection(page)
+            );
+        }
         match op.kind {
             OpKind::Read { .. } | OpKind::JoinRead { .. } => {
                 let value = u64::from_le_bytes(word);
@@ -2219,6 +2286,26 @@ impl World {
                 self.counters.allocations += 1;
                 self.finish_op(index, pid, thread);
             }
+            (OpKind::Sync, IpcMessage::Synced) => {
+                self.last_synced = Some(index);
+                if let Some((losses, covers)) = self.sync_covers.remove(&pending.id) {
+                    self.ghost.synced(&covers, losses);
+                    if let Some(debug) = self.debug_page {
+                        for (page, serial) in covers.iter().filter(|(p, _)| p.index == debug) {
+                            eprintln!(
+                                "[t={}] node {} synced page {} generation {serial}; ghost: {}",
+                                self.now_ticks,
+                                index + 1,
+                                page.index,
+                                self.ghost.protection(*page)
+                            );
+                        }
+                    }
+                }
+                self.counters.syncs += 1;
+                self.trace.event(24, &[index as u64, pending.id]);
+                self.finish_op(index, pid, thread);
+            }
             (OpKind::Free { addr, expect_valid }, IpcMessage::Freed) => {
                 match self.freeing.remove(&pending.id) {
                     Some((_, _, owner)) if expect_valid => {
@@ -2323,10 +2410,11 @@ impl World {
             self.violate(
                 "no lost observed write",
                 format!(
-                    "page {} of space {} is lost to node {}, but a live node's process saw it",
+                    "page {} of space {} is lost to node {}, but a live node's process saw it, or it is still on k nodes ({})",
                     page.index,
                     page.space,
-                    index + 1
+                    index + 1,
+                    self.ghost.protection(page)
                 ),
             );
         }
@@ -2365,6 +2453,7 @@ impl World {
                 ),
             ),
         }
+        self.sync_covers.remove(&op.id);
         // A free refused as Busy was never sent: the block is still live. After Evicted
         // or NodeDown the outcome is unknown (the owner may have freed it), so the block
         // is forgotten: never reused by the workload, never counted as live.

@@ -458,6 +458,10 @@ impl Node {
         let executed_before = self.meta.applied_commands;
         let outcome = self.meta.apply(&proposal);
         let executed = self.meta.applied_commands > executed_before;
+        // A removed member leaves every attach set: a space may end with it.
+        for space in self.meta.take_destroyed() {
+            self.drop_space(space);
+        }
         if let (true, Outcome::MembershipChanged { node, added }) = (executed, &outcome) {
             let (node, added) = (*node, *added);
             match self.raft.apply_conf_change(&change) {
@@ -890,12 +894,18 @@ impl Node {
                 self.revokes.remove(&token);
             }
             self.requesting.remove(&page_id);
+            self.flushing.remove(&page_id);
         }
-        let homed: Vec<PageId> = self.directory.range(range).map(|(&id, _)| id).collect();
+        let homed: Vec<PageId> = self
+            .directory
+            .range(range.clone())
+            .map(|(&id, _)| id)
+            .collect();
         for page_id in homed {
             self.directory.remove(&page_id);
             self.busy.remove(&page_id);
         }
+        self.forget_replication(range);
         waiting
     }
 
@@ -1016,6 +1026,7 @@ impl Node {
             return;
         }
         self.evicted = true;
+        self.fail_syncs(AppError::Evicted);
         self.mask_held_pages(false);
         let waiting: Vec<PageId> = self.pages.keys().copied().collect();
         for page in waiting {

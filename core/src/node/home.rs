@@ -50,7 +50,10 @@ impl Node {
             if txn.request.from == request.from && txn.request.request_id == request.request_id {
                 return;
             }
-            entry.queue.retain(|q| q.from != request.from);
+            // A newer request replaces the node's older one (not its flush).
+            entry
+                .queue
+                .retain(|q| q.from != request.from || q.flush.is_some());
             if entry.queue.len() < members * MAX_QUEUED_PER_PAGE_PER_MEMBER {
                 entry.queue.push_back(request);
             }
@@ -92,6 +95,9 @@ impl Node {
             self.stats.pages_collected += 1;
             return self.home_begin_phase(page_id, request, phase);
         }
+        if request.flush.is_some() {
+            return self.home_flush_start(page_id, request);
+        }
         let requester = request.from;
         let phase = match entry.writer {
             Some(writer) if writer == requester => None,
@@ -125,13 +131,26 @@ impl Node {
             }
             None => None,
         };
+        // Before its contents reach another node's applications, they are on k nodes
+        // (not for a re-grant to the writer: its contents are its own).
+        let phase = match phase {
+            None if entry.writer != Some(requester) => {
+                self.replicate_phase(page_id, Some(requester))
+            }
+            phase => phase,
+        };
         match phase {
             None => self.home_grant(page_id, request),
             Some(phase) => self.home_begin_phase(page_id, request, phase),
         }
     }
 
-    fn home_begin_phase(&mut self, page_id: PageId, request: PageRequestInfo, phase: Phase) {
+    pub(super) fn home_begin_phase(
+        &mut self,
+        page_id: PageId,
+        request: PageRequestInfo,
+        phase: Phase,
+    ) {
         let entry = self.directory.get_mut(&page_id).expect("entry exists");
         entry.txn = Some(Transaction {
             request,
@@ -182,6 +201,7 @@ impl Node {
                     );
                 }
             }
+            Phase::Replicate { seq, pending } => self.send_backups(page_id, *seq, pending),
         }
     }
 
@@ -204,6 +224,8 @@ impl Node {
                 (Access::Write, entry.version, base)
             }
             (None, Access::Read) => {
+                // Not a holder: only a node that said it has the bytes counts for
+                // later (a grant may be lost; this one was counted before it went).
                 entry.readers.insert(requester);
                 (Access::Read, entry.version, entry.version)
             }
@@ -213,6 +235,8 @@ impl Node {
                     "write grant next to readers"
                 );
                 entry.readers.clear();
+                // Its memory will hold its own writes, not the master's contents.
+                entry.holders.remove(&requester);
                 let base = entry.version;
                 if !skip_bump {
                     entry.version += 1;
@@ -317,6 +341,9 @@ impl Node {
                 self.stats.messages_rejected += 1;
             }
             entry.master = Some(bytes);
+            // The version's final contents, here and in the old writer's memory.
+            entry.master_order = (entry.version, FINAL_CONTENTS);
+            entry.holders = BTreeSet::from([from]);
             if downgrade {
                 entry.readers.insert(from);
             }
@@ -375,8 +402,9 @@ impl Node {
     }
 
     /// Every node up has said what it holds of a recovered page: rebuild its directory
-    /// entry. Every copy a node holds (accessible or not) has the bytes of its version,
-    /// and versions only grow, so the newest copy holds every write a survivor saw:
+    /// entry. Every copy a node holds (accessible or not, in memory or as a backup) has
+    /// the bytes of where it stands (`BackupCopy::order`), and that only grows, so the
+    /// newest copy holds every write a survivor saw or a sync covered:
     /// - a node that holds the page for writing is its writer (no one else can
     ///   access it); the newest other copy becomes the master it would revert to;
     /// - else the newest copy is the master and the nodes holding it readable are its
@@ -385,6 +413,7 @@ impl Node {
     fn home_rebuild(&mut self, page_id: PageId) {
         let oldest_copy = self.mutant(Mutant::RecoverFromOldestCopy);
         let skip_writer = self.mutant(Mutant::RecoverIgnoresWriter);
+        let skip_backups = self.mutant(Mutant::RecoverIgnoresBackups);
         let entry = self.directory.get_mut(&page_id).expect("entry exists");
         let txn = entry.txn.take().expect("collecting");
         let Phase::Collect { reports, .. } = txn.phase else {
@@ -399,34 +428,66 @@ impl Node {
             .iter()
             .find(|(_, r)| r.held == Access::Write && r.version.is_some() && !skip_writer)
             .map(|(&node, r)| (node, r.version.expect("checked")));
-        let mut copies: Vec<(u64, NodeId)> = reports
-            .iter()
-            .filter(|(&node, r)| Some(node) != writer.map(|w| w.0) && r.bytes.is_some())
-            .filter_map(|(&node, r)| r.version.map(|v| (v, node)))
-            .filter(|&(v, _)| writer.is_none_or(|(_, wv)| v <= wv))
-            .collect();
-        copies.sort_unstable();
+        // Every copy but the writer's memory: memories hold their version's final
+        // contents; backups say where they stand themselves.
+        let mut copies: Vec<((u64, u64), NodeId, &PageBytes)> = Vec::new();
+        for (&node, report) in &reports {
+            if let (false, Some(version), Some(bytes)) = (
+                Some(node) == writer.map(|w| w.0),
+                report.version,
+                report.bytes.as_deref(),
+            ) {
+                copies.push(((version, FINAL_CONTENTS), node, bytes));
+            }
+            if let (false, Some(backup)) = (skip_backups, &report.backup) {
+                copies.push((backup.order(), node, &backup.bytes));
+            }
+        }
+        copies.retain(|&((version, _), _, _)| writer.is_none_or(|(_, wv)| version <= wv));
+        copies.sort_unstable_by_key(|&(order, node, _)| (order, node));
         let newest = if oldest_copy {
             copies.first()
         } else {
             copies.last()
         };
-        let master = newest.map(|&(_, node)| reports[&node].bytes.clone().expect("filtered"));
+        let newest = newest.map(|&(order, _, bytes)| (order, Box::new(*bytes)));
+        let holders: BTreeSet<NodeId> = match &newest {
+            Some((order, _)) => copies
+                .iter()
+                .filter(|(o, node, _)| o == order && *node != self.config.id)
+                .map(|&(_, node, _)| node)
+                .collect(),
+            None => BTreeSet::new(),
+        };
+        let entry = self.directory.get_mut(&page_id).expect("entry exists");
         match (writer, newest) {
-            (Some((node, version)), _) => {
+            (Some((node, version)), newest) => {
                 entry.writer = Some(node);
                 entry.version = version;
-                entry.master_unknown = master.is_none();
-                entry.master = master;
+                entry.master_unknown = newest.is_none();
+                entry.master_order = newest
+                    .as_ref()
+                    .map_or((version.saturating_sub(1), FINAL_CONTENTS), |(o, _)| *o);
+                entry.master = newest.map(|(_, bytes)| bytes);
+                entry.holders = holders;
             }
-            (None, Some(&(version, _))) => {
-                entry.version = version;
-                entry.master = master;
-                entry.readers = reports
-                    .iter()
-                    .filter(|(_, r)| r.held == Access::Read && r.version == Some(version))
-                    .map(|(&node, _)| node)
-                    .collect();
+            (None, Some((order, bytes))) => {
+                if order.1 == FINAL_CONTENTS {
+                    entry.version = order.0;
+                    entry.readers = reports
+                        .iter()
+                        .filter(|(_, r)| r.held == Access::Read && r.version == Some(order.0))
+                        .map(|(&node, _)| node)
+                        .collect();
+                } else {
+                    // A flush of a writer that went down: the next version, which no
+                    // memory holds (a copy of that version's later writes cannot pass
+                    // for it).
+                    entry.version = order.0 + 1;
+                }
+                entry.master_order = (entry.version, FINAL_CONTENTS);
+                entry.master = Some(bytes);
+                entry.holders = holders;
             }
             (None, None) => {
                 entry.lost = true;
@@ -479,6 +540,7 @@ impl Node {
     pub(super) fn directory_node_down(&mut self, page_id: PageId, node: NodeId) {
         let entry = self.directory.get_mut(&page_id).expect("listed");
         entry.readers.remove(&node);
+        entry.holders.remove(&node);
         entry.queue.retain(|q| q.from != node);
         if entry.writer == Some(node) {
             // Its writes since the grant were only there, and no other node saw them:
@@ -491,6 +553,9 @@ impl Node {
                 self.stats.pages_lost += 1;
             } else {
                 entry.version += 1;
+                // The master (the last contents that left a writer, or its last flush)
+                // is this version's final contents now.
+                entry.master_order = (entry.version, FINAL_CONTENTS);
                 self.stats.pages_reverted += 1;
             }
             entry.master_unknown = false;
@@ -548,6 +613,19 @@ impl Node {
                     let entry = self.directory.get_mut(&page_id).expect("listed");
                     entry.txn = Some(Transaction {
                         phase: Phase::Invalidate { seq, pending },
+                        ..txn
+                    });
+                }
+            }
+            Phase::Replicate { seq, mut pending } => {
+                pending.remove(&node);
+                if pending.is_empty() {
+                    // Counted again from the top: another node takes its place.
+                    self.home_continue(page_id, txn.request);
+                } else {
+                    let entry = self.directory.get_mut(&page_id).expect("listed");
+                    entry.txn = Some(Transaction {
+                        phase: Phase::Replicate { seq, pending },
                         ..txn
                     });
                 }

@@ -31,12 +31,15 @@ use crate::meta::{
 };
 use crate::retry::RetrySchedule;
 use crate::types::{Access, NodeId, PageBytes, PageId, SpaceId, SpaceLayout, PAGE_SIZE_BYTES};
-use crate::wire::{Envelope, FreeOutcome, PageDenial, PeerMessage};
+use crate::wire::{
+    BackupCopy, CopyReport, Envelope, FreeOutcome, PageDenial, PeerMessage, FINAL_CONTENTS,
+};
 
 mod consensus;
 mod home;
 mod peer;
 mod raft_store;
+mod replication;
 mod requests;
 
 #[cfg(feature = "mutants")]
@@ -60,6 +63,8 @@ const MAX_LOOPBACK_STEPS: usize = 1 << 16;
 const MAX_READY_ROUNDS: usize = 64;
 /// Most application requests a rejoining node holds.
 const MAX_REJOIN_WAITING: usize = 4096;
+/// Most syncs waiting at once on a node.
+const MAX_SYNCS_IN_FLIGHT: usize = 1024;
 /// Largest single allocation.
 pub const MAX_ALLOCATION_BYTES: u64 = 1 << 40;
 /// Default size of a space's root block.
@@ -211,6 +216,8 @@ pub enum AppRequest {
         flexible_base: bool,
         /// Keep it when its last process has gone.
         persistent: bool,
+        /// k (`SpaceLayout::replicas`).
+        replicas: u8,
     },
     /// Join the existing space `name`: this node enters its attach set.
     AttachSpace {
@@ -242,6 +249,11 @@ pub enum AppRequest {
         count: u32,
     },
     /// Keep the space named `name` no longer when its last process has gone.
+    /// Make every write this node's processes made to `space` durable: on k nodes
+    /// (`gallocy_sync`). Answered `Synced`.
+    Sync {
+        space: SpaceId,
+    },
     /// Administrative: make `node` a member (it was started to join), or remove it.
     /// Answered `MembershipChanged` once applied.
     AddMember {
@@ -309,6 +321,7 @@ pub enum AppReply {
         node: NodeId,
         added: bool,
     },
+    Synced,
     Unpersisted {
         destroyed: bool,
     },
@@ -407,6 +420,13 @@ pub struct Stats {
     pub rejoins: u64,
     /// Members added or removed (applied here).
     pub membership_changes: u64,
+    /// Syncs answered, flushes sent to homes, flushes that replaced a master here, and
+    /// backups sent (homes) and kept (any node) for k copies.
+    pub syncs: u64,
+    pub flushes_sent: u64,
+    pub flushes_applied: u64,
+    pub backups_sent: u64,
+    pub backups_kept: u64,
     /// Messages dropped for their sender's incarnation: of a life that ended, or of one
     /// this node has not seen rejoin yet.
     pub messages_other_life: u64,
@@ -448,6 +468,9 @@ enum RevokeReply {
     CollectAck {
         seq: u64,
     },
+    /// A sync takes the applications' write access (their next write faults and marks
+    /// the page written again) and reads the bytes to flush.
+    Flush,
 }
 
 /// Most home messages held back while a revocation runs (the home retransmits).
@@ -478,6 +501,37 @@ struct LocalPage {
     /// Home messages that arrived while a revocation ran; handled when it is done, so
     /// access changes reach the applications in the order the home sent them.
     deferred: Vec<(NodeId, PeerMessage)>,
+    /// The node holds `Write` but its applications may only read: a flush took their
+    /// write access, so their next write faults (served here) and marks the page
+    /// written again.
+    clean: bool,
+    /// Its applications may have written it since its last flush was captured (or
+    /// since the write grant): a sync must flush it.
+    written: bool,
+    /// The flush in flight to the home, until its `FlushAck`.
+    flush: Option<LocalFlush>,
+    /// A sync wants another flush once the running revocation or flush is done.
+    flush_wanted: bool,
+    /// Flushes started and acknowledged, counted: a sync waits for a number.
+    flushes_started: u64,
+    flushes_acked: u64,
+}
+
+/// A flush of a page (`gallocy_sync`) in flight to its home.
+#[derive(Clone, Debug)]
+struct LocalFlush {
+    request_id: u64,
+    version: u64,
+    /// None when the node no longer writes the page (its writes left with a recall).
+    bytes: Option<Box<PageBytes>>,
+    retry: RetrySchedule,
+}
+
+/// A sync waiting for its pages' flushes, by page: the flush number that covers it.
+#[derive(Clone, Debug)]
+struct SyncWait {
+    token: AppToken,
+    pages: BTreeMap<PageId, u64>,
 }
 
 impl LocalPage {
@@ -509,6 +563,12 @@ impl LocalPage {
             last_recall_ack: None,
             validated: true,
             deferred: Vec::new(),
+            clean: false,
+            written: false,
+            flush: None,
+            flush_wanted: false,
+            flushes_started: 0,
+            flushes_acked: 0,
         }
     }
 }
@@ -522,6 +582,15 @@ struct PageRequestInfo {
     request_id: u64,
     mode: Access,
     have_version: Option<u64>,
+    /// A flush (`PeerMessage::Flush`) rather than a request for access: queued and run
+    /// like one, answered `FlushAck` once the page's contents are on k nodes.
+    flush: Option<FlushData>,
+}
+
+#[derive(Clone, Debug)]
+struct FlushData {
+    version: u64,
+    bytes: Option<Box<PageBytes>>,
 }
 
 #[derive(Clone, Debug)]
@@ -542,15 +611,11 @@ enum Phase {
         pending: BTreeSet<NodeId>,
         reports: BTreeMap<NodeId, CopyReport>,
     },
-}
-
-/// What one node holds of a page being recovered (`PeerMessage::CollectAck`).
-#[derive(Clone, Debug)]
-struct CopyReport {
-    held: Access,
-    version: Option<u64>,
-    seq_seen: u64,
-    bytes: Option<Box<PageBytes>>,
+    /// The master's contents are on fewer than k nodes: backups to these nodes first.
+    Replicate {
+        seq: u64,
+        pending: BTreeSet<NodeId>,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -578,6 +643,17 @@ struct DirEntry {
     /// Rebuilt with a writer and no other copy: nothing older than the writer's bytes
     /// survives, so if the writer goes down too the page is lost.
     master_unknown: bool,
+    /// Where the master's contents stand in the page's history, as a backup of them
+    /// is labelled (`BackupCopy::order`): a version's final contents, or a writer's
+    /// flush of its version.
+    master_order: (u64, u64),
+    /// Nodes other than this one that said they hold the master's contents (a recalled
+    /// writer, a backup's ack, a recovery report): with this node, the copies that
+    /// count toward k.
+    holders: BTreeSet<NodeId>,
+    /// Per node, its newest flush seen and its newest flush acknowledged.
+    newest_flush: BTreeMap<NodeId, u64>,
+    flush_acked: BTreeMap<NodeId, u64>,
     txn: Option<Transaction>,
     queue: VecDeque<PageRequestInfo>,
     newest_request: BTreeMap<NodeId, u64>,
@@ -594,6 +670,10 @@ impl DirEntry {
             lost: false,
             needs_collect: false,
             master_unknown: false,
+            master_order: (0, FINAL_CONTENTS),
+            holders: BTreeSet::new(),
+            newest_flush: BTreeMap::new(),
+            flush_acked: BTreeMap::new(),
             txn: None,
             queue: VecDeque::new(),
             newest_request: BTreeMap::new(),
@@ -732,6 +812,14 @@ pub struct Node {
     evicted: bool,
     /// Restarted, and its `Rejoin` entry not applied yet: Raft only, no pages.
     rejoining: bool,
+    /// Copies kept for other homes' pages (`PeerMessage::Backup`): reported when a
+    /// page is recovered, never seen by this node's applications.
+    backups: BTreeMap<PageId, BackupCopy>,
+    /// Syncs waiting for flushes, by id.
+    syncs: BTreeMap<u64, SyncWait>,
+    /// Pages with a flush in flight (`LocalPage::flush`), for its retries.
+    flushing: BTreeSet<PageId>,
+    next_sync_id: u64,
     /// Started to join, and not yet a member in its metadata: Raft only, no pages.
     joining: bool,
     /// Application requests made while rejoining, with their deadline tick: served
@@ -890,6 +978,10 @@ impl Node {
             evicted: false,
             rejoining,
             joining,
+            backups: BTreeMap::new(),
+            syncs: BTreeMap::new(),
+            flushing: BTreeSet::new(),
+            next_sync_id: 1,
             rejoin_waiting: VecDeque::new(),
             pending_voids: BTreeMap::new(),
             next_proposal_id: id_base + 1,
@@ -1137,6 +1229,9 @@ impl Node {
         for free in self.remote_frees.values() {
             consider(free.retry.next_tick);
         }
+        if let Some(at) = self.next_flush_retry() {
+            consider(at);
+        }
         for fault in &self.unmapped {
             consider(fault.deadline_tick);
         }
@@ -1233,23 +1328,35 @@ impl Node {
             }
             RevokeReply::CollectAck { seq } => {
                 let page = &self.pages[&page_id];
-                let message = PeerMessage::CollectAck {
-                    page: page_id,
-                    seq,
+                let report = CopyReport {
                     held: page.held,
                     version: page.copy_version(),
                     seq_seen: page.seq_seen,
                     // Nothing to recover from without its version.
                     bytes: page.mem_version.and(bytes),
+                    backup: self.backups.get(&page_id).cloned(),
                 };
-                self.send(home, message);
+                self.send(
+                    home,
+                    PeerMessage::CollectAck {
+                        page: page_id,
+                        seq,
+                        report,
+                    },
+                );
             }
+            RevokeReply::Flush => self.flush_captured(page_id, bytes),
         }
         let deferred = std::mem::take(&mut self.pages.get_mut(&page_id).expect("present").deferred);
         // Replayed as from their sender: one from a home that went down since is
         // rejected like any message from a node that is not the page's home.
         for (from, message) in deferred {
             self.dispatch(from, message);
+        }
+        // A sync that came while the page was being revoked flushes it now.
+        let page = self.pages.get_mut(&page_id).expect("present");
+        if page.revoke.is_none() && page.flush.is_none() && std::mem::take(&mut page.flush_wanted) {
+            self.start_flush(page_id);
         }
         self.advance_local(page_id);
         self.run_loopback();
@@ -1359,10 +1466,13 @@ impl Node {
     }
 
     fn page_access(&self, page: &LocalPage) -> Access {
-        if page.validated {
-            self.effective(page.held)
-        } else {
+        if !page.validated {
             Access::None
+        } else if page.clean && page.held == Access::Write {
+            // A flush took the applications' write access (`LocalPage::clean`).
+            self.effective(Access::Read)
+        } else {
+            self.effective(page.held)
         }
     }
 
@@ -1370,6 +1480,7 @@ impl Node {
     // Retries.
 
     fn retry_due(&mut self) {
+        self.retry_flushes();
         let now = self.now_ticks;
         let max = self.config.retry_max_ticks;
         // Proposals: re-propose; the state machine dedupes by (origin, proposal_id).
@@ -1512,4 +1623,6 @@ enum Mutant {
     AckReleaseBeforePagesDropped,
     RecoverFromOldestCopy,
     RecoverIgnoresWriter,
+    AckBeforeBackup,
+    RecoverIgnoresBackups,
 }

@@ -60,6 +60,7 @@ impl Node {
                     request_id,
                     mode,
                     have_version,
+                    flush: None,
                 },
             ),
             PeerMessage::PageGrant {
@@ -99,24 +100,18 @@ impl Node {
                 bytes,
             } => self.home_recall_ack(from, page, seq, version, bytes),
             PeerMessage::Collect { page, seq } => self.on_collect(from, page, seq),
-            PeerMessage::CollectAck {
+            PeerMessage::CollectAck { page, seq, report } => {
+                self.home_collect_ack(from, page, seq, report)
+            }
+            PeerMessage::Flush {
                 page,
-                seq,
-                held,
+                request_id,
                 version,
-                seq_seen,
                 bytes,
-            } => self.home_collect_ack(
-                from,
-                page,
-                seq,
-                CopyReport {
-                    held,
-                    version,
-                    seq_seen,
-                    bytes,
-                },
-            ),
+            } => self.home_flush(from, page, request_id, FlushData { version, bytes }),
+            PeerMessage::FlushAck { page, request_id } => self.on_flush_ack(from, page, request_id),
+            PeerMessage::Backup { page, seq, copy } => self.on_backup(from, page, seq, copy),
+            PeerMessage::BackupAck { page, seq } => self.home_backup_ack(from, page, seq),
             PeerMessage::FreeRequest {
                 space,
                 addr,
@@ -210,6 +205,9 @@ impl Node {
         }
         page.seq_seen = page.seq_seen.max(seq);
         page.held = mode;
+        // Its applications may write from now: a sync must flush it.
+        page.clean = false;
+        page.written |= mode == Access::Write;
         // A grant that lands while fenced is as suspect as any older one.
         page.validated = !fenced_or_evicted;
         page.mem_version = Some(version);
@@ -293,6 +291,7 @@ impl Node {
         }
         let was = page.held;
         page.held = Access::None;
+        page.clean = false;
         if was == Access::None {
             self.send(from, PeerMessage::InvalidateAck { page: page_id, seq });
             return;
@@ -366,6 +365,7 @@ impl Node {
         };
         let was = page.held;
         page.held = to;
+        page.clean = false;
         if was == Access::None {
             let version = page.mem_version.unwrap_or(0);
             page.last_recall_ack = Some((seq, version, None));
@@ -421,22 +421,68 @@ impl Node {
             }
         };
         let (held, version, seq_seen) = report.unwrap_or((Access::None, None, 0));
+        let report = CopyReport {
+            held,
+            version,
+            seq_seen,
+            bytes: None,
+            backup: self.backups.get(&page_id).cloned(),
+        };
         self.send(
             from,
             PeerMessage::CollectAck {
                 page: page_id,
                 seq,
-                held,
-                version,
-                seq_seen,
-                bytes: None,
+                report,
             },
         );
     }
 
+    /// A home asks this node to keep a copy of its page for recovery. Kept if newer
+    /// than the one it has; acknowledged either way (the home counts this node).
+    pub(super) fn on_backup(&mut self, from: NodeId, page_id: PageId, seq: u64, copy: BackupCopy) {
+        if !self.sent_by_home(from, page_id) {
+            self.stats.messages_rejected += 1;
+            return;
+        }
+        let newer = self
+            .backups
+            .get(&page_id)
+            .is_none_or(|kept| kept.order() <= copy.order());
+        if newer {
+            if !self.backups.contains_key(&page_id) {
+                self.stats.backups_kept += 1;
+            }
+            self.backups.insert(page_id, copy);
+        }
+        self.send(from, PeerMessage::BackupAck { page: page_id, seq });
+    }
+
+    /// The home made this node's flush durable.
+    pub(super) fn on_flush_ack(&mut self, from: NodeId, page_id: PageId, request_id: u64) {
+        let matches = self.sent_by_home(from, page_id)
+            && self
+                .pages
+                .get(&page_id)
+                .is_some_and(|p| p.flush.as_ref().is_some_and(|f| f.request_id == request_id));
+        if !matches {
+            self.stats.messages_rejected += 1;
+            return;
+        }
+        let page = self.pages.get_mut(&page_id).expect("checked");
+        page.flush = None;
+        page.flushes_acked = page.flushes_started;
+        self.flushing.remove(&page_id);
+        self.flush_done(page_id);
+        let page = self.pages.get_mut(&page_id).expect("checked");
+        if std::mem::take(&mut page.flush_wanted) {
+            self.start_flush(page_id);
+        }
+    }
+
     /// Asks the driver to lower the applications' access to `page_id`; `reply` is sent
     /// to the home once it has (`handle_revoke_done`).
-    fn start_revoke(
+    pub(super) fn start_revoke(
         &mut self,
         page_id: PageId,
         reply: RevokeReply,

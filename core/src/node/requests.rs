@@ -33,6 +33,7 @@ impl Node {
                 chunk_size_bytes,
                 flexible_base,
                 persistent,
+                replicas,
             } => {
                 // Checked here too: a command the log cannot carry would never commit.
                 if !crate::types::is_valid_space_name(&name) {
@@ -50,6 +51,7 @@ impl Node {
                     flexible_base,
                     persistent,
                     root_size_bytes: DEFAULT_ROOT_SIZE_BYTES.min(chunk_size_bytes),
+                    replicas,
                 };
                 self.propose_or_reply(token, command, Purpose::CreateSpace { token });
             }
@@ -82,6 +84,7 @@ impl Node {
                 addr,
                 access,
             } => self.fault(token, space, addr, access),
+            AppRequest::Sync { space } => self.sync(token, space),
             AppRequest::AddMember { node } => self.propose_or_reply(
                 token,
                 Command::AddMember { node },
@@ -491,6 +494,7 @@ impl Node {
             return;
         }
         page.waiters.push((token, access));
+        self.unclean_for_writers(page_id);
         let page = &self.pages[&page_id];
         if self.page_access(page) >= access {
             self.stats.faults_local += 1;
@@ -502,6 +506,7 @@ impl Node {
 
     /// Serves the waiters of a page that now can be, and asks the home for more if needed.
     pub(super) fn advance_local(&mut self, page_id: PageId) {
+        self.unclean_for_writers(page_id);
         let Some(page) = self.pages.get(&page_id) else {
             return;
         };

@@ -490,9 +490,10 @@ impl World {
         }
         let conn = state.conn;
         let addr = word_addr(self.locks[lock].addr, cond);
+        let live = self.live_nodes();
         let current = self
             .lock_word_offset(index, addr)
-            .map(|(page, offset)| self.ghost.certain_u32(page, offset, &self.live_nodes()))
+            .map(|(page, offset)| self.ghost.certain_u32(page, offset, &live))
             .unwrap_or(Some(0));
         self.futex_waits.insert(
             op_id,

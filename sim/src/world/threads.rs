@@ -152,6 +152,7 @@ impl World {
             pid: pid as u32,
             create: false,
             persistent: false,
+            replicas: self.params.replicas,
             name: [0u8; IPC_NAME_BYTES],
         };
         self.send(index, conn, 1, hello);

@@ -1,0 +1,513 @@
+//! k copies of every page's contents (docs/protocol.md "Replication").
+//!
+//! Node side: `gallocy_sync` flushes every page this node's applications wrote since
+//! its last flush: their write access is taken (so their next write faults and marks
+//! the page written again), the bytes are read and sent to the home, which answers
+//! once they are on k nodes. Home side: a flush replaces the master (the contents a
+//! crash of the writer goes back to), and before a flush is acknowledged or a page is
+//! granted to a node, the master's contents are made to be on k nodes (this one, the
+//! nodes known to hold them, the requester), with `Backup`s to more nodes if needed.
+
+use super::*;
+
+impl Node {
+    // -----------------------------------------------------------------------------
+    // Node side.
+
+    /// `AppRequest::Sync`: flush every written page of `space`; answered `Synced` once
+    /// each flush is acknowledged (at once with k = 1: the writes are on this node).
+    pub(super) fn sync(&mut self, token: AppToken, space: SpaceId) {
+        let Some(layout) = self.meta.spaces.get(&space) else {
+            self.reply_error(token, AppError::UnknownSpace);
+            return;
+        };
+        if layout.replicas <= 1 {
+            self.stats.syncs += 1;
+            self.reply(token, AppReply::Synced);
+            return;
+        }
+        if self.syncs.len() >= MAX_SYNCS_IN_FLIGHT {
+            self.reply_error(token, AppError::Busy);
+            return;
+        }
+        let pages: Vec<PageId> = self
+            .pages
+            .range(
+                PageId { space, index: 0 }..=PageId {
+                    space,
+                    index: u64::MAX,
+                },
+            )
+            .filter(|(_, page)| page.written || page.flush.is_some())
+            .map(|(&id, _)| id)
+            .collect();
+        let mut waits = BTreeMap::new();
+        for page_id in pages {
+            let page = self.pages.get_mut(&page_id).expect("listed");
+            // A flush in flight covers what was captured when it started; writes since
+            // need the next one.
+            let covering = if page.written {
+                if page.flush.is_some() || page.revoke.is_some() {
+                    page.flush_wanted = true;
+                    page.flushes_started + 1
+                } else {
+                    self.start_flush(page_id);
+                    self.pages[&page_id].flushes_started
+                }
+            } else {
+                page.flushes_started
+            };
+            waits.insert(page_id, covering);
+        }
+        if waits.is_empty() {
+            self.stats.syncs += 1;
+            self.reply(token, AppReply::Synced);
+            return;
+        }
+        let id = self.next_sync_id;
+        self.next_sync_id += 1;
+        self.syncs.insert(
+            id,
+            SyncWait {
+                token,
+                pages: waits,
+            },
+        );
+    }
+
+    /// Starts a flush of a written page: takes the applications' write access and reads
+    /// the bytes (`RevokeReply::Flush`), or, if this node writes the page no more, asks
+    /// the home to make sure of the k copies its writes went to.
+    pub(super) fn start_flush(&mut self, page_id: PageId) {
+        let now = self.now_ticks;
+        let page = self
+            .pages
+            .get_mut(&page_id)
+            .expect("flushed pages are known");
+        debug_assert!(page.flush.is_none() && page.revoke.is_none());
+        page.flushes_started += 1;
+        if page.held == Access::Write {
+            // Read only from now (nothing, while fenced): the bytes stay as they are
+            // until a write faults again.
+            page.clean = true;
+            let access = self.page_access(&self.pages[&page_id]);
+            self.start_revoke(page_id, RevokeReply::Flush, access, true);
+            return;
+        }
+        page.written = false;
+        let version = page.mem_version.unwrap_or(0);
+        let request_id = self.next_request_id;
+        self.next_request_id += 1;
+        page.flush = Some(LocalFlush {
+            request_id,
+            version,
+            bytes: None,
+            retry: RetrySchedule::starting(now, self.config.retry_base_ticks),
+        });
+        self.flushing.insert(page_id);
+        self.send_flush(page_id);
+    }
+
+    /// The flush revocation is done: the applications may only read, and `bytes` are
+    /// the page as they left it.
+    pub(super) fn flush_captured(&mut self, page_id: PageId, bytes: Option<Box<PageBytes>>) {
+        let now = self.now_ticks;
+        let request_id = self.next_request_id;
+        self.next_request_id += 1;
+        let page = self.pages.get_mut(&page_id).expect("present");
+        page.written = false;
+        let version = page.mem_version.unwrap_or(0);
+        // Bytes only from a writer whose memory version is known (else the home keeps
+        // its master, and only counts copies).
+        let bytes = if page.held == Access::Write {
+            page.mem_version.and(bytes)
+        } else {
+            None
+        };
+        page.flush = Some(LocalFlush {
+            request_id,
+            version,
+            bytes,
+            retry: RetrySchedule::starting(now, self.config.retry_base_ticks),
+        });
+        self.flushing.insert(page_id);
+        self.send_flush(page_id);
+    }
+
+    /// (Re)sends the page's flush to its home, if it has one now.
+    pub(super) fn send_flush(&mut self, page_id: PageId) {
+        let Some(home) = self.home_of(page_id) else {
+            return;
+        };
+        let Some(flush) = self.pages.get(&page_id).and_then(|p| p.flush.clone()) else {
+            return;
+        };
+        self.stats.flushes_sent += 1;
+        self.send(
+            home,
+            PeerMessage::Flush {
+                page: page_id,
+                request_id: flush.request_id,
+                version: flush.version,
+                bytes: flush.bytes,
+            },
+        );
+    }
+
+    /// A flush of `page_id` was acknowledged, or the page went away (released,
+    /// dropped): every sync it covers is one page closer.
+    pub(super) fn flush_done(&mut self, page_id: PageId) {
+        let acked = self
+            .pages
+            .get(&page_id)
+            .map_or(u64::MAX, |p| p.flushes_acked);
+        let mut finished = Vec::new();
+        for (&id, wait) in self.syncs.iter_mut() {
+            if wait
+                .pages
+                .get(&page_id)
+                .is_some_and(|&needed| needed <= acked)
+            {
+                wait.pages.remove(&page_id);
+                if wait.pages.is_empty() {
+                    finished.push(id);
+                }
+            }
+        }
+        for id in finished {
+            let wait = self.syncs.remove(&id).expect("listed");
+            self.stats.syncs += 1;
+            self.reply(wait.token, AppReply::Synced);
+        }
+    }
+
+    /// Pages this node forgets (released, their space dropped): nothing of them is left
+    /// to make durable, and their backups go too. Call after the local pages are gone.
+    pub(super) fn forget_replication(&mut self, range: impl std::ops::RangeBounds<PageId> + Clone) {
+        let backed: Vec<PageId> = self
+            .backups
+            .range(range.clone())
+            .map(|(&id, _)| id)
+            .collect();
+        for page_id in backed {
+            self.backups.remove(&page_id);
+        }
+        let waited: BTreeSet<PageId> = self
+            .syncs
+            .values()
+            .flat_map(|w| w.pages.range(range.clone()).map(|(&id, _)| id))
+            .collect();
+        for page_id in waited {
+            debug_assert!(!self.pages.contains_key(&page_id));
+            self.flush_done(page_id);
+        }
+    }
+
+    /// Flushes whose retry is due go to the page's home again (a new one, if it moved).
+    pub(super) fn retry_flushes(&mut self) {
+        let now = self.now_ticks;
+        let max = self.config.retry_max_ticks;
+        let due: Vec<PageId> = self
+            .flushing
+            .iter()
+            .copied()
+            .filter(|id| {
+                self.pages[id]
+                    .flush
+                    .as_ref()
+                    .is_some_and(|f| f.retry.is_due(now))
+            })
+            .collect();
+        for page_id in due {
+            let page = self.pages.get_mut(&page_id).expect("listed");
+            page.flush
+                .as_mut()
+                .expect("listed")
+                .retry
+                .backed_off(now, max);
+            self.stats.retries += 1;
+            self.send_flush(page_id);
+        }
+    }
+
+    /// The earliest flush retry, for `poll_timeout`.
+    pub(super) fn next_flush_retry(&self) -> Option<u64> {
+        self.flushing
+            .iter()
+            .filter_map(|id| self.pages[id].flush.as_ref().map(|f| f.retry.next_tick))
+            .min()
+    }
+
+    /// A write fault on a page this node holds for writing whose applications may
+    /// only read since a flush: they may write again, and the page is written.
+    pub(super) fn unclean_for_writers(&mut self, page_id: PageId) {
+        let Some(page) = self.pages.get_mut(&page_id) else {
+            return;
+        };
+        if page.clean
+            && page.held == Access::Write
+            && page.revoke.is_none()
+            && page.waiters.iter().any(|&(_, want)| want == Access::Write)
+        {
+            page.clean = false;
+            page.written = true;
+        }
+    }
+
+    /// Evicted: no sync can complete any more.
+    pub(super) fn fail_syncs(&mut self, error: AppError) {
+        for (_, wait) in std::mem::take(&mut self.syncs) {
+            self.reply_error(wait.token, error);
+        }
+    }
+
+    // -----------------------------------------------------------------------------
+    // Home side.
+
+    /// k for the page, bounded by the nodes up (a flush or grant never waits for nodes
+    /// that are not there).
+    pub(super) fn copies_needed(&self, page_id: PageId) -> usize {
+        let k = self
+            .meta
+            .spaces
+            .get(&page_id.space)
+            .map_or(1, |layout| layout.replicas as usize);
+        k.min(self.meta.up_nodes().count()).max(1)
+    }
+
+    /// `PeerMessage::Flush` from `from`: queued and run like a page request.
+    pub(super) fn home_flush(
+        &mut self,
+        from: NodeId,
+        page_id: PageId,
+        request_id: u64,
+        flush: FlushData,
+    ) {
+        if self.home_of(page_id) != Some(self.config.id) || !self.meta.is_up(from) {
+            self.stats.messages_rejected += 1;
+            return;
+        }
+        let entry_exists = self.directory.contains_key(&page_id);
+        if let Some(entry) = self.directory.get(&page_id) {
+            if entry
+                .flush_acked
+                .get(&from)
+                .is_some_and(|&acked| request_id <= acked)
+            {
+                // Acknowledged already: the ack was lost.
+                self.send(
+                    from,
+                    PeerMessage::FlushAck {
+                        page: page_id,
+                        request_id,
+                    },
+                );
+                return;
+            }
+            if entry
+                .newest_flush
+                .get(&from)
+                .is_some_and(|&newest| request_id < newest)
+            {
+                self.stats.messages_rejected += 1;
+                return;
+            }
+        }
+        let request = PageRequestInfo {
+            from,
+            request_id,
+            mode: Access::Write,
+            have_version: None,
+            flush: Some(flush),
+        };
+        if !entry_exists {
+            let entry = DirEntry {
+                needs_collect: self.chunk_recovered(page_id),
+                ..DirEntry::new()
+            };
+            self.directory.insert(page_id, entry);
+        }
+        let members = self.meta.nodes.len().max(1);
+        let entry = self.directory.get_mut(&page_id).expect("present");
+        entry.newest_flush.insert(from, request_id);
+        if entry.lost {
+            // Nothing to keep: the page is gone (its writer is told when it asks).
+            self.send(
+                from,
+                PeerMessage::FlushAck {
+                    page: page_id,
+                    request_id,
+                },
+            );
+            return;
+        }
+        if let Some(txn) = &entry.txn {
+            if txn.request.from == from && txn.request.request_id == request_id {
+                return;
+            }
+            // One flush per node waits (the newer replaces it), beside its request.
+            entry.queue.retain(|q| q.from != from || q.flush.is_none());
+            if entry.queue.len() < members * MAX_QUEUED_PER_PAGE_PER_MEMBER {
+                entry.queue.push_back(request);
+            }
+            return;
+        }
+        self.home_start(page_id, request);
+    }
+
+    /// A flush's turn: a writer's bytes become the master (if it still writes the page
+    /// at that version), then the page's contents are made to be on k nodes, then the
+    /// flush is acknowledged.
+    pub(super) fn home_flush_start(&mut self, page_id: PageId, request: PageRequestInfo) {
+        let entry = self.directory.get_mut(&page_id).expect("entry exists");
+        let flush = request.flush.as_ref().expect("a flush");
+        let applies = entry.writer == Some(request.from)
+            && entry.version == flush.version
+            && entry.master_order < (flush.version, request.request_id);
+        let mut flusher_holds = false;
+        if let (true, Some(bytes)) = (applies, &flush.bytes) {
+            entry.master = Some(bytes.clone());
+            entry.master_order = (flush.version, request.request_id);
+            entry.master_unknown = false;
+            entry.holders.clear();
+            flusher_holds = true;
+            self.stats.flushes_applied += 1;
+        }
+        // The writer holds what it flushed (it sent the bytes); any other copy counts
+        // only once its node said so.
+        let writer_copy = (flusher_holds
+            || entry.master_order == (flush.version, request.request_id))
+            .then_some(request.from);
+        if let Some(phase) = self.replicate_phase(page_id, writer_copy) {
+            return self.home_begin_phase(page_id, request, phase);
+        }
+        let entry = self.directory.get_mut(&page_id).expect("entry exists");
+        entry.flush_acked.insert(request.from, request.request_id);
+        self.send(
+            request.from,
+            PeerMessage::FlushAck {
+                page: page_id,
+                request_id: request.request_id,
+            },
+        );
+        self.home_next(page_id);
+    }
+
+    /// The phase that puts the master's contents on k nodes, if they are on fewer:
+    /// counting this node, the nodes that said they hold them, and `also` (a grant
+    /// brings them to the requester before its processes see them; a writer holds
+    /// what it flushed). None if enough nodes hold them, if there is nothing to keep
+    /// (the zero page), or if no other node up could take a backup.
+    pub(super) fn replicate_phase(
+        &mut self,
+        page_id: PageId,
+        also: Option<NodeId>,
+    ) -> Option<Phase> {
+        let need = self.copies_needed(page_id);
+        let me = self.config.id;
+        let skip = self.mutant(Mutant::AckBeforeBackup);
+        let entry = self.directory.get(&page_id).expect("entry exists");
+        if need <= 1 || (entry.master.is_none() && entry.version == 0) {
+            return None;
+        }
+        let mut have: BTreeSet<NodeId> = entry.holders.clone();
+        have.insert(me);
+        have.extend(also);
+        have.retain(|&node| self.meta.is_up(node));
+        if have.len() >= need {
+            return None;
+        }
+        // Nodes up after this one, in id order around the ring: the same choice for
+        // the same membership, spread by home.
+        let up: Vec<NodeId> = self.meta.up_nodes().collect();
+        let start = up.iter().position(|&n| n > me).unwrap_or(0);
+        let targets: BTreeSet<NodeId> = up[start..]
+            .iter()
+            .chain(up[..start].iter())
+            .copied()
+            .filter(|node| !have.contains(node))
+            .take(need - have.len())
+            .collect();
+        if targets.is_empty() {
+            return None;
+        }
+        let entry = self.directory.get_mut(&page_id).expect("entry exists");
+        entry.seq += 1;
+        let seq = entry.seq;
+        if skip {
+            // The planted bug: acknowledge and grant without waiting for the backups
+            // (sent, but counted before they arrive).
+            let copy = BackupCopy {
+                version: entry.master_order.0,
+                sub: entry.master_order.1,
+                bytes: entry
+                    .master
+                    .clone()
+                    .unwrap_or_else(|| Box::new([0u8; PAGE_SIZE_BYTES])),
+            };
+            entry.holders.extend(targets.iter().copied());
+            for node in targets {
+                self.stats.backups_sent += 1;
+                self.send(
+                    node,
+                    PeerMessage::Backup {
+                        page: page_id,
+                        seq,
+                        copy: copy.clone(),
+                    },
+                );
+            }
+            return None;
+        }
+        Some(Phase::Replicate {
+            seq,
+            pending: targets,
+        })
+    }
+
+    /// The `Backup`s of a replicate phase.
+    pub(super) fn send_backups(&mut self, page_id: PageId, seq: u64, pending: &BTreeSet<NodeId>) {
+        let entry = &self.directory[&page_id];
+        let copy = BackupCopy {
+            version: entry.master_order.0,
+            sub: entry.master_order.1,
+            bytes: entry
+                .master
+                .clone()
+                .unwrap_or_else(|| Box::new([0u8; PAGE_SIZE_BYTES])),
+        };
+        for &node in pending {
+            self.stats.backups_sent += 1;
+            self.send(
+                node,
+                PeerMessage::Backup {
+                    page: page_id,
+                    seq,
+                    copy: copy.clone(),
+                },
+            );
+        }
+    }
+
+    pub(super) fn home_backup_ack(&mut self, from: NodeId, page_id: PageId, seq: u64) {
+        let Some(entry) = self.directory.get_mut(&page_id) else {
+            self.stats.messages_rejected += 1;
+            return;
+        };
+        let Some(Transaction {
+            phase: Phase::Replicate { seq: want, pending },
+            ..
+        }) = entry.txn.as_mut()
+        else {
+            return;
+        };
+        if *want != seq || !pending.remove(&from) {
+            return;
+        }
+        entry.holders.insert(from);
+        if pending.is_empty() {
+            let txn = entry.txn.take().expect("present");
+            self.home_continue(page_id, txn.request);
+        }
+    }
+}
