@@ -69,6 +69,13 @@ int gallocy_pthread_create_on(pthread_t *thread, const pthread_attr_t *attr,
                               void *(*start)(void *), void *arg, uint32_t node);
 int gallocy_pthread_join(pthread_t thread, void **result);
 
+/* Returns once every write this process made to the space before the call is on k
+ * nodes (the space's replicas, GALLOCY_REPLICAS when it was created, else the daemon's
+ * default of 2): those writes survive the crash of any k - 1 nodes. Writes no other
+ * node's process has seen and no sync covered may be lost with their node. Under
+ * LD_PRELOAD, msync(2) on space memory does the same. 0 or a negative errno. */
+int gallocy_sync(void);
+
 struct gallocy_stats {
     uint64_t faults_local;   /* faults this node served without the network */
     uint64_t faults_remote;  /* faults that needed another node */

@@ -250,6 +250,19 @@ pub extern "C" fn gallocy_futex_wake(addr: *const u32, count: u32) -> c_int {
     }
 }
 
+/// gallocy.h: returns once every write this process made to the space before the
+/// call is on k nodes. 0 or a negative errno.
+#[no_mangle]
+pub extern "C" fn gallocy_sync() -> c_int {
+    match runtime::sync() {
+        Ok(()) => 0,
+        Err(error) => {
+            note_error(b"sync", error);
+            -errno_of(error)
+        }
+    }
+}
+
 /// The start routine of a thread, as pthread_create takes it.
 pub type StartRoutine = extern "C" fn(*mut c_void) -> *mut c_void;
 

@@ -476,3 +476,58 @@ fn a_thousand_subprocesses_leak_no_chunks() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// msync(2) on space memory, in an unmodified program under LD_PRELOAD: 64 pages
+/// written on node 2 and no other node reads, then msync; node 2's daemon is killed;
+/// a process on node 1 reads all 64 (from the backups the sync made).
+#[test]
+fn msync_makes_a_preloaded_programs_writes_survive_its_node() {
+    let cluster = Cluster::start("msync", 3);
+    let program = cluster.dir.join("msync");
+    let status = Command::new("cc")
+        .args(["-O2", "-o"])
+        .arg(&program)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/c/msync.c"))
+        .arg("-ldl")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut writer = Command::new(&program)
+        .arg("write")
+        .env("LD_PRELOAD", libgallocy_preload())
+        .env("GALLOCY_SOCKET", cluster.socket(2))
+        .env("GALLOCY_SPACE", "msync")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(writer.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "synced", "log 2:\n{}", cluster.log(2));
+    let pid = cluster.daemon_pid(2);
+    // SAFETY: signalling the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let reader = Command::new(&program)
+        .arg("read")
+        .env("LD_PRELOAD", libgallocy_preload())
+        .env("GALLOCY_SOCKET", cluster.socket(1))
+        .env("GALLOCY_SPACE", "msync")
+        .output()
+        .unwrap();
+    let _ = writer.kill();
+    let _ = writer.wait();
+    assert!(
+        reader.status.success(),
+        "{}\nlog 1:\n{}",
+        describe(&reader),
+        cluster.log(1)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&reader.stdout).trim(),
+        "read 64 pages"
+    );
+}

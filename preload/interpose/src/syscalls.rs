@@ -47,6 +47,35 @@ fn retry(
     retry_on_efault(|| take(buf, len, kernel_writes), call)
 }
 
+/// msync(2): on space memory, makes this process's writes durable the gallocy way
+/// (`gallocy_sync`: on k nodes); elsewhere the kernel's.
+///
+/// # Safety
+/// As msync(2).
+#[no_mangle]
+pub unsafe extern "C" fn msync(addr: *mut c_void, len: usize, flags: i32) -> i32 {
+    let start = addr as u64;
+    if len > 0 && runtime::in_space(start) {
+        // Invalid flags are refused as the kernel would (EINVAL), first.
+        let known = libc::MS_ASYNC | libc::MS_SYNC | libc::MS_INVALIDATE;
+        if flags & !known != 0 || (flags & libc::MS_ASYNC != 0 && flags & libc::MS_SYNC != 0) {
+            // SAFETY: this thread's errno.
+            unsafe { *libc::__errno_location() = libc::EINVAL };
+            return -1;
+        }
+        return match runtime::sync() {
+            Ok(()) => 0,
+            Err(error) => {
+                // SAFETY: this thread's errno.
+                unsafe { *libc::__errno_location() = runtime::errno_of(error) };
+                -1
+            }
+        };
+    }
+    // SAFETY: the caller's arguments, to the kernel as they are.
+    unsafe { libc::syscall(libc::SYS_msync, addr, len, flags) as i32 }
+}
+
 /// # Safety
 /// As read(2).
 #[no_mangle]

@@ -379,6 +379,104 @@ static int taker(void) {
     return block[0] == 4242 ? 0 : 92;
 }
 
+/* Replication (docs/protocol.md "Replication"): `sync-writer` creates the space (so
+ * its root block and pages are homed here), writes 64 pages no other node reads,
+ * publishes them and calls gallocy_sync (or msync with `msync`); `sync-verify`, on
+ * another node after the writer's daemon was killed, reads them all. */
+static int sync_writer(int use_msync) {
+    attach("synced");
+    volatile uint64_t *pages = gallocy_malloc(CRASH_PAGES * 4096);
+    if (!pages) { fprintf(stderr, "malloc: %s\n", gallocy_last_error()); return 70; }
+    for (uint64_t p = 0; p < CRASH_PAGES; p++)
+        for (uint64_t w = 0; w < 4096 / 8; w++) pages[p * 512 + w] = crash_word(p, w);
+    root[0] = (uint64_t)pages;
+    int rc;
+    if (use_msync) {
+        rc = msync((void *)((uintptr_t)pages & ~(uintptr_t)4095), CRASH_PAGES * 4096 + 4096, MS_SYNC);
+        if (rc == 0) rc = msync((void *)root, 4096, MS_SYNC);
+        if (rc != 0) rc = -errno;
+    } else {
+        rc = gallocy_sync();
+    }
+    if (rc != 0) { fprintf(stderr, "sync: %d (%s)\n", rc, gallocy_strerror(rc)); return 71; }
+    printf("synced\n");
+    fflush(stdout);
+    for (;;) pause();
+}
+
+static int sync_verify(void) {
+    attach("synced");
+    if (root[0] == 0) { fprintf(stderr, "the root block lost its pointer\n"); return 72; }
+    if (crash_check((const volatile uint64_t *)root[0])) return 73;
+    printf("read %d pages\n", CRASH_PAGES);
+    return 0;
+}
+
+/* A history for "no observed write is lost": `history ID PROCS SECONDS` on several
+ * nodes. Process 0 allocates HISTORY_PAGES pages and publishes them; each process owns
+ * word ID of every page and writes ever larger values into it, and reads the others'
+ * words, keeping the largest value it saw of each. At the end it prints `saw P J V`
+ * for every word (its own last writes included) and exits 0. `history-verify PROCS`
+ * prints `now P J V` for every word. The test kills a daemon at a random moment and
+ * checks that every word is at least what any surviving process saw of it. */
+#define HISTORY_PAGES 24
+#define HISTORY_PROCS 8
+
+static uint64_t xorshift_state = 88172645463325252ull;
+static uint64_t next_random(void) {
+    xorshift_state ^= xorshift_state << 13;
+    xorshift_state ^= xorshift_state >> 7;
+    xorshift_state ^= xorshift_state << 17;
+    return xorshift_state;
+}
+
+static int history(int id, int procs, double seconds) {
+    if (procs > HISTORY_PROCS || id >= procs) return 2;
+    attach("history");
+    if (id == 0) {
+        volatile uint64_t *pages = gallocy_malloc(HISTORY_PAGES * 4096);
+        if (!pages) { fprintf(stderr, "malloc: %s\n", gallocy_last_error()); return 80; }
+        root[0] = (uint64_t)pages;
+    }
+    if (wait_for_nonzero(&root[0], 30)) return 81;
+    volatile uint64_t *pages = (volatile uint64_t *)root[0];
+    static uint64_t seen[HISTORY_PROCS][HISTORY_PAGES];
+    xorshift_state ^= (uint64_t)(id + 1) * 0x9E3779B97F4A7C15ull;
+    printf("started\n");
+    fflush(stdout);
+    double deadline = now_s() + seconds;
+    uint64_t counter = 0;
+    while (now_s() < deadline) {
+        uint64_t r = next_random();
+        int page = (int)(r % HISTORY_PAGES);
+        if ((r >> 32) % 2 == 0) {
+            uint64_t value = ++counter;
+            pages[page * 512 + id] = value;
+            seen[id][page] = value;
+        } else {
+            int owner = (int)((r >> 40) % procs);
+            uint64_t value = pages[page * 512 + owner];
+            if (value > seen[owner][page]) seen[owner][page] = value;
+        }
+        if (counter % 64 == 0) usleep(200);
+    }
+    for (int p = 0; p < procs; p++)
+        for (int j = 0; j < HISTORY_PAGES; j++)
+            if (seen[p][j]) printf("saw %d %d %llu\n", p, j, (unsigned long long)seen[p][j]);
+    printf("done\n");
+    return 0;
+}
+
+static int history_verify(int procs) {
+    attach("history");
+    if (root[0] == 0) { fprintf(stderr, "the root block lost its pointer\n"); return 82; }
+    volatile uint64_t *pages = (volatile uint64_t *)root[0];
+    for (int p = 0; p < procs; p++)
+        for (int j = 0; j < HISTORY_PAGES; j++)
+            printf("now %d %d %llu\n", p, j, (unsigned long long)pages[j * 512 + p]);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) return 2;
     if (!strcmp(argv[1], "stopper")) return stopper();
@@ -399,5 +497,9 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "crash-verify")) return crash_reader(0);
     if (!strcmp(argv[1], "survive-writer")) return survive_writer();
     if (!strcmp(argv[1], "survive-reader")) return survive_reader();
+    if (!strcmp(argv[1], "sync-writer")) return sync_writer(argc > 2 && !strcmp(argv[2], "msync"));
+    if (!strcmp(argv[1], "sync-verify")) return sync_verify();
+    if (!strcmp(argv[1], "history")) return history(atoi(argv[2]), atoi(argv[3]), atof(argv[4]));
+    if (!strcmp(argv[1], "history-verify")) return history_verify(atoi(argv[2]));
     return 2;
 }
