@@ -731,8 +731,8 @@ impl Host {
 
     /// A peer connection said hello: the member it speaks for, or why it is refused.
     /// A connection whose transport proved a member (a certificate) may speak only for
-    /// that member. The first incarnation heard of a member is the only one accepted: a
-    /// restarted daemon lost its in-memory Raft state.
+    /// that member. A later incarnation of a member is welcome (a restart, with its
+    /// Raft state from its disk); an earlier one than heard already is refused.
     pub fn peer_hello(&mut self, hello: PeerHello, proof: PeerProof) -> Result<NodeId, String> {
         let peer = hello.node;
         if !self.node.is_member(peer) || peer == self.config.node.id {

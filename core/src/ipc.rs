@@ -142,7 +142,7 @@ pub enum IpcMessage {
         /// gone (otherwise it is destroyed on every node then).
         persistent: bool,
         /// With `create`: k, the copies of each page (0: the daemon's default, at most 7
-        /// on the wire; the daemon refuses more than `types::MAX_REPLICAS`).
+        /// on the wire; the space is refused (SpaceRejected) with more than `types::MAX_REPLICAS`).
         replicas: u8,
         name: [u8; IPC_NAME_BYTES],
     },

@@ -926,6 +926,9 @@ pub const MAX_SNAPSHOT_BYTES: usize = 768 << 10;
 const MAX_SNAPSHOT_NODES: usize = 4096;
 /// Most chunk runs a decoded snapshot may list (each at least 36 bytes).
 const MAX_SNAPSHOT_RUNS: usize = MAX_SNAPSHOT_BYTES / 36;
+/// Most chunk records a decoded snapshot may hold (every chunk of `MAX_SPACES` spaces
+/// of 4 GiB in 1 MiB chunks).
+const MAX_SNAPSHOT_CHUNKS: u64 = 1 << 22;
 
 /// Every reason an outcome can give, so a decoded one is the same `&'static str`.
 const REJECTIONS: [&str; 24] = [
@@ -1276,6 +1279,11 @@ impl MetaState {
                     .is_some_and(|end| end <= layout.chunk_count());
             if !in_space {
                 return Err(DecodeError::Invalid("chunk run outside its space"));
+            }
+            // Records are kept one per chunk: bounded, or a forged run of 2^35 chunks
+            // would take all memory.
+            if state.chunks.len() as u64 + count > MAX_SNAPSHOT_CHUNKS {
+                return Err(DecodeError::Invalid("too many chunks"));
             }
             for chunk in first..first + count {
                 state.chunks.insert((space, chunk), record);

@@ -71,9 +71,13 @@ int gallocy_pthread_join(pthread_t thread, void **result);
 
 /* Returns once every write this process made to the space before the call is on k
  * nodes (the space's replicas, GALLOCY_REPLICAS when it was created, else the daemon's
- * default of 2): those writes survive the crash of any k - 1 nodes. Writes no other
- * node's process has seen and no sync covered may be lost with their node. Under
- * LD_PRELOAD, msync(2) on space memory does the same. 0 or a negative errno. */
+ * default of 2; every node up, if fewer are): those writes survive the loss of any
+ * k - 1 nodes counted from the write (lost copies are made again only when the page is
+ * next shared or flushed, not at once). Writes no other node's process has seen and
+ * no sync covered may be lost with their node. With k = 1 it returns at once. Under
+ * LD_PRELOAD, msync(2) on space memory does the same. 0 or a negative errno (-EAGAIN:
+ * too many syncs waiting on the node; -EIO: the node was evicted). See
+ * docs/protocol.md "Replication". */
 int gallocy_sync(void);
 
 struct gallocy_stats {

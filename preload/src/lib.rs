@@ -15,7 +15,7 @@ pub mod threads;
 
 use core::ffi::{c_char, c_int, c_void, CStr};
 
-use gallocy_core::ipc::{IpcMessage, IpcStats};
+use gallocy_core::ipc::{ErrorCode, IpcMessage, IpcStats};
 
 use crate::report::Message;
 use crate::runtime::{call, describe, errno_of, set_errno, set_last_error, CallError};
@@ -86,6 +86,27 @@ fn usable_size(ptr: *mut c_void) -> Option<u64> {
     (check == header_check(block, size)).then_some(size)
 }
 
+/// Marks the header of a live block (`usable_size` says so) freed, with a compare and
+/// swap in the space (sequentially consistent across nodes, so two frees of one block
+/// cannot both win). False if it was not a live block.
+fn free_orphan(ptr: *mut c_void) -> bool {
+    let Some(size) = usable_size(ptr) else {
+        return false;
+    };
+    let block = (ptr as u64).wrapping_sub(HEADER_BYTES);
+    let check = header_check(block, size);
+    // SAFETY: the header's second word, 8-aligned inside the space (checked by
+    // `usable_size`); atomics on it go through the page like any access.
+    let word = unsafe { core::sync::atomic::AtomicU64::from_ptr((block + 8) as *mut u64) };
+    word.compare_exchange(
+        check,
+        !check,
+        core::sync::atomic::Ordering::AcqRel,
+        core::sync::atomic::Ordering::Acquire,
+    )
+    .is_ok()
+}
+
 fn attach(space: *const c_char, create: bool) -> c_int {
     if space.is_null() {
         set_last_error(|m| {
@@ -150,6 +171,10 @@ pub extern "C" fn gallocy_free(ptr: *mut c_void) {
         addr: addr.wrapping_sub(HEADER_BYTES),
     }) {
         Ok(_) => {}
+        // The node that carved it went down, and its allocator's record of the block
+        // with it: the block's header (in the space, recovered with its page) says
+        // whether it is live; freeing marks the header, once. Its memory stays unused.
+        Err(CallError::Refused(ErrorCode::NodeDown, _)) if free_orphan(ptr) => {}
         Err(error) => {
             note_error(b"free", error);
             let mut message = Message::new();

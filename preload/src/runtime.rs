@@ -519,8 +519,6 @@ pub fn futex_wait(addr: u64, expected: u32, timeout_ms: u32) -> Result<FutexWait
     Ok(FutexWaitEnd::Woken)
 }
 
-/// Wakes up to `count` waiters on `addr` on this node and on each other node; how
-/// many were woken in all.
 /// Returns once every write this process made to the space before the call is on k
 /// nodes (the space's replicas): the daemon flushes every page of its node written
 /// since its last flush to the page's home, which keeps k copies.
@@ -531,6 +529,8 @@ pub fn sync() -> Result<(), CallError> {
     }
 }
 
+/// Wakes up to `count` waiters on `addr` on this node and on each other node; how
+/// many were woken in all.
 pub fn futex_wake(addr: u64, count: u32) -> Result<u32, CallError> {
     let addr = space_addr(addr).unwrap_or(addr);
     check_futex_word(addr)?;

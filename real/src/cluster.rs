@@ -450,9 +450,19 @@ pub fn add(dir: &Path, gallocyd: &Path) -> Result<u64, String> {
             home.clone(),
         )
     };
-    write_config(&dir, &config)?;
+    // Every configuration must still hold (the timing inequalities grow with the
+    // members) before anything is written.
+    config
+        .validate()
+        .map_err(|e| format!("node {id} would not start: {e}"))?;
     for member in configs.values_mut() {
         member.peers = peers.clone();
+        member
+            .validate()
+            .map_err(|e| format!("node {} would not restart: {e}", member.node_id))?;
+    }
+    write_config(&dir, &config)?;
+    for member in configs.values() {
         write_config(&dir, member)?;
     }
     let member = answering_member(&dir, &configs, id)?;

@@ -94,18 +94,23 @@ impl RaftDisk {
             }
         }
         let previous = disk.get_u64(KEY_INCARNATION);
-        let incarnation = match previous {
-            None => gallocy_core::meta::FIRST_INCARNATION,
-            Some(life) => life
-                .checked_add(1)
-                .filter(|&next| next <= gallocy_core::node::MAX_INCARNATION)
-                .ok_or_else(|| {
-                    format!("node {node} has restarted {life} times: no incarnation is left")
-                })?,
-        };
         let persisted = match previous {
             None => None,
             Some(_) => Some(disk.read()?),
+        };
+        // A start that wrote its life but no Raft state (it failed before its first
+        // write: a port in use, say) sent nothing of that life: start it again.
+        let (incarnation, persisted) = match (previous, persisted) {
+            (None, _) => (gallocy_core::meta::FIRST_INCARNATION, None),
+            (Some(life), Some(persisted)) if persisted.is_empty() => (life, None),
+            (Some(life), persisted) => (
+                life.checked_add(1)
+                    .filter(|&next| next <= gallocy_core::node::MAX_INCARNATION)
+                    .ok_or_else(|| {
+                        format!("node {node} has restarted {life} times: no incarnation is left")
+                    })?,
+                persisted,
+            ),
         };
         // The new life is on the disk before any message of it leaves: a crash during
         // this start must not reuse it.

@@ -678,6 +678,43 @@ fn synced_writes_survive_their_writers_node() {
     assert!(backups >= 64, "backups kept: {backups}");
 }
 
+/// Blocks carved by a node that went down stay live and can be freed elsewhere (their
+/// headers, recovered with their pages, vouch for them); a second free is refused.
+#[test]
+fn blocks_of_a_dead_node_are_freed_on_another() {
+    let cluster = Cluster::start("orphans", 3);
+    let program = e2e_program(&cluster.dir);
+    let mut writer = cluster
+        .command(2, &program, &["orphan-writer"])
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(writer.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "written", "log 2:\n{}", cluster.log(2));
+    // SAFETY: signalling the daemon this test started.
+    unsafe { libc::kill(cluster.daemon_pid(2), libc::SIGKILL) };
+    let freed = cluster.run(1, &program, &["orphan-free"], LIMIT);
+    let _ = writer.kill();
+    let _ = writer.wait();
+    assert!(
+        freed.status.success(),
+        "{}\nlog 1:\n{}",
+        describe(&freed),
+        cluster.log(1)
+    );
+    assert!(String::from_utf8_lossy(&freed.stdout).contains("freed 16"));
+    let stderr = String::from_utf8_lossy(&freed.stderr);
+    assert_eq!(
+        stderr.matches("gallocy: free(").count(),
+        1,
+        "only the double free is refused: {stderr}"
+    );
+}
+
 /// The history of a workload across a daemon killed at a random moment: what every
 /// surviving process saw of each word (its own writes included) is still there, or a
 /// later value.

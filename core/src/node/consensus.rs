@@ -3,6 +3,14 @@
 
 use super::*;
 
+/// Whether a command changes membership (carried by a Raft configuration change).
+fn is_membership(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::AddMember { .. } | Command::RemoveMember { .. }
+    )
+}
+
 impl Node {
     // -----------------------------------------------------------------------------
     // Raft.
@@ -116,7 +124,9 @@ impl Node {
         let applied = self.raft.raft.raft_log.applied;
         let snapshot_index = self.raft.store().snapshot.get_metadata().index;
         let max_entries = self.config.raft_log_max_entries;
-        let membership_changed = std::mem::take(&mut self.membership_changed);
+        // Cleared only once done: a forced snapshot that failed is tried again at the
+        // next round (a joining node must not be sent the log from index 1).
+        let membership_changed = self.membership_changed;
         if applied < snapshot_index + max_entries && !membership_changed {
             return;
         }
@@ -151,6 +161,7 @@ impl Node {
             self.stats.raft_errors += 1;
             return;
         }
+        self.membership_changed = false;
         self.stats.log_compactions += 1;
         // Not synced unless membership changed: lost, the log it stands for is still on
         // the disk.
@@ -241,6 +252,11 @@ impl Node {
             self.on_node_rejoined(node);
         }
         if self.joining && self.meta.nodes.contains_key(&self.config.id) {
+            if !self.meta.is_up(self.config.id) {
+                // Marked down before it heard it was added: this life is over (a
+                // restart rejoins as the next); what waited is answered `Evicted`.
+                self.evict_self();
+            }
             self.joined();
         }
         self.retry_unmapped(false);
@@ -272,8 +288,9 @@ impl Node {
             return;
         }
         // raft-rs trusts its peers and panics on a heartbeat committing past our log;
-        // a correct leader never sends one. (Peers are not authenticated yet; other
-        // raft-rs assertions remain reachable by a forged message.)
+        // a correct leader never sends one. (Peers are authenticated by TLS on TCP, not
+        // trusted: other raft-rs assertions remain reachable by a member's forged
+        // message.)
         if message.get_msg_type() == raft::eraftpb::MessageType::MsgHeartbeat
             && message.commit > self.raft.raft.raft_log.last_index()
         {
@@ -331,8 +348,13 @@ impl Node {
                                 .map(|change| change.context.to_vec()),
                             EntryType::EntryConfChangeV2 => None,
                         };
+                        // A membership command travels only as a configuration change
+                        // (else the metadata and raft-rs would disagree on members).
+                        let conf_change = entry.get_entry_type() == EntryType::EntryConfChange;
                         data.is_some_and(|data| {
-                            Proposal::decode(&data).is_ok_and(|p| p.origin == from)
+                            Proposal::decode(&data).is_ok_and(|p| {
+                                p.origin == from && is_membership(&p.command) == conf_change
+                            })
                         })
                     })
             }
@@ -455,6 +477,10 @@ impl Node {
             self.stats.raft_errors += 1;
             return None;
         }
+        let removed_up = match proposal.command {
+            Command::RemoveMember { node } => self.meta.is_up(node).then_some(node),
+            _ => None,
+        };
         let executed_before = self.meta.applied_commands;
         let outcome = self.meta.apply(&proposal);
         let executed = self.meta.applied_commands > executed_before;
@@ -483,6 +509,14 @@ impl Node {
                 }
             } else {
                 self.on_node_down(node);
+                if removed_up == Some(node) {
+                    // Removed while up: unlike a node the failure detector marks down
+                    // (after `down_after_ticks`), its processes may still hold pages;
+                    // its copies are void only once they must have given them back.
+                    if let Some(at) = self.pending_voids.get_mut(&node) {
+                        *at += self.config.revoke_timeout_ticks;
+                    }
+                }
                 self.last_heard_tick.remove(&node);
                 self.down_proposed.remove(&node);
             }
@@ -519,6 +553,11 @@ impl Node {
                 continue;
             }
             let proposal = match Proposal::decode(&entry.data) {
+                // A membership command outside a configuration change (forged): skipped.
+                Ok(proposal) if is_membership(&proposal.command) => {
+                    self.stats.raft_errors += 1;
+                    continue;
+                }
                 Ok(proposal) => proposal,
                 Err(_) => {
                     // Every replica skips the same entry, so they stay identical.
@@ -775,8 +814,11 @@ impl Node {
             self.on_node_rejoined(me);
             return;
         }
+        // Not a member in the metadata it has yet (behind, or it joined and never
+        // learnt it): nothing to rejoin until it catches up.
         if !self.rejoining
             || self.leader_id == 0
+            || !self.meta.nodes.contains_key(&me)
             || self
                 .proposals
                 .values()
@@ -846,7 +888,7 @@ impl Node {
         });
         if still_carved {
             // This node's allocator never proposes a run it still carves: the entry was
-            // forged (peers are not authenticated yet). Counted; the run is dropped all
+            // forged (by a member: peers are authenticated, not trusted). Counted; the run is dropped all
             // the same, as on every other node.
             self.stats.raft_errors += 1;
         }
@@ -1027,6 +1069,12 @@ impl Node {
         }
         self.evicted = true;
         self.fail_syncs(AppError::Evicted);
+        for page_id in std::mem::take(&mut self.flushing) {
+            if let Some(page) = self.pages.get_mut(&page_id) {
+                page.flush = None;
+                page.flush_wanted = false;
+            }
+        }
         self.mask_held_pages(false);
         let waiting: Vec<PageId> = self.pages.keys().copied().collect();
         for page in waiting {

@@ -7,6 +7,9 @@ impl Node {
     // -----------------------------------------------------------------------------
     // Home side.
 
+    /// A request for the page, or a flush of it (`request.flush`): admitted into the
+    /// page's queue (one of each kind per node, the newer replacing the older), or
+    /// started at once.
     pub(super) fn home_request(&mut self, page_id: PageId, request: PageRequestInfo) {
         match self.home_of(page_id) {
             Some(home) if home == self.config.id => {}
@@ -36,13 +39,33 @@ impl Node {
             self.directory.insert(page_id, entry);
         }
         let entry = self.directory.get_mut(&page_id).expect("present");
-        let newest = entry.newest_request.entry(request.from).or_insert(0);
+        let is_flush = request.flush.is_some();
+        if is_flush
+            && entry
+                .flush_acked
+                .get(&request.from)
+                .is_some_and(|&acked| request.request_id <= acked)
+        {
+            // Acknowledged already: the ack was lost.
+            let message = PeerMessage::FlushAck {
+                page: page_id,
+                request_id: request.request_id,
+            };
+            return self.send(request.from, message);
+        }
+        let newest_of_kind = if is_flush {
+            &mut entry.newest_flush
+        } else {
+            &mut entry.newest_request
+        };
+        let newest = newest_of_kind.entry(request.from).or_insert(0);
         if request.request_id < *newest {
             self.stats.messages_rejected += 1;
             return;
         }
         *newest = request.request_id;
         if entry.lost {
+            // A flush of it too: nothing to keep, and the sync says so.
             self.deny_lost(page_id, request.from, request.request_id);
             return;
         }
@@ -50,10 +73,9 @@ impl Node {
             if txn.request.from == request.from && txn.request.request_id == request.request_id {
                 return;
             }
-            // A newer request replaces the node's older one (not its flush).
             entry
                 .queue
-                .retain(|q| q.from != request.from || q.flush.is_some());
+                .retain(|q| q.from != request.from || q.flush.is_some() != is_flush);
             if entry.queue.len() < members * MAX_QUEUED_PER_PAGE_PER_MEMBER {
                 entry.queue.push_back(request);
             }
@@ -82,7 +104,10 @@ impl Node {
                 // A node marked down may still read its copies until its void is due,
                 // and the old home may be among them: collect only after every void
                 // (`void_due` starts the queue again).
-                entry.queue.retain(|q| q.from != request.from);
+                // Its older request (or flush) of the same kind gives way to this one.
+                entry.queue.retain(|q| {
+                    q.from != request.from || q.flush.is_some() != request.flush.is_some()
+                });
                 entry.queue.push_front(request);
                 return;
             }
@@ -249,12 +274,7 @@ impl Node {
         let bytes = if request.have_version == Some(base_version) {
             None
         } else {
-            Some(
-                entry
-                    .master
-                    .clone()
-                    .unwrap_or_else(|| Box::new([0u8; PAGE_SIZE_BYTES])),
-            )
+            Some(entry.master_bytes())
         };
         entry.check_invariants();
         let message = PeerMessage::PageGrant {
@@ -375,6 +395,10 @@ impl Node {
         // the rebuilt entry's arithmetic overflow later.
         let sane = report.seq_seen < u64::MAX / 2
             && report.version.is_none_or(|v| v < u64::MAX / 2)
+            && report
+                .backup
+                .as_ref()
+                .is_none_or(|b| b.version < u64::MAX / 2)
             && (report.held != Access::Write || report.version.is_some_and(|v| v > 0));
         let Some(entry) = self.directory.get_mut(&page_id).filter(|_| sane) else {
             self.stats.messages_rejected += 1;

@@ -73,7 +73,9 @@ pub const DEFAULT_ROOT_SIZE_BYTES: u64 = 64 * 1024;
 #[derive(Clone, Debug)]
 pub struct Config {
     pub id: NodeId,
-    /// Every member of the cluster, this node included. Fixed for now.
+    /// The members this node may hear from before its metadata says (this node
+    /// included): the first configuration, or, for a node that joins, every member.
+    /// Membership then follows the metadata (`AddMember`, `RemoveMember`).
     pub members: Vec<NodeId>,
     /// Node ticks per Raft tick.
     pub raft_tick_interval_ticks: u64,
@@ -248,7 +250,6 @@ pub enum AppRequest {
         space: SpaceId,
         count: u32,
     },
-    /// Keep the space named `name` no longer when its last process has gone.
     /// Make every write this node's processes made to `space` durable: on k nodes
     /// (`gallocy_sync`). Answered `Synced`.
     Sync {
@@ -262,6 +263,7 @@ pub enum AppRequest {
     RemoveMember {
         node: NodeId,
     },
+    /// Keep the space named `name` no longer when its last process has gone.
     Unpersist {
         name: String,
     },
@@ -316,12 +318,12 @@ pub enum AppReply {
     Detached {
         destroyed: bool,
     },
-    /// No longer kept; `destroyed` if it ended at once (nobody attached).
     MembershipChanged {
         node: NodeId,
         added: bool,
     },
     Synced,
+    /// No longer kept; `destroyed` if it ended at once (nobody attached).
     Unpersisted {
         destroyed: bool,
     },
@@ -532,6 +534,8 @@ struct LocalFlush {
 struct SyncWait {
     token: AppToken,
     pages: BTreeMap<PageId, u64>,
+    /// A page it covers is lost: answered `PageLost` once the others are done.
+    lost: bool,
 }
 
 impl LocalPage {
@@ -678,6 +682,13 @@ impl DirEntry {
             queue: VecDeque::new(),
             newest_request: BTreeMap::new(),
         }
+    }
+
+    /// The master's bytes: the zero page while there is no copy (version 0).
+    fn master_bytes(&self) -> Box<PageBytes> {
+        self.master
+            .clone()
+            .unwrap_or_else(|| Box::new([0u8; PAGE_SIZE_BYTES]))
     }
 
     fn check_invariants(&self) {

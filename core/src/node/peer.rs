@@ -236,6 +236,15 @@ impl Node {
         request_id: u64,
         reason: PageDenial,
     ) {
+        let flush_lost = self.sent_by_home(from, page_id)
+            && reason == PageDenial::Lost
+            && self
+                .pages
+                .get(&page_id)
+                .is_some_and(|p| p.flush.as_ref().is_some_and(|f| f.request_id == request_id));
+        if flush_lost {
+            return self.flush_lost(page_id);
+        }
         let matches = self.sent_by_home(from, page_id)
             && self.pages.get(&page_id).is_some_and(|p| {
                 p.request
@@ -441,7 +450,8 @@ impl Node {
     /// A home asks this node to keep a copy of its page for recovery. Kept if newer
     /// than the one it has; acknowledged either way (the home counts this node).
     pub(super) fn on_backup(&mut self, from: NodeId, page_id: PageId, seq: u64, copy: BackupCopy) {
-        if !self.sent_by_home(from, page_id) {
+        // A version no honest home reaches (its arithmetic would overflow later).
+        if !self.sent_by_home(from, page_id) || copy.version >= u64::MAX / 2 {
             self.stats.messages_rejected += 1;
             return;
         }
@@ -473,9 +483,10 @@ impl Node {
         page.flush = None;
         page.flushes_acked = page.flushes_started;
         self.flushing.remove(&page_id);
-        self.flush_done(page_id);
+        self.flush_done(page_id, false);
         let page = self.pages.get_mut(&page_id).expect("checked");
-        if std::mem::take(&mut page.flush_wanted) {
+        // A running revocation starts it when done (`handle_revoke_done`).
+        if page.revoke.is_none() && std::mem::take(&mut page.flush_wanted) {
             self.start_flush(page_id);
         }
     }

@@ -71,6 +71,7 @@ impl Node {
             SyncWait {
                 token,
                 pages: waits,
+                lost: false,
             },
         );
     }
@@ -79,7 +80,6 @@ impl Node {
     /// the bytes (`RevokeReply::Flush`), or, if this node writes the page no more, asks
     /// the home to make sure of the k copies its writes went to.
     pub(super) fn start_flush(&mut self, page_id: PageId) {
-        let now = self.now_ticks;
         let page = self
             .pages
             .get_mut(&page_id)
@@ -94,31 +94,25 @@ impl Node {
             self.start_revoke(page_id, RevokeReply::Flush, access, true);
             return;
         }
-        page.written = false;
-        let version = page.mem_version.unwrap_or(0);
-        let request_id = self.next_request_id;
-        self.next_request_id += 1;
-        page.flush = Some(LocalFlush {
-            request_id,
-            version,
-            bytes: None,
-            retry: RetrySchedule::starting(now, self.config.retry_base_ticks),
-        });
-        self.flushing.insert(page_id);
-        self.send_flush(page_id);
+        self.send_new_flush(page_id, None);
     }
 
     /// The flush revocation is done: the applications may only read, and `bytes` are
     /// the page as they left it.
     pub(super) fn flush_captured(&mut self, page_id: PageId, bytes: Option<Box<PageBytes>>) {
+        self.send_new_flush(page_id, bytes);
+    }
+
+    /// Sends the home a flush of the page as it is now: with `bytes` if this node
+    /// still writes it at a known version (the home keeps them), else without (the home
+    /// only counts the copies of what it has).
+    fn send_new_flush(&mut self, page_id: PageId, bytes: Option<Box<PageBytes>>) {
         let now = self.now_ticks;
         let request_id = self.next_request_id;
         self.next_request_id += 1;
         let page = self.pages.get_mut(&page_id).expect("present");
         page.written = false;
         let version = page.mem_version.unwrap_or(0);
-        // Bytes only from a writer whose memory version is known (else the home keeps
-        // its master, and only counts copies).
         let bytes = if page.held == Access::Write {
             page.mem_version.and(bytes)
         } else {
@@ -154,9 +148,9 @@ impl Node {
         );
     }
 
-    /// A flush of `page_id` was acknowledged, or the page went away (released,
-    /// dropped): every sync it covers is one page closer.
-    pub(super) fn flush_done(&mut self, page_id: PageId) {
+    /// A flush of `page_id` was acknowledged (or, `lost`, the page is lost), or the
+    /// page went away (released, dropped): every sync it covers is one page closer.
+    pub(super) fn flush_done(&mut self, page_id: PageId, lost: bool) {
         let acked = self
             .pages
             .get(&page_id)
@@ -169,6 +163,7 @@ impl Node {
                 .is_some_and(|&needed| needed <= acked)
             {
                 wait.pages.remove(&page_id);
+                wait.lost |= lost;
                 if wait.pages.is_empty() {
                     finished.push(id);
                 }
@@ -176,9 +171,23 @@ impl Node {
         }
         for id in finished {
             let wait = self.syncs.remove(&id).expect("listed");
-            self.stats.syncs += 1;
-            self.reply(wait.token, AppReply::Synced);
+            if wait.lost {
+                self.reply_error(wait.token, AppError::PageLost);
+            } else {
+                self.stats.syncs += 1;
+                self.reply(wait.token, AppReply::Synced);
+            }
         }
+    }
+
+    /// The home says the page of this node's flush is lost.
+    pub(super) fn flush_lost(&mut self, page_id: PageId) {
+        let page = self.pages.get_mut(&page_id).expect("checked by the caller");
+        page.flush = None;
+        page.flush_wanted = false;
+        page.flushes_acked = page.flushes_started;
+        self.flushing.remove(&page_id);
+        self.flush_done(page_id, true);
     }
 
     /// Pages this node forgets (released, their space dropped): nothing of them is left
@@ -199,7 +208,7 @@ impl Node {
             .collect();
         for page_id in waited {
             debug_assert!(!self.pages.contains_key(&page_id));
-            self.flush_done(page_id);
+            self.flush_done(page_id, false);
         }
     }
 
@@ -283,36 +292,6 @@ impl Node {
         request_id: u64,
         flush: FlushData,
     ) {
-        if self.home_of(page_id) != Some(self.config.id) || !self.meta.is_up(from) {
-            self.stats.messages_rejected += 1;
-            return;
-        }
-        let entry_exists = self.directory.contains_key(&page_id);
-        if let Some(entry) = self.directory.get(&page_id) {
-            if entry
-                .flush_acked
-                .get(&from)
-                .is_some_and(|&acked| request_id <= acked)
-            {
-                // Acknowledged already: the ack was lost.
-                self.send(
-                    from,
-                    PeerMessage::FlushAck {
-                        page: page_id,
-                        request_id,
-                    },
-                );
-                return;
-            }
-            if entry
-                .newest_flush
-                .get(&from)
-                .is_some_and(|&newest| request_id < newest)
-            {
-                self.stats.messages_rejected += 1;
-                return;
-            }
-        }
         let request = PageRequestInfo {
             from,
             request_id,
@@ -320,39 +299,7 @@ impl Node {
             have_version: None,
             flush: Some(flush),
         };
-        if !entry_exists {
-            let entry = DirEntry {
-                needs_collect: self.chunk_recovered(page_id),
-                ..DirEntry::new()
-            };
-            self.directory.insert(page_id, entry);
-        }
-        let members = self.meta.nodes.len().max(1);
-        let entry = self.directory.get_mut(&page_id).expect("present");
-        entry.newest_flush.insert(from, request_id);
-        if entry.lost {
-            // Nothing to keep: the page is gone (its writer is told when it asks).
-            self.send(
-                from,
-                PeerMessage::FlushAck {
-                    page: page_id,
-                    request_id,
-                },
-            );
-            return;
-        }
-        if let Some(txn) = &entry.txn {
-            if txn.request.from == from && txn.request.request_id == request_id {
-                return;
-            }
-            // One flush per node waits (the newer replaces it), beside its request.
-            entry.queue.retain(|q| q.from != from || q.flush.is_none());
-            if entry.queue.len() < members * MAX_QUEUED_PER_PAGE_PER_MEMBER {
-                entry.queue.push_back(request);
-            }
-            return;
-        }
-        self.home_start(page_id, request);
+        self.home_request(page_id, request);
     }
 
     /// A flush's turn: a writer's bytes become the master (if it still writes the page
@@ -407,7 +354,9 @@ impl Node {
         let me = self.config.id;
         let skip = self.mutant(Mutant::AckBeforeBackup);
         let entry = self.directory.get(&page_id).expect("entry exists");
-        if need <= 1 || (entry.master.is_none() && entry.version == 0) {
+        // Nothing to copy: the zero page, or a master lost in a recovery (its writer
+        // holds the only contents; a recall brings them).
+        if need <= 1 || (entry.master.is_none() && entry.version == 0) || entry.master_unknown {
             return None;
         }
         let mut have: BTreeSet<NodeId> = entry.holders.clone();
@@ -437,26 +386,8 @@ impl Node {
         if skip {
             // The planted bug: acknowledge and grant without waiting for the backups
             // (sent, but counted before they arrive).
-            let copy = BackupCopy {
-                version: entry.master_order.0,
-                sub: entry.master_order.1,
-                bytes: entry
-                    .master
-                    .clone()
-                    .unwrap_or_else(|| Box::new([0u8; PAGE_SIZE_BYTES])),
-            };
             entry.holders.extend(targets.iter().copied());
-            for node in targets {
-                self.stats.backups_sent += 1;
-                self.send(
-                    node,
-                    PeerMessage::Backup {
-                        page: page_id,
-                        seq,
-                        copy: copy.clone(),
-                    },
-                );
-            }
+            self.send_backups(page_id, seq, &targets);
             return None;
         }
         Some(Phase::Replicate {
@@ -471,10 +402,7 @@ impl Node {
         let copy = BackupCopy {
             version: entry.master_order.0,
             sub: entry.master_order.1,
-            bytes: entry
-                .master
-                .clone()
-                .unwrap_or_else(|| Box::new([0u8; PAGE_SIZE_BYTES])),
+            bytes: entry.master_bytes(),
         };
         for &node in pending {
             self.stats.backups_sent += 1;

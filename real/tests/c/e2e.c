@@ -412,6 +412,48 @@ static int sync_verify(void) {
     return 0;
 }
 
+/* Blocks of a node that went down: `orphan-writer` (node 2) allocates ORPHANS blocks
+ * with gallocy_malloc, fills them, publishes them and syncs; `orphan-free` (node 1,
+ * after node 2's daemon was killed) checks each, frees each (the allocator that carved
+ * them is gone: their headers say they are live), frees one again (refused: printed on
+ * stderr) and allocates new blocks. */
+#define ORPHANS 16
+static int orphan_writer(void) {
+    attach("orphans");
+    for (int i = 0; i < ORPHANS; i++) {
+        unsigned char *block = gallocy_malloc(100 + i * 50);
+        if (!block) { fprintf(stderr, "malloc: %s\n", gallocy_last_error()); return 60; }
+        memset(block, 0x40 + i, 100 + i * 50);
+        root[i] = (uint64_t)block;
+    }
+    int rc = gallocy_sync();
+    if (rc != 0) { fprintf(stderr, "sync: %s\n", gallocy_strerror(rc)); return 61; }
+    printf("written\n");
+    fflush(stdout);
+    for (;;) pause();
+}
+
+static int orphan_free(void) {
+    attach("orphans");
+    for (int i = 0; i < ORPHANS; i++) {
+        unsigned char *block = (unsigned char *)root[i];
+        if (!block) { fprintf(stderr, "block %d lost its pointer\n", i); return 62; }
+        for (int j = 0; j < 100 + i * 50; j++)
+            if (block[j] != 0x40 + i) { fprintf(stderr, "block %d byte %d lost\n", i, j); return 63; }
+        gallocy_free(block);
+    }
+    /* A double free is refused (and said on stderr). */
+    gallocy_free((void *)root[3]);
+    for (int i = 0; i < ORPHANS; i++) {
+        unsigned char *block = gallocy_malloc(200);
+        if (!block) { fprintf(stderr, "malloc after: %s\n", gallocy_last_error()); return 64; }
+        memset(block, 7, 200);
+        if (block[199] != 7) return 65;
+    }
+    printf("freed %d\n", ORPHANS);
+    return 0;
+}
+
 /* A history for "no observed write is lost": `history ID PROCS SECONDS` on several
  * nodes. Process 0 allocates HISTORY_PAGES pages and publishes them; each process owns
  * word ID of every page and writes ever larger values into it, and reads the others'
@@ -497,6 +539,8 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "crash-verify")) return crash_reader(0);
     if (!strcmp(argv[1], "survive-writer")) return survive_writer();
     if (!strcmp(argv[1], "survive-reader")) return survive_reader();
+    if (!strcmp(argv[1], "orphan-writer")) return orphan_writer();
+    if (!strcmp(argv[1], "orphan-free")) return orphan_free();
     if (!strcmp(argv[1], "sync-writer")) return sync_writer(argc > 2 && !strcmp(argv[2], "msync"));
     if (!strcmp(argv[1], "sync-verify")) return sync_verify();
     if (!strcmp(argv[1], "history")) return history(atoi(argv[2]), atoi(argv[3]), atof(argv[4]));
