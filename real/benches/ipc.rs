@@ -20,7 +20,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use gallocy::{gallocy_attach, gallocy_detach, gallocy_malloc, gallocy_ping, gallocy_root};
+mod common;
+
+use common::{attach, wait_word};
+use gallocy::{gallocy_detach, gallocy_malloc, gallocy_ping, gallocy_root};
 
 const ROUNDS: usize = 20_000;
 const FAULT_PAGES: usize = 2_000;
@@ -62,12 +65,6 @@ fn spawn_role(role: &str, socket: Option<&Path>, arg: &str) -> Child {
     command.spawn().expect("spawn benchmark child")
 }
 
-fn attach(space: &str) {
-    let name = std::ffi::CString::new(space).unwrap();
-    let rc = gallocy_attach(name.as_ptr());
-    assert_eq!(rc, 0, "attach failed");
-}
-
 fn root() -> *mut u64 {
     gallocy_root().cast()
 }
@@ -80,16 +77,6 @@ fn sleep_until_word(word: *const u64, value: u64) {
     while unsafe { word.read_volatile() } != value {
         assert!(Instant::now() < deadline, "benchmark peer stuck");
         std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-fn wait_word(word: *const u64, value: u64) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    // SAFETY: a word of the root block, shared by the processes of the space.
-    while unsafe { word.read_volatile() } != value {
-        assert!(Instant::now() < deadline, "benchmark peer stuck");
-        // Two cores, two daemons: a waiter must not starve them.
-        std::thread::yield_now();
     }
 }
 

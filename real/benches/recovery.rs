@@ -17,7 +17,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use gallocy::{gallocy_attach, gallocy_detach, gallocy_malloc, gallocy_root};
+mod common;
+
+use common::{attach, root_word, write_block};
+use gallocy::gallocy_detach;
 use gallocy_real::cluster;
 use gallocy_real::config::SpaceDefaults;
 
@@ -29,16 +32,6 @@ const SPACE: &str = "recovery";
 const ROOT_BLOCK: usize = 0;
 const ROOT_READ: usize = 1;
 const ROOT_BASELINE: usize = 2;
-
-fn attach() {
-    let name = std::ffi::CString::new(SPACE).unwrap();
-    assert_eq!(gallocy_attach(name.as_ptr()), 0, "attach failed");
-}
-
-fn root_word(index: usize) -> *mut u64 {
-    // SAFETY: the root block is at least a page; indexes here are below 8.
-    unsafe { gallocy_root().cast::<u64>().add(index) }
-}
 
 /// Waits for a root block word to become non-zero (bounded), sleeping between looks:
 /// two cores, three daemons.
@@ -55,18 +48,6 @@ fn wait_nonzero(index: usize) -> u64 {
     }
 }
 
-/// A page-aligned block of `pages` pages, each page's first word set to its index + 1.
-fn write_block(pages: u64) -> u64 {
-    let block = gallocy_malloc((pages as usize + 1) * 4096) as u64;
-    assert_ne!(block, 0, "allocation");
-    let first = (block + 4095) & !4095;
-    for i in 0..pages {
-        // SAFETY: inside the block just allocated.
-        unsafe { ((first + i * 4096) as *mut u64).write_volatile(i + 1) };
-    }
-    first
-}
-
 fn read_page(first: u64, i: u64) {
     // SAFETY: a page of a block published through the root block.
     let value = unsafe { ((first + i * 4096) as *const u64).read_volatile() };
@@ -75,7 +56,7 @@ fn read_page(first: u64, i: u64) {
 
 /// Node 2: home and writer of the block that will be recovered; killed with its daemon.
 fn writer() {
-    attach();
+    attach(SPACE);
     let first = write_block(PAGES);
     // SAFETY: root block word.
     unsafe { root_word(ROOT_BLOCK).write_volatile(first) };
@@ -87,7 +68,7 @@ fn writer() {
 
 /// Node 3: reads the block (so it holds every page), writes the baseline block.
 fn reader() {
-    attach();
+    attach(SPACE);
     let first = wait_nonzero(ROOT_BLOCK);
     for i in 0..PAGES {
         read_page(first, i);
@@ -131,7 +112,7 @@ fn run(dir: &Path, children: &mut Vec<Child>) {
         .expect("writer output");
     assert_eq!(line.trim(), "ready", "writer failed");
     children.push(writer);
-    attach();
+    attach(SPACE);
     children.push(spawn_role("reader", dir, 3));
     wait_nonzero(ROOT_READ);
     let first = wait_nonzero(ROOT_BLOCK);

@@ -16,7 +16,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use gallocy::{gallocy_attach, gallocy_detach, gallocy_malloc, gallocy_root, gallocy_sync};
+mod common;
+
+use common::{attach, root_word, wait_word, write_block};
+use gallocy::{gallocy_detach, gallocy_malloc, gallocy_sync};
 use gallocy_real::cluster;
 
 const FAULT_PAGES: u64 = 1_000;
@@ -27,26 +30,6 @@ const SYNC_REPEATS: usize = 5;
 
 /// Root block words of a space: 0 the dirtied block is published, 1 its address, 2 the
 /// reader is done; 3 the ping-pong counter is published, 4 its address.
-fn root_word(index: usize) -> *mut u64 {
-    // SAFETY: the root block is at least a page; indexes here are below 8.
-    unsafe { gallocy_root().cast::<u64>().add(index) }
-}
-
-fn attach(space: &str) {
-    let name = std::ffi::CString::new(space).unwrap();
-    assert_eq!(gallocy_attach(name.as_ptr()), 0, "attach to {space} failed");
-}
-
-/// Spins (yielding: two cores, three daemons) until a space word holds `value`.
-fn wait_word(word: *const u64, value: u64) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    // SAFETY: a word of the space, shared by the processes of the benchmark.
-    while unsafe { word.read_volatile() } != value {
-        assert!(Instant::now() < deadline, "benchmark peer stuck");
-        std::thread::yield_now();
-    }
-}
-
 fn spawn_role(role: &str, dir: &Path, node: u64, space: &str) -> Child {
     Command::new(std::env::current_exe().unwrap())
         .env("GALLOCY_BENCH_ROLE", role)
@@ -57,22 +40,10 @@ fn spawn_role(role: &str, dir: &Path, node: u64, space: &str) -> Child {
         .expect("spawn benchmark child")
 }
 
-/// A page-aligned run of `pages` pages of a fresh block, each page's first word set.
-fn dirty_block(pages: u64) -> u64 {
-    let block = gallocy_malloc((pages as usize + 1) * 4096) as u64;
-    assert_ne!(block, 0, "allocation");
-    let first = (block + 4095) & !4095;
-    for i in 0..pages {
-        // SAFETY: inside the block just allocated.
-        unsafe { ((first + i * 4096) as *mut u64).write_volatile(i + 1) };
-    }
-    first
-}
-
 /// Child on node 2: dirties FAULT_PAGES pages, publishes them, waits for the reader.
 fn dirtier(space: &str) {
     attach(space);
-    let first = dirty_block(FAULT_PAGES);
+    let first = write_block(FAULT_PAGES);
     // SAFETY: root block words.
     unsafe {
         root_word(1).write_volatile(first);
@@ -153,7 +124,7 @@ fn sync_cost(replicas: u8, pages: u64) -> f64 {
     let space = format!("sync-k{replicas}-{pages}");
     std::env::set_var("GALLOCY_REPLICAS", replicas.to_string());
     attach(&space);
-    let first = dirty_block(pages);
+    let first = write_block(pages);
     assert_eq!(gallocy_sync(), 0, "sync");
     let mut samples = Vec::with_capacity(SYNC_REPEATS);
     for round in 0..SYNC_REPEATS as u64 {

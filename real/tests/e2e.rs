@@ -7,7 +7,9 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{describe, e2e_program, finish, publish_then_consume, run_pair, temp_dir, Cluster};
+use common::{
+    describe, e2e_program, finish, first_line, publish_then_consume, run_pair, temp_dir, Cluster,
+};
 use gallocy_core::ipc::{
     ErrorCode, IpcMessage, Role, IPC_FRAME_BYTES, IPC_NAME_BYTES, IPC_VERSION,
 };
@@ -399,8 +401,7 @@ fn a_killed_daemon_loses_its_processes_not_the_cluster() {
     stdout.read_exact(&mut first).unwrap();
     assert_eq!(&first, b"attached\n");
     // SIGKILL node 1's daemon (the first leader, by its election timeout).
-    // SAFETY: signalling the daemon this test started.
-    unsafe { libc::kill(cluster.daemon_pid(1), libc::SIGKILL) };
+    cluster.kill_daemon(1);
     let output = finish(orphan, LIMIT);
     assert_eq!(output.status.code(), Some(86), "{}", describe(&output));
     assert!(
@@ -435,32 +436,27 @@ fn a_killed_daemon_loses_its_processes_not_the_cluster() {
 fn pages_another_node_read_survive_their_home_being_killed() {
     let cluster = Cluster::start("recover", 3);
     let program = e2e_program(&cluster.dir);
-    let line = |child: &mut std::process::Child| {
-        let mut out = child.stdout.take().expect("piped");
-        let mut text = Vec::new();
-        let mut byte = [0u8; 1];
-        while out.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
-            text.push(byte[0]);
-        }
-        String::from_utf8_lossy(&text).into_owned()
-    };
     let mut writer = cluster
         .command(2, &program, &["crash-writer"])
         .spawn()
         .unwrap();
-    assert_eq!(line(&mut writer), "written", "log 2:\n{}", cluster.log(2));
+    assert_eq!(
+        first_line(&mut writer),
+        "written",
+        "log 2:\n{}",
+        cluster.log(2)
+    );
     let mut reader = cluster
         .command(3, &program, &["crash-reader"])
         .spawn()
         .unwrap();
     assert_eq!(
-        line(&mut reader),
+        first_line(&mut reader),
         "read 64 pages",
         "log 3:\n{}",
         cluster.log(3)
     );
-    // SAFETY: signalling the daemon this test started.
-    unsafe { libc::kill(cluster.daemon_pid(2), libc::SIGKILL) };
+    cluster.kill_daemon(2);
     let verify = cluster.run(1, &program, &["crash-verify"], LIMIT);
     let _ = reader.kill();
     let _ = reader.wait();
@@ -498,44 +494,27 @@ fn pages_another_node_read_survive_their_home_being_killed() {
 fn a_killed_daemon_restarts_rejoins_and_serves_again() {
     let cluster = Cluster::start("restart", 3);
     let program = e2e_program(&cluster.dir);
-    let line = |child: &mut std::process::Child| {
-        let mut out = child.stdout.take().expect("piped");
-        let mut text = Vec::new();
-        let mut byte = [0u8; 1];
-        while out.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
-            text.push(byte[0]);
-        }
-        String::from_utf8_lossy(&text).into_owned()
-    };
     let mut writer = cluster
         .command(2, &program, &["crash-writer"])
         .spawn()
         .unwrap();
-    assert_eq!(line(&mut writer), "written", "log 2:\n{}", cluster.log(2));
+    assert_eq!(
+        first_line(&mut writer),
+        "written",
+        "log 2:\n{}",
+        cluster.log(2)
+    );
     let mut reader = cluster
         .command(3, &program, &["crash-reader"])
         .spawn()
         .unwrap();
     assert_eq!(
-        line(&mut reader),
+        first_line(&mut reader),
         "read 64 pages",
         "log 3:\n{}",
         cluster.log(3)
     );
-    let old_pid = cluster.daemon_pid(2);
-    // SAFETY: signalling the daemon this test started.
-    unsafe { libc::kill(old_pid, libc::SIGKILL) };
-    // Reaped here (it is this test's child's child only if cluster up ran in-process).
-    let gone = std::time::Instant::now() + LIMIT;
-    while cluster.daemon_alive(2) {
-        // SAFETY: waitpid with WNOHANG on a pid; harmless if not our child.
-        unsafe { libc::waitpid(old_pid, std::ptr::null_mut(), libc::WNOHANG) };
-        assert!(
-            std::time::Instant::now() < gone,
-            "node 2's daemon did not die"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    cluster.kill_daemon(2);
     let gallocyd = std::path::PathBuf::from(env!("CARGO_BIN_EXE_gallocyd"));
     gallocy_real::cluster::restart(&cluster.dir, 2, &gallocyd)
         .unwrap_or_else(|e| panic!("restart: {e}\nlog 1:\n{}", cluster.log(1)));
@@ -608,9 +587,7 @@ fn a_node_is_added_to_a_running_cluster_and_a_dead_one_removed() {
         &mut cluster.command(4, &program, &["consume"]),
         LIMIT,
     );
-    let pid = cluster.daemon_pid(2);
-    // SAFETY: signalling the daemon this test started.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    cluster.kill_daemon(2);
     gallocy_real::cluster::remove(&cluster.dir, 2)
         .unwrap_or_else(|e| panic!("remove: {e}\nlog 1:\n{}", cluster.log(1)));
     for node in [1, 3, 4] {
@@ -647,15 +624,13 @@ fn synced_writes_survive_their_writers_node() {
         .command(2, &program, &["sync-writer"])
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(writer.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "synced", "log 2:\n{}", cluster.log(2));
-    // SAFETY: signalling the daemon this test started.
-    unsafe { libc::kill(cluster.daemon_pid(2), libc::SIGKILL) };
+    assert_eq!(
+        first_line(&mut writer),
+        "synced",
+        "log 2:\n{}",
+        cluster.log(2)
+    );
+    cluster.kill_daemon(2);
     let verify = cluster.run(1, &program, &["sync-verify"], LIMIT);
     let _ = writer.kill();
     let _ = writer.wait();
@@ -688,15 +663,13 @@ fn blocks_of_a_dead_node_are_freed_on_another() {
         .command(2, &program, &["orphan-writer"])
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(writer.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "written", "log 2:\n{}", cluster.log(2));
-    // SAFETY: signalling the daemon this test started.
-    unsafe { libc::kill(cluster.daemon_pid(2), libc::SIGKILL) };
+    assert_eq!(
+        first_line(&mut writer),
+        "written",
+        "log 2:\n{}",
+        cluster.log(2)
+    );
+    cluster.kill_daemon(2);
     let freed = cluster.run(1, &program, &["orphan-free"], LIMIT);
     let _ = writer.kill();
     let _ = writer.wait();
@@ -745,8 +718,7 @@ fn history_across_a_kill(cluster: &Cluster, program: &std::path::Path, victim: u
         children.push((node, child));
     }
     std::thread::sleep(Duration::from_millis(800 + random() % 2500));
-    // SAFETY: signalling a daemon this test started.
-    unsafe { libc::kill(cluster.daemon_pid(victim), libc::SIGKILL) };
+    cluster.kill_daemon(victim);
     let mut seen: std::collections::BTreeMap<(u64, u64), u64> = Default::default();
     for (node, child) in children {
         let output = finish(child, LIMIT);

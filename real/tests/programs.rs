@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{describe, libgallocy_preload, temp_dir, Cluster};
+use common::{describe, first_line, libgallocy_preload, temp_dir, Cluster};
 
 fn gallocy_run(args: &[&str], program: &[&str], cwd: &Path, socket: Option<&Path>) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_gallocy"));
@@ -501,16 +501,13 @@ fn msync_makes_a_preloaded_programs_writes_survive_its_node() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(writer.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "synced", "log 2:\n{}", cluster.log(2));
-    let pid = cluster.daemon_pid(2);
-    // SAFETY: signalling the daemon this test started.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert_eq!(
+        first_line(&mut writer),
+        "synced",
+        "log 2:\n{}",
+        cluster.log(2)
+    );
+    cluster.kill_daemon(2);
     let reader = Command::new(&program)
         .arg("read")
         .env("LD_PRELOAD", libgallocy_preload())

@@ -2,23 +2,15 @@
 //! rebuild them from the copies that survived, and a down writer's pages go back to
 //! their master. Every checker holds through it, "no lost observed write" included.
 
-use gallocy_sim::{run, FaultMode, RunParams};
+mod common;
+
+use gallocy_sim::FaultMode;
 
 #[test]
 fn crashed_homes_and_writers_lose_no_page_a_survivor_saw() {
-    let (mut recovered, mut reverted) = (0, 0);
-    for seed in 900..940 {
-        let report = run(RunParams {
-            seed,
-            nodes: 5,
-            ops: 1000,
-            faults: FaultMode::Crash,
-            mutant: None,
-        });
-        assert!(report.violation.is_none(), "{}", report.summary());
-        recovered += report.pages_recovered;
-        reverted += report.pages_reverted;
-    }
+    let reports = common::clean_runs(900..940, FaultMode::Crash);
+    let recovered: u64 = reports.iter().map(|r| r.pages_recovered).sum();
+    let reverted: u64 = reports.iter().map(|r| r.pages_reverted).sum();
     assert!(recovered > 0, "no page was rebuilt from survivors' copies");
     assert!(
         reverted > 0,

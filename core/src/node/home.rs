@@ -158,10 +158,10 @@ impl Node {
         };
         // Before its contents reach another node's applications, they are on k nodes
         // (not for a re-grant to the writer: its contents are its own).
+        // Nor for contents its own node's processes wrote: they reach no other node.
+        let own = entry.writer == Some(requester) || entry.master_origin == Some(requester);
         let phase = match phase {
-            None if entry.writer != Some(requester) => {
-                self.replicate_phase(page_id, Some(requester))
-            }
+            None if !own => self.replicate_phase(page_id, Some(requester)),
             phase => phase,
         };
         match phase {
@@ -363,6 +363,7 @@ impl Node {
             entry.master = Some(bytes);
             // The version's final contents, here and in the old writer's memory.
             entry.master_order = (entry.version, FINAL_CONTENTS);
+            entry.master_origin = Some(from);
             entry.holders = BTreeSet::from([from]);
             if downgrade {
                 entry.readers.insert(from);
@@ -565,6 +566,10 @@ impl Node {
         let entry = self.directory.get_mut(&page_id).expect("listed");
         entry.readers.remove(&node);
         entry.holders.remove(&node);
+        // Its life ended: a later life of it is another node for the contents.
+        if entry.master_origin == Some(node) {
+            entry.master_origin = None;
+        }
         entry.queue.retain(|q| q.from != node);
         if entry.writer == Some(node) {
             // Its writes since the grant were only there, and no other node saw them:
@@ -602,6 +607,7 @@ impl Node {
         // A transaction whose requester went down still finishes its phase: a writer
         // may already have given up its copy, and its ack carries the latest bytes.
         // `home_continue` then skips the grant.
+        let replicate = matches!(txn.phase, Phase::Replicate { .. });
         match txn.phase {
             Phase::Recall { from, .. } if from == node => {
                 // The writer is gone without answering: the master is the latest now.
@@ -629,29 +635,20 @@ impl Node {
                     self.home_rebuild(page_id);
                 }
             }
-            Phase::Invalidate { seq, mut pending } => {
+            // Its ack will not come. An invalidation waits for the others; a
+            // replication is counted again from the top (another node takes its place).
+            Phase::Invalidate { seq, mut pending } | Phase::Replicate { seq, mut pending } => {
                 pending.remove(&node);
                 if pending.is_empty() {
                     self.home_continue(page_id, txn.request);
                 } else {
+                    let phase = if replicate {
+                        Phase::Replicate { seq, pending }
+                    } else {
+                        Phase::Invalidate { seq, pending }
+                    };
                     let entry = self.directory.get_mut(&page_id).expect("listed");
-                    entry.txn = Some(Transaction {
-                        phase: Phase::Invalidate { seq, pending },
-                        ..txn
-                    });
-                }
-            }
-            Phase::Replicate { seq, mut pending } => {
-                pending.remove(&node);
-                if pending.is_empty() {
-                    // Counted again from the top: another node takes its place.
-                    self.home_continue(page_id, txn.request);
-                } else {
-                    let entry = self.directory.get_mut(&page_id).expect("listed");
-                    entry.txn = Some(Transaction {
-                        phase: Phase::Replicate { seq, pending },
-                        ..txn
-                    });
+                    entry.txn = Some(Transaction { phase, ..txn });
                 }
             }
             phase @ Phase::Recall { .. } => {

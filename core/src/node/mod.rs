@@ -651,6 +651,10 @@ struct DirEntry {
     /// is labelled (`BackupCopy::order`): a version's final contents, or a writer's
     /// flush of its version.
     master_order: (u64, u64),
+    /// The node whose processes wrote the master's contents (a recalled writer, a
+    /// flusher); None if not known (a recovery) or the zero page. Its processes seeing
+    /// them is no exposure to another node: a grant to it needs no copies first.
+    master_origin: Option<NodeId>,
     /// Nodes other than this one that said they hold the master's contents (a recalled
     /// writer, a backup's ack, a recovery report): with this node, the copies that
     /// count toward k.
@@ -675,6 +679,7 @@ impl DirEntry {
             needs_collect: false,
             master_unknown: false,
             master_order: (0, FINAL_CONTENTS),
+            master_origin: None,
             holders: BTreeSet::new(),
             newest_flush: BTreeMap::new(),
             flush_acked: BTreeMap::new(),
@@ -1557,6 +1562,10 @@ impl Node {
                 .and_then(|e| e.txn.as_mut())
                 .expect("listed");
             txn.retry.backed_off(now, max);
+            if matches!(txn.phase, Phase::Replicate { .. }) {
+                self.widen_replication(page_id);
+            }
+            let txn = self.directory[&page_id].txn.as_ref().expect("listed");
             let phase = txn.phase.clone();
             self.stats.retries += 1;
             self.send_phase(page_id, &phase);

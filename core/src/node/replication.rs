@@ -315,6 +315,7 @@ impl Node {
         if let (true, Some(bytes)) = (applies, &flush.bytes) {
             entry.master = Some(bytes.clone());
             entry.master_order = (flush.version, request.request_id);
+            entry.master_origin = Some(request.from);
             entry.master_unknown = false;
             entry.holders.clear();
             flusher_holds = true;
@@ -433,9 +434,34 @@ impl Node {
             return;
         }
         entry.holders.insert(from);
-        if pending.is_empty() {
-            let txn = entry.txn.take().expect("present");
-            self.home_continue(page_id, txn.request);
+        // Counted again from the top: enough copies now, or a phase for the rest (a
+        // target still silent is asked again, beside others).
+        let txn = entry.txn.take().expect("present");
+        self.home_continue(page_id, txn.request);
+    }
+
+    /// A replication whose retry is due: one more target, the next node up not yet
+    /// asked, so a target that is up but cut off from this node (not marked down yet)
+    /// does not hold the page's transaction until it is.
+    pub(super) fn widen_replication(&mut self, page_id: PageId) {
+        let me = self.config.id;
+        let up: Vec<NodeId> = self.meta.up_nodes().collect();
+        let entry = self.directory.get_mut(&page_id).expect("entry exists");
+        let Some(Transaction {
+            phase: Phase::Replicate { pending, .. },
+            ..
+        }) = entry.txn.as_mut()
+        else {
+            return;
+        };
+        let start = up.iter().position(|&n| n > me).unwrap_or(0);
+        let next = up[start..]
+            .iter()
+            .chain(up[..start].iter())
+            .copied()
+            .find(|node| *node != me && !entry.holders.contains(node) && !pending.contains(node));
+        if let Some(node) = next {
+            pending.insert(node);
         }
     }
 }

@@ -142,6 +142,24 @@ impl Cluster {
             .expect("pid")
     }
 
+    /// SIGKILLs node `node`'s daemon and waits (bounded) until it is gone.
+    #[allow(dead_code)]
+    pub fn kill_daemon(&self, node: u64) {
+        let pid = self.daemon_pid(node);
+        // SAFETY: signalling a daemon this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.daemon_alive(node) {
+            // SAFETY: waitpid with WNOHANG on a pid; harmless if not our child.
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+            assert!(
+                Instant::now() < deadline,
+                "node {node}'s daemon did not die"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Whether node `node`'s daemon is still running (signal 0 reaches it).
     #[allow(dead_code)]
     pub fn daemon_alive(&self, node: u64) -> bool {
@@ -291,6 +309,20 @@ pub fn run_pair(first: &mut Command, second: &mut Command, limit: Duration) -> (
     assert!(first.status.success(), "first: {}", describe(&first));
     assert!(second.status.success(), "second: {}", describe(&second));
     (first, second)
+}
+
+/// The next line a child printed (its stdout piped), without the newline; read a byte
+/// at a time, so nothing after it is taken from the pipe.
+#[allow(dead_code)]
+pub fn first_line(child: &mut Child) -> String {
+    use std::io::Read;
+    let out = child.stdout.as_mut().expect("stdout piped");
+    let mut text = Vec::new();
+    let mut byte = [0u8; 1];
+    while out.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
+        text.push(byte[0]);
+    }
+    String::from_utf8_lossy(&text).into_owned()
 }
 
 /// Waits for a child, killing it after `limit`.
