@@ -853,8 +853,11 @@ pub fn errno_of(error: CallError) -> i32 {
 // ---------------------------------------------------------------------------------
 // The service thread: applies revocations whatever the other threads are doing.
 
-extern "C" fn service_main(_arg: *mut libc::c_void) -> *mut libc::c_void {
-    let fd = RT.service_fd.load(Ordering::Acquire);
+/// `arg`: the service connection's fd. Passed, not read from `RT`: a detach that comes
+/// before this thread first runs has set `RT.service_fd` to -1 already (then the fd
+/// is shut down, and the first receive ends the thread).
+extern "C" fn service_main(arg: *mut libc::c_void) -> *mut libc::c_void {
+    let fd = arg as usize as i32;
     let mut frame = [0u8; IPC_FRAME_BYTES];
     loop {
         // Revocations come in bursts (one per page another node takes): poll a while
@@ -1116,14 +1119,14 @@ pub fn attach(space: &[u8], create: bool) -> i32 {
         }
     };
     RT.service_fd.store(service_fd, Ordering::Release);
-    // SAFETY: creating a thread running service_main, which only uses statics; the
-    // pthread_t is stored under attach_lock.
+    // SAFETY: creating a thread running service_main, which only uses statics and the
+    // fd passed as its argument; the pthread_t is stored under attach_lock.
     let created = unsafe {
         libc::pthread_create(
             RT.service_thread.get(),
             core::ptr::null(),
             service_main,
-            core::ptr::null_mut(),
+            service_fd as usize as *mut libc::c_void,
         )
     };
     if created != 0 {
