@@ -1681,7 +1681,7 @@ impl Daemon {
             "raft_disk": {"writes": self.raft_disk.writes, "syncs": self.raft_disk.syncs},
             "members": members,
             "spaces": spaces,
-            "pages": {"read": read, "write": write, "homed": node.directory_len()},
+            "pages": {"read": read, "write": write, "homed": node.directory_len(), "repairs_pending": node.repairs_pending()},
             "sessions": self.host.session_count(),
             // Spaces this daemon holds memory for (a memfd each).
             "backed_spaces": self.spaces.len(),
@@ -1700,6 +1700,7 @@ impl Daemon {
                 "flushes_applied": stats.flushes_applied,
                 "backups_sent": stats.backups_sent,
                 "backups_kept": stats.backups_kept,
+                "pages_repaired": stats.pages_repaired,
                 "grants_sent": stats.grants_sent,
                 "invalidations_sent": stats.invalidations_sent,
                 "recalls_sent": stats.recalls_sent,

@@ -653,6 +653,60 @@ fn synced_writes_survive_their_writers_node() {
     assert!(backups >= 64, "backups kept: {backups}");
 }
 
+/// Copies lost with one node are made again before the next loss (k = 2): node 1 homes
+/// and syncs 64 pages (its backups go to node 2); node 2 is killed, and node 1 makes
+/// the copies again on node 3; node 2 restarts (empty), then node 1 is killed: node 3's
+/// copies bring every page back. Without the repair both copies would be gone.
+#[test]
+fn copies_lost_with_a_node_are_made_again_before_the_next_crash() {
+    let cluster = Cluster::start("repair", 3);
+    let program = e2e_program(&cluster.dir);
+    let mut writer = cluster
+        .command(1, &program, &["sync-writer"])
+        .spawn()
+        .unwrap();
+    assert_eq!(
+        first_line(&mut writer),
+        "synced",
+        "log 1:\n{}",
+        cluster.log(1)
+    );
+    let counter =
+        |status: &serde_json::Value, name: &str| status["counters"][name].as_u64().unwrap_or(0);
+    let kept_on_2 = counter(
+        &cluster.wait_for_status(2, LIMIT, "status", |_| true),
+        "backups_kept",
+    );
+    assert!(kept_on_2 >= 64, "backups kept on node 2: {kept_on_2}");
+    cluster.kill_daemon(2);
+    let status = cluster.wait_for_status(1, LIMIT, "the copies made again", |status| {
+        counter(status, "pages_repaired") >= 64
+            && status["pages"]["repairs_pending"].as_u64() == Some(0)
+    });
+    let kept_on_3 = counter(
+        &cluster.wait_for_status(3, LIMIT, "status", |_| true),
+        "backups_kept",
+    );
+    assert!(
+        kept_on_3 >= 64,
+        "backups kept on node 3: {kept_on_3}; node 1: {status}"
+    );
+    let gallocyd = std::path::PathBuf::from(env!("CARGO_BIN_EXE_gallocyd"));
+    gallocy_real::cluster::restart(&cluster.dir, 2, &gallocyd)
+        .unwrap_or_else(|e| panic!("restart: {e}\nlog 1:\n{}", cluster.log(1)));
+    cluster.kill_daemon(1);
+    let verify = cluster.run(3, &program, &["sync-verify"], LIMIT);
+    let _ = writer.kill();
+    let _ = writer.wait();
+    assert!(
+        verify.status.success(),
+        "{}\nlog 2:\n{}\nlog 3:\n{}",
+        describe(&verify),
+        cluster.log(2),
+        cluster.log(3)
+    );
+}
+
 /// Blocks carved by a node that went down stay live and can be freed elsewhere (their
 /// headers, recovered with their pages, vouch for them); a second free is refused.
 #[test]

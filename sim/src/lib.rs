@@ -63,8 +63,8 @@ impl RunReport {
             self.pages_recovered, self.pages_reverted, self.rejoins
         ));
         out.push_str(&format!(
-            "replication:  k = {}; {} syncs answered, {} flushes applied at homes, {} backups sent, {} pages backed up\n",
-            self.plan.replicas, self.counters.syncs, self.flushes_applied, self.backups_sent, self.backups_kept
+            "replication:  k = {}; {} syncs answered, {} flushes applied at homes, {} backups sent, {} pages backed up, {} repaired\n",
+            self.plan.replicas, self.counters.syncs, self.flushes_applied, self.backups_sent, self.backups_kept, self.pages_repaired
         ));
         out.push_str(&format!(
             "time:         {:.3} s simulated, {:.3} s wall, {:.0} messages/s\n",

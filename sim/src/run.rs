@@ -141,6 +141,8 @@ pub struct RunReport {
     pub flushes_applied: u64,
     pub backups_sent: u64,
     pub backups_kept: u64,
+    /// Of the nodes up at the end: pages whose lost copies their home made again.
+    pub pages_repaired: u64,
     /// Of the nodes up at the end: restarted nodes applied back up.
     pub rejoins: u64,
     pub leader_changes_seen: u64,
@@ -265,6 +267,7 @@ pub fn run(params: RunParams) -> RunReport {
                 flushes_applied: 0,
                 backups_sent: 0,
                 backups_kept: 0,
+                pages_repaired: 0,
                 leader_changes_seen: 0,
             }
         }
@@ -518,7 +521,7 @@ fn run_unguarded(params: RunParams) -> RunReport {
     let (mut malformed, mut rejected, mut retries) = (0, 0, 0);
     let (mut compactions, mut snapshots) = (0, 0);
     let (mut recovered, mut reverted, mut rejoins) = (0, 0, 0);
-    let (mut flushes, mut backups_sent, mut backups_kept) = (0, 0, 0);
+    let (mut flushes, mut backups_sent, mut backups_kept, mut repaired) = (0, 0, 0, 0);
     for index in 0..params.nodes {
         if let Some(node) = w.node(index) {
             let stats = node.stats();
@@ -532,6 +535,7 @@ fn run_unguarded(params: RunParams) -> RunReport {
             flushes += stats.flushes_applied;
             backups_sent += stats.backups_sent;
             backups_kept += stats.backups_kept;
+            repaired += stats.pages_repaired;
             rejoins += stats.rejoins;
         }
     }
@@ -554,6 +558,7 @@ fn run_unguarded(params: RunParams) -> RunReport {
         flushes_applied: flushes,
         backups_sent,
         backups_kept,
+        pages_repaired: repaired,
         rejoins,
         leader_changes_seen: leader_changes,
     }

@@ -66,7 +66,7 @@ impl Node {
         *newest = request.request_id;
         if entry.lost {
             // A flush of it too: nothing to keep, and the sync says so.
-            self.deny_lost(page_id, request.from, request.request_id);
+            self.deny_lost(page_id, &request);
             return;
         }
         if let Some(txn) = &entry.txn {
@@ -119,6 +119,9 @@ impl Node {
             };
             self.stats.pages_collected += 1;
             return self.home_begin_phase(page_id, request, phase);
+        }
+        if request.repair {
+            return self.home_repair_start(page_id, request);
         }
         if request.flush.is_some() {
             return self.home_flush_start(page_id, request);
@@ -377,7 +380,7 @@ impl Node {
             entry.lost = true;
             self.stats.pages_lost += 1;
             self.busy.remove(&page_id);
-            self.deny_lost(page_id, txn.request.from, txn.request.request_id);
+            self.deny_lost(page_id, &txn.request);
             self.deny_queue(page_id);
             return;
         }
@@ -523,7 +526,7 @@ impl Node {
         entry.check_invariants();
         if entry.lost {
             self.busy.remove(&page_id);
-            self.deny_lost(page_id, txn.request.from, txn.request.request_id);
+            self.deny_lost(page_id, &txn.request);
             self.deny_queue(page_id);
             return;
         }
@@ -543,12 +546,16 @@ impl Node {
     }
 
     /// Tells a requester its page is lost (its only latest copy was on a down node).
-    pub(super) fn deny_lost(&mut self, page_id: PageId, to: NodeId, request_id: u64) {
+    /// A repair has nobody to tell.
+    pub(super) fn deny_lost(&mut self, page_id: PageId, request: &PageRequestInfo) {
+        if request.repair {
+            return;
+        }
         self.send(
-            to,
+            request.from,
             PeerMessage::PageDenied {
                 page: page_id,
-                request_id,
+                request_id: request.request_id,
                 reason: PageDenial::Lost,
             },
         );
@@ -558,14 +565,22 @@ impl Node {
         let entry = self.directory.get_mut(&page_id).expect("entry exists");
         let queued: Vec<PageRequestInfo> = entry.queue.drain(..).collect();
         for request in queued {
-            self.deny_lost(page_id, request.from, request.request_id);
+            self.deny_lost(page_id, &request);
         }
     }
 
     pub(super) fn directory_node_down(&mut self, page_id: PageId, node: NodeId) {
         let entry = self.directory.get_mut(&page_id).expect("listed");
         entry.readers.remove(&node);
-        entry.holders.remove(&node);
+        // A copy of the master may have gone with it (a holder's; a writer's or a
+        // flusher's, never remembered as holders): `run_repairs` counts them again.
+        let had_copy = entry.holders.remove(&node)
+            || entry.writer == Some(node)
+            || entry.master_origin == Some(node);
+        if had_copy {
+            self.repairs_due.insert(page_id);
+        }
+        let entry = self.directory.get_mut(&page_id).expect("listed");
         // Its life ended: a later life of it is another node for the contents.
         if entry.master_origin == Some(node) {
             entry.master_origin = None;
@@ -598,7 +613,7 @@ impl Node {
         };
         if entry.lost {
             if txn.request.from != node {
-                self.deny_lost(page_id, txn.request.from, txn.request.request_id);
+                self.deny_lost(page_id, &txn.request);
             }
             self.busy.remove(&page_id);
             self.deny_queue(page_id);

@@ -65,6 +65,9 @@ const MAX_READY_ROUNDS: usize = 64;
 const MAX_REJOIN_WAITING: usize = 4096;
 /// Most syncs waiting at once on a node.
 const MAX_SYNCS_IN_FLIGHT: usize = 1024;
+/// Repairs (copies made again after a node marked down took some) a home runs at once;
+/// the rest wait in `Node::repairs_due`, so a crash does not send every backup at once.
+const MAX_REPAIRS_IN_FLIGHT: usize = 64;
 /// Largest single allocation.
 pub const MAX_ALLOCATION_BYTES: u64 = 1 << 40;
 /// Default size of a space's root block.
@@ -429,6 +432,9 @@ pub struct Stats {
     pub flushes_applied: u64,
     pub backups_sent: u64,
     pub backups_kept: u64,
+    /// Pages whose copies a node marked down took, made to be on k nodes again by their
+    /// home (repairs finished here).
+    pub pages_repaired: u64,
     /// Messages dropped for their sender's incarnation: of a life that ended, or of one
     /// this node has not seen rejoin yet.
     pub messages_other_life: u64,
@@ -589,6 +595,9 @@ struct PageRequestInfo {
     /// A flush (`PeerMessage::Flush`) rather than a request for access: queued and run
     /// like one, answered `FlushAck` once the page's contents are on k nodes.
     flush: Option<FlushData>,
+    /// The home's own repair of a page whose copies went with a node marked down
+    /// (`Node::run_repairs`): never queued, never answered, `from` is the home.
+    repair: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -715,6 +724,10 @@ impl DirEntry {
                 "the master is only unknown under a writer"
             );
         }
+        assert!(
+            self.queue.iter().all(|q| !q.repair),
+            "a repair runs only on an idle page, never queued"
+        );
     }
 }
 
@@ -831,6 +844,10 @@ pub struct Node {
     /// Copies kept for other homes' pages (`PeerMessage::Backup`): reported when a
     /// page is recovered, never seen by this node's applications.
     backups: BTreeMap<PageId, BackupCopy>,
+    /// Pages this node homes that lost a copy with a node marked down, waiting for a
+    /// repair, and the repairs running (at most `MAX_REPAIRS_IN_FLIGHT`).
+    repairs_due: BTreeSet<PageId>,
+    repairs_running: BTreeSet<PageId>,
     /// Syncs waiting for flushes, by id.
     syncs: BTreeMap<u64, SyncWait>,
     /// Pages with a flush in flight (`LocalPage::flush`), for its retries.
@@ -995,6 +1012,8 @@ impl Node {
             rejoining,
             joining,
             backups: BTreeMap::new(),
+            repairs_due: BTreeSet::new(),
+            repairs_running: BTreeSet::new(),
             syncs: BTreeMap::new(),
             flushing: BTreeSet::new(),
             next_sync_id: 1,
@@ -1070,6 +1089,10 @@ impl Node {
     }
     pub fn stats(&self) -> Stats {
         self.stats
+    }
+    /// Pages this node homes whose copies are being made again, or wait to be.
+    pub fn repairs_pending(&self) -> usize {
+        self.repairs_due.len() + self.repairs_running.len()
     }
     pub fn is_leader(&self) -> bool {
         self.is_leader
@@ -1196,6 +1219,7 @@ impl Node {
         }
         self.update_fence();
         self.void_due();
+        self.run_repairs();
         self.retry_due();
         for _ in 0..self.release_acks_due.len() {
             let (space, first_chunk) = self.release_acks_due.pop_front().expect("counted");

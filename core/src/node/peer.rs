@@ -61,6 +61,7 @@ impl Node {
                     mode,
                     have_version,
                     flush: None,
+                    repair: false,
                 },
             ),
             PeerMessage::PageGrant {

@@ -298,6 +298,7 @@ impl Node {
             mode: Access::Write,
             have_version: None,
             flush: Some(flush),
+            repair: false,
         };
         self.home_request(page_id, request);
     }
@@ -341,43 +342,49 @@ impl Node {
         self.home_next(page_id);
     }
 
-    /// The phase that puts the master's contents on k nodes, if they are on fewer:
-    /// counting this node, the nodes that said they hold them, and `also` (a grant
-    /// brings them to the requester before its processes see them; a writer holds
-    /// what it flushed). None if enough nodes hold them, if there is nothing to keep
-    /// (the zero page), or if no other node up could take a backup.
-    pub(super) fn replicate_phase(
-        &mut self,
-        page_id: PageId,
-        also: Option<NodeId>,
-    ) -> Option<Phase> {
+    /// The nodes that should take a backup for the master's contents to be on k nodes:
+    /// none if they are on k already, counting this node, the nodes that said they
+    /// hold them, and `also` (a grant brings them to the requester before its processes
+    /// see them; a writer holds what it flushed); none if there is nothing to keep (the
+    /// zero page) or no other node up could take one.
+    fn replication_targets(&self, page_id: PageId, also: Option<NodeId>) -> BTreeSet<NodeId> {
         let need = self.copies_needed(page_id);
         let me = self.config.id;
-        let skip = self.mutant(Mutant::AckBeforeBackup);
         let entry = self.directory.get(&page_id).expect("entry exists");
         // Nothing to copy: the zero page, or a master lost in a recovery (its writer
         // holds the only contents; a recall brings them).
         if need <= 1 || (entry.master.is_none() && entry.version == 0) || entry.master_unknown {
-            return None;
+            return BTreeSet::new();
         }
         let mut have: BTreeSet<NodeId> = entry.holders.clone();
         have.insert(me);
         have.extend(also);
         have.retain(|&node| self.meta.is_up(node));
         if have.len() >= need {
-            return None;
+            return BTreeSet::new();
         }
         // Nodes up after this one, in id order around the ring: the same choice for
         // the same membership, spread by home.
         let up: Vec<NodeId> = self.meta.up_nodes().collect();
         let start = up.iter().position(|&n| n > me).unwrap_or(0);
-        let targets: BTreeSet<NodeId> = up[start..]
+        up[start..]
             .iter()
             .chain(up[..start].iter())
             .copied()
             .filter(|node| !have.contains(node))
             .take(need - have.len())
-            .collect();
+            .collect()
+    }
+
+    /// The phase that puts the master's contents on k nodes, if they are on fewer
+    /// (`replication_targets`).
+    pub(super) fn replicate_phase(
+        &mut self,
+        page_id: PageId,
+        also: Option<NodeId>,
+    ) -> Option<Phase> {
+        let skip = self.mutant(Mutant::AckBeforeBackup);
+        let targets = self.replication_targets(page_id, also);
         if targets.is_empty() {
             return None;
         }
@@ -395,6 +402,74 @@ impl Node {
             seq,
             pending: targets,
         })
+    }
+
+    /// Starts the repairs due, up to `MAX_REPAIRS_IN_FLIGHT` running: pages this node
+    /// homes whose master lost a copy with a node marked down get it made again, so
+    /// copies lost with one node are replaced before the next loss, not at the page's
+    /// next grant or flush. A repair is a transaction of its own (a `Replicate` phase
+    /// if copies are missing), started only on an idle page: a page with a
+    /// transaction or a queue waits (the request it serves may make the copies).
+    pub(super) fn run_repairs(&mut self) {
+        let running: Vec<PageId> = self.repairs_running.iter().copied().collect();
+        for page_id in running {
+            let still = self
+                .directory
+                .get(&page_id)
+                .and_then(|e| e.txn.as_ref())
+                .is_some_and(|txn| txn.request.repair);
+            if !still {
+                self.repairs_running.remove(&page_id);
+            }
+        }
+        if self.fenced || self.evicted {
+            return;
+        }
+        let me = self.config.id;
+        let mut busy_pages = Vec::new();
+        while self.repairs_running.len() < MAX_REPAIRS_IN_FLIGHT {
+            let Some(page_id) = self.repairs_due.pop_first() else {
+                break;
+            };
+            let Some(entry) = self.directory.get(&page_id) else {
+                continue;
+            };
+            if entry.lost || entry.needs_collect || self.home_of(page_id) != Some(me) {
+                continue;
+            }
+            if entry.txn.is_some() || !entry.queue.is_empty() {
+                busy_pages.push(page_id);
+                continue;
+            }
+            if self.replication_targets(page_id, None).is_empty() {
+                continue;
+            }
+            self.repairs_running.insert(page_id);
+            let request = PageRequestInfo {
+                from: me,
+                request_id: 0,
+                mode: Access::Read,
+                have_version: None,
+                flush: None,
+                repair: true,
+            };
+            self.home_start(page_id, request);
+        }
+        // Tried again at the next tick.
+        self.repairs_due.extend(busy_pages);
+        debug_assert!(self.repairs_running.len() <= MAX_REPAIRS_IN_FLIGHT);
+    }
+
+    /// A repair's turn (and its continuation after each backup ack): a phase while
+    /// copies are missing, then done.
+    pub(super) fn home_repair_start(&mut self, page_id: PageId, request: PageRequestInfo) {
+        debug_assert!(request.repair && request.from == self.config.id);
+        if let Some(phase) = self.replicate_phase(page_id, None) {
+            return self.home_begin_phase(page_id, request, phase);
+        }
+        self.stats.pages_repaired += 1;
+        self.repairs_running.remove(&page_id);
+        self.home_next(page_id);
     }
 
     /// The `Backup`s of a replicate phase.
