@@ -381,7 +381,7 @@ impl Harness {
             },
             bytes: Box::new([r.u8(); PAGE_SIZE_BYTES]),
         };
-        match r.u8() % 22 {
+        match r.u8() % 23 {
             16 => PeerMessage::Collect {
                 page,
                 seq: r.number(),
@@ -416,6 +416,7 @@ impl Harness {
                 page,
                 seq: r.number(),
             },
+            22 => PeerMessage::RepairHint { page },
             13 => PeerMessage::Program(Self::program_message(r, from)),
             14 => PeerMessage::Futex(FutexMessage::Wake {
                 wake_id: r.number(),

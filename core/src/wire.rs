@@ -13,7 +13,7 @@ use crate::programs::ProgramMessage;
 use crate::types::{Access, NodeId, PageBytes, PageId, SpaceId, PAGE_SIZE_BYTES};
 
 pub const WIRE_MAGIC: u16 = 0x4759;
-pub const WIRE_VERSION: u8 = 4;
+pub const WIRE_VERSION: u8 = 5;
 /// Largest frame a peer may send (a page plus headers, or a batch of Raft entries).
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 /// Largest embedded Raft message.
@@ -176,6 +176,12 @@ pub enum PeerMessage {
         page: PageId,
         seq: u64,
     },
+    /// Node → a page's new home, once a node's copies are void: this node holds a copy
+    /// of the page (in memory or as a backup), rebuild it and make its copies again now
+    /// (docs/protocol.md "Replication", repairs). Never answered.
+    RepairHint {
+        page: PageId,
+    },
     /// Any node → the node that carved the block: free it.
     FreeRequest {
         space: SpaceId,
@@ -284,6 +290,7 @@ const KIND_FLUSH: u8 = 34;
 const KIND_FLUSH_ACK: u8 = 35;
 const KIND_BACKUP: u8 = 36;
 const KIND_BACKUP_ACK: u8 = 37;
+const KIND_REPAIR_HINT: u8 = 38;
 const KIND_PROGRAM: u8 = 64;
 const KIND_FUTEX: u8 = 65;
 
@@ -360,6 +367,7 @@ impl Envelope {
             PeerMessage::FlushAck { .. } => KIND_FLUSH_ACK,
             PeerMessage::Backup { .. } => KIND_BACKUP,
             PeerMessage::BackupAck { .. } => KIND_BACKUP_ACK,
+            PeerMessage::RepairHint { .. } => KIND_REPAIR_HINT,
             PeerMessage::FreeRequest { .. } => KIND_FREE_REQUEST,
             PeerMessage::FreeReply { .. } => KIND_FREE_REPLY,
             PeerMessage::LeaseRequest { .. } => KIND_LEASE_REQUEST,
@@ -468,6 +476,7 @@ impl Envelope {
                 put_page(&mut w, *page);
                 w.u64(*request_id);
             }
+            PeerMessage::RepairHint { page } => put_page(&mut w, *page),
             PeerMessage::Backup { page, seq, copy } => {
                 put_page(&mut w, *page);
                 w.u64(*seq);
@@ -600,6 +609,9 @@ impl Envelope {
                 page: get_page(&mut r)?,
                 seq: r.u64()?,
                 copy: get_backup(&mut r)?,
+            },
+            KIND_REPAIR_HINT => PeerMessage::RepairHint {
+                page: get_page(&mut r)?,
             },
             KIND_BACKUP_ACK => PeerMessage::BackupAck {
                 page: get_page(&mut r)?,

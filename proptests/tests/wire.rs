@@ -154,6 +154,7 @@ fn peer_message() -> impl Strategy<Value = PeerMessage> {
         (page_id(), any::<u64>(), backup_copy())
             .prop_map(|(page, seq, copy)| PeerMessage::Backup { page, seq, copy }),
         (page_id(), any::<u64>()).prop_map(|(page, seq)| PeerMessage::BackupAck { page, seq }),
+        page_id().prop_map(|page| PeerMessage::RepairHint { page }),
         (any::<u32>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
             |(space, addr, request_id, oldest_in_flight)| PeerMessage::FreeRequest {
                 space,

@@ -707,6 +707,75 @@ fn copies_lost_with_a_node_are_made_again_before_the_next_crash() {
     );
 }
 
+/// The same for pages whose home was lost: node 2 homes and writes 64 pages, node 3
+/// reads them; node 2 is killed, and node 3 tells the pages' new home, which rebuilds
+/// them and makes their copies again at once (no request needed); node 2 restarts
+/// (empty), then node 3 is killed: node 1 reads every page. Without the repair, node 3
+/// held the only copies.
+#[test]
+fn recovered_pages_get_their_copies_again_before_the_next_crash() {
+    let cluster = Cluster::start("rehint", 3);
+    let program = e2e_program(&cluster.dir);
+    let mut writer = cluster
+        .command(2, &program, &["crash-writer"])
+        .spawn()
+        .unwrap();
+    assert_eq!(
+        first_line(&mut writer),
+        "written",
+        "log 2:\n{}",
+        cluster.log(2)
+    );
+    let mut reader = cluster
+        .command(3, &program, &["crash-reader"])
+        .spawn()
+        .unwrap();
+    assert_eq!(
+        first_line(&mut reader),
+        "read 64 pages",
+        "log 3:\n{}",
+        cluster.log(3)
+    );
+    cluster.kill_daemon(2);
+    let repaired = |node: u64| {
+        let status = cluster.wait_for_status(node, LIMIT, "no repair pending", |status| {
+            status["pages"]["repairs_pending"].as_u64() == Some(0)
+        });
+        status["counters"]["pages_repaired"].as_u64().unwrap_or(0)
+    };
+    // The hints reach the new home once node 3's copies of node 2 are void; the repairs
+    // follow once the home's own are.
+    let deadline = std::time::Instant::now() + LIMIT;
+    while repaired(1) + repaired(3) < 64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "repairs: {} on node 1, {} on node 3\nlog 1:\n{}\nlog 3:\n{}",
+            repaired(1),
+            repaired(3),
+            cluster.log(1),
+            cluster.log(3)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let gallocyd = std::path::PathBuf::from(env!("CARGO_BIN_EXE_gallocyd"));
+    gallocy_real::cluster::restart(&cluster.dir, 2, &gallocyd)
+        .unwrap_or_else(|e| panic!("restart: {e}\nlog 1:\n{}", cluster.log(1)));
+    cluster.kill_daemon(3);
+    let verify = cluster.run(1, &program, &["crash-verify"], LIMIT);
+    for mut child in [writer, reader] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert!(
+        verify.status.success(),
+        "{}\nlog 1:\n{}\nlog 2:\n{}",
+        describe(&verify),
+        cluster.log(1),
+        cluster.log(2)
+    );
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("read 64 pages"));
+}
+
 /// Blocks carved by a node that went down stay live and can be freed elsewhere (their
 /// headers, recovered with their pages, vouch for them); a second free is refused.
 #[test]

@@ -1135,6 +1135,9 @@ impl Node {
                 self.directory_node_down(page, node);
             }
         }
+        if voided {
+            self.hint_recovered_pages();
+        }
         if voided && self.pending_voids.is_empty() {
             // Recovered pages whose collect waited for the voids.
             let waiting: Vec<PageId> = self

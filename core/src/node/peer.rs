@@ -113,6 +113,7 @@ impl Node {
             PeerMessage::FlushAck { page, request_id } => self.on_flush_ack(from, page, request_id),
             PeerMessage::Backup { page, seq, copy } => self.on_backup(from, page, seq, copy),
             PeerMessage::BackupAck { page, seq } => self.home_backup_ack(from, page, seq),
+            PeerMessage::RepairHint { page } => self.home_repair_hint(from, page),
             PeerMessage::FreeRequest {
                 space,
                 addr,

@@ -434,14 +434,17 @@ impl Node {
             let Some(entry) = self.directory.get(&page_id) else {
                 continue;
             };
-            if entry.lost || entry.needs_collect || self.home_of(page_id) != Some(me) {
+            if entry.lost || self.home_of(page_id) != Some(me) {
                 continue;
             }
-            if entry.txn.is_some() || !entry.queue.is_empty() {
+            // A recovered page is collected first, once every void is due (as for a
+            // request: `home_start`).
+            let collect_later = entry.needs_collect && !self.pending_voids.is_empty();
+            if entry.txn.is_some() || !entry.queue.is_empty() || collect_later {
                 busy_pages.push(page_id);
                 continue;
             }
-            if self.replication_targets(page_id, None).is_empty() {
+            if !entry.needs_collect && self.replication_targets(page_id, None).is_empty() {
                 continue;
             }
             self.repairs_running.insert(page_id);
@@ -458,6 +461,48 @@ impl Node {
         // Tried again at the next tick.
         self.repairs_due.extend(busy_pages);
         debug_assert!(self.repairs_running.len() <= MAX_REPAIRS_IN_FLIGHT);
+    }
+
+    /// Once a node's copies are void here: every page this node holds a copy of (in
+    /// memory or as a backup) whose chunk was recovered from a home that went down is
+    /// told to its home (`RepairHint`), which rebuilds it and makes its copies again
+    /// without waiting for a request; a page homed here is due a repair at once.
+    /// Pages nobody holds need nothing: they are lost or were never written.
+    pub(super) fn hint_recovered_pages(&mut self) {
+        let me = self.config.id;
+        let held = self
+            .pages
+            .iter()
+            .filter(|(_, page)| page.mem_version.is_some())
+            .map(|(&id, _)| id);
+        let pages: BTreeSet<PageId> = held
+            .chain(self.backups.keys().copied())
+            .filter(|&id| self.chunk_recovered(id))
+            .collect();
+        for page_id in pages {
+            match self.home_of(page_id) {
+                Some(home) if home == me => self.home_repair_hint(me, page_id),
+                Some(home) => self.send(home, PeerMessage::RepairHint { page: page_id }),
+                None => {}
+            }
+        }
+    }
+
+    /// `PeerMessage::RepairHint`: `from` holds a copy of a recovered page homed here.
+    /// Its entry (to be collected, if new) is due a repair.
+    pub(super) fn home_repair_hint(&mut self, from: NodeId, page_id: PageId) {
+        if self.home_of(page_id) != Some(self.config.id)
+            || !self.meta.is_up(from)
+            || !self.chunk_recovered(page_id)
+        {
+            self.stats.messages_rejected += 1;
+            return;
+        }
+        self.directory.entry(page_id).or_insert_with(|| DirEntry {
+            needs_collect: true,
+            ..DirEntry::new()
+        });
+        self.repairs_due.insert(page_id);
     }
 
     /// A repair's turn (and its continuation after each backup ack): a phase while
