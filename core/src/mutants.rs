@@ -58,10 +58,13 @@ pub enum Mutant {
     /// The new home of a recovered page ignores the backup copies nodes keep, so a
     /// synced write whose writer and home both went down is lost.
     RecoverIgnoresBackups,
+    /// A home forgets the copies a node marked down took (no repair), so a page can
+    /// stay on fewer than k nodes until the next loss takes it.
+    SkipRepairs,
 }
 
 impl Mutant {
-    pub const ALL: [Mutant; 20] = [
+    pub const ALL: [Mutant; 21] = [
         Mutant::GrantWriteWithoutInvalidate,
         Mutant::AckInvalidateBeforeRevoke,
         Mutant::AcceptStaleGrant,
@@ -82,6 +85,7 @@ impl Mutant {
         Mutant::RecoverIgnoresWriter,
         Mutant::AckBeforeBackup,
         Mutant::RecoverIgnoresBackups,
+        Mutant::SkipRepairs,
     ];
 
     pub fn name(self) -> &'static str {
@@ -106,6 +110,7 @@ impl Mutant {
             Mutant::RecoverIgnoresWriter => "recover-ignores-writer",
             Mutant::AckBeforeBackup => "ack-before-backup",
             Mutant::RecoverIgnoresBackups => "recover-ignores-backups",
+            Mutant::SkipRepairs => "skip-repairs",
         }
     }
 
@@ -159,6 +164,7 @@ impl Mutant {
             Mutant::RecoverIgnoresBackups => {
                 "new home rebuilds a recovered page ignoring the backup copies"
             }
+            Mutant::SkipRepairs => "home never makes again the copies a node marked down took",
         }
     }
 

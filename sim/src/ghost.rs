@@ -340,6 +340,17 @@ impl Ghost {
             .is_some_and(|ghost| ghost.history.iter().any(|g| keep.keeps(g)))
     }
 
+    /// Whether `bytes` are contents of `page` that were put on k nodes (they reached
+    /// another node's process, or a sync covered them): some protected generation
+    /// holds them.
+    pub fn protects(&self, page: PageId, bytes: &PageBytes) -> bool {
+        self.pages.get(&page).is_some_and(|ghost| {
+            ghost.history.iter().any(|g| {
+                g.protected_at.is_some() && g.states.iter().any(|state| state[..] == bytes[..])
+            })
+        })
+    }
+
     /// A process of `node` touches `page`, whose bytes in the node's memory are
     /// `memory`: if they are contents another node's process wrote, they reached this
     /// node by a grant, before which the home put them on k nodes; they survive k - 1

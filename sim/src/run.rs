@@ -447,11 +447,16 @@ fn run_unguarded(params: RunParams) -> RunReport {
         } else if let Some(healed) = heal_tick {
             let pending = world.borrow().pending_ops();
             let output_settled = world.borrow().output_settled();
-            if pending.is_empty() && output_settled {
+            let repairs_unsettled = world.borrow().repairs_unsettled();
+            if pending.is_empty() && output_settled && repairs_unsettled.is_empty() {
                 break;
             }
             if now - healed > LIVENESS_BOUND_TICKS {
-                let detail = if pending.is_empty() {
+                let detail = if pending.is_empty() && output_settled {
+                    format!(
+                        "repairs (copies lost with a node made again) still due or running {LIVENESS_BOUND_TICKS} ms after the final heal on nodes {repairs_unsettled:?}"
+                    )
+                } else if pending.is_empty() {
                     format!(
                         "worker output still not all at the launcher {LIVENESS_BOUND_TICKS} ms after the final heal"
                     )
@@ -517,6 +522,7 @@ fn run_unguarded(params: RunParams) -> RunReport {
         w.check_coherence();
         w.check_space_lifetime();
         w.check_allocators();
+        w.check_copies();
     }
     let (mut malformed, mut rejected, mut retries) = (0, 0, 0);
     let (mut compactions, mut snapshots) = (0, 0);

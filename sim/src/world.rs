@@ -543,6 +543,18 @@ impl World {
         self.slots[index].host.as_ref().map(|h| h.node())
     }
 
+    /// Node numbers (1-based) of running, non-evicted nodes whose repairs are not
+    /// settled (`Node::repairs_settled`): after the final heal they must settle.
+    pub fn repairs_unsettled(&self) -> Vec<usize> {
+        (0..self.slots.len())
+            .filter(|&index| {
+                self.node(index)
+                    .is_some_and(|node| !node.is_evicted() && !node.repairs_settled())
+            })
+            .map(|index| index + 1)
+            .collect()
+    }
+
     pub fn is_alive(&self, index: usize) -> bool {
         self.slots[index].host.is_some()
     }
@@ -2625,6 +2637,68 @@ impl World {
         }
         if let Some(detail) = problem {
             self.violate("space lifetime", detail);
+        }
+    }
+
+    /// Once the run has settled (every repair done): every page a running home has at
+    /// rest, whose master holds contents the ghost protects (they reached another
+    /// node's process, or a sync covered them), has its master's bytes on at least
+    /// `copies_needed` (min(k, nodes up)) of the nodes its metadata has up: itself,
+    /// and nodes whose memory or backup holds the same bytes. Copies lost with a node
+    /// were made again (repairs), and no home counts a copy that is not there.
+    /// (Contents that reached no other node's process need not be on k nodes: a grant
+    /// counts its requester, and one never installed leaves them on fewer.) A home whose metadata has up a node that is
+    /// not running, or evicted, is skipped: that node's copies cannot be judged.
+    pub fn check_copies(&mut self) {
+        let mut problem = None;
+        'homes: for (index, slot) in self.slots.iter().enumerate() {
+            let Some(host) = slot.host.as_ref() else {
+                continue;
+            };
+            let node = host.node();
+            if node.is_evicted() || !node.repairs_settled() {
+                continue;
+            }
+            let me = index as NodeId + 1;
+            let up: Vec<NodeId> = node.meta().up_nodes().collect();
+            let running = |id: NodeId| {
+                self.slots
+                    .get(id as usize - 1)
+                    .and_then(|s| s.host.as_ref())
+                    .is_some_and(|h| !h.node().is_evicted())
+            };
+            if !up.iter().all(|&id| running(id)) {
+                continue;
+            }
+            for (page, master) in node.masters_at_rest() {
+                if self.is_releasing(page) || !self.ghost.protects(page, master) {
+                    continue;
+                }
+                let holds = |id: NodeId| {
+                    let other = &self.slots[id as usize - 1];
+                    id == me
+                        || other.memory.get(&page).is_some_and(|b| **b == *master)
+                        || other
+                            .host
+                            .as_ref()
+                            .and_then(|h| h.node().backup_bytes(page))
+                            .is_some_and(|b| *b == *master)
+                };
+                let holding: Vec<NodeId> = up.iter().copied().filter(|&id| holds(id)).collect();
+                let need = node.copies_needed(page);
+                if holding.len() < need {
+                    problem = Some(format!(
+                        "page {} of space {} homed on node {me} is on {} of the {need} nodes it needs after every repair ({holding:?} of {up:?} hold its master)",
+                        page.index,
+                        page.space,
+                        holding.len()
+                    ));
+                    break 'homes;
+                }
+            }
+        }
+        if let Some(detail) = problem {
+            self.violate("copies", detail);
         }
     }
 

@@ -571,10 +571,12 @@ impl Node {
 
     pub(super) fn directory_node_down(&mut self, page_id: PageId, node: NodeId) {
         let entry = self.directory.get_mut(&page_id).expect("listed");
-        entry.readers.remove(&node);
-        // A copy of the master may have gone with it (a holder's; a writer's or a
-        // flusher's, never remembered as holders): `run_repairs` counts them again.
+        // A copy of the master may have gone with it (a holder's; a reader's, a
+        // writer's or a flusher's, never remembered as holders, though a grant may
+        // have counted them): `run_repairs` counts the copies again.
+        let was_reader = entry.readers.remove(&node);
         let had_copy = entry.holders.remove(&node)
+            || was_reader
             || entry.writer == Some(node)
             || entry.master_origin == Some(node);
         if had_copy {

@@ -1094,6 +1094,30 @@ impl Node {
     pub fn repairs_pending(&self) -> usize {
         self.repairs_due.len() + self.repairs_running.len()
     }
+    /// For the simulator's copies checker: the pages this node homes that are at rest
+    /// (no writer, no transaction or queue, rebuilt, not lost) with a master, and the
+    /// master's bytes. A repair made sure they are on `copies_needed` nodes.
+    pub fn masters_at_rest(&self) -> impl Iterator<Item = (PageId, &PageBytes)> + '_ {
+        self.directory
+            .iter()
+            .filter(|(_, e)| {
+                e.writer.is_none()
+                    && e.txn.is_none()
+                    && e.queue.is_empty()
+                    && !e.lost
+                    && !e.needs_collect
+            })
+            .filter_map(|(&id, e)| e.master.as_deref().map(|bytes| (id, bytes)))
+    }
+    /// The bytes of the backup this node keeps of `page`, if any.
+    pub fn backup_bytes(&self, page: PageId) -> Option<&PageBytes> {
+        self.backups.get(&page).map(|copy| &*copy.bytes)
+    }
+    /// No repair is due or running here, and none can become due from a node already
+    /// marked down (its copies are void here).
+    pub fn repairs_settled(&self) -> bool {
+        self.pending_voids.is_empty() && self.repairs_pending() == 0
+    }
     pub fn is_leader(&self) -> bool {
         self.is_leader
     }

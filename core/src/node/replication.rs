@@ -275,7 +275,7 @@ impl Node {
 
     /// k for the page, bounded by the nodes up (a flush or grant never waits for nodes
     /// that are not there).
-    pub(super) fn copies_needed(&self, page_id: PageId) -> usize {
+    pub fn copies_needed(&self, page_id: PageId) -> usize {
         let k = self
             .meta
             .spaces
@@ -421,6 +421,10 @@ impl Node {
             if !still {
                 self.repairs_running.remove(&page_id);
             }
+        }
+        if self.mutant(Mutant::SkipRepairs) {
+            // The planted bug: copies lost with a node are never made again.
+            self.repairs_due.clear();
         }
         if self.fenced || self.evicted {
             return;
