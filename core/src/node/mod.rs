@@ -1693,4 +1693,5 @@ enum Mutant {
     RecoverIgnoresWriter,
     AckBeforeBackup,
     RecoverIgnoresBackups,
+    SkipRepairs,
 }
