@@ -145,6 +145,13 @@ impl HostConfig {
         if self.hello_timeout_ticks == 0 {
             return Err("hello_timeout_ticks must be non-zero".into());
         }
+        if self.space_replicas == 0 || self.space_replicas > crate::types::MAX_REPLICAS {
+            return Err(format!(
+                "space replicas (k) must be 1 to {}, not {}",
+                crate::types::MAX_REPLICAS,
+                self.space_replicas
+            ));
+        }
         Ok(())
     }
 }

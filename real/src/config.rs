@@ -73,6 +73,10 @@ pub struct SpaceDefaults {
     pub size_bytes: u64,
     #[serde(default = "default_chunk_size")]
     pub chunk_size_bytes: u64,
+    /// k, the nodes each page's contents are kept on (docs/protocol.md "Replication"),
+    /// for a space whose creating process did not set `GALLOCY_REPLICAS`: 1 to 4.
+    #[serde(default = "default_replicas")]
+    pub replicas: u8,
 }
 
 impl Default for SpaceDefaults {
@@ -81,6 +85,7 @@ impl Default for SpaceDefaults {
             base_addr: default_space_base(),
             size_bytes: default_space_size(),
             chunk_size_bytes: default_chunk_size(),
+            replicas: default_replicas(),
         }
     }
 }
@@ -88,6 +93,9 @@ impl Default for SpaceDefaults {
 /// 32 TiB: far from PIE executables (0x55..), the heap, and shared libraries (0x7f..).
 fn default_space_base() -> u64 {
     0x2000_0000_0000
+}
+fn default_replicas() -> u8 {
+    gallocy_core::types::DEFAULT_REPLICAS
 }
 fn default_space_size() -> u64 {
     4 << 30
@@ -270,6 +278,7 @@ impl DaemonConfig {
         host.space_base_addr = self.space.base_addr;
         host.space_size_bytes = self.space.size_bytes;
         host.space_chunk_size_bytes = self.space.chunk_size_bytes;
+        host.space_replicas = self.space.replicas;
         host
     }
 

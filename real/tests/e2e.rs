@@ -1013,11 +1013,25 @@ fn daemon_and_cli_errors_are_clear() {
         dir.display()
     );
     std::fs::write(dir.join("timing.toml"), unsafe_timing).unwrap();
+    // The default k of new spaces: 1 to 4.
+    let replicas = |k: u8| {
+        format!(
+            "node_id = 1\nlisten = {{ unix = \"{0}/p.sock\" }}\napp_socket = \"{0}/a.sock\"\n\
+             runtime_dir = \"{0}\"\n[space]\nreplicas = {k}\n\
+             [[peers]]\nid = 1\naddr = {{ unix = \"{0}/p.sock\" }}\n",
+            dir.display()
+        )
+    };
+    std::fs::write(dir.join("replicas.toml"), replicas(9)).unwrap();
+    std::fs::write(dir.join("replicas3.toml"), replicas(3)).unwrap();
+    let config = gallocy_real::config::DaemonConfig::load(&dir.join("replicas3.toml")).unwrap();
+    assert_eq!(config.host_config(0).space_replicas, 3);
     for (file, expected) in [
         ("bad.toml", "bad config"),
         ("short.toml", "missing field"),
         ("timing.toml", "down_after_ticks (6000) must exceed"),
         ("timing.toml", "revoke_timeout_ticks (9000)"),
+        ("replicas.toml", "space replicas (k) must be 1 to 4, not 9"),
     ] {
         let output = Command::new(env!("CARGO_BIN_EXE_gallocyd"))
             .arg("--config")
