@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{attach, wait_word};
+use common::{attach, pingpong, wait_word};
 use gallocy::{gallocy_detach, gallocy_malloc, gallocy_ping, gallocy_root};
 
 const ROUNDS: usize = 20_000;
@@ -119,11 +119,7 @@ fn pingpong_odd() {
     wait_word(unsafe { root.add(3) }, 1);
     // SAFETY: as above.
     let counter = unsafe { root.add(4).read_volatile() } as *mut u64;
-    for i in 0..PINGPONG_ROUNDS {
-        wait_word(counter, 2 * i + 1);
-        // SAFETY: the shared counter block.
-        unsafe { counter.write_volatile(2 * i + 2) };
-    }
+    pingpong(counter, PINGPONG_ROUNDS, false);
     gallocy_detach();
 }
 
@@ -166,11 +162,7 @@ fn write_pingpong(dir: &Path) -> Duration {
     }
     let mut odd = spawn_role("pingpong", Some(&node2), "");
     let start = Instant::now();
-    for i in 0..PINGPONG_ROUNDS {
-        wait_word(counter, 2 * i);
-        // SAFETY: the shared counter block.
-        unsafe { counter.write_volatile(2 * i + 1) };
-    }
+    pingpong(counter, PINGPONG_ROUNDS, true);
     wait_word(counter, 2 * PINGPONG_ROUNDS);
     let elapsed = start.elapsed();
     let _ = odd.wait();

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{attach, root_word, wait_word, write_block};
+use common::{attach, pingpong, root_word, wait_word, write_block};
 use gallocy::{gallocy_detach, gallocy_malloc, gallocy_sync};
 use gallocy_real::cluster;
 
@@ -59,11 +59,7 @@ fn pingpong_odd(space: &str) {
     wait_word(root_word(3), 1);
     // SAFETY: a root block word.
     let counter = unsafe { root_word(4).read_volatile() } as *mut u64;
-    for i in 0..PINGPONG_ROUNDS {
-        wait_word(counter, 2 * i + 1);
-        // SAFETY: the shared counter block.
-        unsafe { counter.write_volatile(2 * i + 2) };
-    }
+    pingpong(counter, PINGPONG_ROUNDS, false);
     gallocy_detach();
 }
 
@@ -104,11 +100,7 @@ fn transfers(dir: &Path, replicas: u8, run: usize) -> (f64, f64) {
     }
     let mut odd = spawn_role("pingpong", dir, 2, &space);
     let start = Instant::now();
-    for i in 0..PINGPONG_ROUNDS {
-        wait_word(counter, 2 * i);
-        // SAFETY: the shared counter block.
-        unsafe { counter.write_volatile(2 * i + 1) };
-    }
+    pingpong(counter, PINGPONG_ROUNDS, true);
     wait_word(counter, 2 * PINGPONG_ROUNDS);
     let elapsed = start.elapsed();
     let _ = odd.wait();

@@ -7,9 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{
-    describe, e2e_program, finish, first_line, publish_then_consume, run_pair, temp_dir, Cluster,
-};
+use common::{describe, e2e_program, finish, publish_then_consume, run_pair, temp_dir, Cluster};
 use gallocy_core::ipc::{
     ErrorCode, IpcMessage, Role, IPC_FRAME_BYTES, IPC_NAME_BYTES, IPC_VERSION,
 };
@@ -436,26 +434,8 @@ fn a_killed_daemon_loses_its_processes_not_the_cluster() {
 fn pages_another_node_read_survive_their_home_being_killed() {
     let cluster = Cluster::start("recover", 3);
     let program = e2e_program(&cluster.dir);
-    let mut writer = cluster
-        .command(2, &program, &["crash-writer"])
-        .spawn()
-        .unwrap();
-    assert_eq!(
-        first_line(&mut writer),
-        "written",
-        "log 2:\n{}",
-        cluster.log(2)
-    );
-    let mut reader = cluster
-        .command(3, &program, &["crash-reader"])
-        .spawn()
-        .unwrap();
-    assert_eq!(
-        first_line(&mut reader),
-        "read 64 pages",
-        "log 3:\n{}",
-        cluster.log(3)
-    );
+    let mut writer = cluster.spawn_expecting(2, &program, &["crash-writer"], "written");
+    let mut reader = cluster.spawn_expecting(3, &program, &["crash-reader"], "read 64 pages");
     cluster.kill_daemon(2);
     let verify = cluster.run(1, &program, &["crash-verify"], LIMIT);
     let _ = reader.kill();
@@ -494,26 +474,8 @@ fn pages_another_node_read_survive_their_home_being_killed() {
 fn a_killed_daemon_restarts_rejoins_and_serves_again() {
     let cluster = Cluster::start("restart", 3);
     let program = e2e_program(&cluster.dir);
-    let mut writer = cluster
-        .command(2, &program, &["crash-writer"])
-        .spawn()
-        .unwrap();
-    assert_eq!(
-        first_line(&mut writer),
-        "written",
-        "log 2:\n{}",
-        cluster.log(2)
-    );
-    let mut reader = cluster
-        .command(3, &program, &["crash-reader"])
-        .spawn()
-        .unwrap();
-    assert_eq!(
-        first_line(&mut reader),
-        "read 64 pages",
-        "log 3:\n{}",
-        cluster.log(3)
-    );
+    let mut writer = cluster.spawn_expecting(2, &program, &["crash-writer"], "written");
+    let mut reader = cluster.spawn_expecting(3, &program, &["crash-reader"], "read 64 pages");
     cluster.kill_daemon(2);
     let gallocyd = std::path::PathBuf::from(env!("CARGO_BIN_EXE_gallocyd"));
     gallocy_real::cluster::restart(&cluster.dir, 2, &gallocyd)
@@ -620,16 +582,7 @@ fn a_node_is_added_to_a_running_cluster_and_a_dead_one_removed() {
 fn synced_writes_survive_their_writers_node() {
     let cluster = Cluster::start("synced", 3);
     let program = e2e_program(&cluster.dir);
-    let mut writer = cluster
-        .command(2, &program, &["sync-writer"])
-        .spawn()
-        .unwrap();
-    assert_eq!(
-        first_line(&mut writer),
-        "synced",
-        "log 2:\n{}",
-        cluster.log(2)
-    );
+    let mut writer = cluster.spawn_expecting(2, &program, &["sync-writer"], "synced");
     cluster.kill_daemon(2);
     let verify = cluster.run(1, &program, &["sync-verify"], LIMIT);
     let _ = writer.kill();
@@ -661,16 +614,7 @@ fn synced_writes_survive_their_writers_node() {
 fn copies_lost_with_a_node_are_made_again_before_the_next_crash() {
     let cluster = Cluster::start("repair", 3);
     let program = e2e_program(&cluster.dir);
-    let mut writer = cluster
-        .command(1, &program, &["sync-writer"])
-        .spawn()
-        .unwrap();
-    assert_eq!(
-        first_line(&mut writer),
-        "synced",
-        "log 1:\n{}",
-        cluster.log(1)
-    );
+    let mut writer = cluster.spawn_expecting(1, &program, &["sync-writer"], "synced");
     let counter =
         |status: &serde_json::Value, name: &str| status["counters"][name].as_u64().unwrap_or(0);
     let kept_on_2 = counter(
@@ -716,26 +660,8 @@ fn copies_lost_with_a_node_are_made_again_before_the_next_crash() {
 fn recovered_pages_get_their_copies_again_before_the_next_crash() {
     let cluster = Cluster::start("rehint", 3);
     let program = e2e_program(&cluster.dir);
-    let mut writer = cluster
-        .command(2, &program, &["crash-writer"])
-        .spawn()
-        .unwrap();
-    assert_eq!(
-        first_line(&mut writer),
-        "written",
-        "log 2:\n{}",
-        cluster.log(2)
-    );
-    let mut reader = cluster
-        .command(3, &program, &["crash-reader"])
-        .spawn()
-        .unwrap();
-    assert_eq!(
-        first_line(&mut reader),
-        "read 64 pages",
-        "log 3:\n{}",
-        cluster.log(3)
-    );
+    let writer = cluster.spawn_expecting(2, &program, &["crash-writer"], "written");
+    let reader = cluster.spawn_expecting(3, &program, &["crash-reader"], "read 64 pages");
     cluster.kill_daemon(2);
     let repaired = |node: u64| {
         let status = cluster.wait_for_status(node, LIMIT, "no repair pending", |status| {
@@ -782,16 +708,7 @@ fn recovered_pages_get_their_copies_again_before_the_next_crash() {
 fn blocks_of_a_dead_node_are_freed_on_another() {
     let cluster = Cluster::start("orphans", 3);
     let program = e2e_program(&cluster.dir);
-    let mut writer = cluster
-        .command(2, &program, &["orphan-writer"])
-        .spawn()
-        .unwrap();
-    assert_eq!(
-        first_line(&mut writer),
-        "written",
-        "log 2:\n{}",
-        cluster.log(2)
-    );
+    let mut writer = cluster.spawn_expecting(2, &program, &["orphan-writer"], "written");
     cluster.kill_daemon(2);
     let freed = cluster.run(1, &program, &["orphan-free"], LIMIT);
     let _ = writer.kill();

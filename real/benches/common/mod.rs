@@ -31,6 +31,18 @@ pub fn wait_word(word: *const u64, value: u64) {
     }
 }
 
+/// One side of the write ping-pong on a shared counter word, `rounds` times: the side
+/// that goes `first` waits for 2i and writes 2i + 1, the other waits for 2i + 1 and
+/// writes 2i + 2 (each write faults the counter's page over from the other node).
+pub fn pingpong(counter: *mut u64, rounds: u64, first: bool) {
+    let turn = u64::from(!first);
+    for i in 0..rounds {
+        wait_word(counter, 2 * i + turn);
+        // SAFETY: the shared counter block.
+        unsafe { counter.write_volatile(2 * i + turn + 1) };
+    }
+}
+
 /// The first page of a page-aligned run of `pages` pages of a fresh block, each page's
 /// first word set to its index + 1.
 pub fn write_block(pages: u64) -> u64 {

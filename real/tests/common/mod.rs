@@ -219,6 +219,26 @@ impl Cluster {
         finish(child.expect("spawn"), limit)
     }
 
+    /// Starts `program args` attached to `node` and waits for its first line, which
+    /// must be `expected` (else panics with the node's log). The child runs on.
+    #[allow(dead_code)]
+    pub fn spawn_expecting(
+        &self,
+        node: u64,
+        program: &Path,
+        args: &[&str],
+        expected: &str,
+    ) -> Child {
+        let mut child = self.command(node, program, args).spawn().expect("spawn");
+        assert_eq!(
+            first_line(&mut child),
+            expected,
+            "log {node}:\n{}",
+            self.log(node)
+        );
+        child
+    }
+
     /// Runs `program args` attached to `node`.
     pub fn command(&self, node: u64, program: &Path, args: &[&str]) -> Command {
         let mut command = Command::new(program);
