@@ -7,7 +7,9 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{describe, e2e_program, finish, publish_then_consume, run_pair, temp_dir, Cluster};
+use common::{
+    describe, e2e_program, finish, publish_then_consume, run_pair, stop, temp_dir, Cluster,
+};
 use gallocy_core::ipc::{
     ErrorCode, IpcMessage, Role, IPC_FRAME_BYTES, IPC_NAME_BYTES, IPC_VERSION,
 };
@@ -434,14 +436,12 @@ fn a_killed_daemon_loses_its_processes_not_the_cluster() {
 fn pages_another_node_read_survive_their_home_being_killed() {
     let cluster = Cluster::start("recover", 3);
     let program = e2e_program(&cluster.dir);
-    let mut writer = cluster.spawn_expecting(2, &program, &["crash-writer"], "written");
-    let mut reader = cluster.spawn_expecting(3, &program, &["crash-reader"], "read 64 pages");
+    let writer = cluster.spawn_expecting(2, &program, &["crash-writer"], "written");
+    let reader = cluster.spawn_expecting(3, &program, &["crash-reader"], "read 64 pages");
     cluster.kill_daemon(2);
     let verify = cluster.run(1, &program, &["crash-verify"], LIMIT);
-    let _ = reader.kill();
-    let _ = reader.wait();
-    let _ = writer.kill();
-    let _ = writer.wait();
+    stop(reader);
+    stop(writer);
     assert!(
         verify.status.success(),
         "{}\nlog 1:\n{}\nlog 3:\n{}",
@@ -474,8 +474,8 @@ fn pages_another_node_read_survive_their_home_being_killed() {
 fn a_killed_daemon_restarts_rejoins_and_serves_again() {
     let cluster = Cluster::start("restart", 3);
     let program = e2e_program(&cluster.dir);
-    let mut writer = cluster.spawn_expecting(2, &program, &["crash-writer"], "written");
-    let mut reader = cluster.spawn_expecting(3, &program, &["crash-reader"], "read 64 pages");
+    let writer = cluster.spawn_expecting(2, &program, &["crash-writer"], "written");
+    let reader = cluster.spawn_expecting(3, &program, &["crash-reader"], "read 64 pages");
     cluster.kill_daemon(2);
     let gallocyd = std::path::PathBuf::from(env!("CARGO_BIN_EXE_gallocyd"));
     gallocy_real::cluster::restart(&cluster.dir, 2, &gallocyd)
@@ -489,8 +489,7 @@ fn a_killed_daemon_restarts_rejoins_and_serves_again() {
     );
     // The pages node 2 homed and wrote, read on node 2 again: from node 3's copies.
     let verify = cluster.run(2, &program, &["crash-verify"], LIMIT);
-    let _ = writer.kill();
-    let _ = writer.wait();
+    stop(writer);
     assert!(
         verify.status.success(),
         "{}\nlog 2:\n{}\nlog 3:\n{}",
@@ -499,8 +498,7 @@ fn a_killed_daemon_restarts_rejoins_and_serves_again() {
         cluster.log(3)
     );
     assert!(String::from_utf8_lossy(&verify.stdout).contains("read 64 pages"));
-    let _ = reader.kill();
-    let _ = reader.wait();
+    stop(reader);
     // It serves new work both ways: node 2 publishes to node 1, then node 1 to node 2.
     publish_then_consume(
         &mut cluster.command(2, &program, &["publish"]),
@@ -582,11 +580,10 @@ fn a_node_is_added_to_a_running_cluster_and_a_dead_one_removed() {
 fn synced_writes_survive_their_writers_node() {
     let cluster = Cluster::start("synced", 3);
     let program = e2e_program(&cluster.dir);
-    let mut writer = cluster.spawn_expecting(2, &program, &["sync-writer"], "synced");
+    let writer = cluster.spawn_expecting(2, &program, &["sync-writer"], "synced");
     cluster.kill_daemon(2);
     let verify = cluster.run(1, &program, &["sync-verify"], LIMIT);
-    let _ = writer.kill();
-    let _ = writer.wait();
+    stop(writer);
     assert!(
         verify.status.success(),
         "{}\nlog 1:\n{}\nlog 3:\n{}",
@@ -614,7 +611,7 @@ fn synced_writes_survive_their_writers_node() {
 fn copies_lost_with_a_node_are_made_again_before_the_next_crash() {
     let cluster = Cluster::start("repair", 3);
     let program = e2e_program(&cluster.dir);
-    let mut writer = cluster.spawn_expecting(1, &program, &["sync-writer"], "synced");
+    let writer = cluster.spawn_expecting(1, &program, &["sync-writer"], "synced");
     let counter =
         |status: &serde_json::Value, name: &str| status["counters"][name].as_u64().unwrap_or(0);
     let kept_on_2 = counter(
@@ -640,8 +637,7 @@ fn copies_lost_with_a_node_are_made_again_before_the_next_crash() {
         .unwrap_or_else(|e| panic!("restart: {e}\nlog 1:\n{}", cluster.log(1)));
     cluster.kill_daemon(1);
     let verify = cluster.run(3, &program, &["sync-verify"], LIMIT);
-    let _ = writer.kill();
-    let _ = writer.wait();
+    stop(writer);
     assert!(
         verify.status.success(),
         "{}\nlog 2:\n{}\nlog 3:\n{}",
@@ -688,9 +684,8 @@ fn recovered_pages_get_their_copies_again_before_the_next_crash() {
         .unwrap_or_else(|e| panic!("restart: {e}\nlog 1:\n{}", cluster.log(1)));
     cluster.kill_daemon(3);
     let verify = cluster.run(1, &program, &["crash-verify"], LIMIT);
-    for mut child in [writer, reader] {
-        let _ = child.kill();
-        let _ = child.wait();
+    for child in [writer, reader] {
+        stop(child);
     }
     assert!(
         verify.status.success(),
@@ -708,11 +703,10 @@ fn recovered_pages_get_their_copies_again_before_the_next_crash() {
 fn blocks_of_a_dead_node_are_freed_on_another() {
     let cluster = Cluster::start("orphans", 3);
     let program = e2e_program(&cluster.dir);
-    let mut writer = cluster.spawn_expecting(2, &program, &["orphan-writer"], "written");
+    let writer = cluster.spawn_expecting(2, &program, &["orphan-writer"], "written");
     cluster.kill_daemon(2);
     let freed = cluster.run(1, &program, &["orphan-free"], LIMIT);
-    let _ = writer.kill();
-    let _ = writer.wait();
+    stop(writer);
     assert!(
         freed.status.success(),
         "{}\nlog 1:\n{}",

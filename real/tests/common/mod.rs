@@ -345,6 +345,13 @@ pub fn first_line(child: &mut Child) -> String {
     String::from_utf8_lossy(&text).into_owned()
 }
 
+/// Kills a child (it may have ended already) and reaps it.
+#[allow(dead_code)]
+pub fn stop(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// Waits for a child, killing it after `limit`.
 pub fn finish(mut child: Child, limit: Duration) -> Output {
     let deadline = Instant::now() + limit;
