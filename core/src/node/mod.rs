@@ -845,9 +845,9 @@ pub struct Node {
     /// page is recovered, never seen by this node's applications.
     backups: BTreeMap<PageId, BackupCopy>,
     /// Pages this node homes that lost a copy with a node marked down, waiting for a
-    /// repair, and the repairs running (at most `MAX_REPAIRS_IN_FLIGHT`).
+    /// repair (the repairs running, at most `MAX_REPAIRS_IN_FLIGHT`, are transactions:
+    /// `Node::repairs_running`).
     repairs_due: BTreeSet<PageId>,
-    repairs_running: BTreeSet<PageId>,
     /// Syncs waiting for flushes, by id.
     syncs: BTreeMap<u64, SyncWait>,
     /// Pages with a flush in flight (`LocalPage::flush`), for its retries.
@@ -1013,7 +1013,6 @@ impl Node {
             joining,
             backups: BTreeMap::new(),
             repairs_due: BTreeSet::new(),
-            repairs_running: BTreeSet::new(),
             syncs: BTreeMap::new(),
             flushing: BTreeSet::new(),
             next_sync_id: 1,
@@ -1092,7 +1091,7 @@ impl Node {
     }
     /// Pages this node homes whose copies are being made again, or wait to be.
     pub fn repairs_pending(&self) -> usize {
-        self.repairs_due.len() + self.repairs_running.len()
+        self.repairs_due.len() + self.repairs_running()
     }
     /// For the simulator's copies checker: the pages this node homes that are at rest
     /// (no writer, no transaction or queue, rebuilt, not lost) with a master, and the

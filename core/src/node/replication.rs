@@ -411,17 +411,6 @@ impl Node {
     /// if copies are missing), started only on an idle page: a page with a
     /// transaction or a queue waits (the request it serves may make the copies).
     pub(super) fn run_repairs(&mut self) {
-        let running: Vec<PageId> = self.repairs_running.iter().copied().collect();
-        for page_id in running {
-            let still = self
-                .directory
-                .get(&page_id)
-                .and_then(|e| e.txn.as_ref())
-                .is_some_and(|txn| txn.request.repair);
-            if !still {
-                self.repairs_running.remove(&page_id);
-            }
-        }
         if self.mutant(Mutant::SkipRepairs) {
             // The planted bug: copies lost with a node are never made again.
             self.repairs_due.clear();
@@ -431,7 +420,8 @@ impl Node {
         }
         let me = self.config.id;
         let mut busy_pages = Vec::new();
-        while self.repairs_running.len() < MAX_REPAIRS_IN_FLIGHT {
+        let mut running = self.repairs_running();
+        while running < MAX_REPAIRS_IN_FLIGHT {
             let Some(page_id) = self.repairs_due.pop_first() else {
                 break;
             };
@@ -451,7 +441,6 @@ impl Node {
             if !entry.needs_collect && self.replication_targets(page_id, None).is_empty() {
                 continue;
             }
-            self.repairs_running.insert(page_id);
             let request = PageRequestInfo {
                 from: me,
                 request_id: 0,
@@ -461,10 +450,32 @@ impl Node {
                 repair: true,
             };
             self.home_start(page_id, request);
+            // Done at once if no copy was missing after all (a recovered page's
+            // collect, or a backup, keeps it running).
+            if self.directory[&page_id]
+                .txn
+                .as_ref()
+                .is_some_and(|txn| txn.request.repair)
+            {
+                running += 1;
+            }
         }
         // Tried again at the next tick.
         self.repairs_due.extend(busy_pages);
-        debug_assert!(self.repairs_running.len() <= MAX_REPAIRS_IN_FLIGHT);
+        debug_assert!(self.repairs_running() <= MAX_REPAIRS_IN_FLIGHT);
+    }
+
+    /// Repairs running: transactions (pages in `busy`) that serve a repair.
+    pub(super) fn repairs_running(&self) -> usize {
+        self.busy
+            .iter()
+            .filter(|id| {
+                self.directory
+                    .get(id)
+                    .and_then(|entry| entry.txn.as_ref())
+                    .is_some_and(|txn| txn.request.repair)
+            })
+            .count()
     }
 
     /// Once a node's copies are void here: every page this node holds a copy of (in
@@ -517,7 +528,6 @@ impl Node {
             return self.home_begin_phase(page_id, request, phase);
         }
         self.stats.pages_repaired += 1;
-        self.repairs_running.remove(&page_id);
         self.home_next(page_id);
     }
 
